@@ -1,0 +1,78 @@
+//! The user-space view of one captured change, decoded from the ring buffer records
+//! in [`crate::abi`]. Produced by the agent's capture stage, consumed by its resolver.
+//!
+//! Identity is `(dev, ino)` in the *user-space* `st_dev` encoding (what `stat(2)`
+//! returns), already converted from the kernel's `major << 20 | minor` form.
+
+/// A file or directory as the kernel knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// A path argument of a namespace syscall, as the process passed it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PathArg {
+    /// The directory a relative `path` starts from (the dirfd's directory, or the
+    /// process's cwd for `AT_FDCWD`). `None` when `path` is absolute.
+    pub base: Option<FileId>,
+    /// Process that made the call (for a `/proc/PID/{cwd,fd}` fallback).
+    pub pid: u32,
+    /// The dirfd argument (`-100` = `AT_FDCWD`).
+    pub dirfd: i32,
+    /// Raw bytes of the path, without the trailing NUL.
+    pub path: Vec<u8>,
+    /// The path was longer than the kernel program copies; `path` is a prefix.
+    pub truncated: bool,
+}
+
+/// One change seen by the kernel program, in capture order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CaptureEvent {
+    /// `data` was written at `offset` of `file` (one chunk of a write; a large write
+    /// arrives as several chunks, in order).
+    Data {
+        file: FileId,
+        parent: FileId,
+        offset: u64,
+        data: Vec<u8>,
+    },
+    /// `len` bytes at `offset` of `file` changed but were not copied (the write was
+    /// larger than the inline cap, or the ring buffer was full): read them from the
+    /// file. `len == u64::MAX` means "from offset to end of file".
+    Dirty {
+        file: FileId,
+        parent: Option<FileId>,
+        offset: u64,
+        len: u64,
+    },
+    /// A regular file was opened with `O_CREAT` (it may have existed already), or a
+    /// directory was made (`is_dir`; `file` is `None` then: resolve `path`).
+    Created {
+        file: Option<FileId>,
+        parent: Option<FileId>,
+        path: PathArg,
+        is_dir: bool,
+        mode: u32,
+    },
+    /// The file's size was set to `size` (`ftruncate`, `O_TRUNC`: `file` is known;
+    /// `truncate(2)`: only `path` is).
+    Truncated {
+        file: Option<FileId>,
+        parent: Option<FileId>,
+        path: Option<PathArg>,
+        size: u64,
+    },
+    /// `unlink`/`unlinkat` (`is_dir == false`) or `rmdir`/`unlinkat(AT_REMOVEDIR)`.
+    Removed { path: PathArg, is_dir: bool },
+    /// `rename`/`renameat`/`renameat2` (`flags` as given to renameat2).
+    Renamed {
+        from: PathArg,
+        to: PathArg,
+        flags: u32,
+    },
+    /// Records were dropped and could not even be remembered as ranges (the missed-range
+    /// map was full too). The agent must schedule a resync of every set.
+    Lost { records: u64 },
+}
