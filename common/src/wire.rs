@@ -145,15 +145,29 @@ pub struct Record {
     pub op: Op,
 }
 
+/// One replication set announced in [`Frame::Hello`].
+///
+/// `epoch` names the agent's sequence space for the set: sequence numbers are only
+/// comparable within one epoch. An agent that lost its queue (restarted without a
+/// journal) starts a new epoch and re-mirrors the set, so the receiver must not skip
+/// its records because an older epoch had reached a higher sequence.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetHello {
+    pub name: String,
+    pub epoch: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// Agent -> receiver, first frame: who is talking and which sets it replicates.
     Hello {
         version: u32,
         source: String,
-        sets: Vec<String>,
+        sets: Vec<SetHello>,
     },
-    /// Receiver -> agent: the last sequence applied durably per set (0 = none).
+    /// Receiver -> agent: the last sequence applied durably per set (0 = none) *in the
+    /// epoch the agent announced*. A set whose epoch differs from the one the receiver
+    /// stored starts over at 0 (the receiver stores the new epoch).
     Welcome {
         version: u32,
         applied: Vec<(String, u64)>,
@@ -255,7 +269,10 @@ mod tests {
             Frame::Hello {
                 version: 1,
                 source: "db1".into(),
-                sets: vec!["data".into()],
+                sets: vec![SetHello {
+                    name: "data".into(),
+                    epoch: 7,
+                }],
             },
             Frame::Batch {
                 set: "data".into(),
