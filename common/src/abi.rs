@@ -1,2 +1,195 @@
-//! Records the eBPF program writes into the ring buffer. `#[repr(C)]`, no_std.
-//! (Owned by the capture work: see agent/src/capture.)
+//! Records the eBPF program writes into the ring buffer, and the keys/values of the maps
+//! it shares with the agent. `#[repr(C)]`, no_std, no allocation: the kernel side
+//! (`ebpf/`) builds this crate with default features off.
+//!
+//! Every ring record starts with a [`Header`]. Two layouts follow it:
+//!
+//! - [`FileRecord`] (`KIND_DATA`, `KIND_DIRTY`): a byte range of one file. A `KIND_DATA`
+//!   record is followed by exactly `len` bytes of data (`len <= CHUNK_SIZE`).
+//! - [`NsRecord`] (`KIND_OPEN`, `KIND_MKDIR`, `KIND_UNLINK`, `KIND_RENAME`,
+//!   `KIND_TRUNCATE`, `KIND_FTRUNCATE`): a namespace or size change. Path bytes follow
+//!   the fixed part: path 0 at `NS_RECORD_SIZE`, path 1 (rename's target) at
+//!   `NS_RECORD_SIZE + PATH_CAP`. The record ends right after the last path used, so
+//!   ring usage stays proportional to the path lengths.
+//!
+//! Device numbers in this module are in the *kernel* encoding (`major << 20 | minor`);
+//! the agent converts them to the `st_dev` encoding before anything else sees them.
+
+/// Bytes of data carried by one `KIND_DATA` record. A write is split into chunks of
+/// this size (the last one shorter).
+pub const CHUNK_SIZE: usize = 4096;
+/// Writes up to this many bytes are copied into the ring buffer; larger writes become a
+/// single `KIND_DIRTY` record and the agent reads the bytes from the file.
+pub const INLINE_CAP: usize = 64 * 1024;
+/// Most chunks one write can produce (`INLINE_CAP / CHUNK_SIZE`): the kernel loop bound.
+pub const MAX_CHUNKS: usize = INLINE_CAP / CHUNK_SIZE;
+/// Bytes reserved for one path argument, including the kernel's terminating NUL: at most
+/// `PATH_CAP - 1` bytes of a path are copied; longer paths are flagged truncated.
+pub const PATH_CAP: usize = 512;
+
+/// Record kinds ([`Header::kind`]).
+pub const KIND_DATA: u32 = 1;
+pub const KIND_DIRTY: u32 = 2;
+/// `open`/`openat`/`openat2`/`creat` that succeeded with `O_CREAT` and/or `O_TRUNC`.
+/// `file`/`parent` are known (from the returned fd), `flags` are the open flags.
+pub const KIND_OPEN: u32 = 3;
+/// `mkdir`/`mkdirat`.
+pub const KIND_MKDIR: u32 = 4;
+/// `unlink`/`unlinkat`/`rmdir`; `flags & AT_REMOVEDIR` says a directory went.
+pub const KIND_UNLINK: u32 = 5;
+/// `rename`/`renameat`/`renameat2`; path 0 is the source, path 1 the target.
+pub const KIND_RENAME: u32 = 6;
+/// `truncate(2)` on a path; `size` is the new size.
+pub const KIND_TRUNCATE: u32 = 7;
+/// `ftruncate(2)`; `file`/`parent` are known, no path.
+pub const KIND_FTRUNCATE: u32 = 8;
+
+/// `AT_REMOVEDIR`, as the kernel program reports `rmdir` in [`NsRecord::flags`].
+pub const AT_REMOVEDIR: u32 = 0x200;
+/// The `O_CREAT` and `O_TRUNC` open flags (x86_64/generic values).
+pub const O_CREAT: u32 = 0o100;
+pub const O_TRUNC: u32 = 0o1000;
+
+/// Values of the `WATCHED_DIRS` map.
+/// Files directly inside this directory are watched (data, creates, truncates).
+pub const WATCH_CONTENTS: u32 = 1;
+/// The directory leads to a watched one: only lets relative path-based events through.
+pub const WATCH_ANCESTOR: u32 = 2;
+
+/// Indices of the per-CPU `STATS` array.
+pub const STAT_EVENTS: u32 = 0;
+pub const STAT_DATA_BYTES: u32 = 1;
+pub const STAT_MISSED: u32 = 2;
+pub const STAT_LOST: u32 = 3;
+pub const STAT_COUNT: u32 = 4;
+
+/// Map names, shared so the agent and the program cannot disagree.
+pub const MAP_RING: &str = "RING";
+pub const MAP_WATCHED_DIRS: &str = "WATCHED_DIRS";
+pub const MAP_IGNORE_TGIDS: &str = "IGNORE_TGIDS";
+pub const MAP_MISSED_RANGES: &str = "MISSED_RANGES";
+pub const MAP_CONTROL: &str = "CONTROL";
+pub const MAP_STATS: &str = "STATS";
+/// The one program, attached to the `sys_exit` raw tracepoint.
+pub const PROG_SYS_EXIT: &str = "doppel_sys_exit";
+
+/// Capacity of `WATCHED_DIRS` (allocated on insert, so unused capacity costs nothing).
+pub const WATCHED_DIRS_MAX: u32 = 1 << 20;
+/// Capacity of `IGNORE_TGIDS`.
+pub const IGNORE_TGIDS_MAX: u32 = 4096;
+/// Capacity of `MISSED_RANGES`. When it is full the program counts the record as lost.
+pub const MISSED_RANGES_MAX: u32 = 16384;
+/// Index in the `CONTROL` array of the current missed-range generation.
+pub const CONTROL_MISSED_GEN: u32 = 0;
+pub const CONTROL_COUNT: u32 = 1;
+
+/// A file or directory identity as the kernel sees it (kernel dev_t encoding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct KFileId {
+    pub dev: u64,
+    pub ino: u64,
+}
+
+/// Start of every ring record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Header {
+    /// One of the `KIND_*` constants.
+    pub kind: u32,
+    /// Thread-group id (the process id as user space knows it).
+    pub pid: u32,
+    /// CLOCK_MONOTONIC (ns) when the change was complete (at syscall exit). The agent
+    /// compares it with the time of its directory scans: an event older than a scan is
+    /// already reflected in what the scan read.
+    pub ktime: u64,
+}
+
+/// `KIND_DATA` / `KIND_DIRTY`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileRecord {
+    pub hdr: Header,
+    pub file: KFileId,
+    /// The directory the file was reached through (its dentry's parent).
+    pub parent: KFileId,
+    pub offset: u64,
+    /// `KIND_DATA`: bytes that follow this struct. `KIND_DIRTY`: length of the range.
+    pub len: u64,
+}
+pub const FILE_RECORD_SIZE: usize = core::mem::size_of::<FileRecord>();
+
+/// One path argument of a namespace record.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PathSlot {
+    /// The directory a relative path starts from (dirfd's or cwd's inode); meaningful
+    /// only when `has_base != 0`.
+    pub base: KFileId,
+    /// The dirfd argument, `-100` (`AT_FDCWD`) for the non-`at` syscalls.
+    pub dirfd: i32,
+    /// Bytes of path stored in the record (without NUL), `<= PATH_CAP - 1`.
+    pub len: u16,
+    /// Non-zero: the path was longer than what was copied (or unreadable, if `len == 0`).
+    pub truncated: u8,
+    /// Non-zero: `base` is set (the path is relative).
+    pub has_base: u8,
+}
+
+/// `KIND_OPEN`, `KIND_MKDIR`, `KIND_UNLINK`, `KIND_RENAME`, `KIND_TRUNCATE`, `KIND_FTRUNCATE`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NsRecord {
+    pub hdr: Header,
+    /// Open flags, unlinkat flags (`AT_REMOVEDIR`), or renameat2 flags.
+    pub flags: u32,
+    /// Mode argument of open/creat/mkdir.
+    pub mode: u32,
+    /// `KIND_OPEN`, `KIND_FTRUNCATE`: the file (from the fd).
+    pub file: KFileId,
+    /// `KIND_OPEN`, `KIND_FTRUNCATE`: its directory.
+    pub parent: KFileId,
+    /// `KIND_TRUNCATE`, `KIND_FTRUNCATE`: the new size.
+    pub size: u64,
+    /// How many entries of `paths` are used (0, 1 or 2).
+    pub npaths: u32,
+    pub _pad: u32,
+    pub paths: [PathSlot; 2],
+}
+pub const NS_RECORD_SIZE: usize = core::mem::size_of::<NsRecord>();
+
+/// Largest record the program ever writes; size of its per-CPU scratch buffer.
+pub const MAX_RECORD_SIZE: usize = if FILE_RECORD_SIZE + CHUNK_SIZE > NS_RECORD_SIZE + 2 * PATH_CAP
+{
+    FILE_RECORD_SIZE + CHUNK_SIZE
+} else {
+    NS_RECORD_SIZE + 2 * PATH_CAP
+};
+
+/// Key of `MISSED_RANGES`: a file, and the drain generation the range was recorded in
+/// (see the agent's drain loop: it bumps the generation, then collects the older ones).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MissedKey {
+    pub file: KFileId,
+    pub gen: u64,
+}
+
+/// Value of `MISSED_RANGES`: the union `[start, end)` of the byte ranges that could not be
+/// put into the ring buffer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MissedRange {
+    pub start: u64,
+    pub end: u64,
+}
+
+// The layouts are part of the contract with the kernel program: pin the sizes so a
+// change shows up as a compile error on both sides rather than as garbled records.
+const _: () = assert!(core::mem::size_of::<Header>() == 16);
+const _: () = assert!(FILE_RECORD_SIZE == 64);
+const _: () = assert!(core::mem::size_of::<PathSlot>() == 24);
+const _: () = assert!(NS_RECORD_SIZE == 120);
+const _: () = assert!(FILE_RECORD_SIZE.is_multiple_of(8) && NS_RECORD_SIZE.is_multiple_of(8));
+const _: () = assert!(PATH_CAP.is_power_of_two() && CHUNK_SIZE.is_power_of_two());
+const _: () = assert!(MAX_CHUNKS * CHUNK_SIZE == INLINE_CAP);

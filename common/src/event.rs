@@ -27,6 +27,35 @@ pub struct PathArg {
     pub truncated: bool,
 }
 
+/// A captured change and when it was complete (CLOCK_MONOTONIC, ns). Ranges recovered
+/// from the missed-range map carry the time they were drained.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Captured {
+    pub time: u64,
+    pub event: CaptureEvent,
+}
+
+/// Now on the clock [`Captured::time`] uses (the kernel's `bpf_ktime_get_ns`).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc_timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid out-pointer; CLOCK_MONOTONIC always exists on Linux.
+    unsafe { clock_gettime(1, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+#[repr(C)]
+struct libc_timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+extern "C" {
+    fn clock_gettime(clk: i32, ts: *mut libc_timespec) -> i32;
+}
+
 /// One change seen by the kernel program, in capture order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureEvent {

@@ -1,0 +1,487 @@
+//! Kernel capture: loads the embedded eBPF program (`ebpf/`), keeps its filter maps
+//! current, and turns its ring-buffer records into [`CaptureEvent`]s.
+//!
+//! Design in one paragraph: one raw-tracepoint program on `sys_exit` sees every syscall
+//! return together with its saved arguments. For the write family it walks
+//! fd -> file -> dentry -> parent directory and drops the event with a single map lookup
+//! unless that directory is in `WATCHED_DIRS` as `Contents`; only then is data copied
+//! (up to [`INLINE_CAP`] bytes in [`CHUNK_SIZE`] records, above that a `Dirty` range).
+//! Path-based namespace syscalls report absolute paths always and relative ones when
+//! their base directory is watched. When the ring is full the program records the
+//! missed byte range in `MISSED_RANGES` (or counts a loss); a reader thread here drains
+//! the ring as it fills and the missed ranges every [`DRAIN_PERIOD`].
+
+pub mod btf;
+pub mod decode;
+mod tracefs;
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("doppel's capture program knows only the x86_64 syscall table and registers");
+
+use std::{
+    os::fd::{AsFd, AsRawFd},
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc, Mutex, MutexGuard,
+    },
+    thread::JoinHandle,
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, Context, Result};
+use aya::{
+    maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{ProgramError, RawTracePoint},
+    Ebpf, EbpfError, EbpfLoader, Pod,
+};
+use doppel_common::{
+    abi::{
+        self, KFileId, MissedKey, MissedRange, CONTROL_MISSED_GEN, STAT_DATA_BYTES, STAT_EVENTS,
+        STAT_LOST, STAT_MISSED, WATCH_ANCESTOR, WATCH_CONTENTS,
+    },
+    event::{monotonic_ns, CaptureEvent, Captured, FileId},
+};
+use tokio::sync::mpsc;
+use tracing::{debug, warn};
+
+pub use doppel_common::abi::{CHUNK_SIZE, INLINE_CAP, PATH_CAP};
+
+/// The compiled capture program, built by build.rs from `ebpf/`.
+static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/doppel-ebpf.o"));
+
+/// How often missed ranges and the loss counter are collected.
+pub const DRAIN_PERIOD: Duration = Duration::from_millis(20);
+/// Batches buffered between the reader thread and the consumer. When the consumer falls
+/// behind, the thread stops reading, the ring fills, and the kernel side degrades to
+/// missed ranges: the writer never waits.
+const CHANNEL_BATCHES: usize = 1024;
+/// Largest batch handed over at once (events).
+const BATCH_MAX: usize = 4096;
+/// After handing over a batch, the reader waits this long before reading again instead
+/// of going back to poll(2). Under a steady stream this keeps it off the ring's wait
+/// queue, so writers do not pay for a thread wakeup per record; an idle ring still
+/// wakes the reader at once (the first record after a quiet period costs one wakeup).
+const COALESCE: Duration = Duration::from_micros(200);
+
+/// How a directory is watched.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WatchMode {
+    /// Files directly inside are captured (data, creates, truncates), and relative path
+    /// operations starting here are reported.
+    Contents,
+    /// Only relative path operations starting here are reported (a directory on the way
+    /// to a watched one).
+    Ancestor,
+}
+
+#[derive(Debug, Clone)]
+pub struct CaptureOptions {
+    /// Ring buffer size; rounded up to a power of two (at least one page).
+    pub ring_bytes: usize,
+    /// Processes whose changes are never captured. The agent's own pid is always added.
+    pub ignore_tgids: Vec<u32>,
+}
+
+impl Default for CaptureOptions {
+    fn default() -> Self {
+        Self {
+            ring_bytes: 64 << 20,
+            ignore_tgids: Vec::new(),
+        }
+    }
+}
+
+/// Sums of the program's per-CPU counters since load.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Records written into the ring.
+    pub events: u64,
+    /// Data bytes copied into the ring.
+    pub data_bytes: u64,
+    /// Ranges recorded in the missed-range map because the ring was full.
+    pub missed_ranges: u64,
+    /// Records lost outright (ring and missed-range map full, or a namespace record that
+    /// did not fit into the ring).
+    pub lost: u64,
+}
+
+/// `#[repr(C)]` ABI types as map keys/values. (aya's `Pod` is foreign to doppel-common,
+/// so the impls live on local transparent wrappers.)
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodFileId(KFileId);
+// SAFETY: two u64, no padding.
+unsafe impl Pod for PodFileId {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodMissedKey(MissedKey);
+// SAFETY: three u64, no padding.
+unsafe impl Pod for PodMissedKey {}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodMissedRange(MissedRange);
+// SAFETY: two u64, no padding.
+unsafe impl Pod for PodMissedRange {}
+
+struct Shared {
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl Shared {
+    fn stat(&self, index: u32) -> u64 {
+        match self.stats.get(&index, 0) {
+            Ok(values) => values.iter().fold(0u64, |a, v| a.wrapping_add(*v)),
+            Err(e) => {
+                warn!("reading capture counter {index} failed: {e}");
+                0
+            }
+        }
+    }
+}
+
+/// A loaded and attached capture program. Dropping it detaches the program and stops
+/// the reader thread.
+pub struct Capture {
+    watched: Mutex<BpfHashMap<MapData, PodFileId, u32>>,
+    ignore: Mutex<BpfHashMap<MapData, u32, u32>>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    /// Test hook: while set, the reader leaves the ring alone (so it can fill up).
+    #[cfg_attr(not(test), allow(dead_code))]
+    paused: Arc<AtomicBool>,
+    reader: Option<JoinHandle<()>>,
+    /// Owns the attached program; dropped (detached) after the reader has stopped.
+    _ebpf: Mutex<Ebpf>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding one of these locks cannot leave a map half-updated (each
+    // operation is one syscall), so a poisoned lock is still usable.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn ring_size(requested: usize) -> Result<u32> {
+    // SAFETY: sysconf has no preconditions.
+    let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+    let size = requested.max(page).checked_next_power_of_two();
+    size.and_then(|s| u32::try_from(s).ok()).ok_or_else(|| {
+        anyhow!("capture ring of {requested} bytes is too large: use at most 2 GiB (ring_bytes)")
+    })
+}
+
+fn is_eperm(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPERM) | Some(libc::EACCES))
+}
+
+const PERMISSION_HINT: &str = "run doppel-agent as root (or with CAP_BPF, CAP_PERFMON and \
+    CAP_SYS_ADMIN), and check that unprivileged/locked-down BPF policy allows tracing programs";
+
+fn explain_load_error(e: EbpfError) -> anyhow::Error {
+    let eperm = match &e {
+        EbpfError::MapError(MapError::CreateError { io_error, .. }) => is_eperm(io_error),
+        _ => false,
+    };
+    if eperm {
+        anyhow!("creating the capture program's BPF maps was refused ({e}): {PERMISSION_HINT}")
+    } else {
+        anyhow!(e).context("cannot load the embedded eBPF capture program")
+    }
+}
+
+fn explain_program_error(e: ProgramError, what: &str) -> anyhow::Error {
+    match &e {
+        ProgramError::LoadError { io_error, .. } if is_eperm(io_error) => anyhow!(
+            "the kernel refused to load the capture program ({io_error}): {PERMISSION_HINT}"
+        ),
+        ProgramError::LoadError { .. } => anyhow!(e).context(
+            "the kernel verifier rejected the capture program (log above); this kernel is \
+             not supported by this build of doppel, please report it",
+        ),
+        _ => anyhow!(e).context(format!("cannot {what} the capture program")),
+    }
+}
+
+impl Capture {
+    /// Mounts tracefs if needed, reads offsets from BTF, loads the embedded program,
+    /// attaches it. Events arrive on the returned channel in ring order, in batches.
+    /// Errors name what is missing (BTF, BPF permission, ...) and the fix.
+    pub fn start(opts: CaptureOptions) -> Result<(Capture, mpsc::Receiver<Vec<Captured>>)> {
+        if let Err(e) = tracefs::ensure_mounted() {
+            // Not fatal: the program attaches to a raw tracepoint by name.
+            warn!("{e:#}");
+        }
+        let btf = btf::Btf::from_sys_fs()?;
+        let offsets = btf::program_offsets(&btf)
+            .context("cannot locate the kernel structure fields the capture program reads")?;
+        let ring = ring_size(opts.ring_bytes)?;
+
+        let mut loader = EbpfLoader::new();
+        for (name, value) in &offsets {
+            loader.override_global(name, value, true);
+        }
+        loader.map_max_entries(abi::MAP_RING, ring);
+        let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
+
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(abi::PROG_SYS_EXIT)
+            .context("the embedded capture program has no sys_exit program (build mismatch)")?
+            .try_into()
+            .context("the embedded sys_exit program is not a raw tracepoint (build mismatch)")?;
+        prog.load().map_err(|e| explain_program_error(e, "load"))?;
+        prog.attach("sys_exit")
+            .map_err(|e| explain_program_error(e, "attach to the sys_exit tracepoint"))?;
+
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .with_context(|| format!("the embedded capture program has no map {name}"))
+        };
+        let ring = RingBuf::try_from(take(abi::MAP_RING)?)?;
+        let watched = BpfHashMap::try_from(take(abi::MAP_WATCHED_DIRS)?)?;
+        let ignore = BpfHashMap::try_from(take(abi::MAP_IGNORE_TGIDS)?)?;
+        let missed = BpfHashMap::try_from(take(abi::MAP_MISSED_RANGES)?)?;
+        let control = Array::try_from(take(abi::MAP_CONTROL)?)?;
+        let stats = PerCpuArray::try_from(take(abi::MAP_STATS)?)?;
+
+        let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
+        let shared = Arc::new(Shared { stats });
+        let stop = Arc::new(AtomicBool::new(false));
+        let paused = Arc::new(AtomicBool::new(false));
+        let mut reader = Reader {
+            ring,
+            missed,
+            control,
+            shared: shared.clone(),
+            stop: stop.clone(),
+            paused: paused.clone(),
+            tx,
+            gen: 0,
+            lost_seen: 0,
+            bad_records: 0,
+        };
+        let mut capture = Capture {
+            watched: Mutex::new(watched),
+            ignore: Mutex::new(ignore),
+            shared,
+            stop,
+            paused,
+            reader: None,
+            _ebpf: Mutex::new(ebpf),
+        };
+        capture.ignore_pid(std::process::id())?;
+        for pid in &opts.ignore_tgids {
+            capture.ignore_pid(*pid)?;
+        }
+        capture.reader = Some(
+            std::thread::Builder::new()
+                .name("doppel-capture".into())
+                .spawn(move || reader.run())
+                .context("cannot start the capture reader thread")?,
+        );
+        Ok((capture, rx))
+    }
+
+    /// Starts watching `dir` (identity in `st_dev` encoding). Setting a new mode for a
+    /// watched directory replaces the old one.
+    pub fn watch_dir(&self, dir: FileId, mode: WatchMode) -> Result<()> {
+        let key = kernel_key(dir)?;
+        let flags = match mode {
+            WatchMode::Contents => WATCH_CONTENTS,
+            WatchMode::Ancestor => WATCH_ANCESTOR,
+        };
+        lock(&self.watched).insert(key, flags, 0).with_context(|| {
+            format!(
+                "cannot add directory {dir:?} to the kernel watch list (at most {} \
+                 directories can be watched)",
+                abi::WATCHED_DIRS_MAX
+            )
+        })
+    }
+
+    /// Stops watching `dir`. Not an error if it was not watched.
+    pub fn unwatch_dir(&self, dir: FileId) -> Result<()> {
+        let key = kernel_key(dir)?;
+        match lock(&self.watched).remove(&key) {
+            Ok(()) | Err(MapError::KeyNotFound) | Err(MapError::ElementNotFound) => Ok(()),
+            Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => {
+                Ok(())
+            }
+            Err(e) => Err(anyhow!(e).context(format!("cannot unwatch directory {dir:?}"))),
+        }
+    }
+
+    /// Never capture changes made by process `tgid`.
+    pub fn ignore_pid(&self, tgid: u32) -> Result<()> {
+        lock(&self.ignore).insert(tgid, 1, 0).with_context(|| {
+            format!(
+                "cannot add pid {tgid} to the capture ignore list (at most {} entries)",
+                abi::IGNORE_TGIDS_MAX
+            )
+        })
+    }
+
+    #[cfg(test)]
+    fn pause_ring_reading(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    pub fn stats(&self) -> CaptureStats {
+        CaptureStats {
+            events: self.shared.stat(STAT_EVENTS),
+            data_bytes: self.shared.stat(STAT_DATA_BYTES),
+            missed_ranges: self.shared.stat(STAT_MISSED),
+            lost: self.shared.stat(STAT_LOST),
+        }
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(reader) = self.reader.take() {
+            if reader.join().is_err() {
+                warn!("the capture reader thread panicked");
+            }
+        }
+        // `_ebpf` drops after this: the program's link closes and it detaches.
+    }
+}
+
+fn kernel_key(dir: FileId) -> Result<PodFileId> {
+    let dev = decode::user_dev_to_kernel(dir.dev).with_context(|| {
+        format!(
+            "device number {:#x} of {dir:?} does not fit the kernel's dev_t encoding",
+            dir.dev
+        )
+    })?;
+    Ok(PodFileId(KFileId { dev, ino: dir.ino }))
+}
+
+/// The reader thread's state.
+struct Reader {
+    ring: RingBuf<MapData>,
+    missed: BpfHashMap<MapData, PodMissedKey, PodMissedRange>,
+    control: Array<MapData, u64>,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    tx: mpsc::Sender<Vec<Captured>>,
+    /// Current missed-range generation (what the program tags new entries with).
+    gen: u64,
+    lost_seen: u64,
+    bad_records: u64,
+}
+
+impl Reader {
+    fn run(&mut self) {
+        let mut pending: Vec<Captured> = Vec::new();
+        let mut next_drain = Instant::now() + DRAIN_PERIOD;
+        while !self.stop.load(Ordering::Relaxed) {
+            if pending.is_empty() && !self.paused.load(Ordering::Relaxed) {
+                self.read_ring(&mut pending);
+            }
+            let now = Instant::now();
+            if now >= next_drain {
+                self.drain_missed(&mut pending);
+                next_drain = now + DRAIN_PERIOD;
+            }
+            if !pending.is_empty() {
+                match self.tx.try_send(std::mem::take(&mut pending)) {
+                    Ok(()) => {
+                        std::thread::sleep(COALESCE);
+                        continue;
+                    }
+                    Err(mpsc::error::TrySendError::Full(batch)) => {
+                        // Consumer behind: hold this batch, stop reading the ring.
+                        pending = batch;
+                        std::thread::sleep(Duration::from_millis(1));
+                        continue;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        debug!("capture event receiver dropped; reader thread stops");
+                        return;
+                    }
+                }
+            }
+            let timeout = next_drain.saturating_duration_since(Instant::now());
+            self.wait_readable(timeout);
+        }
+    }
+
+    fn read_ring(&mut self, out: &mut Vec<Captured>) {
+        let mut events = Vec::new();
+        while out.len() < BATCH_MAX {
+            let Some(item) = self.ring.next() else { break };
+            let time = decode::record_time(&item);
+            let r = decode::decode_record(&item, &mut events);
+            out.extend(events.drain(..).map(|event| Captured { time, event }));
+            if let Err(e) = r {
+                self.bad_records += 1;
+                // Rate-limit: the first few, then every 1000th.
+                if self.bad_records <= 5 || self.bad_records.is_multiple_of(1000) {
+                    warn!(
+                        "dropping undecodable capture record ({e}); {} so far. The agent and \
+                         its embedded program disagree: rebuild doppel-agent",
+                        self.bad_records
+                    );
+                }
+            }
+        }
+    }
+
+    fn wait_readable(&self, timeout: Duration) {
+        let mut pfd = libc::pollfd {
+            fd: self.ring.as_fd().as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
+        // SAFETY: one valid pollfd. EINTR or errors just end the wait early.
+        unsafe { libc::poll(&mut pfd, 1, ms) };
+    }
+
+    /// Collects missed ranges recorded at least one drain period ago, then moves the
+    /// program on to a new generation. Entries of the current generation may still be
+    /// widened by a running program, so they are left for the next round; an entry of an
+    /// older generation can no longer change (a program run lasts microseconds, not a
+    /// drain period), so reading and deleting it loses nothing.
+    fn drain_missed(&mut self, out: &mut Vec<Captured>) {
+        let time = monotonic_ns();
+        let keys: Vec<PodMissedKey> = self.missed.keys().filter_map(|k| k.ok()).collect();
+        for key in keys {
+            if key.0.gen >= self.gen {
+                continue;
+            }
+            match self.missed.get(&key, 0) {
+                Ok(range) => {
+                    out.push(Captured {
+                        time,
+                        event: decode::missed_to_event(&key.0, &range.0),
+                    });
+                    if let Err(e) = self.missed.remove(&key) {
+                        warn!("cannot delete a drained missed range: {e}");
+                    }
+                }
+                Err(e) => debug!("missed range vanished while draining: {e}"),
+            }
+        }
+        self.gen += 1;
+        if let Err(e) = self.control.set(CONTROL_MISSED_GEN, self.gen, 0) {
+            warn!("cannot advance the missed-range generation: {e}");
+        }
+        let lost = self.shared.stat(STAT_LOST);
+        if lost > self.lost_seen {
+            out.push(Captured {
+                time,
+                event: CaptureEvent::Lost {
+                    records: lost - self.lost_seen,
+                },
+            });
+            self.lost_seen = lost;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,292 @@
+//! `agent.toml`: what to replicate, and where to.
+//!
+//! Every problem found here is reported with the file, the key and what to do about it,
+//! before anything is loaded into the kernel.
+
+use std::collections::HashSet;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+
+use crate::rules::Rules;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This source's name; receivers map it to their pinned fingerprint.
+    pub name: String,
+    /// PEM certificate and key of this agent (`doppel-agent keygen`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Memory queue bound per set, in MiB: above it the pipeline waits for acks (the
+    /// kernel then records missed ranges instead of data, and they are resent).
+    #[serde(default = "default_queue_mib")]
+    pub queue_memory_mib: usize,
+    #[serde(default, rename = "target")]
+    pub targets: Vec<TargetConfig>,
+    #[serde(default, rename = "set")]
+    pub sets: Vec<SetConfig>,
+}
+
+fn default_queue_mib() -> usize {
+    256
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TargetConfig {
+    pub name: String,
+    /// `host:port` of the receiver's QUIC listener.
+    pub address: String,
+    /// The receiver certificate's SHA-256 fingerprint (`doppel-receiver keygen` prints it).
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SetConfig {
+    pub name: String,
+    /// Absolute path of the directory tree to replicate.
+    pub root: PathBuf,
+    /// Globs, relative to `root`, of files to replicate (default: everything).
+    #[serde(default = "default_include")]
+    pub include: Vec<String>,
+    /// Globs of files and directories to leave out (a matching directory excludes its
+    /// whole subtree).
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Names of `[[target]]`s this set is replicated to.
+    pub targets: Vec<String>,
+}
+
+fn default_include() -> Vec<String> {
+    vec!["**".into()]
+}
+
+/// A validated configuration, with paths resolved and targets looked up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub queue_memory_bytes: usize,
+    pub targets: Vec<Target>,
+    pub sets: Vec<Set>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub name: String,
+    pub address: SocketAddr,
+    pub fingerprint: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Set {
+    pub name: String,
+    /// Canonical (symlink-free) absolute root.
+    pub root: PathBuf,
+    pub rules: Rules,
+    /// Indexes into [`Config::targets`].
+    pub targets: Vec<usize>,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config> {
+        let text = std::fs::read_to_string(path).with_context(|| {
+            format!(
+                "cannot read config file {}: check the path given to --config",
+                path.display()
+            )
+        })?;
+        let raw: AgentConfig = toml::from_str(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        raw.validate(base)
+            .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        && s != "."
+        && s != ".."
+}
+
+impl AgentConfig {
+    /// Checks everything and resolves relative key paths against `base` (the config
+    /// file's directory).
+    pub fn validate(self, base: &Path) -> Result<Config> {
+        if !valid_name(&self.name) {
+            bail!("key `name`: {:?} is not a valid source name; use 1-64 letters, digits, '-', '_' or '.'", self.name);
+        }
+        if self.sets.is_empty() {
+            bail!(
+                "no `[[set]]` configured: add at least one replication set (name, root, targets)"
+            );
+        }
+        if self.targets.is_empty() {
+            bail!(
+                "no `[[target]]` configured: add at least one target (name, address, fingerprint)"
+            );
+        }
+        let mut targets = Vec::new();
+        let mut names = HashSet::new();
+        for (i, t) in self.targets.iter().enumerate() {
+            let key = format!("target[{i}]");
+            if !valid_name(&t.name) || !names.insert(t.name.clone()) {
+                bail!("key `{key}.name`: {:?} is empty, invalid or used twice; give each target a unique name", t.name);
+            }
+            let address = t
+                .address
+                .to_socket_addrs()
+                .ok()
+                .and_then(|mut a| a.next())
+                .with_context(|| {
+                    format!(
+                        "key `{key}.address`: {:?} is not a reachable host:port; write it like \"192.0.2.10:7443\"",
+                        t.address
+                    )
+                })?;
+            let fingerprint = doppel_transport::parse_fingerprint(&t.fingerprint)
+                .with_context(|| format!("key `{key}.fingerprint`"))?;
+            targets.push(Target {
+                name: t.name.clone(),
+                address,
+                fingerprint,
+            });
+        }
+        let mut sets: Vec<Set> = Vec::new();
+        let mut set_names = HashSet::new();
+        for (i, s) in self.sets.iter().enumerate() {
+            let key = format!("set[{i}]");
+            if !valid_name(&s.name) || !set_names.insert(s.name.clone()) {
+                bail!("key `{key}.name`: {:?} is empty, invalid or used twice; give each set a unique name of letters, digits, '-', '_' or '.'", s.name);
+            }
+            if !s.root.is_absolute() {
+                bail!(
+                    "key `{key}.root`: {} is not absolute; write the full path",
+                    s.root.display()
+                );
+            }
+            let root = std::fs::canonicalize(&s.root).with_context(|| {
+                format!(
+                    "key `{key}.root`: {} cannot be opened; create the directory or fix the path",
+                    s.root.display()
+                )
+            })?;
+            if !root.is_dir() {
+                bail!("key `{key}.root`: {} is not a directory", s.root.display());
+            }
+            for other in &sets {
+                if root.starts_with(&other.root) || other.root.starts_with(&root) {
+                    bail!(
+                        "key `{key}.root`: {} overlaps set {:?} ({}); sets must not contain each other — use exclude rules instead",
+                        root.display(),
+                        other.name,
+                        other.root.display()
+                    );
+                }
+            }
+            let rules = Rules::new(&s.include, &s.exclude)
+                .with_context(|| format!("key `{key}.include`/`{key}.exclude`"))?;
+            if s.targets.is_empty() {
+                bail!("key `{key}.targets`: empty; name at least one [[target]]");
+            }
+            let mut idx = Vec::new();
+            for t in &s.targets {
+                let Some(n) = targets.iter().position(|x| &x.name == t) else {
+                    bail!("key `{key}.targets`: no [[target]] is named {t:?}; define it or fix the name");
+                };
+                idx.push(n);
+            }
+            sets.push(Set {
+                name: s.name.clone(),
+                root,
+                rules,
+                targets: idx,
+            });
+        }
+        Ok(Config {
+            name: self.name,
+            cert: base.join(&self.cert),
+            key: base.join(&self.key),
+            queue_memory_bytes: self.queue_memory_mib.max(1) << 20,
+            targets,
+            sets,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config> {
+        let raw: AgentConfig = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        raw.validate(Path::new("/etc/doppel"))
+    }
+
+    const FP: &str = "aa00000000000000000000000000000000000000000000000000000000000000";
+
+    fn good(root: &str) -> String {
+        format!(
+            r#"
+name = "web1"
+cert = "agent/cert.pem"
+key = "agent/key.pem"
+[[target]]
+name = "backup"
+address = "127.0.0.1:7443"
+fingerprint = "{FP}"
+[[set]]
+name = "data"
+root = "{root}"
+targets = ["backup"]
+"#
+        )
+    }
+
+    #[test]
+    fn a_good_config_resolves() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = parse(&good(dir.path().to_str().unwrap())).unwrap();
+        assert_eq!(c.cert, Path::new("/etc/doppel/agent/cert.pem"));
+        assert_eq!(c.sets[0].targets, vec![0]);
+        assert_eq!(c.targets[0].fingerprint, FP);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let e = parse(&good(root).replace("targets = [\"backup\"]", "targets = [\"nope\"]"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("set[0].targets") && e.contains("nope"), "{e}");
+        let e = parse(&good("relative/dir")).unwrap_err().to_string();
+        assert!(e.contains("set[0].root") && e.contains("absolute"), "{e}");
+        let e = parse(&format!("{}\nbogus = 1\n", good(root)))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn overlapping_sets_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("sub")).unwrap();
+        let root = dir.path().to_str().unwrap();
+        let text = format!(
+            "{}\n[[set]]\nname = \"inner\"\nroot = \"{root}/sub\"\ntargets = [\"backup\"]\n",
+            good(root)
+        );
+        let e = parse(&text).unwrap_err().to_string();
+        assert!(e.contains("overlaps"), "{e}");
+    }
+}

@@ -1,0 +1,324 @@
+//! The agent's picture of the watched namespace: which (dev, inode) is which path.
+//!
+//! The kernel identifies files by (dev, inode); paths exist only here, kept current
+//! from the namespace events in capture order. Each node stores its parent and name,
+//! like a dentry, so renaming a directory is one update however large its subtree.
+
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::path::{Component, Path, PathBuf};
+
+use doppel_common::event::FileId;
+
+#[derive(Debug, Clone)]
+struct Node {
+    parent: FileId,
+    name: OsString,
+    is_dir: bool,
+    /// When a directory scan registered this node (monotonic ns; 0 when a captured event
+    /// did). Events that completed before it are already reflected in what the scan read.
+    born: u64,
+}
+
+/// Where a file lives: set index and path relative to the set root (empty = the root).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub set: usize,
+    pub rel: PathBuf,
+}
+
+#[derive(Debug, Default)]
+pub struct Index {
+    /// Per set: the root's identity and canonical absolute path.
+    roots: Vec<(FileId, PathBuf)>,
+    nodes: HashMap<FileId, Node>,
+    children: BTreeMap<(FileId, OsString), FileId>,
+    /// Directories above the roots (so relative paths from them can be resolved).
+    ancestors: HashMap<FileId, PathBuf>,
+}
+
+/// Deepest tree we walk; a longer chain means the index is corrupt (a cycle).
+const MAX_DEPTH: usize = 4096;
+
+impl Index {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add_root(&mut self, id: FileId, path: PathBuf) -> usize {
+        self.roots.push((id, path));
+        self.roots.len() - 1
+    }
+
+    pub fn add_ancestor(&mut self, id: FileId, path: PathBuf) {
+        self.ancestors.insert(id, path);
+    }
+
+    pub fn root(&self, set: usize) -> (FileId, &Path) {
+        let (id, p) = &self.roots[set];
+        (*id, p)
+    }
+
+    /// Forgets everything under the roots (before a full rescan).
+    pub fn clear_nodes(&mut self) {
+        self.nodes.clear();
+        self.children.clear();
+    }
+
+    /// When a scan registered `id` (0: a captured event did, or it is a root/unknown).
+    pub fn born(&self, id: FileId) -> u64 {
+        self.nodes.get(&id).map_or(0, |n| n.born)
+    }
+
+    pub fn is_dir(&self, id: FileId) -> bool {
+        self.roots.iter().any(|r| r.0 == id) || self.nodes.get(&id).is_some_and(|n| n.is_dir)
+    }
+
+    /// The location of a known file or directory.
+    pub fn location(&self, id: FileId) -> Option<Location> {
+        let mut names: Vec<&OsStr> = Vec::new();
+        let mut cur = id;
+        for _ in 0..MAX_DEPTH {
+            if let Some(set) = self.roots.iter().position(|r| r.0 == cur) {
+                let rel: PathBuf = names.iter().rev().collect();
+                return Some(Location { set, rel });
+            }
+            let node = self.nodes.get(&cur)?;
+            names.push(&node.name);
+            cur = node.parent;
+        }
+        None
+    }
+
+    /// Absolute path of a known directory (inside a root, or an ancestor of one).
+    pub fn dir_path(&self, id: FileId) -> Option<PathBuf> {
+        if let Some(p) = self.ancestors.get(&id) {
+            return Some(p.clone());
+        }
+        let loc = self.location(id)?;
+        Some(self.abs(&loc))
+    }
+
+    pub fn abs(&self, loc: &Location) -> PathBuf {
+        let root = &self.roots[loc.set].1;
+        if loc.rel.as_os_str().is_empty() {
+            root.clone()
+        } else {
+            root.join(&loc.rel)
+        }
+    }
+
+    /// Which set an absolute, normalised path belongs to, if any.
+    pub fn locate(&self, abs: &Path) -> Option<Location> {
+        self.roots.iter().enumerate().find_map(|(set, (_, root))| {
+            abs.strip_prefix(root).ok().map(|rel| Location {
+                set,
+                rel: rel.to_path_buf(),
+            })
+        })
+    }
+
+    /// The node at a location, if the index knows it.
+    pub fn lookup(&self, loc: &Location) -> Option<FileId> {
+        let mut cur = self.roots[loc.set].0;
+        for c in loc.rel.components() {
+            cur = *self.children.get(&(cur, c.as_os_str().to_owned()))?;
+        }
+        Some(cur)
+    }
+
+    /// Records that `id` is `name` inside directory `parent`. A node that was known
+    /// elsewhere moves (the index keeps one name per inode).
+    pub fn insert(&mut self, parent: FileId, name: &OsStr, id: FileId, is_dir: bool) {
+        self.insert_born(parent, name, id, is_dir, 0)
+    }
+
+    /// As [`Index::insert`], for a node found by a scan at time `born`.
+    pub fn insert_born(
+        &mut self,
+        parent: FileId,
+        name: &OsStr,
+        id: FileId,
+        is_dir: bool,
+        born: u64,
+    ) {
+        if let Some(old) = self.nodes.remove(&id) {
+            self.children.remove(&(old.parent, old.name));
+        }
+        let key = (parent, name.to_owned());
+        if let Some(prev) = self.children.insert(key, id) {
+            if prev != id {
+                self.drop_subtree(prev);
+            }
+        }
+        self.nodes.insert(
+            id,
+            Node {
+                parent,
+                name: name.to_owned(),
+                is_dir,
+                born,
+            },
+        );
+    }
+
+    /// Removes the entry `name` of `parent` and everything below it; returns the
+    /// directories that were removed (to unwatch them in the kernel).
+    pub fn remove(&mut self, parent: FileId, name: &OsStr) -> Vec<FileId> {
+        match self.children.remove(&(parent, name.to_owned())) {
+            Some(id) => self.drop_subtree(id),
+            None => Vec::new(),
+        }
+    }
+
+    fn drop_subtree(&mut self, id: FileId) -> Vec<FileId> {
+        let mut dirs = Vec::new();
+        let mut stack = vec![id];
+        while let Some(cur) = stack.pop() {
+            let Some(node) = self.nodes.remove(&cur) else {
+                continue;
+            };
+            if node.is_dir {
+                dirs.push(cur);
+                let kids: Vec<(FileId, OsString)> = self
+                    .children
+                    .range((cur, OsString::new())..)
+                    .take_while(|((p, _), _)| *p == cur)
+                    .map(|(k, _)| k.clone())
+                    .collect();
+                for k in kids {
+                    if let Some(child) = self.children.remove(&k) {
+                        stack.push(child);
+                    }
+                }
+            }
+            // The entry may still be listed under its parent when called from insert.
+            self.children.remove(&(node.parent, node.name));
+        }
+        dirs
+    }
+
+    /// Moves the entry `from` to `to` (replacing what was there). Returns the
+    /// directories dropped by the replacement.
+    pub fn rename(&mut self, from: (FileId, &OsStr), to: (FileId, &OsStr)) -> Vec<FileId> {
+        let Some(id) = self.children.remove(&(from.0, from.1.to_owned())) else {
+            return Vec::new();
+        };
+        let dropped = self.remove(to.0, to.1);
+        let (is_dir, born) = self
+            .nodes
+            .get(&id)
+            .map_or((false, 0), |n| (n.is_dir, n.born));
+        self.insert_born(to.0, to.1, id, is_dir, born);
+        dropped
+    }
+
+    /// Swaps two entries (RENAME_EXCHANGE).
+    pub fn exchange(&mut self, a: (FileId, &OsStr), b: (FileId, &OsStr)) {
+        let ida = self.children.get(&(a.0, a.1.to_owned())).copied();
+        let idb = self.children.get(&(b.0, b.1.to_owned())).copied();
+        if let (Some(ida), Some(idb)) = (ida, idb) {
+            let (da, ba) = (self.is_dir(ida), self.born(ida));
+            let (db, bb) = (self.is_dir(idb), self.born(idb));
+            self.insert_born(b.0, b.1, ida, da, ba);
+            self.insert_born(a.0, a.1, idb, db, bb);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+}
+
+/// Lexically normalises an absolute path: drops `.`, applies `..`. (A `..` through a
+/// symlinked directory is resolved lexically: the kernel may have gone elsewhere.)
+pub fn normalize(p: &Path) -> PathBuf {
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            Component::RootDir | Component::Prefix(_) | Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            Component::Normal(n) => out.push(n),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id(n: u64) -> FileId {
+        FileId { dev: 1, ino: n }
+    }
+
+    fn loc(set: usize, rel: &str) -> Location {
+        Location {
+            set,
+            rel: rel.into(),
+        }
+    }
+
+    #[test]
+    fn paths_follow_renames_of_directories() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(2), true);
+        ix.insert(id(2), OsStr::new("f"), id(3), false);
+        assert_eq!(ix.location(id(3)), Some(loc(0, "a/f")));
+        ix.rename((id(1), OsStr::new("a")), (id(1), OsStr::new("b")));
+        assert_eq!(ix.location(id(3)), Some(loc(0, "b/f")));
+        assert_eq!(ix.lookup(&loc(0, "b/f")), Some(id(3)));
+        assert_eq!(ix.lookup(&loc(0, "a/f")), None);
+        assert_eq!(ix.dir_path(id(2)), Some("/data/b".into()));
+    }
+
+    #[test]
+    fn removing_a_directory_drops_its_subtree() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(2), true);
+        ix.insert(id(2), OsStr::new("b"), id(3), true);
+        ix.insert(id(3), OsStr::new("f"), id(4), false);
+        let mut dirs = ix.remove(id(1), OsStr::new("a"));
+        dirs.sort();
+        assert_eq!(dirs, vec![id(2), id(3)]);
+        assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn rename_over_an_existing_file_replaces_it() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("x"), id(2), false);
+        ix.insert(id(1), OsStr::new("y"), id(3), false);
+        ix.rename((id(1), OsStr::new("x")), (id(1), OsStr::new("y")));
+        assert_eq!(ix.location(id(2)), Some(loc(0, "y")));
+        assert_eq!(ix.location(id(3)), None);
+        assert_eq!(ix.len(), 1);
+        ix.insert(id(1), OsStr::new("z"), id(4), false);
+        ix.exchange((id(1), OsStr::new("y")), (id(1), OsStr::new("z")));
+        assert_eq!(ix.location(id(2)), Some(loc(0, "z")));
+        assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+    }
+
+    #[test]
+    fn locate_and_normalize() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/srv/a".into());
+        ix.add_root(id(9), "/srv/b".into());
+        assert_eq!(ix.locate(Path::new("/srv/b/x/y")), Some(loc(1, "x/y")));
+        assert_eq!(ix.locate(Path::new("/srv/ab")), None);
+        assert_eq!(
+            normalize(Path::new("/srv/./a/../b//c/")),
+            PathBuf::from("/srv/b/c")
+        );
+        assert_eq!(normalize(Path::new("/../..")), PathBuf::from("/"));
+    }
+}

@@ -1,0 +1,15 @@
+//! doppel-agent: the source-host daemon.
+//!
+//! Data path, one module per stage:
+//! [`capture`] (eBPF ring buffer) -> [`resolve`] (inode -> path, rules; uses [`index`])
+//! -> [`queue`] (per set, until acknowledged) -> [`send`] (QUIC to each target).
+//! [`run`] wires them; [`config`] and [`rules`] describe what to replicate.
+
+pub mod capture;
+pub mod config;
+pub mod index;
+pub mod queue;
+pub mod resolve;
+pub mod rules;
+pub mod run;
+pub mod send;

@@ -1,0 +1,857 @@
+//! Resolve: turns captured kernel events into replication ops on set-relative paths.
+//!
+//! This stage owns the [`Index`] (inode -> path), applies each set's include/exclude
+//! rules, tells the kernel which directories to watch, and reads file data for events
+//! that carry a range instead of bytes ("Dirty") and for files that enter a set whole
+//! (initial scan, a directory created before its watch was installed, a rename into a
+//! set). Reading newer bytes than an event saw is safe: a later change to the same
+//! range produces its own event after this one.
+
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use doppel_common::event::{monotonic_ns, CaptureEvent, Captured, FileId, PathArg};
+use doppel_common::wire::{Op, RelPath};
+use tracing::{debug, warn};
+
+use crate::config::Set;
+use crate::index::{normalize, Index, Location};
+
+/// Largest data payload the resolver puts in one Write op when it reads a file.
+pub const READ_CHUNK: usize = 256 << 10;
+
+/// The kernel side of watching: which directories' contents are captured.
+pub trait Watcher {
+    /// Files directly inside `dir` are captured from now on.
+    fn watch(&self, dir: FileId);
+    /// `dir` is above a set root: relative path events starting there pass the filter.
+    fn watch_ancestor(&self, dir: FileId);
+    fn unwatch(&self, dir: FileId);
+}
+
+/// One op for one set, in the order it must be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOp {
+    pub set: usize,
+    pub op: Op,
+}
+
+pub struct Resolver<W: Watcher> {
+    sets: Vec<Set>,
+    index: Index,
+    watcher: W,
+    /// Events that could not be resolved to a path (counted, logged at debug).
+    pub unresolved: u64,
+}
+
+fn file_id(m: &Metadata) -> FileId {
+    FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    }
+}
+
+fn rel_path(rel: &Path) -> RelPath {
+    RelPath(rel.as_os_str().as_bytes().to_vec())
+}
+
+impl<W: Watcher> Resolver<W> {
+    /// Registers the set roots and their ancestors. Call [`Resolver::scan_all`] next.
+    pub fn new(sets: Vec<Set>, watcher: W) -> std::io::Result<Self> {
+        let mut index = Index::new();
+        for s in &sets {
+            let m = std::fs::metadata(&s.root)?;
+            index.add_root(file_id(&m), s.root.clone());
+            for a in s.root.ancestors().skip(1) {
+                if let Ok(m) = std::fs::metadata(a) {
+                    index.add_ancestor(file_id(&m), a.to_path_buf());
+                    watcher.watch_ancestor(file_id(&m));
+                }
+            }
+        }
+        Ok(Resolver {
+            sets,
+            index,
+            watcher,
+            unresolved: 0,
+        })
+    }
+
+    pub fn sets(&self) -> &[Set] {
+        &self.sets
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Watches every directory of every set and emits every file whole: the initial
+    /// copy, and the fallback when the kernel lost events it could not even record.
+    pub fn scan_all(&mut self, out: &mut Vec<SetOp>) {
+        self.index.clear_nodes();
+        for set in 0..self.sets.len() {
+            let (root, path) = self.index.root(set);
+            let path = path.to_path_buf();
+            self.watcher.watch(root);
+            self.scan_dir(set, root, &path, Path::new(""), out);
+        }
+    }
+
+    /// Emits the contents of directory `dir` (already watched) at `rel`, recursively.
+    /// The watch is installed before the directory is read, so an entry created
+    /// concurrently is either read here or captured by the kernel afterwards.
+    fn scan_dir(&mut self, set: usize, dir: FileId, abs: &Path, rel: &Path, out: &mut Vec<SetOp>) {
+        let entries = match std::fs::read_dir(abs) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(path = %abs.display(), error = %e, "cannot read directory; its contents are not replicated until it changes");
+                return;
+            }
+        };
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        for name in names {
+            let child_abs = abs.join(&name);
+            let child_rel = rel.join(&name);
+            let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
+                continue;
+            };
+            self.enter(set, dir, &name, &child_abs, &child_rel, &m, out);
+        }
+    }
+
+    /// Something appeared at `rel` (scan, mkdir, rename into the set): watch and emit it.
+    #[allow(clippy::too_many_arguments)]
+    fn enter(
+        &mut self,
+        set: usize,
+        parent: FileId,
+        name: &OsStr,
+        abs: &Path,
+        rel: &Path,
+        m: &Metadata,
+        out: &mut Vec<SetOp>,
+    ) {
+        let id = file_id(m);
+        let rules = &self.sets[set].rules;
+        if m.is_dir() {
+            if !rules.dir(rel) {
+                return;
+            }
+            self.watcher.watch(id);
+            // Stamped after the watch and before the read: events older than this are
+            // reflected in what the scan reads; newer ones are captured.
+            self.index
+                .insert_born(parent, name, id, true, monotonic_ns());
+            out.push(SetOp {
+                set,
+                op: Op::Mkdir {
+                    path: rel_path(rel),
+                    mode: m.mode() & 0o7777,
+                },
+            });
+            self.scan_dir(set, id, abs, rel, out);
+        } else if m.is_file() {
+            if !rules.file(rel) {
+                return;
+            }
+            self.index
+                .insert_born(parent, name, id, false, monotonic_ns());
+            emit_whole_file(set, abs, rel, m, out);
+        } else {
+            debug!(path = %abs.display(), "skipping a special file (symlinks and devices are not replicated yet)");
+        }
+    }
+
+    /// Absolute, normalised path of a syscall's path argument.
+    fn abs_path(&self, p: &PathArg) -> Option<PathBuf> {
+        let raw = Path::new(OsStr::from_bytes(&p.path));
+        if p.truncated {
+            return None;
+        }
+        if raw.is_absolute() {
+            return Some(normalize(raw));
+        }
+        let base = p
+            .base
+            .and_then(|b| self.index.dir_path(b))
+            .or_else(|| proc_base(p))?;
+        Some(normalize(&base.join(raw)))
+    }
+
+    /// Location and parent directory of a path argument inside a set.
+    fn place(&self, p: &PathArg) -> Option<(Location, PathBuf)> {
+        let abs = self.abs_path(p)?;
+        let loc = self.index.locate(&abs)?;
+        if loc.rel.as_os_str().is_empty() {
+            return None; // the root itself: not replicated as an entry
+        }
+        Some((loc, abs))
+    }
+
+    fn parent_of(&self, loc: &Location) -> Option<FileId> {
+        let parent = Location {
+            set: loc.set,
+            rel: loc.rel.parent().unwrap_or(Path::new("")).to_path_buf(),
+        };
+        self.index.lookup(&parent)
+    }
+
+    /// Location of a file the kernel named by inode; if the index does not know it yet
+    /// but knows its directory, the directory is searched for the inode.
+    fn file_location(&mut self, file: FileId, parent: Option<FileId>) -> Option<Location> {
+        if let Some(loc) = self.index.location(file) {
+            return Some(loc);
+        }
+        let parent = parent?;
+        let dir = self.index.dir_path(parent)?;
+        self.index.location(parent)?;
+        let entries = std::fs::read_dir(&dir).ok()?;
+        for e in entries.flatten() {
+            use std::os::unix::fs::DirEntryExt;
+            if e.ino() == file.ino {
+                let name = e.file_name();
+                self.index.insert(parent, &name, file, false);
+                return self.index.location(file);
+            }
+        }
+        None
+    }
+
+    /// Turns one captured event into ops.
+    pub fn resolve(&mut self, c: Captured, out: &mut Vec<SetOp>) {
+        let Captured { time, event: ev } = c;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let before = out.len();
+            let summary = summarize(&ev);
+            self.resolve_inner(ev, time, out);
+            for o in &out[before..] {
+                tracing::trace!(event = %summary, op = ?summarize_op(&o.op), "resolved");
+            }
+            if out.len() == before {
+                tracing::trace!(event = %summary, "no op");
+            }
+            return;
+        }
+        self.resolve_inner(ev, time, out)
+    }
+
+    /// Whether the node `id` was registered by a scan after `time`: an event that
+    /// completed at `time` is then already reflected in it (and, if the inode number was
+    /// reused, it was about another file).
+    fn scanned_after(&self, id: Option<FileId>, time: u64) -> bool {
+        id.is_some_and(|id| self.index.born(id) > time)
+    }
+
+    /// Location of `file` for an event at `time`, unless a later scan covers it.
+    fn current(&mut self, file: FileId, parent: Option<FileId>, time: u64) -> Option<Location> {
+        let loc = self.file_location(file, parent)?;
+        (!self.scanned_after(Some(file), time)).then_some(loc)
+    }
+
+    fn resolve_inner(&mut self, ev: CaptureEvent, time: u64, out: &mut Vec<SetOp>) {
+        match ev {
+            CaptureEvent::Data {
+                file,
+                parent,
+                offset,
+                data,
+            } => {
+                let Some(loc) = self.current(file, Some(parent), time) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    out.push(SetOp {
+                        set: loc.set,
+                        op: Op::Write {
+                            path: rel_path(&loc.rel),
+                            offset,
+                            data,
+                        },
+                    });
+                }
+            }
+            CaptureEvent::Dirty {
+                file,
+                parent,
+                offset,
+                len,
+            } => {
+                let Some(loc) = self.current(file, parent, time) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    let abs = self.index.abs(&loc);
+                    emit_range(loc.set, &abs, &loc.rel, offset, len, out);
+                }
+            }
+            CaptureEvent::Created {
+                file,
+                parent: _,
+                path,
+                is_dir,
+                mode,
+            } => {
+                let Some((loc, abs)) = self.place(&path) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                let Some(parent) = self.parent_of(&loc) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                let name = loc.rel.file_name().unwrap_or_default().to_owned();
+                if self.scanned_after(self.index.lookup(&loc), time)
+                    || self.scanned_after(file, time)
+                {
+                    // A scan after this creation already registered what is there now.
+                    return;
+                }
+                if is_dir {
+                    // Files may already exist in it (made before the watch): enter() scans.
+                    if let Ok(m) = std::fs::symlink_metadata(&abs) {
+                        self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                    }
+                    return;
+                }
+                if !self.sets[loc.set].rules.file(&loc.rel) {
+                    return;
+                }
+                let (id, mode) = match std::fs::symlink_metadata(&abs) {
+                    Ok(m) if m.is_file() => (file.unwrap_or(file_id(&m)), m.mode() & 0o7777),
+                    _ => match file {
+                        Some(id) => (id, mode & 0o7777),
+                        None => return,
+                    },
+                };
+                self.index.insert(parent, &name, id, false);
+                out.push(SetOp {
+                    set: loc.set,
+                    op: Op::CreateFile {
+                        path: rel_path(&loc.rel),
+                        mode,
+                    },
+                });
+            }
+            CaptureEvent::Truncated {
+                file,
+                parent,
+                path,
+                size,
+            } => {
+                let loc = match (file, &path) {
+                    (Some(f), _) => self.current(f, parent, time),
+                    (None, Some(p)) => self
+                        .place(p)
+                        .map(|(l, _)| l)
+                        .filter(|l| !self.scanned_after(self.index.lookup(l), time)),
+                    (None, None) => None,
+                };
+                let Some(loc) = loc else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    out.push(SetOp {
+                        set: loc.set,
+                        op: Op::Truncate {
+                            path: rel_path(&loc.rel),
+                            size,
+                        },
+                    });
+                }
+            }
+            CaptureEvent::Removed { path, is_dir } => {
+                let Some((loc, _)) = self.place(&path) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.scanned_after(self.index.lookup(&loc), time) {
+                    // What a scan found there is newer than what was removed.
+                    return;
+                }
+                self.remove(loc, is_dir, out);
+            }
+            CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
+            CaptureEvent::Lost { records } => {
+                warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
+                self.scan_all(out);
+            }
+        }
+    }
+
+    fn remove(&mut self, loc: Location, is_dir: bool, out: &mut Vec<SetOp>) {
+        if let Some(parent) = self.parent_of(&loc) {
+            let name = loc.rel.file_name().unwrap_or_default();
+            for d in self.index.remove(parent, name) {
+                self.watcher.unwatch(d);
+            }
+        }
+        let path = rel_path(&loc.rel);
+        let op = if is_dir {
+            Op::Rmdir { path }
+        } else {
+            Op::Remove { path }
+        };
+        out.push(SetOp { set: loc.set, op });
+    }
+
+    fn replicated(&self, loc: &Location, is_dir: bool) -> bool {
+        let r = &self.sets[loc.set].rules;
+        if is_dir {
+            r.dir(&loc.rel)
+        } else {
+            r.file(&loc.rel)
+        }
+    }
+
+    fn rename(
+        &mut self,
+        from: &PathArg,
+        to: &PathArg,
+        flags: u32,
+        time: u64,
+        out: &mut Vec<SetOp>,
+    ) {
+        const RENAME_EXCHANGE: u32 = 2;
+        let src = self.place(from);
+        let dst = self.place(to);
+        let dst_meta = dst
+            .as_ref()
+            .and_then(|(_, abs)| std::fs::symlink_metadata(abs).ok());
+        let src_node = src.as_ref().and_then(|(l, _)| self.index.lookup(l));
+        let is_dir = match (src_node, &dst_meta) {
+            (Some(id), _) => self.index.is_dir(id),
+            (None, Some(m)) => m.is_dir(),
+            _ => false,
+        };
+        let src_in = src
+            .as_ref()
+            .filter(|(l, _)| self.replicated(l, is_dir))
+            .cloned();
+        let dst_in = dst
+            .as_ref()
+            .filter(|(l, _)| self.replicated(l, is_dir))
+            .cloned();
+        // A scan that ran after this rename may already reflect either side of it:
+        // `to` (or its directory) registered later means the arrival is covered; a
+        // node at `from` registered later is a newer file that must stay.
+        let dst_covered = dst_in.as_ref().is_some_and(|(l, _)| {
+            self.scanned_after(self.index.lookup(l), time)
+                || self.scanned_after(self.parent_of(l), time)
+        });
+        let src_newer = self.scanned_after(src_node, time);
+        if src_newer || dst_covered || src_node.is_none() {
+            if let (Some((sl, _)), false) = (&src_in, src_newer) {
+                // The replica's `from` is history the source no longer has.
+                self.remove(sl.clone(), is_dir, out);
+            }
+            if let (Some((dl, dabs)), false) = (dst_in, dst_covered) {
+                let current = dst_meta.as_ref().map(file_id);
+                if current.is_none() || self.index.lookup(&dl) != current {
+                    self.arrive(dl, &dabs, out);
+                }
+            }
+            return;
+        }
+        match (src_in, dst_in) {
+            (Some((sl, _)), Some((dl, dabs))) if sl.set == dl.set => {
+                let (Some(sp), Some(dp)) = (self.parent_of(&sl), self.parent_of(&dl)) else {
+                    self.remove(sl, is_dir, out);
+                    self.arrive(dl, &dabs, out);
+                    return;
+                };
+                let sname = sl.rel.file_name().unwrap_or_default().to_owned();
+                let dname = dl.rel.file_name().unwrap_or_default().to_owned();
+                if flags & RENAME_EXCHANGE != 0 {
+                    self.index.exchange((sp, &sname), (dp, &dname));
+                } else {
+                    for d in self.index.rename((sp, &sname), (dp, &dname)) {
+                        self.watcher.unwatch(d);
+                    }
+                }
+                out.push(SetOp {
+                    set: sl.set,
+                    op: Op::Rename {
+                        from: rel_path(&sl.rel),
+                        to: rel_path(&dl.rel),
+                        flags,
+                    },
+                });
+            }
+            (src_in, dst_in) => {
+                if let Some((sl, _)) = src_in {
+                    self.remove(sl, is_dir, out);
+                }
+                if let Some((dl, dabs)) = dst_in {
+                    self.arrive(dl, &dabs, out);
+                }
+                if flags & RENAME_EXCHANGE != 0 {
+                    // The other side moved too: re-read it where it landed.
+                    if let Some((sl, sabs)) = src {
+                        self.arrive(sl, &sabs, out);
+                    }
+                }
+            }
+        }
+    }
+
+    /// An entry appeared at `loc` by other means than creation (moved in): copy it whole.
+    fn arrive(&mut self, loc: Location, abs: &Path, out: &mut Vec<SetOp>) {
+        let Some(parent) = self.parent_of(&loc) else {
+            self.unresolved += 1;
+            return;
+        };
+        if let Ok(m) = std::fs::symlink_metadata(abs) {
+            let name = loc.rel.file_name().unwrap_or_default().to_owned();
+            self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+        }
+    }
+}
+
+fn summarize(ev: &CaptureEvent) -> String {
+    match ev {
+        CaptureEvent::Data {
+            file, offset, data, ..
+        } => {
+            format!("data ino {} off {offset} len {}", file.ino, data.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn summarize_op(op: &Op) -> String {
+    match op {
+        Op::Write { path, offset, data } => format!("write {path} off {offset} len {}", data.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// `/proc` fallback for a relative path whose base directory the index does not know
+/// (a process whose cwd is outside every root). Racy if the process already exited.
+fn proc_base(p: &PathArg) -> Option<PathBuf> {
+    const AT_FDCWD: i32 = -100;
+    let link = if p.dirfd == AT_FDCWD {
+        format!("/proc/{}/cwd", p.pid)
+    } else {
+        format!("/proc/{}/fd/{}", p.pid, p.dirfd)
+    };
+    std::fs::read_link(link).ok()
+}
+
+/// Ops that make the replica's copy of a regular file equal to the source's: keeps
+/// holes (all-zero chunks are not sent), and ends at the source's size.
+fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut Vec<SetOp>) {
+    let path = rel_path(rel);
+    out.push(SetOp {
+        set,
+        op: Op::CreateFile {
+            path: path.clone(),
+            mode: m.mode() & 0o7777,
+        },
+    });
+    out.push(SetOp {
+        set,
+        op: Op::Truncate {
+            path: path.clone(),
+            size: 0,
+        },
+    });
+    emit_range(set, abs, rel, 0, u64::MAX, out);
+    out.push(SetOp {
+        set,
+        op: Op::Truncate {
+            path,
+            size: m.size(),
+        },
+    });
+}
+
+/// Reads `len` bytes at `offset` of the file (to its end if `len` is `u64::MAX`) and
+/// emits them as Write ops; all-zero chunks are skipped only when reading a whole file
+/// after a truncate to 0 (see emit_whole_file), so here every byte read is sent.
+fn emit_range(set: usize, abs: &Path, rel: &Path, offset: u64, len: u64, out: &mut Vec<SetOp>) {
+    let whole = offset == 0 && len == u64::MAX;
+    let Ok(f) = File::open(abs) else {
+        // Gone already: the removal or rename that made it disappear follows.
+        return;
+    };
+    let path = rel_path(rel);
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    let mut buf = vec![0u8; READ_CHUNK];
+    while pos < end {
+        let want = ((end - pos).min(READ_CHUNK as u64)) as usize;
+        let n = match f.read_at(&mut buf[..want], pos) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => {
+                warn!(path = %abs.display(), error = %e, "cannot read changed range");
+                break;
+            }
+        };
+        if !(whole && buf[..n].iter().all(|&b| b == 0)) {
+            out.push(SetOp {
+                set,
+                op: Op::Write {
+                    path: path.clone(),
+                    offset: pos,
+                    data: buf[..n].to_vec(),
+                },
+            });
+        }
+        pos += n as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::Rules;
+    use std::cell::RefCell;
+    use std::collections::HashSet;
+
+    #[derive(Default)]
+    struct FakeWatch(RefCell<HashSet<FileId>>);
+    impl Watcher for &FakeWatch {
+        fn watch(&self, d: FileId) {
+            self.0.borrow_mut().insert(d);
+        }
+        fn watch_ancestor(&self, _: FileId) {}
+        fn unwatch(&self, d: FileId) {
+            self.0.borrow_mut().remove(&d);
+        }
+    }
+
+    fn now(event: CaptureEvent) -> Captured {
+        at(monotonic_ns(), event)
+    }
+
+    fn at(time: u64, event: CaptureEvent) -> Captured {
+        Captured { time, event }
+    }
+
+    fn id_of(p: &Path) -> FileId {
+        file_id(&std::fs::symlink_metadata(p).unwrap())
+    }
+
+    fn arg(p: &Path) -> PathArg {
+        PathArg {
+            base: None,
+            pid: 0,
+            dirfd: -100,
+            path: p.as_os_str().as_bytes().to_vec(),
+            truncated: false,
+        }
+    }
+
+    fn setup<'a>(dir: &Path, watch: &'a FakeWatch) -> Resolver<&'a FakeWatch> {
+        let set = Set {
+            name: "s".into(),
+            root: dir.canonicalize().unwrap(),
+            rules: Rules::new(&["**".into()], &["**/*.tmp".into()]).unwrap(),
+            targets: vec![0],
+        };
+        Resolver::new(vec![set], watch).unwrap()
+    }
+
+    #[test]
+    fn scan_emits_tree_and_keeps_holes() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir(d.path().join("sub")).unwrap();
+        let f = File::create(d.path().join("sub/f")).unwrap();
+        f.write_all_at(b"hello", (READ_CHUNK * 2) as u64).unwrap();
+        std::fs::write(d.path().join("x.tmp"), b"skip").unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(d.path(), &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        let ops: Vec<_> = out.iter().map(|o| &o.op).collect();
+        assert!(matches!(ops[0], Op::Mkdir { path, .. } if path.0 == b"sub"));
+        let writes: Vec<_> = ops
+            .iter()
+            .filter(|o| matches!(o, Op::Write { .. }))
+            .collect();
+        assert_eq!(writes.len(), 1, "the hole is not sent: {ops:?}");
+        assert!(
+            matches!(**ops.last().unwrap(), Op::Truncate { size, .. } if size == (READ_CHUNK * 2 + 5) as u64)
+        );
+        assert!(!ops
+            .iter()
+            .any(|o| o.paths().any(|p| p.0.ends_with(b".tmp"))));
+        assert!(w.0.borrow().contains(&id_of(&d.path().join("sub"))));
+    }
+
+    #[test]
+    fn data_renames_and_moves_out() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        std::fs::write(root.join("a/f"), b"x").unwrap();
+        let f = id_of(&root.join("a/f"));
+        let a = id_of(&root.join("a"));
+        // A write to a file the index has not seen is found by searching its directory.
+        r.resolve(
+            now(CaptureEvent::Data {
+                file: f,
+                parent: a,
+                offset: 3,
+                data: b"abc".to_vec(),
+            }),
+            &mut out,
+        );
+        assert_eq!(
+            out.pop().unwrap().op,
+            Op::Write {
+                path: RelPath(b"a/f".to_vec()),
+                offset: 3,
+                data: b"abc".to_vec()
+            }
+        );
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a")),
+                to: arg(&root.join("b")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        assert!(
+            matches!(&out.pop().unwrap().op, Op::Rename { from, to, .. } if from.0 == b"a" && to.0 == b"b")
+        );
+        r.resolve(
+            now(CaptureEvent::Data {
+                file: f,
+                parent: a,
+                offset: 0,
+                data: b"z".to_vec(),
+            }),
+            &mut out,
+        );
+        assert!(matches!(&out.pop().unwrap().op, Op::Write { path, .. } if path.0 == b"b/f"));
+        let out_path = outside.path().canonicalize().unwrap().join("f");
+        std::fs::rename(root.join("b/f"), &out_path).unwrap();
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("b/f")),
+                to: arg(&out_path),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        assert_eq!(
+            out.pop().unwrap().op,
+            Op::Remove {
+                path: RelPath(b"b/f".to_vec())
+            }
+        );
+        std::fs::rename(&out_path, root.join("back")).unwrap();
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&out_path),
+                to: arg(&root.join("back")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        assert!(out.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data == b"x")), "{out:?}");
+    }
+
+    #[test]
+    fn events_older_than_a_directory_scan_do_not_resurrect_old_names() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        std::fs::write(root.join("a/f"), b"old").unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        let f = id_of(&root.join("a/f"));
+        // The writer makes a directory and moves the file into it with new contents
+        // before the agent has processed the mkdir (so the dir was not watched yet).
+        std::fs::create_dir(root.join("n")).unwrap();
+        std::fs::write(root.join("a/f"), b"new contents").unwrap();
+        std::fs::rename(root.join("a/f"), root.join("n/g")).unwrap();
+        let old = monotonic_ns();
+        let mkdir = CaptureEvent::Created {
+            file: None,
+            parent: None,
+            path: arg(&root.join("n")),
+            is_dir: true,
+            mode: 0o755,
+        };
+        r.resolve(now(mkdir), &mut out);
+        assert!(out.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"n/g" && data == b"new contents")), "{out:?}");
+        out.clear();
+        // Older events, captured in "a" (watched) before the scan, now arrive.
+        r.resolve(
+            at(
+                old,
+                CaptureEvent::Created {
+                    file: Some(f),
+                    parent: None,
+                    path: arg(&root.join("a/f")),
+                    is_dir: false,
+                    mode: 0o644,
+                },
+            ),
+            &mut out,
+        );
+        assert!(
+            out.is_empty(),
+            "the scan is ahead of this creation: {out:?}"
+        );
+        r.resolve(
+            at(
+                old,
+                CaptureEvent::Data {
+                    file: f,
+                    parent: id_of(&root.join("n")),
+                    offset: 0,
+                    data: b"older".to_vec(),
+                },
+            ),
+            &mut out,
+        );
+        assert!(
+            out.is_empty(),
+            "data older than the scan is already in the copy: {out:?}"
+        );
+        r.resolve(
+            at(
+                old,
+                CaptureEvent::Renamed {
+                    from: arg(&root.join("a/f")),
+                    to: arg(&root.join("n/g")),
+                    flags: 0,
+                },
+            ),
+            &mut out,
+        );
+        assert_eq!(
+            out.iter().map(|o| o.op.clone()).collect::<Vec<_>>(),
+            vec![Op::Remove {
+                path: RelPath(b"a/f".to_vec())
+            }]
+        );
+        assert_eq!(r.index().location(f).unwrap().rel, PathBuf::from("n/g"));
+    }
+}

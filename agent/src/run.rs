@@ -1,0 +1,198 @@
+//! The daemon: capture -> resolve -> queue -> send, wired together.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use doppel_common::event::FileId;
+use doppel_transport::Identity;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::capture::{Capture, CaptureOptions, WatchMode};
+use crate::config::Config;
+use crate::queue::SetQueue;
+use crate::resolve::{Resolver, SetOp, Watcher};
+use crate::send::{run_target, Route, Shared, TargetState};
+
+/// Installs watches in the kernel filter. A failure is logged: the directory's
+/// changes are then missed until a rescan, which the log says.
+struct KernelWatcher(Arc<Capture>);
+
+impl Watcher for KernelWatcher {
+    fn watch(&self, dir: FileId) {
+        if let Err(e) = self.0.watch_dir(dir, WatchMode::Contents) {
+            warn!(?dir, error = %format!("{e:#}"), "cannot watch a directory: its changes are not captured");
+        }
+    }
+    fn watch_ancestor(&self, dir: FileId) {
+        if let Err(e) = self.0.watch_dir(dir, WatchMode::Ancestor) {
+            warn!(?dir, error = %format!("{e:#}"), "cannot watch an ancestor directory");
+        }
+    }
+    fn unwatch(&self, dir: FileId) {
+        let _ = self.0.unwatch_dir(dir);
+    }
+}
+
+/// A fresh sequence space id: distinct across restarts of the agent.
+fn new_epoch() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 48)
+}
+
+pub async fn run(config: Config) -> Result<()> {
+    let identity = Arc::new(Identity::load(&config.cert, &config.key).with_context(|| {
+        format!(
+            "cannot load this agent's key pair ({}, {}): create it with `doppel-agent keygen --out DIR`",
+            config.cert.display(),
+            config.key.display()
+        )
+    })?);
+    let (capture, mut events) = Capture::start(CaptureOptions::default())?;
+    let capture = Arc::new(capture);
+
+    let (pushed, _) = watch::channel(0u64);
+    let (acked, _) = watch::channel(0u64);
+    let mut slots = vec![0usize; config.sets.len()];
+    let mut routes: Vec<Vec<Route>> = vec![Vec::new(); config.targets.len()];
+    for (s, set) in config.sets.iter().enumerate() {
+        for &t in &set.targets {
+            routes[t].push(Route {
+                set: s,
+                slot: slots[s],
+            });
+            slots[s] += 1;
+        }
+    }
+    let shared = Arc::new(Shared {
+        source: config.name.clone(),
+        set_names: config.sets.iter().map(|s| s.name.clone()).collect(),
+        queues: slots
+            .iter()
+            .map(|&n| Mutex::new(SetQueue::new(new_epoch(), n)))
+            .collect(),
+        pushed,
+        acked,
+        targets: config
+            .targets
+            .iter()
+            .map(|_| Mutex::new(TargetState::default()))
+            .collect(),
+    });
+
+    let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
+        .context("cannot open a set root")?;
+    let (gap_tx, mut gaps) = mpsc::unbounded_channel();
+    for (i, t) in config.targets.iter().enumerate() {
+        tokio::spawn(run_target(
+            shared.clone(),
+            identity.clone(),
+            i,
+            t.clone(),
+            routes[i].clone(),
+            gap_tx.clone(),
+        ));
+    }
+    tokio::spawn(report(shared.clone(), capture.clone(), config.clone()));
+
+    let mut ops = Vec::new();
+    resolver.scan_all(&mut ops);
+    info!(
+        sets = config.sets.len(),
+        files = resolver.index().len(),
+        ops = ops.len(),
+        "initial scan done; replicating live"
+    );
+    let mut room = shared.acked.subscribe();
+    push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    loop {
+        tokio::select! {
+            batch = events.recv() => {
+                let Some(batch) = batch else {
+                    anyhow::bail!("the capture thread stopped; see the log above for why");
+                };
+                for ev in batch {
+                    resolver.resolve(ev, &mut ops);
+                }
+                push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+            }
+            Some(set) = gaps.recv() => {
+                let epoch = new_epoch();
+                warn!(set = %config.sets[set].name, "a target needs records no longer queued: starting a new epoch and copying the set again");
+                shared.queue(set).reset(epoch);
+                let mut all = Vec::new();
+                resolver.scan_all(&mut all);
+                ops.extend(all.into_iter().filter(|o| o.set == set));
+                push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+            }
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+        }
+    }
+    info!("stopping");
+    Ok(())
+}
+
+/// Moves ops into their set queues, wakes the senders, then waits while a queue is over
+/// its bound (the kernel keeps capturing meanwhile; what does not fit in the ring is
+/// remembered as ranges and resent).
+async fn push(
+    shared: &Shared,
+    ops: &mut Vec<SetOp>,
+    limit: usize,
+    room: &mut watch::Receiver<u64>,
+) {
+    if ops.is_empty() {
+        return;
+    }
+    for SetOp { set, op } in ops.drain(..) {
+        shared.queue(set).push(op);
+    }
+    shared.pushed.send_modify(|g| *g += 1);
+    loop {
+        room.borrow_and_update();
+        let full = (0..shared.queues.len()).any(|s| shared.queue(s).bytes() > limit);
+        if !full {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), room.changed()).await;
+    }
+}
+
+/// Logs a status line per target every few seconds.
+async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tick.tick().await;
+        let stats = capture.stats();
+        for (t, target) in config.targets.iter().enumerate() {
+            let st = shared.targets[t].lock().expect("target lock").clone();
+            for (s, set) in config.sets.iter().enumerate() {
+                let Some(slot) = set.targets.iter().position(|&x| x == t) else {
+                    continue;
+                };
+                let q = shared.queue(s);
+                let (lag_records, lag_bytes) = q.lag(slot);
+                info!(
+                    target = %target.name,
+                    set = %set.name,
+                    connected = st.connected,
+                    seq = q.last_seq(),
+                    acked = q.acked(slot),
+                    lag_records,
+                    lag_bytes,
+                    sent_bytes = st.sent_bytes,
+                    captured_events = stats.events,
+                    missed_ranges = stats.missed_ranges,
+                    lost = stats.lost,
+                    "status"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,239 @@
+//! Send: one task per target drives a QUIC session that streams the queued records of
+//! every set replicated to that target, and reports acknowledgements back to the queue.
+//!
+//! After any reconnect the receiver's Welcome says what it applied last, and sending
+//! resumes right after it; a record sent twice is skipped by the receiver.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use doppel_common::wire::{Frame, SetHello, PROTOCOL_VERSION};
+use doppel_transport::{FramedStream, Identity};
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::config::Target;
+use crate::queue::SetQueue;
+
+/// Largest batch put in one frame (bytes of records, approximately).
+const BATCH_BYTES: usize = 1 << 20;
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// What the pipeline and the senders share.
+pub struct Shared {
+    pub source: String,
+    pub set_names: Vec<String>,
+    pub queues: Vec<Mutex<SetQueue>>,
+    /// Bumped after records are pushed: wakes idle senders.
+    pub pushed: watch::Sender<u64>,
+    /// Bumped after acks free queue space: wakes a pipeline waiting for room.
+    pub acked: watch::Sender<u64>,
+    pub targets: Vec<Mutex<TargetState>>,
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct TargetState {
+    pub connected: bool,
+    pub last_error: Option<(std::time::SystemTime, String)>,
+    pub sent_bytes: u64,
+}
+
+impl Shared {
+    pub fn queue(&self, set: usize) -> std::sync::MutexGuard<'_, SetQueue> {
+        // A poisoned lock means a sender panicked mid-update: nothing sane to do but stop.
+        self.queues[set].lock().expect("queue lock poisoned")
+    }
+}
+
+/// One target's view of a set: the set's index and the target's ack slot in its queue.
+#[derive(Debug, Clone, Copy)]
+pub struct Route {
+    pub set: usize,
+    pub slot: usize,
+}
+
+/// Runs until the process ends: connects, streams, reconnects with backoff.
+pub async fn run_target(
+    shared: Arc<Shared>,
+    identity: Arc<Identity>,
+    index: usize,
+    target: Target,
+    routes: Vec<Route>,
+    gaps: mpsc::UnboundedSender<usize>,
+) {
+    let mut backoff = BACKOFF_MIN;
+    loop {
+        let started = Instant::now();
+        let result = session(&shared, &identity, index, &target, &routes, &gaps).await;
+        {
+            let mut st = shared.targets[index].lock().expect("target lock");
+            st.connected = false;
+            if let Err(e) = &result {
+                st.last_error = Some((std::time::SystemTime::now(), format!("{e:#}")));
+            }
+        }
+        if started.elapsed() > Duration::from_secs(10) {
+            backoff = BACKOFF_MIN;
+        }
+        match result {
+            Ok(()) => info!(target = %target.name, "session ended; reconnecting"),
+            Err(e) => {
+                warn!(target = %target.name, address = %target.address, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "replication session failed")
+            }
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+async fn session(
+    shared: &Arc<Shared>,
+    identity: &Identity,
+    index: usize,
+    target: &Target,
+    routes: &[Route],
+    gaps: &mpsc::UnboundedSender<usize>,
+) -> Result<()> {
+    let conn = doppel_transport::connect(identity, target.address, &target.fingerprint)
+        .await
+        .with_context(|| format!("cannot connect to {}", target.address))?;
+    let (send, recv) = conn.open_bi().await.context("cannot open a stream")?;
+    let (mut tx, mut rx) = FramedStream::new(send, recv).split();
+
+    let epochs: Vec<u64> = routes.iter().map(|r| shared.queue(r.set).epoch).collect();
+    let sets = routes
+        .iter()
+        .zip(&epochs)
+        .map(|(r, &epoch)| SetHello {
+            name: shared.set_names[r.set].clone(),
+            epoch,
+        })
+        .collect();
+    tx.send(&Frame::Hello {
+        version: PROTOCOL_VERSION,
+        source: shared.source.clone(),
+        sets,
+    })
+    .await?;
+    let applied = match rx.recv().await? {
+        Some(Frame::Welcome { version, applied }) if version == PROTOCOL_VERSION => applied,
+        Some(Frame::Welcome { version, .. }) => {
+            bail!("receiver speaks protocol {version}, this agent {PROTOCOL_VERSION}: upgrade one side")
+        }
+        Some(Frame::Refused { reason }) => bail!("receiver refused this agent: {reason}"),
+        Some(other) => bail!("protocol error: expected Welcome, got {other:?}"),
+        None => bail!("receiver closed the stream before its Welcome"),
+    };
+    let mut cursors = Vec::with_capacity(routes.len());
+    for r in routes {
+        let name = &shared.set_names[r.set];
+        let seq = applied
+            .iter()
+            .find(|(n, _)| n == name)
+            .map_or(0, |(_, s)| *s);
+        let mut q = shared.queue(r.set);
+        if let Err(gap) = q.batch(seq, 1) {
+            drop(q);
+            let _ = gaps.send(r.set);
+            bail!(
+                "target has applied set {name:?} up to {} but the queue starts at {}: copying the set again",
+                gap.applied,
+                gap.first_held
+            );
+        }
+        q.ack(r.slot, seq);
+        cursors.push(seq);
+    }
+    shared.acked.send_modify(|g| *g += 1);
+    {
+        let mut st = shared.targets[index].lock().expect("target lock");
+        st.connected = true;
+    }
+    info!(target = %target.name, address = %target.address, "connected; resuming after {:?}", cursors);
+
+    // Acks arrive on the same stream; read them in their own task.
+    let acks = {
+        let shared = shared.clone();
+        let routes = routes.to_vec();
+        tokio::spawn(async move {
+            loop {
+                match rx.recv().await? {
+                    Some(Frame::Ack { set, seq }) => {
+                        let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == set) else {
+                            bail!("receiver acknowledged unknown set {set:?}");
+                        };
+                        shared.queue(r.set).ack(r.slot, seq);
+                        shared.acked.send_modify(|g| *g += 1);
+                    }
+                    Some(Frame::Refused { reason }) => {
+                        bail!("receiver ended the session: {reason}")
+                    }
+                    Some(other) => bail!("protocol error: unexpected {other:?}"),
+                    None => return Ok::<(), anyhow::Error>(()),
+                }
+            }
+        })
+    };
+    let _abort = AbortOnDrop(acks.abort_handle());
+    let mut acks = acks;
+
+    let mut pushed = shared.pushed.subscribe();
+    loop {
+        pushed.borrow_and_update();
+        let mut sent = false;
+        for (i, r) in routes.iter().enumerate() {
+            let batch = {
+                let q = shared.queue(r.set);
+                if q.epoch != epochs[i] {
+                    bail!(
+                        "set {:?} started a new epoch; reconnecting",
+                        shared.set_names[r.set]
+                    );
+                }
+                q.batch(cursors[i], BATCH_BYTES)
+            };
+            let records = match batch {
+                Ok(b) if b.is_empty() => continue,
+                Ok(b) => b,
+                Err(gap) => {
+                    let _ = gaps.send(r.set);
+                    bail!("queue gap {gap:?}");
+                }
+            };
+            cursors[i] = records.last().map_or(cursors[i], |r| r.seq);
+            let bytes: usize = records.iter().map(|r| r.op.data_len()).sum();
+            tx.send(&Frame::Batch {
+                set: shared.set_names[r.set].clone(),
+                records,
+            })
+            .await?;
+            shared.targets[index]
+                .lock()
+                .expect("target lock")
+                .sent_bytes += bytes as u64;
+            sent = true;
+        }
+        if !sent {
+            tokio::select! {
+                r = pushed.changed() => r.map_err(|_| anyhow!("agent shutting down"))?,
+                r = &mut acks => {
+                    return match r {
+                        Ok(Ok(())) => Err(anyhow!("receiver closed the stream")),
+                        Ok(Err(e)) => Err(e),
+                        Err(e) => Err(anyhow!("ack reader failed: {e}")),
+                    };
+                }
+            }
+        }
+    }
+}
+
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,175 @@
+//! Kernel structure access: field offsets handed in by the agent (read from BTF at load
+//! time, because Rust eBPF gets no CO-RE relocations) and the pointer walks built on them.
+//!
+//! Every read goes through `bpf_probe_read_kernel`, so a stale or garbage pointer yields
+//! `None`, never a fault.
+
+use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use doppel_common::abi::KFileId;
+
+/// Declares `#[no_mangle]` offset globals. They live in `.rodata`; the agent sets each
+/// one with `EbpfLoader::set_global(name, value, must_exist = true)`, so a name missing
+/// here fails the load instead of silently leaving an offset at 0.
+macro_rules! offsets {
+    ($($name:ident),* $(,)?) => {
+        $(
+            #[no_mangle]
+            static $name: u64 = 0;
+        )*
+        /// Offsets, read once per use with `read_volatile` so the compiler cannot
+        /// constant-fold the placeholder 0.
+        pub mod off {
+            $(
+                #[inline(always)]
+                #[allow(non_snake_case)]
+                pub fn $name() -> u64 {
+                    // SAFETY: reading a plain static.
+                    unsafe { core::ptr::read_volatile(&super::$name) }
+                }
+            )*
+        }
+    };
+}
+
+offsets!(
+    OFF_TASK_FILES,
+    OFF_TASK_FS,
+    OFF_TASK_TI_STATUS,
+    OFF_FILES_FDT,
+    OFF_FDT_FD,
+    OFF_FILE_F_POS,
+    OFF_FILE_F_FLAGS,
+    OFF_FILE_F_INODE,
+    OFF_FILE_DENTRY,
+    OFF_DENTRY_D_PARENT,
+    OFF_DENTRY_D_INODE,
+    OFF_INODE_I_INO,
+    OFF_INODE_I_SB,
+    OFF_INODE_I_MODE,
+    OFF_INODE_I_SIZE,
+    OFF_SB_S_DEV,
+    OFF_FS_PWD_DENTRY,
+    OFF_REGS_DI,
+    OFF_REGS_SI,
+    OFF_REGS_DX,
+    OFF_REGS_R10,
+    OFF_REGS_R8,
+    OFF_REGS_R9,
+    OFF_REGS_ORIG_AX,
+);
+
+/// Set by the agent when `thread_info.status` is not in BTF: skip the compat check.
+const NO_OFFSET: u64 = u64::MAX;
+/// x86 `TS_COMPAT`: the task is in a 32-bit (ia32) syscall, whose numbers differ.
+const TS_COMPAT: u32 = 0x0002;
+const S_IFMT: u16 = 0o170000;
+const S_IFREG: u16 = 0o100000;
+pub const AT_FDCWD: i32 = -100;
+
+#[inline(always)]
+pub fn rk<T>(addr: u64) -> Option<T> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address.
+    unsafe { bpf_probe_read_kernel(addr as *const T) }.ok()
+}
+
+#[inline(always)]
+fn rk_ptr(addr: u64) -> Option<u64> {
+    match rk::<u64>(addr) {
+        Some(0) | None => None,
+        p => p,
+    }
+}
+
+#[inline(always)]
+pub fn current_task() -> u64 {
+    // SAFETY: helper without preconditions.
+    unsafe { bpf_get_current_task() }
+}
+
+/// Syscall argument `n` (0-based, x86_64 order) from the saved user registers.
+#[inline(always)]
+pub fn arg(regs: u64, n: u32) -> u64 {
+    let off = match n {
+        0 => off::OFF_REGS_DI(),
+        1 => off::OFF_REGS_SI(),
+        2 => off::OFF_REGS_DX(),
+        3 => off::OFF_REGS_R10(),
+        4 => off::OFF_REGS_R8(),
+        _ => off::OFF_REGS_R9(),
+    };
+    rk::<u64>(regs + off).unwrap_or(0)
+}
+
+/// True when the current syscall is a 32-bit compat one (different numbering: ignore).
+#[inline(always)]
+pub fn in_compat_syscall() -> bool {
+    let o = off::OFF_TASK_TI_STATUS();
+    if o == NO_OFFSET {
+        return false;
+    }
+    match rk::<u32>(current_task() + o) {
+        Some(status) => status & TS_COMPAT != 0,
+        None => false,
+    }
+}
+
+/// `struct file *` of `fd` in the current task, or `None`.
+#[inline(always)]
+pub fn fd_file(fd: u64) -> Option<u64> {
+    // fds are ints; anything outside [0, i32::MAX] is not an open file.
+    if fd > i32::MAX as u64 {
+        return None;
+    }
+    let files = rk_ptr(current_task() + off::OFF_TASK_FILES())?;
+    let fdt = rk_ptr(files + off::OFF_FILES_FDT())?;
+    let fds = rk_ptr(fdt + off::OFF_FDT_FD())?;
+    rk_ptr(fds + fd * 8)
+}
+
+/// (dev, ino) of an inode; `dev` in the kernel encoding.
+#[inline(always)]
+pub fn inode_id(inode: u64) -> Option<KFileId> {
+    let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
+    let sb = rk_ptr(inode + off::OFF_INODE_I_SB())?;
+    let dev = rk::<u32>(sb + off::OFF_SB_S_DEV())?;
+    Some(KFileId {
+        dev: dev as u64,
+        ino,
+    })
+}
+
+/// Identity of the directory containing the dentry `file`'s path points at.
+#[inline(always)]
+pub fn file_parent(file: u64) -> Option<KFileId> {
+    let dentry = rk_ptr(file + off::OFF_FILE_DENTRY())?;
+    let parent = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT())?;
+    let pinode = rk_ptr(parent + off::OFF_DENTRY_D_INODE())?;
+    inode_id(pinode)
+}
+
+/// The file's inode if it is a regular file.
+#[inline(always)]
+pub fn regular_inode(file: u64) -> Option<u64> {
+    let inode = rk_ptr(file + off::OFF_FILE_F_INODE())?;
+    let mode = rk::<u16>(inode + off::OFF_INODE_I_MODE())?;
+    if mode & S_IFMT == S_IFREG {
+        Some(inode)
+    } else {
+        None
+    }
+}
+
+/// Identity of the directory a relative path starts from: `dirfd`'s inode, or the
+/// current working directory for `AT_FDCWD`.
+#[inline(always)]
+pub fn base_dir(dirfd: i32) -> Option<KFileId> {
+    let dentry = if dirfd == AT_FDCWD {
+        let fs = rk_ptr(current_task() + off::OFF_TASK_FS())?;
+        rk_ptr(fs + off::OFF_FS_PWD_DENTRY())?
+    } else {
+        let file = fd_file(dirfd as u64)?;
+        rk_ptr(file + off::OFF_FILE_DENTRY())?
+    };
+    let inode = rk_ptr(dentry + off::OFF_DENTRY_D_INODE())?;
+    inode_id(inode)
+}

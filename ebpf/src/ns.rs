@@ -1,0 +1,311 @@
+//! Namespace and size changes: creating opens, `mkdir`, `unlink`/`rmdir`, `rename`,
+//! `truncate`, `ftruncate`.
+//!
+//! fd-based events (creating/truncating opens, `ftruncate`) are filtered exactly like
+//! data: the file's directory must be CONTENTS-watched. Path-based events cannot be
+//! resolved cheaply in the kernel, so an absolute path is always reported (user space
+//! decides), and a relative one only when its base directory (dirfd or cwd) is watched.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid,
+    generated::{bpf_probe_read_user, bpf_probe_read_user_str},
+};
+use doppel_common::abi::{
+    Header, KFileId, NsRecord, PathSlot, AT_REMOVEDIR, KIND_FTRUNCATE, KIND_MKDIR, KIND_OPEN,
+    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
+    STAT_EVENTS, STAT_LOST,
+};
+
+use crate::{
+    kernel::{
+        arg, base_dir, fd_file, file_parent, in_compat_syscall, off, regular_inode, rk, AT_FDCWD,
+    },
+    maps::{bump, contents_watched, ignored, output, scratch, watch_flags},
+    syscalls,
+};
+
+const O_WRONLY: u32 = 0o1;
+
+#[inline(always)]
+fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
+/// Reads a user value (for `struct open_how`).
+#[inline(always)]
+fn read_user_u64(addr: u64) -> Option<u64> {
+    let mut v: u64 = 0;
+    // SAFETY: destination is a local u64.
+    let r = unsafe {
+        bpf_probe_read_user(
+            &mut v as *mut u64 as *mut core::ffi::c_void,
+            8,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    (r == 0).then_some(v)
+}
+
+/// Resets the fixed part of the record in the scratch buffer.
+#[inline(always)]
+unsafe fn init(rec: *mut NsRecord, kind: u32, pid: u32) {
+    *rec = NsRecord {
+        hdr: Header {
+            kind,
+            pid,
+            ktime: aya_ebpf::helpers::bpf_ktime_get_ns(),
+        },
+        ..NsRecord::default()
+    };
+}
+
+/// The file behind a just-returned or argument fd, if its directory is CONTENTS-watched
+/// and it is a regular file: (file id, parent id).
+#[inline(always)]
+fn watched_fd(fd: u64) -> Option<(KFileId, KFileId)> {
+    let file = fd_file(fd)?;
+    let parent = file_parent(file)?;
+    if !contents_watched(&parent) {
+        return None;
+    }
+    let inode = regular_inode(file)?;
+    let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
+    Some((
+        KFileId {
+            dev: parent.dev,
+            ino,
+        },
+        parent,
+    ))
+}
+
+/// Copies path argument `uptr` into slot `i` (0 or 1) of the record and fills its
+/// header. Returns (bytes copied, whether the path passes the filter).
+#[inline(always)]
+unsafe fn fill_path(
+    s: *mut u8,
+    rec: *mut NsRecord,
+    i: usize,
+    dirfd: i32,
+    uptr: u64,
+) -> (u64, bool) {
+    let dst = s.add(NS_RECORD_SIZE + i * PATH_CAP);
+    let r = bpf_probe_read_user_str(
+        dst as *mut core::ffi::c_void,
+        PATH_CAP as u32,
+        uptr as *const core::ffi::c_void,
+    );
+    let mut slot = PathSlot {
+        dirfd,
+        ..PathSlot::default()
+    };
+    let mut len: u64 = 0;
+    if r <= 0 {
+        // Unreadable path (not resident): report it empty and truncated.
+        slot.truncated = 1;
+    } else {
+        // r counts the NUL; mask so the verifier sees the bound.
+        len = ((r - 1) as u64) & (PATH_CAP as u64 - 1);
+        if r as usize == PATH_CAP {
+            // The buffer is full: truncated unless the NUL sits exactly at the end.
+            let mut next: u8 = 1;
+            bpf_probe_read_user(
+                &mut next as *mut u8 as *mut core::ffi::c_void,
+                1,
+                (uptr + PATH_CAP as u64 - 1) as *const core::ffi::c_void,
+            );
+            if next != 0 {
+                slot.truncated = 1;
+            }
+        }
+    }
+    slot.len = len as u16;
+    let absolute = len > 0 && *dst == b'/';
+    let mut relevant = absolute;
+    if !absolute {
+        if let Some(base) = base_dir(dirfd) {
+            slot.has_base = 1;
+            slot.base = base;
+            relevant = watch_flags(&base) != 0;
+        }
+    }
+    (*rec).paths[i] = slot;
+    (len, relevant)
+}
+
+#[inline(always)]
+fn send(s: *mut u8, len: u64) {
+    if output(s, len) {
+        bump(STAT_EVENTS, 1);
+    } else {
+        // A namespace change cannot be remembered as a byte range: count it lost so
+        // the agent resyncs.
+        bump(STAT_LOST, 1);
+    }
+}
+
+/// open/openat/openat2/creat returned the fd `fd`.
+#[inline(always)]
+pub fn on_open(regs: u64, nr: u64, fd: u64) {
+    let (dirfd, path, flags, mode) = match nr {
+        syscalls::OPEN => (
+            AT_FDCWD,
+            arg(regs, 0),
+            arg(regs, 1) as u32,
+            arg(regs, 2) as u32,
+        ),
+        syscalls::OPENAT => (
+            arg(regs, 0) as i32,
+            arg(regs, 1),
+            arg(regs, 2) as u32,
+            arg(regs, 3) as u32,
+        ),
+        syscalls::CREAT => (
+            AT_FDCWD,
+            arg(regs, 0),
+            O_CREAT | O_WRONLY | O_TRUNC,
+            arg(regs, 1) as u32,
+        ),
+        _ => {
+            // openat2(dirfd, path, struct open_how *how, size): how = {u64 flags; u64 mode; ..}
+            let how = arg(regs, 2);
+            let Some(flags) = read_user_u64(how) else {
+                return;
+            };
+            let mode = read_user_u64(how + 8).unwrap_or(0);
+            (arg(regs, 0) as i32, arg(regs, 1), flags as u32, mode as u32)
+        }
+    };
+    // Most opens neither create nor truncate: leave before any pointer walk.
+    if flags & (O_CREAT | O_TRUNC) == 0 {
+        return;
+    }
+    let Some((file, parent)) = watched_fd(fd) else {
+        return;
+    };
+    let pid = tgid();
+    if ignored(pid) || in_compat_syscall() {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: `s` is the per-CPU scratch value (MAX_RECORD_SIZE bytes, 8-aligned).
+    unsafe {
+        init(rec, KIND_OPEN, pid);
+        (*rec).flags = flags;
+        (*rec).mode = mode;
+        (*rec).file = file;
+        (*rec).parent = parent;
+        (*rec).npaths = 1;
+        let (len, _) = fill_path(s, rec, 0, dirfd, path);
+        send(s, NS_RECORD_SIZE as u64 + len);
+    }
+}
+
+/// ftruncate(fd, length) succeeded.
+#[inline(always)]
+pub fn on_ftruncate(regs: u64) {
+    let Some((file, parent)) = watched_fd(arg(regs, 0)) else {
+        return;
+    };
+    let pid = tgid();
+    if ignored(pid) || in_compat_syscall() {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: scratch value, see on_open.
+    unsafe {
+        init(rec, KIND_FTRUNCATE, pid);
+        (*rec).file = file;
+        (*rec).parent = parent;
+        (*rec).size = arg(regs, 1);
+    }
+    send(s, NS_RECORD_SIZE as u64);
+}
+
+/// truncate, mkdir(at), unlink(at), rmdir, rename(at/at2) succeeded.
+#[inline(always)]
+pub fn on_path_op(regs: u64, nr: u64) {
+    let pid = tgid();
+    if ignored(pid) {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: scratch value, see on_open.
+    unsafe {
+        match nr {
+            syscalls::RENAME | syscalls::RENAMEAT | syscalls::RENAMEAT2 => {
+                let (d0, p0, d1, p1, flags) = match nr {
+                    syscalls::RENAME => (AT_FDCWD, arg(regs, 0), AT_FDCWD, arg(regs, 1), 0),
+                    syscalls::RENAMEAT => (
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        arg(regs, 2) as i32,
+                        arg(regs, 3),
+                        0,
+                    ),
+                    _ => (
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        arg(regs, 2) as i32,
+                        arg(regs, 3),
+                        arg(regs, 4) as u32,
+                    ),
+                };
+                init(rec, KIND_RENAME, pid);
+                (*rec).flags = flags;
+                (*rec).npaths = 2;
+                let (_, rel0) = fill_path(s, rec, 0, d0, p0);
+                let (len1, rel1) = fill_path(s, rec, 1, d1, p1);
+                if rel0 || rel1 {
+                    send(s, (NS_RECORD_SIZE + PATH_CAP) as u64 + len1);
+                }
+            }
+            _ => {
+                let (kind, dirfd, path, flags, mode, size) = match nr {
+                    syscalls::MKDIR => (KIND_MKDIR, AT_FDCWD, arg(regs, 0), 0, arg(regs, 1), 0),
+                    syscalls::MKDIRAT => (
+                        KIND_MKDIR,
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        0,
+                        arg(regs, 2),
+                        0,
+                    ),
+                    syscalls::UNLINK => (KIND_UNLINK, AT_FDCWD, arg(regs, 0), 0, 0, 0),
+                    syscalls::RMDIR => (KIND_UNLINK, AT_FDCWD, arg(regs, 0), AT_REMOVEDIR, 0, 0),
+                    syscalls::UNLINKAT => (
+                        KIND_UNLINK,
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        arg(regs, 2) as u32 & AT_REMOVEDIR,
+                        0,
+                        0,
+                    ),
+                    // TRUNCATE
+                    _ => (KIND_TRUNCATE, AT_FDCWD, arg(regs, 0), 0, 0, arg(regs, 1)),
+                };
+                init(rec, kind, pid);
+                (*rec).flags = flags;
+                (*rec).mode = mode as u32;
+                (*rec).size = size;
+                (*rec).npaths = 1;
+                let (len, relevant) = fill_path(s, rec, 0, dirfd, path);
+                if relevant {
+                    send(s, NS_RECORD_SIZE as u64 + len);
+                }
+            }
+        }
+    }
+}

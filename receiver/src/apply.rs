@@ -1,0 +1,617 @@
+//! Applies [`Op`]s beneath one replica root.
+//!
+//! [`Applier`] is plain synchronous code over a directory descriptor: no sockets, no
+//! async, so it is unit-tested in a temporary directory and run on a blocking thread by
+//! the session. Every path is validated ([`RelPath::validate`]) and then resolved with
+//! [`beneath`](crate::beneath), never by string concatenation onto the root.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::Context;
+use doppel_common::wire::{Op, PathError, RelPath};
+use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
+use rustix::io::Errno;
+
+use crate::beneath::{self, os, DIR_FLAGS};
+use crate::dirty::Dirty;
+use crate::fdcache::FdCache;
+
+/// Open files kept per replica root.
+const FD_CACHE: usize = 16;
+/// Deepest directory tree `Rmdir` walks into (each level holds a descriptor).
+const MAX_RMDIR_DEPTH: usize = 256;
+/// Mode of directories created because a path needed them.
+const PARENT_MODE: u32 = 0o755;
+/// Mode of files created by `Write`/`Truncate` (the source's real mode arrives with a
+/// `CreateFile` when it created the file).
+const FILE_MODE: u32 = 0o644;
+/// Replicated files never become set-user/group-ID: the receiver runs as root and the
+/// content comes from the network. Directories may keep set-group-ID (group inheritance).
+const FILE_MODE_MASK: u32 = 0o1777;
+const DIR_MODE_MASK: u32 = 0o3777;
+
+/// Why an op was not applied.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("refused path {path}: {err}")]
+    BadPath { path: RelPath, err: PathError },
+    #[error("{op} {path}: {}{}", .errno, hint(*.errno))]
+    Io {
+        op: &'static str,
+        path: RelPath,
+        errno: Errno,
+    },
+    #[error("{op} {path}: not a regular file on the replica")]
+    NotRegular { op: &'static str, path: RelPath },
+    #[error("rename {from} -> {to}: unsupported flags {flags:#x} (only RENAME_NOREPLACE and RENAME_EXCHANGE)")]
+    RenameFlags {
+        from: RelPath,
+        to: RelPath,
+        flags: u32,
+    },
+}
+
+fn hint(e: Errno) -> &'static str {
+    match e {
+        Errno::XDEV | Errno::LOOP => {
+            " (refused: the path leaves the replica root or goes through a symlink)"
+        }
+        _ => "",
+    }
+}
+
+impl ApplyError {
+    /// Errors of the target host itself (full disk, I/O error, no memory or descriptors)
+    /// rather than of the op: applying later may succeed, so the session ends without
+    /// acknowledging the op and the agent resends it after reconnecting. Everything else
+    /// is specific to the op and would fail again; it is logged and skipped.
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            ApplyError::Io { errno, .. } => matches!(
+                *errno,
+                Errno::IO
+                    | Errno::NOSPC
+                    | Errno::DQUOT
+                    | Errno::ROFS
+                    | Errno::NOMEM
+                    | Errno::MFILE
+                    | Errno::NFILE
+                    | Errno::NOBUFS
+                    | Errno::STALE
+                    | Errno::UCLEAN
+                    | Errno::AGAIN
+                    | Errno::BADF
+            ),
+            _ => false,
+        }
+    }
+}
+
+/// Applies ops beneath one replica root.
+pub struct Applier {
+    root: Arc<OwnedFd>,
+    root_path: PathBuf,
+    files: FdCache,
+    dirty: Dirty,
+}
+
+type Result<T> = std::result::Result<T, ApplyError>;
+
+impl Applier {
+    /// Opens the replica root, creating it (mode 0755) if missing. The root itself comes
+    /// from the receiver's config and is trusted; everything beneath it is not.
+    pub fn open(root: &Path) -> anyhow::Result<Applier> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(PARENT_MODE)
+            .create(root)
+            .with_context(|| format!("cannot create replica root {}", root.display()))?;
+        let fd = rustix::fs::open(root, DIR_FLAGS, Mode::empty())
+            .with_context(|| format!("cannot open replica root {}", root.display()))?;
+        Ok(Applier {
+            root: Arc::new(fd),
+            root_path: root.to_path_buf(),
+            files: FdCache::new(FD_CACHE),
+            dirty: Dirty::default(),
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root_path
+    }
+
+    /// Descriptors touched since the last call, to be synced before the applied
+    /// sequence number is persisted.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn apply(&mut self, op: &Op) -> Result<()> {
+        for p in op.paths() {
+            p.validate().map_err(|err| ApplyError::BadPath {
+                path: p.clone(),
+                err,
+            })?;
+        }
+        match op {
+            Op::Write { path, offset, data } => self.write(path, *offset, data),
+            Op::Truncate { path, size } => self.truncate(path, *size),
+            Op::CreateFile { path, mode } => self.file(path, *mode, "create").map(drop),
+            Op::Mkdir { path, mode } => self.mkdir(path, *mode),
+            Op::Remove { path } => self.remove(path),
+            Op::Rmdir { path } => self.rmdir(path),
+            Op::Rename { from, to, flags } => self.rename(from, to, *flags),
+        }
+    }
+
+    fn write(&mut self, path: &RelPath, offset: u64, mut data: &[u8]) -> Result<()> {
+        let fd = self.file(path, FILE_MODE, "write")?;
+        let mut off = offset;
+        while !data.is_empty() {
+            match rustix::io::pwrite(&*fd, data, off) {
+                Ok(0) => return Err(io("write", path, Errno::IO)),
+                Ok(n) => {
+                    data = &data[n..];
+                    off += n as u64;
+                }
+                Err(Errno::INTR) => {}
+                Err(e) => return Err(io("write", path, e)),
+            }
+        }
+        self.dirty.file(&fd);
+        Ok(())
+    }
+
+    fn truncate(&mut self, path: &RelPath, size: u64) -> Result<()> {
+        let fd = self.file(path, FILE_MODE, "truncate")?;
+        rustix::fs::ftruncate(&*fd, size).map_err(|e| io("truncate", path, e))?;
+        self.dirty.file(&fd);
+        Ok(())
+    }
+
+    /// An open, writable descriptor of the regular file at `path`, created (with its
+    /// missing parents) if needed.
+    fn file(&mut self, path: &RelPath, mode: u32, op: &'static str) -> Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.files.get(path) {
+            return Ok(fd);
+        }
+        // O_NOFOLLOW: a symlink at the final component is never written through.
+        // O_NONBLOCK: a FIFO planted on the replica fails instead of hanging the session.
+        let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let fd = match beneath::open(&*self.root, &path.0, flags, Mode::empty()) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => {
+                let (parent, name) = beneath::split(&path.0);
+                let dir = self.dir(parent, true).map_err(|e| io(op, path, e))?;
+                let mode = Mode::from_bits_truncate(mode & FILE_MODE_MASK);
+                let fd = beneath::open(&*dir, name, flags | OFlags::CREATE, mode)
+                    .map_err(|e| io(op, path, e))?;
+                self.dirty.dir(&dir);
+                fd
+            }
+            Err(e) => return Err(io(op, path, e)),
+        };
+        // Device nodes and sockets must not be written to, even if they got there.
+        let st = rustix::fs::fstat(&fd).map_err(|e| io(op, path, e))?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(ApplyError::NotRegular {
+                op,
+                path: path.clone(),
+            });
+        }
+        let fd = Arc::new(fd);
+        self.files.insert(path.clone(), fd.clone());
+        Ok(fd)
+    }
+
+    /// The directory `path` (`None` = the root), creating missing components (mode 0755)
+    /// if `create`.
+    fn dir(
+        &mut self,
+        path: Option<&[u8]>,
+        create: bool,
+    ) -> std::result::Result<Arc<OwnedFd>, Errno> {
+        let Some(path) = path else {
+            return Ok(self.root.clone());
+        };
+        match beneath::open(&*self.root, path, DIR_FLAGS, Mode::empty()) {
+            Err(Errno::NOENT) if create => {}
+            r => return r.map(Arc::new),
+        }
+        // Slow path: walk down, creating what is missing. Each prefix is resolved from the
+        // root again (not from its parent) so that a symlink staying inside the replica
+        // behaves as it does for every other lookup.
+        let mut parent = self.root.clone();
+        for (prefix, name) in beneath::prefixes(path) {
+            let fd = match beneath::open(&*self.root, prefix, DIR_FLAGS, Mode::empty()) {
+                Err(Errno::NOENT) => {
+                    match rustix::fs::mkdirat(
+                        &*parent,
+                        os(name),
+                        Mode::from_bits_truncate(PARENT_MODE),
+                    ) {
+                        Ok(()) | Err(Errno::EXIST) => {}
+                        Err(e) => return Err(e),
+                    }
+                    self.dirty.dir(&parent);
+                    beneath::open(&*self.root, prefix, DIR_FLAGS, Mode::empty())?
+                }
+                r => r?,
+            };
+            parent = Arc::new(fd);
+        }
+        Ok(parent)
+    }
+
+    fn mkdir(&mut self, path: &RelPath, mode: u32) -> Result<()> {
+        let (parent, name) = beneath::split(&path.0);
+        let dir = self.dir(parent, true).map_err(|e| io("mkdir", path, e))?;
+        let mode = Mode::from_bits_truncate(mode & DIR_MODE_MASK);
+        match rustix::fs::mkdirat(&*dir, os(name), mode) {
+            Ok(()) => {
+                self.dirty.dir(&dir);
+                Ok(())
+            }
+            Err(Errno::EXIST) => {
+                let st = rustix::fs::statat(&*dir, os(name), AtFlags::SYMLINK_NOFOLLOW)
+                    .map_err(|e| io("mkdir", path, e))?;
+                if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
+                    Ok(())
+                } else {
+                    Err(io("mkdir", path, Errno::EXIST))
+                }
+            }
+            Err(e) => Err(io("mkdir", path, e)),
+        }
+    }
+
+    fn remove(&mut self, path: &RelPath) -> Result<()> {
+        self.files.invalidate(path);
+        let (parent, name) = beneath::split(&path.0);
+        let dir = match self.dir(parent, false) {
+            Ok(d) => d,
+            // No parent, no file: a resend of an applied removal.
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
+            Err(e) => return Err(io("remove", path, e)),
+        };
+        match rustix::fs::unlinkat(&*dir, os(name), AtFlags::empty()) {
+            Ok(()) => {
+                self.dirty.dir(&dir);
+                Ok(())
+            }
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io("remove", path, e)),
+        }
+    }
+
+    fn rmdir(&mut self, path: &RelPath) -> Result<()> {
+        self.files.invalidate(path);
+        let (parent, name) = beneath::split(&path.0);
+        let dir = match self.dir(parent, false) {
+            Ok(d) => d,
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
+            Err(e) => return Err(io("rmdir", path, e)),
+        };
+        match remove_tree(dir.as_fd(), name, 0) {
+            Ok(()) => {
+                self.dirty.dir(&dir);
+                Ok(())
+            }
+            Err(Errno::NOENT) => Ok(()),
+            Err(e) => Err(io("rmdir", path, e)),
+        }
+    }
+
+    fn rename(&mut self, from: &RelPath, to: &RelPath, flags: u32) -> Result<()> {
+        let allowed = RenameFlags::NOREPLACE | RenameFlags::EXCHANGE;
+        let rflags = RenameFlags::from_bits(flags)
+            .filter(|f| allowed.contains(*f))
+            .ok_or_else(|| ApplyError::RenameFlags {
+                from: from.clone(),
+                to: to.clone(),
+                flags,
+            })?;
+        self.files.invalidate(from);
+        self.files.invalidate(to);
+        let (fparent, fname) = beneath::split(&from.0);
+        let (tparent, tname) = beneath::split(&to.0);
+        let fdir = match self.dir(fparent, false) {
+            Ok(d) => d,
+            // The source is gone: this rename was applied before (a resend).
+            Err(Errno::NOENT) => return Ok(()),
+            Err(e) => return Err(io("rename", from, e)),
+        };
+        let tdir = self.dir(tparent, true).map_err(|e| io("rename", to, e))?;
+        match rustix::fs::renameat_with(&*fdir, os(fname), &*tdir, os(tname), rflags) {
+            Ok(()) => {
+                self.dirty.dir(&fdir);
+                self.dirty.dir(&tdir);
+                Ok(())
+            }
+            Err(Errno::NOENT) => {
+                tracing::debug!(%from, %to, "rename source missing; treating as applied before");
+                Ok(())
+            }
+            Err(e) => Err(io("rename", from, e)),
+        }
+    }
+}
+
+/// Removes `name` in `parent` and everything beneath it, without following symlinks
+/// (a symlink is unlinked, never descended into).
+fn remove_tree(
+    parent: std::os::fd::BorrowedFd<'_>,
+    name: &[u8],
+    depth: usize,
+) -> std::result::Result<(), Errno> {
+    match rustix::fs::unlinkat(parent, os(name), AtFlags::REMOVEDIR) {
+        Ok(()) => return Ok(()),
+        Err(Errno::NOTEMPTY | Errno::EXIST) => {}
+        Err(e) => return Err(e),
+    }
+    if depth >= MAX_RMDIR_DEPTH {
+        return Err(Errno::NAMETOOLONG);
+    }
+    let flags = DIR_FLAGS | OFlags::NOFOLLOW;
+    let dir = beneath::open(parent, name, flags, Mode::empty())?;
+    // Read the whole listing first: deleting while iterating getdents may skip entries.
+    let mut entries = Vec::new();
+    for entry in rustix::fs::Dir::read_from(&dir)? {
+        let entry = entry?;
+        let n = entry.file_name().to_bytes();
+        if n != b"." && n != b".." {
+            entries.push((n.to_vec(), entry.file_type()));
+        }
+    }
+    for (n, ty) in entries {
+        let ty = match ty {
+            FileType::Unknown => {
+                let st = rustix::fs::statat(&dir, os(&n), AtFlags::SYMLINK_NOFOLLOW)?;
+                FileType::from_raw_mode(st.st_mode)
+            }
+            t => t,
+        };
+        let r = if ty == FileType::Directory {
+            remove_tree(dir.as_fd(), &n, depth + 1)
+        } else {
+            rustix::fs::unlinkat(&dir, os(&n), AtFlags::empty())
+        };
+        match r {
+            Ok(()) | Err(Errno::NOENT) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    rustix::fs::unlinkat(parent, os(name), AtFlags::REMOVEDIR)
+}
+
+fn io(op: &'static str, path: &RelPath, errno: Errno) -> ApplyError {
+    ApplyError::Io {
+        op,
+        path: path.clone(),
+        errno,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+    use std::os::unix::fs::PermissionsExt;
+
+    fn p(s: &str) -> RelPath {
+        RelPath(s.as_bytes().to_vec())
+    }
+
+    fn setup() -> (tempfile::TempDir, Applier) {
+        let d = tempfile::tempdir().unwrap();
+        let a = Applier::open(&d.path().join("replica")).unwrap();
+        (d, a)
+    }
+
+    fn write(path: &str, offset: u64, data: &[u8]) -> Op {
+        Op::Write {
+            path: p(path),
+            offset,
+            data: data.to_vec(),
+        }
+    }
+
+    #[test]
+    fn write_creates_parents_and_writes_at_offset() {
+        let (_d, mut a) = setup();
+        a.apply(&write("a/b/c.txt", 0, b"hello")).unwrap();
+        a.apply(&write("a/b/c.txt", 6, b"world")).unwrap();
+        let f = a.root().join("a/b/c.txt");
+        assert_eq!(fs::read(&f).unwrap(), b"hello\0world");
+        assert_eq!(
+            fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        assert!(!a.take_dirty().is_empty());
+        assert!(a.take_dirty().is_empty());
+    }
+
+    #[test]
+    fn truncate_and_create_file() {
+        let (_d, mut a) = setup();
+        a.apply(&write("f", 0, b"0123456789")).unwrap();
+        a.apply(&Op::Truncate {
+            path: p("f"),
+            size: 4,
+        })
+        .unwrap();
+        assert_eq!(fs::read(a.root().join("f")).unwrap(), b"0123");
+        a.apply(&Op::Truncate {
+            path: p("new/g"),
+            size: 3,
+        })
+        .unwrap();
+        assert_eq!(fs::read(a.root().join("new/g")).unwrap(), b"\0\0\0");
+        a.apply(&Op::CreateFile {
+            path: p("h"),
+            mode: 0o4755,
+        })
+        .unwrap();
+        let mode = fs::metadata(a.root().join("h"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o7000, 0, "set-user-ID must be stripped");
+        // CreateFile on an existing file keeps its content (no O_EXCL, no O_TRUNC).
+        a.apply(&Op::CreateFile {
+            path: p("f"),
+            mode: 0o644,
+        })
+        .unwrap();
+        assert_eq!(fs::read(a.root().join("f")).unwrap(), b"0123");
+    }
+
+    #[test]
+    fn mkdir_is_idempotent_but_not_over_a_file() {
+        let (_d, mut a) = setup();
+        a.apply(&Op::Mkdir {
+            path: p("x/y"),
+            mode: 0o750,
+        })
+        .unwrap();
+        a.apply(&Op::Mkdir {
+            path: p("x/y"),
+            mode: 0o750,
+        })
+        .unwrap();
+        assert!(a.root().join("x/y").is_dir());
+        a.apply(&write("file", 0, b"")).unwrap();
+        let e = a
+            .apply(&Op::Mkdir {
+                path: p("file"),
+                mode: 0o755,
+            })
+            .unwrap_err();
+        assert!(!e.is_fatal(), "{e}");
+    }
+
+    #[test]
+    fn remove_and_rmdir_tolerate_missing() {
+        let (_d, mut a) = setup();
+        a.apply(&write("d/e/f", 0, b"x")).unwrap();
+        a.apply(&write("d/g", 0, b"x")).unwrap();
+        std::os::unix::fs::symlink("/etc", a.root().join("d/e/link")).unwrap();
+        a.apply(&Op::Remove { path: p("d/g") }).unwrap();
+        assert!(!a.root().join("d/g").exists());
+        a.apply(&Op::Remove { path: p("d/g") }).unwrap();
+        a.apply(&Op::Remove { path: p("nope/g") }).unwrap();
+        a.apply(&Op::Rmdir { path: p("d") }).unwrap();
+        assert!(!a.root().join("d").exists());
+        assert!(
+            Path::new("/etc/passwd").exists(),
+            "rmdir must not follow symlinks"
+        );
+        a.apply(&Op::Rmdir { path: p("d") }).unwrap();
+        // The cached descriptor of d/e/f is gone: a new write creates a new file.
+        a.apply(&write("d/e/f", 0, b"y")).unwrap();
+        assert_eq!(fs::read(a.root().join("d/e/f")).unwrap(), b"y");
+    }
+
+    #[test]
+    fn rename_moves_and_tolerates_resend() {
+        let (_d, mut a) = setup();
+        a.apply(&write("a", 0, b"1")).unwrap();
+        let op = Op::Rename {
+            from: p("a"),
+            to: p("sub/b"),
+            flags: 0,
+        };
+        a.apply(&op).unwrap();
+        assert_eq!(fs::read(a.root().join("sub/b")).unwrap(), b"1");
+        a.apply(&op).unwrap(); // resend: `a` is gone
+                               // The cache must not send this write to the renamed inode.
+        a.apply(&write("a", 0, b"2")).unwrap();
+        assert_eq!(fs::read(a.root().join("a")).unwrap(), b"2");
+        assert_eq!(fs::read(a.root().join("sub/b")).unwrap(), b"1");
+        let bad = Op::Rename {
+            from: p("a"),
+            to: p("c"),
+            flags: 4, // RENAME_WHITEOUT
+        };
+        assert!(matches!(a.apply(&bad), Err(ApplyError::RenameFlags { .. })));
+        let noreplace = Op::Rename {
+            from: p("a"),
+            to: p("sub/b"),
+            flags: 1,
+        };
+        let e = a.apply(&noreplace).unwrap_err();
+        assert!(!e.is_fatal(), "{e}");
+    }
+
+    #[test]
+    fn hostile_paths_are_refused_and_nothing_escapes() {
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let mut a = Applier::open(&d.path().join("replica")).unwrap();
+        std::os::unix::fs::symlink(&outside, a.root().join("evil")).unwrap();
+        std::os::unix::fs::symlink("../outside/file", a.root().join("evil_file")).unwrap();
+        std::os::unix::fs::symlink("/proc/self/root", a.root().join("magic")).unwrap();
+        let hostile = [
+            write("../x", 0, b"x"),
+            write("/etc/x", 0, b"x"),
+            write("a/../../x", 0, b"x"),
+            write("evil/passwd", 0, b"x"),
+            write("evil/new/deeper", 0, b"x"),
+            write("evil_file", 0, b"x"),
+            write("magic/tmp/x", 0, b"x"),
+            Op::Truncate {
+                path: p("evil/t"),
+                size: 1,
+            },
+            Op::CreateFile {
+                path: p("evil/c"),
+                mode: 0o644,
+            },
+            Op::Mkdir {
+                path: p("evil/dir"),
+                mode: 0o755,
+            },
+            Op::Rename {
+                from: p("evil_file"),
+                to: p("evil/moved"),
+                flags: 0,
+            },
+        ];
+        for op in &hostile {
+            let e = a.apply(op).unwrap_err();
+            assert!(!e.is_fatal(), "{op:?}: {e}");
+        }
+        // Remove/Rmdir through the symlink must not touch the outside either.
+        fs::write(outside.join("keep"), b"k").unwrap();
+        let _ = a.apply(&Op::Remove {
+            path: p("evil/keep"),
+        });
+        let _ = a.apply(&Op::Rmdir { path: p("evil") });
+        assert_eq!(fs::read(outside.join("keep")).unwrap(), b"k");
+        let left: Vec<_> = fs::read_dir(&outside)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, vec![std::ffi::OsString::from("keep")]);
+        assert!(!d.path().join("x").exists());
+    }
+
+    #[test]
+    fn special_files_are_not_written() {
+        let (_d, mut a) = setup();
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            a.root().join("fifo"),
+            FileType::Fifo,
+            Mode::from_bits_truncate(0o644),
+            0,
+        )
+        .unwrap();
+        let e = a.apply(&write("fifo", 0, b"x")).unwrap_err();
+        assert!(!e.is_fatal(), "{e}");
+    }
+}

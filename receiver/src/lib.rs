@@ -1,0 +1,24 @@
+//! doppel-receiver: accepts agents over QUIC with pinned mutual TLS and applies their
+//! change records beneath its replica roots (see README.md).
+//!
+//! - [`config`]: the `receiver.toml` file.
+//! - [`server`]: listener and per-source sessions; [`serve`] is the whole daemon.
+//! - [`session`]: the protocol of one connection.
+//! - [`set`], [`apply`]: ordered application of records beneath a root, confined by
+//!   [`beneath`]; [`fdcache`] and [`dirty`] are its bookkeeping.
+//! - [`writer`], [`state`]: durability and acknowledgements.
+
+pub mod apply;
+pub mod beneath;
+pub mod config;
+pub mod dirty;
+pub mod fdcache;
+pub mod server;
+pub mod session;
+pub mod set;
+pub mod state;
+pub mod writer;
+
+pub use apply::{Applier, ApplyError};
+pub use config::{Config, SourceConfig};
+pub use server::{serve, Server};

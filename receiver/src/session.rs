@@ -1,0 +1,289 @@
+//! One agent connection: Hello/Welcome, then batches applied in order and acknowledged.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use doppel_common::wire::{Frame, SetHello, PROTOCOL_VERSION};
+use doppel_transport::{close, FrameReceiver, FrameSender, FramedStream};
+use tokio::sync::mpsc;
+
+use crate::apply::Applier;
+use crate::config::{check_name, SourceConfig};
+use crate::set::{BatchEnd, SetApplier};
+use crate::state::{SetState, StateStore};
+use crate::writer::{ToWriter, Writer};
+
+/// How long a connected agent may take to open its stream and say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+/// Batches applied but not yet committed. Bounded so that a slow disk slows the reader
+/// (and through QUIC flow control, the agent) instead of growing memory.
+const COMMIT_QUEUE: usize = 64;
+
+/// Everything a session needs besides its connection.
+pub struct SessionCtx {
+    pub source: SourceConfig,
+    pub store: Arc<StateStore>,
+    pub fsync: bool,
+}
+
+/// Runs one session to its end. `Ok` means it ended in an orderly way (including a
+/// refusal that was delivered); `Err` carries what went wrong for the log.
+pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()> {
+    let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .context("the agent opened no stream within 10 s")?
+        .context("the agent closed the connection before opening its stream")?;
+    let (mut tx, mut rx) = FramedStream::new(send, recv).split();
+
+    let hello = tokio::time::timeout(HELLO_TIMEOUT, rx.recv())
+        .await
+        .context("the agent sent no Hello within 10 s")?
+        .context("reading Hello")?;
+    let sets = match hello {
+        Some(Frame::Hello {
+            version,
+            source,
+            sets,
+        }) => match check_hello(&ctx.source, version, &source, &sets) {
+            Ok(()) => sets,
+            Err(reason) => {
+                refuse(&mut tx, &conn, close::REFUSED, &reason).await;
+                bail!("refused: {reason}");
+            }
+        },
+        Some(other) => {
+            let reason = format!(
+                "expected Hello as the first frame, got {}",
+                frame_name(&other)
+            );
+            refuse(&mut tx, &conn, close::REFUSED, &reason).await;
+            bail!("refused: {reason}");
+        }
+        None => return Ok(()),
+    };
+
+    let source = ctx.source.clone();
+    let store = ctx.store.clone();
+    let opened = tokio::task::spawn_blocking(move || open_sets(&source, &store, &sets))
+        .await
+        .context("opening sets panicked")?;
+    let mut appliers = match opened {
+        Ok(a) => a,
+        Err(e) => {
+            let reason = format!("{e:#}");
+            refuse(&mut tx, &conn, close::RETRY_LATER, &reason).await;
+            bail!("cannot start the session: {reason}");
+        }
+    };
+    let applied = appliers
+        .iter()
+        .map(|(name, s)| (name.clone(), s.as_ref().map_or(0, |s| s.applied)))
+        .collect();
+    tx.send(&Frame::Welcome {
+        version: PROTOCOL_VERSION,
+        applied,
+    })
+    .await?;
+
+    let (wtx, wrx) = mpsc::channel(COMMIT_QUEUE);
+    let writer = Writer {
+        source: ctx.source.name.clone(),
+        store: ctx.store.clone(),
+        fsync: ctx.fsync,
+        tx,
+        conn: conn.clone(),
+    };
+    let writer = tokio::spawn(writer.run(wrx));
+    let read = read_batches(&mut rx, &mut appliers, &wtx, &ctx.source.name).await;
+    if let Err(e) = &read {
+        // The writer delivers the reason if the connection still stands.
+        let _ = wtx
+            .send(ToWriter::Close {
+                code: close::REFUSED,
+                reason: format!("{e:#}"),
+            })
+            .await;
+    }
+    drop(wtx);
+    let written = writer.await.context("the session writer panicked")?;
+    conn.close(close::DONE, b"session finished");
+    read.and(written)
+}
+
+/// Reads frames until the stream ends, applying each batch and handing the result to the
+/// writer. Protocol violations are errors; a gap or a failing disk is sent to the writer
+/// as a `Close` and ends the loop normally.
+async fn read_batches(
+    rx: &mut FrameReceiver,
+    appliers: &mut HashMap<String, Option<SetApplier>>,
+    wtx: &mpsc::Sender<ToWriter>,
+    source: &str,
+) -> anyhow::Result<()> {
+    while let Some(frame) = rx.recv().await? {
+        let (set, records) = match frame {
+            Frame::Batch { set, records } => (set, records),
+            Frame::Refused { reason } => {
+                tracing::info!(source, "the agent ended the session: {reason}");
+                return Ok(());
+            }
+            other => bail!("unexpected {} frame after Hello", frame_name(&other)),
+        };
+        let Some(slot) = appliers.get_mut(&set) else {
+            bail!("batch for set {set:?}, which the agent did not announce in its Hello");
+        };
+        let mut applier = slot
+            .take()
+            .expect("set applier is put back after every batch");
+        let (applier, outcome) = tokio::task::spawn_blocking(move || {
+            let outcome = applier.apply_batch(&records);
+            (applier, outcome)
+        })
+        .await
+        .context("applying a batch panicked")?;
+        let (epoch, seq) = (applier.epoch, applier.applied);
+        *slot = Some(applier);
+        let applied = ToWriter::Applied {
+            set: set.clone(),
+            epoch,
+            seq,
+            dirty: outcome.dirty,
+        };
+        if wtx.send(applied).await.is_err() {
+            return Ok(()); // the writer failed and closed the connection
+        }
+        let close = match outcome.end {
+            BatchEnd::Done => continue,
+            BatchEnd::Gap { expected, got } => ToWriter::Close {
+                code: close::REFUSED,
+                reason: format!(
+                    "set {set:?}: expected record {expected}, got {got}: records in between are \
+                     missing; resend from {expected} (or re-mirror the set in a new epoch)"
+                ),
+            },
+            BatchEnd::Fatal { seq, err } => {
+                tracing::error!(source, set = %set, seq, "{err}");
+                ToWriter::Close {
+                    code: close::RETRY_LATER,
+                    reason: format!(
+                        "set {set:?}: record {seq}: {err}; the receiver cannot apply it now, \
+                         resend it after reconnecting"
+                    ),
+                }
+            }
+        };
+        let _ = wtx.send(close).await;
+        return Ok(());
+    }
+    Ok(())
+}
+
+fn check_hello(
+    cfg: &SourceConfig,
+    version: u32,
+    source: &str,
+    sets: &[SetHello],
+) -> Result<(), String> {
+    if version != PROTOCOL_VERSION {
+        return Err(format!(
+            "protocol version {version} is not supported: this receiver speaks version \
+             {PROTOCOL_VERSION}; run the same doppel release on both hosts"
+        ));
+    }
+    if source != cfg.name {
+        return Err(format!(
+            "this agent's certificate belongs to source {:?} in the receiver config, but the \
+             agent calls itself {source:?}; make `source` in the agent config and `name` of \
+             the [[source]] with its fingerprint agree",
+            cfg.name
+        ));
+    }
+    let mut seen = HashSet::new();
+    for s in sets {
+        check_name(&s.name).map_err(|e| format!("set {:?}: {e}", s.name))?;
+        if !seen.insert(&s.name) {
+            return Err(format!("set {:?} is announced twice in Hello", s.name));
+        }
+    }
+    Ok(())
+}
+
+/// Opens every announced set's replica root and loads its mark. A set whose stored epoch
+/// differs from the announced one starts over at 0, and the new epoch is stored at once
+/// so that marks of the old sequence space can never be mistaken for the new one.
+fn open_sets(
+    source: &SourceConfig,
+    store: &StateStore,
+    sets: &[SetHello],
+) -> anyhow::Result<HashMap<String, Option<SetApplier>>> {
+    let mut out = HashMap::new();
+    for s in sets {
+        let root = source.set_root(&s.name);
+        let applier = Applier::open(&root)?;
+        let stored = store.load(&source.name, &s.name)?;
+        let applied = match stored {
+            Some(st) if st.epoch == s.epoch => st.seq,
+            old => {
+                if let Some(old) = old {
+                    tracing::info!(
+                        source = %source.name,
+                        set = %s.name,
+                        old_epoch = old.epoch,
+                        new_epoch = s.epoch,
+                        "new epoch: the agent starts the set over"
+                    );
+                }
+                store.store(
+                    &source.name,
+                    &s.name,
+                    SetState {
+                        epoch: s.epoch,
+                        seq: 0,
+                    },
+                )?;
+                0
+            }
+        };
+        tracing::info!(
+            source = %source.name,
+            set = %s.name,
+            root = %root.display(),
+            epoch = s.epoch,
+            applied,
+            "set ready"
+        );
+        out.insert(
+            s.name.clone(),
+            Some(SetApplier::new(
+                source.name.clone(),
+                s.name.clone(),
+                s.epoch,
+                applied,
+                applier,
+            )),
+        );
+    }
+    Ok(out)
+}
+
+async fn refuse(tx: &mut FrameSender, conn: &quinn::Connection, code: quinn::VarInt, reason: &str) {
+    let _ = tx
+        .send(&Frame::Refused {
+            reason: reason.to_string(),
+        })
+        .await;
+    let _ = tx.finish();
+    let _ = tokio::time::timeout(Duration::from_secs(2), tx.flushed()).await;
+    conn.close(code, reason.as_bytes());
+}
+
+fn frame_name(f: &Frame) -> &'static str {
+    match f {
+        Frame::Hello { .. } => "Hello",
+        Frame::Welcome { .. } => "Welcome",
+        Frame::Batch { .. } => "Batch",
+        Frame::Ack { .. } => "Ack",
+        Frame::Refused { .. } => "Refused",
+    }
+}

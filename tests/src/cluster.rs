@@ -1,0 +1,243 @@
+//! A source and a target on one machine: a real `doppel-receiver` and a real
+//! `doppel-agent` as child processes talking QUIC over loopback, each with its own
+//! temporary directory, keys and port. Dropping the cluster kills both.
+
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use crate::bin_dir;
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    /// Root of the replicated set on the source.
+    pub source: PathBuf,
+    /// Where the receiver puts the set.
+    pub replica: PathBuf,
+    pub port: u16,
+    pub set: String,
+    receiver: Option<Child>,
+    agent: Option<Child>,
+}
+
+fn keygen(bin: &str, out: &Path) -> Result<String> {
+    let o = Command::new(bin_dir().join(bin))
+        .args(["keygen", "--out"])
+        .arg(out)
+        .output()
+        .with_context(|| format!("cannot run {bin}: build it with `cargo xtask build`"))?;
+    if !o.status.success() {
+        bail!(
+            "{bin} keygen failed: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.lines()
+        .find_map(|l| l.strip_prefix("fingerprint: "))
+        .map(|s| s.trim().to_string())
+        .with_context(|| format!("{bin} keygen printed no fingerprint: {text}"))
+}
+
+/// A UDP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral UDP port on loopback")
+}
+
+impl Cluster {
+    /// Keys and configs for one set named `set`; nothing is started yet.
+    pub fn new(set: &str) -> Result<Cluster> {
+        Self::with_agent_extra(set, "")
+    }
+
+    /// As `new`, with extra TOML lines appended to the agent's `[[set]]`.
+    pub fn with_agent_extra(set: &str, set_extra: &str) -> Result<Cluster> {
+        let dir = tempfile::Builder::new().prefix("doppel-e2e-").tempdir()?;
+        let d = dir.path();
+        let source = d.join("source");
+        let replica_root = d.join("replica");
+        fs::create_dir_all(&source)?;
+        let afp = keygen("doppel-agent", &d.join("agent-keys"))?;
+        let rfp = keygen("doppel-receiver", &d.join("receiver-keys"))?;
+        let port = free_port();
+        fs::write(
+            d.join("receiver.toml"),
+            format!(
+                r#"listen = "127.0.0.1:{port}"
+cert = "receiver-keys/cert.pem"
+key = "receiver-keys/key.pem"
+state_dir = "receiver-state"
+
+[[source]]
+name = "src"
+fingerprint = "{afp}"
+root = "{}"
+"#,
+                replica_root.display()
+            ),
+        )?;
+        fs::write(
+            d.join("agent.toml"),
+            format!(
+                r#"name = "src"
+cert = "agent-keys/cert.pem"
+key = "agent-keys/key.pem"
+
+[[target]]
+name = "t"
+address = "127.0.0.1:{port}"
+fingerprint = "{rfp}"
+
+[[set]]
+name = "{set}"
+root = "{}"
+targets = ["t"]
+{set_extra}
+"#,
+                source.display()
+            ),
+        )?;
+        Ok(Cluster {
+            source,
+            replica: replica_root.join(set),
+            port,
+            set: set.to_string(),
+            dir,
+            receiver: None,
+            agent: None,
+        })
+    }
+
+    fn spawn(&self, bin: &str, config: &str, log: &str) -> Result<Child> {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join(log))?;
+        Command::new(bin_dir().join(bin))
+            .args(["run", "--config"])
+            .arg(self.dir.path().join(config))
+            .env(
+                "RUST_LOG",
+                std::env::var("DOPPEL_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot start {bin}"))
+    }
+
+    pub fn start_receiver(&mut self) -> Result<()> {
+        let c = self.spawn("doppel-receiver", "receiver.toml", "receiver.log")?;
+        self.receiver = Some(c);
+        Ok(())
+    }
+
+    /// Starts the agent and waits until its initial scan is done and capture is live.
+    pub fn start_agent(&mut self) -> Result<()> {
+        let log = self.dir.path().join("agent.log");
+        let before = fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
+        let c = self.spawn("doppel-agent", "agent.toml", "agent.log")?;
+        self.agent = Some(c);
+        let start = Instant::now();
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            if text
+                .get(before..)
+                .is_some_and(|t| t.contains("replicating live"))
+            {
+                return Ok(());
+            }
+            if let Some(st) = self
+                .agent
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!("doppel-agent exited with {st}; its log:\n{text}");
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("doppel-agent did not start capturing within 30 s; its log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn start(&mut self) -> Result<()> {
+        self.start_receiver()?;
+        self.start_agent()
+    }
+
+    fn kill(child: &mut Option<Child>) {
+        if let Some(mut c) = child.take() {
+            let _ = c.kill(); // SIGKILL
+            let _ = c.wait();
+        }
+    }
+
+    pub fn kill_agent(&mut self) {
+        Self::kill(&mut self.agent);
+    }
+
+    pub fn kill_receiver(&mut self) {
+        Self::kill(&mut self.receiver);
+    }
+
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(|c| c.id())
+    }
+
+    pub fn receiver_pid(&self) -> Option<u32> {
+        self.receiver.as_ref().map(|c| c.id())
+    }
+
+    pub fn log(&self, name: &str) -> String {
+        fs::read_to_string(self.dir.path().join(name)).unwrap_or_default()
+    }
+
+    /// Lines of a log file that contain `needle`.
+    pub fn log_lines(&self, name: &str, needle: &str) -> Vec<String> {
+        let Ok(f) = fs::File::open(self.dir.path().join(name)) else {
+            return Vec::new();
+        };
+        BufReader::new(f)
+            .lines()
+            .map_while(Result::ok)
+            .filter(|l| l.contains(needle))
+            .collect()
+    }
+
+    /// Both logs, for a failing assertion's message.
+    pub fn logs(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- agent.log (tail) ---\n{}\n--- receiver.log (tail) ---\n{}",
+            tail(self.log("agent.log")),
+            tail(self.log("receiver.log"))
+        )
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.kill_agent();
+        self.kill_receiver();
+        if std::env::var_os("DOPPEL_KEEP").is_some() {
+            let p = self.dir.path().to_path_buf();
+            eprintln!("keeping {}", p.display());
+            std::mem::forget(std::mem::replace(
+                &mut self.dir,
+                tempfile::tempdir().expect("tempdir"),
+            ));
+        }
+    }
+}

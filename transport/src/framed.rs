@@ -1,0 +1,108 @@
+//! [`Frame`]s over a QUIC bidirectional stream.
+//!
+//! The byte format and its limits live in [`doppel_common::wire`]; this module only moves
+//! bytes between the stream and the sans-IO [`FrameDecoder`].
+
+use anyhow::{bail, Context};
+use bytes::Bytes;
+use doppel_common::wire::{encode_frame, Frame, FrameDecoder};
+
+/// Most bytes taken from quinn per read. Large enough that a bulk transfer is a few reads
+/// per megabyte, small enough that one read never holds much more than a frame.
+const READ_CHUNK: usize = 256 << 10;
+
+/// Both halves of a framed stream. Use [`split`](Self::split) to send and receive from
+/// different tasks.
+pub struct FramedStream {
+    tx: FrameSender,
+    rx: FrameReceiver,
+}
+
+impl FramedStream {
+    pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
+        FramedStream {
+            tx: FrameSender { send },
+            rx: FrameReceiver {
+                recv,
+                dec: FrameDecoder::new(),
+            },
+        }
+    }
+
+    pub async fn send(&mut self, f: &Frame) -> anyhow::Result<()> {
+        self.tx.send(f).await
+    }
+
+    /// The next frame; `None` when the peer finished the stream cleanly between frames.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<Frame>> {
+        self.rx.recv().await
+    }
+
+    pub fn split(self) -> (FrameSender, FrameReceiver) {
+        (self.tx, self.rx)
+    }
+}
+
+/// The sending half of a [`FramedStream`].
+pub struct FrameSender {
+    send: quinn::SendStream,
+}
+
+impl FrameSender {
+    pub async fn send(&mut self, f: &Frame) -> anyhow::Result<()> {
+        // encode_frame builds one buffer with the length prefix; handing it to quinn as a
+        // chunk avoids copying it again.
+        self.send
+            .write_chunk(Bytes::from(encode_frame(f)))
+            .await
+            .context("cannot send to the peer")
+    }
+
+    /// Tells the peer no more frames follow. Frames already sent are still delivered.
+    pub fn finish(&mut self) -> anyhow::Result<()> {
+        self.send
+            .finish()
+            .context("cannot finish the stream: it is already closed")
+    }
+
+    /// Waits until the peer acknowledged everything sent before [`finish`](Self::finish),
+    /// so that closing the connection right after does not discard the last frames.
+    pub async fn flushed(&mut self) -> anyhow::Result<()> {
+        self.send
+            .stopped()
+            .await
+            .context("the peer did not take the last frames")?;
+        Ok(())
+    }
+}
+
+/// The receiving half of a [`FramedStream`].
+pub struct FrameReceiver {
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+}
+
+impl FrameReceiver {
+    /// The next frame; `None` when the peer finished the stream cleanly between frames.
+    /// Malformed or oversized frames are errors: the stream cannot be resynchronised.
+    pub async fn recv(&mut self) -> anyhow::Result<Option<Frame>> {
+        loop {
+            if let Some(frame) = self.dec.next_frame().context("bad frame from the peer")? {
+                return Ok(Some(frame));
+            }
+            match self
+                .recv
+                .read_chunk(READ_CHUNK, true)
+                .await
+                .context("cannot receive from the peer")?
+            {
+                Some(chunk) => self.dec.push(&chunk.bytes),
+                None if self.dec.buffered() == 0 => return Ok(None),
+                None => bail!(
+                    "the peer ended the stream in the middle of a frame ({} bytes left over)",
+                    self.dec.buffered()
+                ),
+            }
+        }
+    }
+}

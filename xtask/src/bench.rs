@@ -1,0 +1,228 @@
+//! `cargo xtask bench [NAME...] --json FILE`: measured figures, baselines in the same
+//! run, medians of several runs, a table on stdout and a flat JSON object in FILE.
+//!
+//! Benchmarks:
+//! - `lag`: `lag_p50_ms`, `lag_p99_ms` — a 4 KiB pwrite on the source until the same
+//!   bytes are readable on the target, 1,000 writes/s for 20 s over loopback.
+//! - `slowdown`: `watched_write_slowdown_pct`, `unwatched_write_slowdown_pct` — a
+//!   4 KiB write(2) loop's throughput with the agent running versus no agent (median
+//!   of 3 each, interleaved), in a watched and in an unwatched directory.
+
+use std::collections::BTreeMap;
+use std::fs::OpenOptions;
+use std::io::{Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use doppel_tests::cluster::Cluster;
+
+type Figures = BTreeMap<String, f64>;
+
+const ALL: &[&str] = &["lag", "slowdown"];
+
+pub fn run(names: &[String], json: &Path) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("benchmarks load eBPF programs: run `cargo xtask bench` as root");
+    }
+    crate::setup::ensure()?;
+    crate::compile::release()?;
+    std::env::set_var("DOPPEL_BIN_DIR", crate::compile::bin_dir());
+    let names: Vec<&str> = if names.is_empty() {
+        ALL.to_vec()
+    } else {
+        names.iter().map(String::as_str).collect()
+    };
+    let mut figures = Figures::new();
+    for n in &names {
+        eprintln!("bench: running {n} ...");
+        match *n {
+            "lag" => lag(&mut figures)?,
+            "slowdown" => slowdown(&mut figures)?,
+            other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
+        }
+    }
+    println!("\n{:<34} {:>12}  goal", "figure", "value");
+    for (k, v) in &figures {
+        println!("{k:<34} {v:>12.3}  {}", goal(k));
+    }
+    let obj: serde_json::Map<String, serde_json::Value> = figures
+        .iter()
+        .map(|(k, v)| (k.clone(), serde_json::json!(v)))
+        .collect();
+    std::fs::write(json, serde_json::to_string_pretty(&obj)? + "\n")
+        .with_context(|| format!("cannot write {}", json.display()))?;
+    println!("\nwrote {}", json.display());
+    Ok(())
+}
+
+fn goal(name: &str) -> &'static str {
+    match name {
+        "lag_p50_ms" => "<= 1",
+        "lag_p99_ms" => "<= 5",
+        "watched_write_slowdown_pct" => "<= 15",
+        "unwatched_write_slowdown_pct" => "<= 2",
+        _ => "",
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i]
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    percentile(&v, 0.5)
+}
+
+/// 1,000 pwrites/s of 4 KiB into 1,024 slots of one file; a reader on the replica
+/// notes when each write's bytes become visible.
+fn lag(figures: &mut Figures) -> Result<()> {
+    const SLOTS: u64 = 1024;
+    const RATE: u64 = 1000;
+    const SECONDS: u64 = 20;
+    let mut c = Cluster::new("bench")?;
+    let src_path = c.source.join("lag.bin");
+    let f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .read(true)
+        .write(true)
+        .open(&src_path)?;
+    f.set_len(SLOTS * 4096)?;
+    c.start()?;
+    let replica = c.replica.join("lag.bin");
+    // Wait for the initial copy.
+    let t = Instant::now();
+    while std::fs::metadata(&replica).map(|m| m.len()).unwrap_or(0) != SLOTS * 4096 {
+        if t.elapsed() > Duration::from_secs(10) {
+            bail!("the replica of lag.bin did not appear:\n{}", c.logs());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let total = RATE * SECONDS;
+    let written: Arc<Vec<AtomicU64>> = Arc::new((0..total).map(|_| AtomicU64::new(0)).collect());
+    let epoch = Instant::now();
+    let reader = {
+        let written = written.clone();
+        std::thread::spawn(move || -> Result<Vec<f64>> {
+            let r = std::fs::File::open(&replica)?;
+            let mut lags = Vec::with_capacity(total as usize);
+            let mut buf = [0u8; 8];
+            let mut i = 0u64;
+            let give_up = Instant::now() + Duration::from_secs(SECONDS + 30);
+            while i < total {
+                let w = written[i as usize].load(Ordering::Acquire);
+                if w == 0 {
+                    std::thread::sleep(Duration::from_micros(20));
+                    continue;
+                }
+                r.read_exact_at(&mut buf, (i % SLOTS) * 4096)?;
+                let v = u64::from_le_bytes(buf);
+                // Write i stores i + 1 (a zeroed slot never matches); a later write to
+                // the same slot also proves write i arrived (apply is in order).
+                if v > i && (v - (i + 1)).is_multiple_of(SLOTS) {
+                    let now = epoch.elapsed().as_nanos() as u64;
+                    lags.push((now.saturating_sub(w)) as f64 / 1e6);
+                    i += 1;
+                    continue;
+                }
+                if Instant::now() > give_up {
+                    bail!("write {i} never became visible on the replica");
+                }
+                std::thread::sleep(Duration::from_micros(20));
+            }
+            Ok(lags)
+        })
+    };
+    let mut block = vec![0u8; 4096];
+    for i in 0..total {
+        let due = Duration::from_micros(i * 1_000_000 / RATE);
+        let now = epoch.elapsed();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        block[..8].copy_from_slice(&(i + 1).to_le_bytes());
+        block[4088..].copy_from_slice(&(i + 1).to_le_bytes());
+        let t = epoch.elapsed().as_nanos() as u64;
+        f.write_all_at(&block, (i % SLOTS) * 4096)?;
+        written[i as usize].store(t.max(1), Ordering::Release);
+    }
+    let mut lags = reader
+        .join()
+        .map_err(|_| anyhow::anyhow!("reader panicked"))??;
+    lags.sort_by(|a, b| a.total_cmp(b));
+    figures.insert("lag_p50_ms".into(), percentile(&lags, 0.5));
+    figures.insert("lag_p99_ms".into(), percentile(&lags, 0.99));
+    figures.insert("lag_max_ms".into(), percentile(&lags, 1.0));
+    Ok(())
+}
+
+/// Writes per second of a 4 KiB write(2) loop over a 16 MiB file for about a second.
+fn write_loop(dir: &Path) -> Result<f64> {
+    const WRITES: u64 = 100_000;
+    let path = dir.join("loop.bin");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .write(true)
+        .truncate(true)
+        .open(&path)?;
+    let block = vec![0x5au8; 4096];
+    let t = Instant::now();
+    for i in 0..WRITES {
+        if i % 4096 == 0 {
+            f.seek(SeekFrom::Start(0))?;
+        }
+        f.write_all(&block)?;
+    }
+    let rate = WRITES as f64 / t.elapsed().as_secs_f64();
+    drop(f);
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+fn slowdown(figures: &mut Figures) -> Result<()> {
+    let mut c = Cluster::new("bench")?;
+    let unwatched = c.dir.path().join("unwatched");
+    std::fs::create_dir_all(&unwatched)?;
+    c.start_receiver()?;
+    let (mut base_w, mut base_u, mut agent_w, mut agent_u) = (vec![], vec![], vec![], vec![]);
+    for round in 0..3 {
+        base_w.push(write_loop(&c.source)?);
+        base_u.push(write_loop(&unwatched)?);
+        c.start_agent()?;
+        // Let the agent's initial activity settle.
+        std::thread::sleep(Duration::from_millis(300));
+        agent_w.push(write_loop(&c.source)?);
+        agent_u.push(write_loop(&unwatched)?);
+        // The replica must have received the watched loop's writes.
+        doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(30))
+            .map_err(|d| anyhow::anyhow!("replica did not converge in round {round}: {d:?}"))?;
+        c.kill_agent();
+        eprintln!(
+            "bench: round {round}: watched {:.0}/s vs {:.0}/s, unwatched {:.0}/s vs {:.0}/s (agent vs none)",
+            agent_w[round], base_w[round], agent_u[round], base_u[round]
+        );
+    }
+    let (bw, bu, aw, au) = (
+        median(base_w),
+        median(base_u),
+        median(agent_w),
+        median(agent_u),
+    );
+    figures.insert("write_loop_baseline_per_s".into(), bw);
+    figures.insert("write_loop_watched_per_s".into(), aw);
+    figures.insert("watched_write_slowdown_pct".into(), (1.0 - aw / bw) * 100.0);
+    figures.insert(
+        "unwatched_write_slowdown_pct".into(),
+        (1.0 - au / bu) * 100.0,
+    );
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! `cargo xtask test`: unit tests of every crate, then the end-to-end tests (real
+//! eBPF, real QUIC, real processes), one at a time so their timing is not distorted.
+
+use anyhow::{bail, Result};
+
+use crate::compile::{bin_dir, cargo, release};
+
+pub fn run(filter: Option<&str>) -> Result<()> {
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("tests load eBPF programs and mount filesystems: run `cargo xtask test` as root");
+    }
+    crate::setup::ensure()?;
+    release()?;
+    std::env::set_var("DOPPEL_BIN_DIR", bin_dir());
+    std::env::set_var("DOPPEL_REQUIRE_ROOT", "1");
+    let f = filter.unwrap_or("");
+    cargo(&[
+        "test",
+        "--release",
+        "--workspace",
+        "--exclude",
+        "doppel-tests",
+        "--",
+        f,
+    ])?;
+    cargo(&[
+        "test",
+        "--release",
+        "-p",
+        "doppel-tests",
+        "--",
+        "--test-threads=1",
+        f,
+    ])?;
+    eprintln!("xtask test: all tests passed");
+    Ok(())
+}
