@@ -31,7 +31,7 @@ pub struct AgentConfig {
 }
 
 fn default_queue_mib() -> usize {
-    256
+    64
 }
 
 #[derive(Debug, Clone, Deserialize)]

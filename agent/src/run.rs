@@ -53,6 +53,7 @@ pub async fn run(config: Config) -> Result<()> {
     })?);
     let (capture, mut events) = Capture::start(CaptureOptions::default())?;
     let capture = Arc::new(capture);
+    ignore_local_receivers(&capture);
 
     let (pushed, _) = watch::channel(0u64);
     let (acked, _) = watch::channel(0u64);
@@ -97,6 +98,16 @@ pub async fn run(config: Config) -> Result<()> {
         ));
     }
     tokio::spawn(report(shared.clone(), capture.clone(), config.clone()));
+    {
+        let capture = capture.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            loop {
+                tick.tick().await;
+                ignore_local_receivers(&capture);
+            }
+        });
+    }
 
     let mut ops = Vec::new();
     resolver.scan_all(&mut ops);
@@ -136,6 +147,27 @@ pub async fn run(config: Config) -> Result<()> {
     }
     info!("stopping");
     Ok(())
+}
+
+/// A receiver on this host (a demo, a test, or a host that is both source and target)
+/// writes replicas; its I/O must never be captured, whatever the configuration, or a
+/// replica root placed under a watched root would replicate itself in a loop.
+fn ignore_local_receivers(capture: &Capture) {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return;
+    };
+    for p in procs.flatten() {
+        let Some(pid) = p.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        let is_receiver = std::fs::read_to_string(p.path().join("comm"))
+            .is_ok_and(|c| c.trim_end() == "doppel-receiver");
+        if is_receiver {
+            if let Err(e) = capture.ignore_pid(pid) {
+                warn!(pid, error = %format!("{e:#}"), "cannot exclude a local doppel-receiver from capture");
+            }
+        }
+    }
 }
 
 /// Moves ops into their set queues, wakes the senders, then waits while a queue is over

@@ -31,8 +31,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
 /// 100 Mbit/s, 100 ms path; replication streams are bulk transfers that should fill
 /// gigabit links across data centres, so allow several round trips' worth in flight.
 const STREAM_WINDOW: u32 = 16 << 20;
-const CONNECTION_WINDOW: u32 = 64 << 20;
-const SEND_WINDOW: u64 = 64 << 20;
+const CONNECTION_WINDOW: u32 = 32 << 20;
+const SEND_WINDOW: u64 = 16 << 20;
 
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();

@@ -4,6 +4,12 @@
 //! Benchmarks:
 //! - `lag`: `lag_p50_ms`, `lag_p99_ms` — a 4 KiB pwrite on the source until the same
 //!   bytes are readable on the target, 1,000 writes/s for 20 s over loopback.
+//! - `throughput`: `throughput_mb_s`, `quic_baseline_mb_s`, `throughput_ratio_vs_quic` —
+//!   2 GiB of 1 MiB sequential writes replicated end to end (until the replica holds
+//!   every byte), against a plain quinn bulk transfer of the same bytes with the same
+//!   mutual-TLS configuration, on loopback in the same run.
+//! - `rss`: `agent_rss_mib_storm` — the agent's peak RSS (VmHWM) after a write storm with
+//!   the default queue settings.
 //! - `slowdown`: `watched_write_slowdown_pct`, `unwatched_write_slowdown_pct` — a
 //!   4 KiB write(2) loop's throughput with the agent running versus no agent (median
 //!   of 3 each, interleaved), in a watched and in an unwatched directory.
@@ -22,7 +28,7 @@ use doppel_tests::cluster::Cluster;
 
 type Figures = BTreeMap<String, f64>;
 
-const ALL: &[&str] = &["lag", "slowdown"];
+const ALL: &[&str] = &["lag", "throughput", "rss", "slowdown"];
 
 pub fn run(names: &[String], json: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
@@ -42,6 +48,8 @@ pub fn run(names: &[String], json: &Path) -> Result<()> {
         match *n {
             "lag" => lag(&mut figures)?,
             "slowdown" => slowdown(&mut figures)?,
+            "throughput" => throughput(&mut figures)?,
+            "rss" => rss(&mut figures)?,
             other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -65,6 +73,7 @@ fn goal(name: &str) -> &'static str {
         "lag_p99_ms" => "<= 5",
         "watched_write_slowdown_pct" => "<= 15",
         "unwatched_write_slowdown_pct" => "<= 2",
+        "throughput_ratio_vs_quic" => ">= 0.7",
         _ => "",
     }
 }
@@ -224,5 +233,172 @@ fn slowdown(figures: &mut Figures) -> Result<()> {
         "unwatched_write_slowdown_pct".into(),
         (1.0 - au / bu) * 100.0,
     );
+    Ok(())
+}
+
+const THROUGHPUT_BYTES: u64 = 2 << 30;
+
+/// The baseline's server: accepts one connection from the pinned client, reads one
+/// stream to its end, prints the byte count. Runs as its own process (`xtask
+/// bench-sink`), as doppel-receiver does, so both sides of both measurements get a
+/// process and a runtime of their own.
+pub fn sink(keys: &Path, client_fp: &str) -> Result<()> {
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let id = doppel_transport::Identity::load(&keys.join("cert.pem"), &keys.join("key.pem"))?;
+        let ep = doppel_transport::server_endpoint(
+            "127.0.0.1:0".parse()?,
+            &id,
+            vec![client_fp.to_string()],
+        )?;
+        println!("listening {}", ep.local_addr()?.port());
+        let conn = ep.accept().await.context("no connection")?.await?;
+        let mut r = conn.accept_uni().await?;
+        let mut n = 0u64;
+        while let Some(c) = r.read_chunk(1 << 20, true).await? {
+            n += c.bytes.len() as u64;
+        }
+        println!("received {n}");
+        conn.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+        Ok(())
+    })
+}
+
+/// Plain quinn: one stream, `bytes` written in 1 MiB pieces to a sink process that
+/// reads and drops them, with the same endpoint and TLS configuration doppel uses.
+fn quic_baseline(bytes: u64) -> Result<f64> {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir()?;
+    let keys = |name: &str| -> Result<doppel_transport::Identity> {
+        let d = dir.path().join(name);
+        doppel_transport::keygen(&d, name)?;
+        doppel_transport::Identity::load(&d.join("cert.pem"), &d.join("key.pem"))
+    };
+    let (server, client) = (keys("server")?, keys("client")?);
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .arg("bench-sink")
+        .arg(dir.path().join("server"))
+        .arg(client.fingerprint())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut out = std::io::BufReader::new(child.stdout.take().context("sink stdout")?);
+    let mut line = String::new();
+    out.read_line(&mut line)?;
+    let port: u16 = line
+        .trim()
+        .strip_prefix("listening ")
+        .and_then(|p| p.parse().ok())
+        .with_context(|| format!("bench sink said {line:?}"))?;
+    let rt = tokio::runtime::Runtime::new()?;
+    let secs = rt.block_on(async {
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let conn = doppel_transport::connect(&client, addr, &server.fingerprint()).await?;
+        let buf = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
+        let t = Instant::now();
+        let mut s = conn.open_uni().await?;
+        let mut sent = 0;
+        while sent < bytes {
+            s.write_chunk(buf.clone()).await?;
+            sent += buf.len() as u64;
+        }
+        s.finish()?;
+        // The sink closes the connection once it has read everything.
+        conn.closed().await;
+        anyhow::Ok(t.elapsed().as_secs_f64())
+    })?;
+    line.clear();
+    out.read_line(&mut line)?;
+    child.wait()?;
+    anyhow::ensure!(
+        line.trim() == format!("received {bytes}"),
+        "baseline sink: {line:?}, expected {bytes} bytes"
+    );
+    Ok(bytes as f64 / secs / 1e6)
+}
+
+/// doppel end to end: 1 MiB sequential writes into one file until `bytes`, timed until
+/// the replica holds all of them (then checked byte for byte, untimed).
+fn replicate_bulk(bytes: u64) -> Result<f64> {
+    let mut c = Cluster::new("bench")?;
+    c.start()?;
+    let src = c.source.join("bulk.bin");
+    let dst = c.replica.join("bulk.bin");
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(&src)?;
+    let mut block = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    let mut written = 0u64;
+    while written < bytes {
+        block[..8].copy_from_slice(&written.to_le_bytes());
+        f.write_all(&block)?;
+        written += block.len() as u64;
+    }
+    drop(f);
+    let (src_size, src_hash) = doppel_tests::tree::hash_file(&src)?;
+    loop {
+        if std::fs::metadata(&dst).map(|m| m.len()).unwrap_or(0) == src_size {
+            // The size is right; the bytes may still be landing: compare.
+            let secs = t.elapsed().as_secs_f64();
+            if doppel_tests::tree::hash_file(&dst)?.1 == src_hash {
+                return Ok(bytes as f64 / secs / 1e6);
+            }
+        }
+        if t.elapsed() > Duration::from_secs(300) {
+            bail!(
+                "the replica did not receive {bytes} bytes within 300 s:\n{}",
+                c.logs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn throughput(figures: &mut Figures) -> Result<()> {
+    let (mut doppel, mut quic) = (Vec::new(), Vec::new());
+    for round in 0..3 {
+        quic.push(quic_baseline(THROUGHPUT_BYTES)?);
+        doppel.push(replicate_bulk(THROUGHPUT_BYTES)?);
+        eprintln!(
+            "bench: round {round}: doppel {:.0} MB/s, plain quinn {:.0} MB/s",
+            doppel[round], quic[round]
+        );
+    }
+    let (d, q) = (median(doppel), median(quic));
+    figures.insert("throughput_mb_s".into(), d);
+    figures.insert("quic_baseline_mb_s".into(), q);
+    figures.insert("throughput_ratio_vs_quic".into(), d / q);
+    Ok(())
+}
+
+/// Peak RSS of the agent after a storm of random writes over 200 files plus 512 MiB of
+/// large writes, with default queue settings.
+fn rss(figures: &mut Figures) -> Result<()> {
+    let mut c = Cluster::new("bench")?;
+    c.start()?;
+    doppel_tests::writer::run(&c.source, 200, 20_000, 7)?;
+    let mut f = OpenOptions::new()
+        .create(true)
+        .truncate(true)
+        .write(true)
+        .open(c.source.join("big.bin"))?;
+    let block = vec![0x33u8; 1 << 20];
+    for _ in 0..512 {
+        f.write_all(&block)?;
+    }
+    drop(f);
+    doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(120))
+        .map_err(|d| anyhow::anyhow!("replica did not converge: {:?}", &d[..d.len().min(5)]))?;
+    let pid = c.agent_pid().context("agent not running")?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM in /proc/PID/status")?;
+    figures.insert("agent_rss_mib_storm".into(), kib / 1024.0);
     Ok(())
 }

@@ -39,6 +39,13 @@ enum Cmd {
         #[arg(long, default_value = "bench.json")]
         json: std::path::PathBuf,
     },
+    /// (internal) the receiving end of the plain-quinn baseline, in its own process
+    /// like doppel-receiver.
+    #[command(hide = true)]
+    BenchSink {
+        keys: std::path::PathBuf,
+        client_fp: String,
+    },
 }
 
 fn main() {
@@ -49,6 +56,7 @@ fn main() {
         Cmd::Demo { seconds } => demo::run(seconds),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Bench { names, json } => bench::run(&names, &json),
+        Cmd::BenchSink { keys, client_fp } => bench::sink(&keys, &client_fp),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

@@ -53,10 +53,12 @@ static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/d
 pub const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 /// Batches buffered between the reader thread and the consumer. When the consumer falls
 /// behind, the thread stops reading, the ring fills, and the kernel side degrades to
-/// missed ranges: the writer never waits.
-const CHANNEL_BATCHES: usize = 1024;
+/// missed ranges: the writer never waits. Small on purpose: what waits here is memory
+/// (up to CHANNEL_BATCHES * BATCH_MAX * CHUNK_SIZE = 32 MiB of data) that the ring and
+/// the missed-range map hold more cheaply.
+const CHANNEL_BATCHES: usize = 8;
 /// Largest batch handed over at once (events).
-const BATCH_MAX: usize = 4096;
+const BATCH_MAX: usize = 1024;
 /// After handing over a batch, the reader waits this long before reading again instead
 /// of going back to poll(2). Under a steady stream this keeps it off the ring's wait
 /// queue, so writers do not pay for a thread wakeup per record; an idle ring still
@@ -85,7 +87,7 @@ pub struct CaptureOptions {
 impl Default for CaptureOptions {
     fn default() -> Self {
         Self {
-            ring_bytes: 64 << 20,
+            ring_bytes: 32 << 20,
             ignore_tgids: Vec::new(),
         }
     }
