@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
+use crate::journal::{FsyncPolicy, JournalOptions};
+use crate::queue::QueueMode;
 use crate::rules::Rules;
 
 #[derive(Debug, Clone, Deserialize)]
@@ -24,6 +26,18 @@ pub struct AgentConfig {
     /// kernel then records missed ranges instead of data, and they are resent).
     #[serde(default = "default_queue_mib")]
     pub queue_memory_mib: usize,
+    /// Where the journals of store-and-forward and hybrid sets live (`<state_dir>/journal/<set>`).
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Disk budget of each set's journal, MiB.
+    #[serde(default = "default_budget_mib")]
+    pub journal_budget_mib: u64,
+    /// When journaled records are fsynced: "always" (every batch), "interval"
+    /// (at most `journal_fsync_interval_ms` stale; records are sent once durable), "never".
+    #[serde(default = "default_fsync")]
+    pub journal_fsync: String,
+    #[serde(default = "default_fsync_ms")]
+    pub journal_fsync_interval_ms: u64,
     #[serde(default, rename = "target")]
     pub targets: Vec<TargetConfig>,
     #[serde(default, rename = "set")]
@@ -32,6 +46,26 @@ pub struct AgentConfig {
 
 fn default_queue_mib() -> usize {
     64
+}
+
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/doppel-agent")
+}
+
+fn default_budget_mib() -> u64 {
+    4096
+}
+
+fn default_fsync() -> String {
+    "interval".into()
+}
+
+fn default_fsync_ms() -> u64 {
+    100
+}
+
+fn default_queue_mode() -> QueueMode {
+    QueueMode::Hybrid
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -59,6 +93,9 @@ pub struct SetConfig {
     pub exclude: Vec<String>,
     /// Names of `[[target]]`s this set is replicated to.
     pub targets: Vec<String>,
+    /// "realtime", "store-and-forward" or "hybrid" (default).
+    #[serde(default = "default_queue_mode")]
+    pub queue: QueueMode,
 }
 
 fn default_include() -> Vec<String> {
@@ -72,6 +109,8 @@ pub struct Config {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub queue_memory_bytes: usize,
+    pub state_dir: PathBuf,
+    pub journal: JournalOptions,
     pub targets: Vec<Target>,
     pub sets: Vec<Set>,
 }
@@ -91,6 +130,7 @@ pub struct Set {
     pub rules: Rules,
     /// Indexes into [`Config::targets`].
     pub targets: Vec<usize>,
+    pub queue: QueueMode,
 }
 
 impl Config {
@@ -210,13 +250,39 @@ impl AgentConfig {
                 root,
                 rules,
                 targets: idx,
+                queue: s.queue,
             });
+        }
+        let fsync = match self.journal_fsync.as_str() {
+            "always" => FsyncPolicy::Always,
+            "interval" => FsyncPolicy::Interval(std::time::Duration::from_millis(
+                self.journal_fsync_interval_ms.max(1),
+            )),
+            "never" => FsyncPolicy::Never,
+            other => bail!(
+                "key `journal_fsync`: {other:?} is not one of \"always\", \"interval\", \"never\""
+            ),
+        };
+        if self.journal_budget_mib < 1 {
+            bail!("key `journal_budget_mib`: must be at least 1");
+        }
+        let state_dir = base.join(&self.state_dir);
+        for (i, s) in self.sets.iter().enumerate() {
+            if s.queue.uses_journal() && state_dir.starts_with(&s.root) {
+                bail!("key `state_dir`: {} is inside set[{i}]'s root; put the journals outside every replicated tree", state_dir.display());
+            }
         }
         Ok(Config {
             name: self.name,
             cert: base.join(&self.cert),
             key: base.join(&self.key),
             queue_memory_bytes: self.queue_memory_mib.max(1) << 20,
+            state_dir,
+            journal: JournalOptions {
+                fsync,
+                budget_bytes: self.journal_budget_mib << 20,
+                ..JournalOptions::default()
+            },
             targets,
             sets,
         })

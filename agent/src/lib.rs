@@ -8,6 +8,7 @@
 pub mod capture;
 pub mod config;
 pub mod index;
+pub mod journal;
 pub mod queue;
 pub mod resolve;
 pub mod rules;

@@ -1,24 +1,62 @@
-//! The memory queue of one replication set: records numbered in capture order, kept
-//! until every target of the set has acknowledged them.
+//! The queue of one replication set: records numbered in capture order, kept until
+//! every target of the set has acknowledged them, in memory, in the on-disk journal,
+//! or in memory first and spilled to the journal (see [`QueueMode`]).
 //!
-//! Plain state, no IO: the sender asks for batches after a target's cursor and reports
-//! acks; the pipeline pushes ops and waits while the queue is over its byte bound.
+//! Plain state plus the journal's file IO: the sender asks for batches after a
+//! target's cursor and reports acks; the pipeline pushes ops and, in realtime mode,
+//! waits while the memory bound is exceeded.
 
 use std::collections::VecDeque;
 
 use doppel_common::wire::{Op, Record};
+use tracing::{info, warn};
+
+use crate::journal::{AppendError, Journal};
+
+/// Where a set's unacknowledged records live.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueueMode {
+    /// Memory only, bounded: above the bound the pipeline waits (the kernel meanwhile
+    /// remembers changed ranges, which are re-read and sent when there is room). An
+    /// agent restart copies the set again.
+    Realtime,
+    /// Every record goes to the journal first and is sent from it; its space is reclaimed
+    /// once every target acknowledged it. After a crash the journal is replayed.
+    StoreAndForward,
+    /// Memory while the targets keep up; when the memory bound is hit or a target is
+    /// unreachable, the queue spills to the journal until the targets catch up again.
+    Hybrid,
+}
+
+impl QueueMode {
+    pub fn uses_journal(self) -> bool {
+        self != QueueMode::Realtime
+    }
+}
 
 #[derive(Debug)]
 pub struct SetQueue {
     /// The sequence space these numbers belong to (see `wire::SetHello`).
     pub epoch: u64,
+    mode: QueueMode,
     next_seq: u64,
-    records: VecDeque<Record>,
-    bytes: usize,
+    /// Records after the journal's: seqs `mem[0].seq ..= next_seq - 1`, contiguous.
+    mem: VecDeque<Record>,
+    mem_bytes: usize,
+    mem_limit: usize,
+    journal: Option<Journal>,
+    /// Hybrid: new records go to the journal until it drains.
+    spilled: bool,
     /// Highest acknowledged sequence, per target of the set.
     acked: Vec<u64>,
-    /// Total data bytes ever pushed (for status and rates).
+    /// The journal budget was hit and records were dropped: the set must be copied
+    /// again once the queue has drained (see [`SetQueue::take_resync`]).
+    overflowed: bool,
+    resync_due: bool,
+    /// Total data bytes ever pushed, and records dropped at the journal budget.
     pub pushed_bytes: u64,
+    pub dropped: u64,
 }
 
 /// A target needs records this queue no longer holds (its state was reset, or it is
@@ -29,50 +67,189 @@ pub struct Gap {
     pub first_held: u64,
 }
 
-fn record_size(r: &Record) -> usize {
+pub fn record_size(r: &Record) -> usize {
     64 + r.op.data_len() + r.op.paths().map(|p| p.0.len()).sum::<usize>()
 }
 
 impl SetQueue {
+    /// A memory-only queue (realtime mode).
     pub fn new(epoch: u64, targets: usize) -> Self {
-        SetQueue {
+        Self::with(QueueMode::Realtime, None, epoch, targets, usize::MAX)
+    }
+
+    /// A queue in `mode`; `journal` is required unless the mode is realtime. A journal
+    /// that still holds records (the agent stopped before they were acknowledged)
+    /// keeps its epoch and sequence: they are resent after the receiver's Welcome.
+    pub fn with(
+        mode: QueueMode,
+        journal: Option<Journal>,
+        epoch: u64,
+        targets: usize,
+        mem_limit: usize,
+    ) -> Self {
+        // Only store-and-forward resumes a journal: there every record sent was first
+        // journaled (and is sent only once durable), so the journal is never behind a
+        // target. A hybrid queue may have sent memory-only records past the journal's
+        // end, so after a restart it starts a new epoch (the set is copied again).
+        let resume = mode == QueueMode::StoreAndForward;
+        let (epoch, next_seq) = match &journal {
+            Some(j) if resume && !j.is_empty() => (j.epoch(), j.next_seq()),
+            _ => (epoch, 1),
+        };
+        let mut q = SetQueue {
             epoch,
-            next_seq: 1,
-            records: VecDeque::new(),
-            bytes: 0,
+            mode,
+            next_seq,
+            mem: VecDeque::new(),
+            mem_bytes: 0,
+            mem_limit,
+            spilled: false,
+            journal,
             acked: vec![0; targets],
+            overflowed: false,
+            resync_due: false,
             pushed_bytes: 0,
+            dropped: 0,
+        };
+        if let Some(j) = &mut q.journal {
+            if !resume || j.is_empty() {
+                if let Err(e) = j.reset_at(epoch, 1) {
+                    warn!(error = %e, "cannot reset the journal; records stay in memory");
+                    q.journal = None;
+                }
+            } else {
+                info!(
+                    epoch,
+                    first = j.first_seq(),
+                    last = j.last_seq(),
+                    "journal replayed: resending what targets have not acknowledged"
+                );
+            }
         }
+        q
     }
 
     /// Starts over in a new sequence space (everything queued is dropped: the caller
     /// re-copies the set).
     pub fn reset(&mut self, epoch: u64) {
-        let targets = self.acked.len();
-        *self = SetQueue::new(epoch, targets);
+        self.epoch = epoch;
+        self.next_seq = 1;
+        self.mem.clear();
+        self.mem_bytes = 0;
+        self.spilled = false;
+        self.overflowed = false;
+        self.acked.iter_mut().for_each(|a| *a = 0);
+        if let Some(j) = &mut self.journal {
+            if let Err(e) = j.reset_at(epoch, 1) {
+                warn!(error = %e, "cannot reset the journal; records stay in memory");
+                self.journal = None;
+            }
+        }
     }
 
-    pub fn push(&mut self, op: Op) -> u64 {
+    pub fn mode(&self) -> QueueMode {
+        self.mode
+    }
+
+    /// Whether records now go to the journal.
+    fn to_journal(&self) -> bool {
+        self.journal.is_some() && (self.mode == QueueMode::StoreAndForward || self.spilled)
+    }
+
+    /// Appends a record for `op`. Returns false if it was dropped (journal budget).
+    pub fn push(&mut self, op: Op) -> bool {
+        if self.overflowed {
+            self.dropped += 1;
+            return false;
+        }
         let seq = self.next_seq;
-        self.next_seq += 1;
-        self.pushed_bytes += op.data_len() as u64;
         let r = Record { seq, op };
-        self.bytes += record_size(&r);
-        self.records.push_back(r);
-        seq
+        if self.to_journal() {
+            let j = self.journal.as_mut().expect("to_journal checked");
+            match j.append(std::slice::from_ref(&r)) {
+                Ok(()) => {}
+                Err(AppendError::Full { .. }) => {
+                    warn!(seq, "journal budget reached: changes are no longer queued; the set is copied again once targets catch up");
+                    self.overflowed = true;
+                    self.dropped += 1;
+                    return false;
+                }
+                Err(e) => {
+                    warn!(seq, error = %e, "journal append failed: queueing in memory instead");
+                    self.journal = None;
+                    self.spilled = false;
+                    return self.push(r.op);
+                }
+            }
+        } else {
+            self.mem_bytes += record_size(&r);
+            self.mem.push_back(r.clone());
+        }
+        self.pushed_bytes += r.op.data_len() as u64;
+        self.next_seq += 1;
+        if self.mode == QueueMode::Hybrid && !self.spilled && self.mem_bytes > self.mem_limit {
+            self.spill("the memory queue is full");
+        }
+        true
     }
 
-    /// Bytes held (approximate, including per-record overhead).
+    /// Hybrid: moves the memory records to the journal; later records follow them there.
+    pub fn spill(&mut self, why: &str) {
+        if self.mode != QueueMode::Hybrid || self.spilled || self.journal.is_none() {
+            return;
+        }
+        let j = self.journal.as_mut().expect("checked");
+        if j.is_empty() {
+            let first = self.mem.front().map_or(self.next_seq, |r| r.seq);
+            if j.next_seq() != first {
+                if let Err(e) = j.reset_at(self.epoch, first) {
+                    warn!(error = %e, "cannot spill to the journal");
+                    return;
+                }
+            }
+        }
+        let records: Vec<Record> = self.mem.iter().cloned().collect();
+        match j.append(&records) {
+            Ok(()) => {
+                info!(
+                    records = records.len(),
+                    why, "spilling the queue to the journal"
+                );
+                self.mem.clear();
+                self.mem_bytes = 0;
+                self.spilled = true;
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot spill to the journal; the memory queue keeps the records")
+            }
+        }
+    }
+
+    /// Bytes held in memory (approximate, including per-record overhead).
     pub fn bytes(&self) -> usize {
-        self.bytes
+        self.mem_bytes
+    }
+
+    /// Whether the pipeline must wait for acks before pushing more (memory over its
+    /// bound and nowhere to spill).
+    pub fn full(&self) -> bool {
+        self.mem_bytes > self.mem_limit && !self.to_journal()
+    }
+
+    pub fn journal_bytes(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| j.bytes())
+    }
+
+    pub fn journal_written_bytes(&self) -> u64 {
+        self.journal.as_ref().map_or(0, |j| j.written_bytes())
     }
 
     pub fn len(&self) -> usize {
-        self.records.len()
+        (self.next_seq - self.first_held()) as usize
     }
 
     pub fn is_empty(&self) -> bool {
-        self.records.is_empty()
+        self.len() == 0
     }
 
     /// Sequence of the newest record pushed (0 if none).
@@ -84,19 +261,47 @@ impl SetQueue {
         self.acked[target]
     }
 
+    fn first_held(&self) -> u64 {
+        match &self.journal {
+            Some(j) if !j.is_empty() => j.first_seq(),
+            _ => self.mem.front().map_or(self.next_seq, |r| r.seq),
+        }
+    }
+
     /// Records after `after`, in order, at most about `max_bytes` (at least one).
     pub fn batch(&self, after: u64, max_bytes: usize) -> Result<Vec<Record>, Gap> {
-        let first = self.records.front().map_or(self.next_seq, |r| r.seq);
+        let first = self.first_held();
         if after + 1 < first || after > self.last_seq() {
             return Err(Gap {
                 applied: after,
                 first_held: first,
             });
         }
-        let skip = (after + 1 - first) as usize;
+        if let Some(j) = &self.journal {
+            if !j.is_empty() && after < j.last_seq() {
+                // Only what is on disk: a record a target applied must never be lost
+                // by a host crash and its sequence number reused for another op.
+                if after >= j.durable_seq() {
+                    return Ok(Vec::new());
+                }
+                let mut records = j.read_after(after, max_bytes).map_err(|e| {
+                    warn!(error = %e, "cannot read the journal");
+                    Gap {
+                        applied: after,
+                        first_held: first,
+                    }
+                })?;
+                records.retain(|r| r.seq <= j.durable_seq());
+                return Ok(records);
+            }
+        }
+        let Some(front) = self.mem.front() else {
+            return Ok(Vec::new());
+        };
+        let skip = (after + 1).saturating_sub(front.seq) as usize;
         let mut out = Vec::new();
         let mut size = 0;
-        for r in self.records.iter().skip(skip) {
+        for r in self.mem.iter().skip(skip) {
             if !out.is_empty() && size + record_size(r) > max_bytes {
                 break;
             }
@@ -107,40 +312,90 @@ impl SetQueue {
     }
 
     /// Records that `target` has applied everything up to `seq`; drops what every
-    /// target has. Returns the number of records dropped.
-    pub fn ack(&mut self, target: usize, seq: u64) -> usize {
+    /// target has.
+    pub fn ack(&mut self, target: usize, seq: u64) {
         let seq = seq.min(self.last_seq());
         if seq > self.acked[target] {
             self.acked[target] = seq;
         }
         let low = self.acked.iter().copied().min().unwrap_or(0);
-        let mut dropped = 0;
-        while self.records.front().is_some_and(|r| r.seq <= low) {
-            let r = self.records.pop_front().expect("front exists");
-            self.bytes -= record_size(&r);
-            dropped += 1;
+        while self.mem.front().is_some_and(|r| r.seq <= low) {
+            let r = self.mem.pop_front().expect("front exists");
+            self.mem_bytes -= record_size(&r);
         }
-        dropped
+        if let Some(j) = &mut self.journal {
+            if let Err(e) = j.trim(low) {
+                warn!(error = %e, "cannot reclaim journal space");
+            }
+            if self.spilled && self.mode == QueueMode::Hybrid && low >= j.last_seq() {
+                info!("targets caught up: the queue is back in memory");
+                self.spilled = false;
+            }
+        }
+        if self.overflowed && low == self.last_seq() {
+            self.overflowed = false;
+            self.resync_due = true;
+        }
     }
 
-    /// Records and bytes `target` has not acknowledged yet.
+    /// True once after the queue drained from a journal overflow: copy the set again.
+    pub fn take_resync(&mut self) -> bool {
+        std::mem::take(&mut self.resync_due)
+    }
+
+    /// fsyncs the journal if its policy says it is time; true if records became
+    /// durable (and may now be sent).
+    pub fn sync_due(&mut self, now: std::time::Instant) -> bool {
+        let Some(j) = &mut self.journal else {
+            return false;
+        };
+        if j.sync_deadline().is_none_or(|d| d > now) {
+            return false;
+        }
+        let before = j.durable_seq();
+        if let Err(e) = j.sync() {
+            warn!(error = %e, "journal fsync failed");
+        }
+        j.durable_seq() > before
+    }
+
+    /// When the journal next wants an fsync.
+    pub fn sync_deadline(&self) -> Option<std::time::Instant> {
+        self.journal.as_ref().and_then(|j| j.sync_deadline())
+    }
+
+    pub fn overflowed(&self) -> bool {
+        self.overflowed
+    }
+
+    pub fn spilled(&self) -> bool {
+        self.spilled
+    }
+
+    /// Records and bytes (approximate) `target` has not acknowledged yet.
     pub fn lag(&self, target: usize) -> (u64, usize) {
         let acked = self.acked[target];
         let recs = self.last_seq() - acked;
         let bytes = self
-            .records
+            .mem
             .iter()
             .rev()
             .take_while(|r| r.seq > acked)
             .map(record_size)
-            .sum();
-        (recs, bytes)
+            .sum::<usize>();
+        let journal = if acked < self.first_held() || self.to_journal() {
+            self.journal_bytes() as usize
+        } else {
+            0
+        };
+        (recs, bytes + journal)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::journal::{FsyncPolicy, JournalOptions};
     use doppel_common::wire::RelPath;
 
     fn w(n: u8) -> Op {
@@ -151,6 +406,19 @@ mod tests {
         }
     }
 
+    fn journal(dir: &std::path::Path) -> Journal {
+        let opts = JournalOptions {
+            segment_bytes: 4096,
+            fsync: FsyncPolicy::Always,
+            budget_bytes: 1 << 20,
+        };
+        Journal::open(dir, opts, 7).unwrap()
+    }
+
+    fn seqs(v: &[Record]) -> Vec<u64> {
+        v.iter().map(|r| r.seq).collect()
+    }
+
     #[test]
     fn records_stay_until_every_target_acks() {
         let mut q = SetQueue::new(1, 2);
@@ -159,11 +427,11 @@ mod tests {
         }
         assert_eq!(q.last_seq(), 5);
         assert_eq!(q.batch(0, usize::MAX).unwrap().len(), 5);
-        assert_eq!(q.ack(0, 3), 0, "target 1 has acked nothing");
-        assert_eq!(q.ack(1, 2), 2);
+        q.ack(0, 3);
+        assert_eq!(q.len(), 5, "target 1 has acked nothing");
+        q.ack(1, 2);
         assert_eq!(q.len(), 3);
-        let b = q.batch(2, usize::MAX).unwrap();
-        assert_eq!(b.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![3, 4, 5]);
+        assert_eq!(seqs(&q.batch(2, usize::MAX).unwrap()), vec![3, 4, 5]);
         assert_eq!(q.lag(1), (3, q.bytes()));
         q.ack(1, 5);
         q.ack(0, 5);
@@ -198,5 +466,87 @@ mod tests {
         );
         assert!(q.batch(9, 100).is_err(), "ahead of us is a gap too");
         assert_eq!(q.batch(3, usize::MAX).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn store_and_forward_resumes_from_the_journal_after_a_restart() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = SetQueue::with(
+            QueueMode::StoreAndForward,
+            Some(journal(d.path())),
+            42,
+            1,
+            1 << 20,
+        );
+        for i in 0..50 {
+            assert!(q.push(w(i)));
+        }
+        assert_eq!(q.bytes(), 0, "nothing is held in memory");
+        q.ack(0, 20);
+        let epoch = q.epoch;
+        drop(q);
+        let mut q = SetQueue::with(
+            QueueMode::StoreAndForward,
+            Some(journal(d.path())),
+            99,
+            1,
+            1 << 20,
+        );
+        assert_eq!(q.epoch, epoch, "the journal's sequence space continues");
+        assert_eq!(q.last_seq(), 50);
+        let b = q.batch(20, usize::MAX).unwrap();
+        assert_eq!(b.first().map(|r| r.seq), Some(21));
+        assert_eq!(b.last().map(|r| r.seq), Some(50));
+        assert_eq!(b[0].op, w(20));
+        q.ack(0, 50);
+        assert!(q.push(w(1)));
+        assert_eq!(q.last_seq(), 51);
+    }
+
+    #[test]
+    fn hybrid_spills_when_memory_is_full_and_comes_back() {
+        let d = tempfile::tempdir().unwrap();
+        let mut q = SetQueue::with(QueueMode::Hybrid, Some(journal(d.path())), 5, 1, 1000);
+        for i in 0..4 {
+            q.push(w(i));
+        }
+        assert!(!q.spilled());
+        for i in 4..20 {
+            q.push(w(i));
+        }
+        assert!(
+            q.spilled(),
+            "over 1000 bytes of records spill to the journal"
+        );
+        assert_eq!(q.bytes(), 0);
+        assert!(!q.full(), "a spilled queue never makes the pipeline wait");
+        let all: Vec<u64> = (1..=20).collect();
+        let mut got = Vec::new();
+        let mut after = 0;
+        while after < 20 {
+            let b = q.batch(after, 300).unwrap();
+            after = b.last().unwrap().seq;
+            got.extend(seqs(&b));
+        }
+        assert_eq!(got, all);
+        q.ack(0, 20);
+        assert!(!q.spilled(), "drained: back to memory");
+        q.push(w(1));
+        assert_eq!(q.batch(20, usize::MAX).unwrap()[0].seq, 21);
+        // Spilling again continues the sequence in the journal.
+        q.spill("test");
+        q.push(w(2));
+        assert_eq!(seqs(&q.batch(20, usize::MAX).unwrap()), vec![21, 22]);
+    }
+
+    #[test]
+    fn realtime_memory_bound_makes_the_pipeline_wait() {
+        let mut q = SetQueue::with(QueueMode::Realtime, None, 1, 1, 500);
+        for i in 0..10 {
+            q.push(w(i));
+        }
+        assert!(q.full());
+        q.ack(0, 10);
+        assert!(!q.full());
     }
 }

@@ -116,17 +116,30 @@ impl<W: Watcher> Resolver<W> {
             .map(|e| e.file_name())
             .collect();
         names.sort();
+        let mut keep = Vec::new();
         for name in names {
             let child_abs = abs.join(&name);
             let child_rel = rel.join(&name);
             let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
                 continue;
             };
-            self.enter(set, dir, &name, &child_abs, &child_rel, &m, out);
+            if self.enter(set, dir, &name, &child_abs, &child_rel, &m, out) {
+                keep.push(RelPath(name.as_bytes().to_vec()));
+            }
         }
+        // Whatever else the replica has here, the source no longer has (it went while
+        // no agent was watching, or with records a killed agent never delivered).
+        out.push(SetOp {
+            set,
+            op: Op::Prune {
+                dir: (!rel.as_os_str().is_empty()).then(|| rel_path(rel)),
+                keep,
+            },
+        });
     }
 
     /// Something appeared at `rel` (scan, mkdir, rename into the set): watch and emit it.
+    /// Returns whether it is replicated.
     #[allow(clippy::too_many_arguments)]
     fn enter(
         &mut self,
@@ -137,12 +150,12 @@ impl<W: Watcher> Resolver<W> {
         rel: &Path,
         m: &Metadata,
         out: &mut Vec<SetOp>,
-    ) {
+    ) -> bool {
         let id = file_id(m);
         let rules = &self.sets[set].rules;
         if m.is_dir() {
             if !rules.dir(rel) {
-                return;
+                return false;
             }
             self.watcher.watch(id);
             // Stamped after the watch and before the read: events older than this are
@@ -157,15 +170,18 @@ impl<W: Watcher> Resolver<W> {
                 },
             });
             self.scan_dir(set, id, abs, rel, out);
+            true
         } else if m.is_file() {
             if !rules.file(rel) {
-                return;
+                return false;
             }
             self.index
                 .insert_born(parent, name, id, false, monotonic_ns());
             emit_whole_file(set, abs, rel, m, out);
+            true
         } else {
             debug!(path = %abs.display(), "skipping a special file (symlinks and devices are not replicated yet)");
+            false
         }
     }
 
@@ -660,6 +676,7 @@ mod tests {
             root: dir.canonicalize().unwrap(),
             rules: Rules::new(&["**".into()], &["**/*.tmp".into()]).unwrap(),
             targets: vec![0],
+            queue: crate::queue::QueueMode::Realtime,
         };
         Resolver::new(vec![set], watch).unwrap()
     }
@@ -682,9 +699,21 @@ mod tests {
             .filter(|o| matches!(o, Op::Write { .. }))
             .collect();
         assert_eq!(writes.len(), 1, "the hole is not sent: {ops:?}");
-        assert!(
-            matches!(**ops.last().unwrap(), Op::Truncate { size, .. } if size == (READ_CHUNK * 2 + 5) as u64)
+        assert!(ops.iter().any(
+            |o| matches!(o, Op::Truncate { size, .. } if *size == (READ_CHUNK * 2 + 5) as u64)
+        ));
+        // Each scanned directory ends with a Prune keeping exactly what was sent.
+        assert_eq!(
+            *ops[ops.len() - 1],
+            Op::Prune {
+                dir: None,
+                keep: vec![RelPath(b"sub".to_vec())]
+            }
         );
+        assert!(ops.contains(&&Op::Prune {
+            dir: Some(RelPath(b"sub".to_vec())),
+            keep: vec![RelPath(b"f".to_vec())]
+        }));
         assert!(!ops
             .iter()
             .any(|o| o.paths().any(|p| p.0.ends_with(b".tmp"))));

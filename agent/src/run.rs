@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::capture::{Capture, CaptureOptions, WatchMode};
 use crate::config::Config;
+use crate::journal::Journal;
 use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
@@ -33,6 +34,30 @@ impl Watcher for KernelWatcher {
     fn unwatch(&self, dir: FileId) {
         let _ = self.0.unwatch_dir(dir);
     }
+}
+
+/// The set's queue, with its journal when the mode uses one.
+fn open_queue(config: &Config, set: &crate::config::Set, targets: usize) -> Result<SetQueue> {
+    let journal = if set.queue.uses_journal() {
+        let dir = config.state_dir.join("journal").join(&set.name);
+        let j = Journal::open(&dir, config.journal.clone(), new_epoch()).with_context(|| {
+            format!(
+                "cannot open the journal of set {:?} in {}",
+                set.name,
+                dir.display()
+            )
+        })?;
+        Some(j)
+    } else {
+        None
+    };
+    Ok(SetQueue::with(
+        set.queue,
+        journal,
+        new_epoch(),
+        targets,
+        config.queue_memory_bytes,
+    ))
 }
 
 /// A fresh sequence space id: distinct across restarts of the agent.
@@ -71,10 +96,12 @@ pub async fn run(config: Config) -> Result<()> {
     let shared = Arc::new(Shared {
         source: config.name.clone(),
         set_names: config.sets.iter().map(|s| s.name.clone()).collect(),
-        queues: slots
+        queues: config
+            .sets
             .iter()
-            .map(|&n| Mutex::new(SetQueue::new(new_epoch(), n)))
-            .collect(),
+            .zip(&slots)
+            .map(|(set, &n)| open_queue(&config, set, n).map(Mutex::new))
+            .collect::<Result<_>>()?,
         pushed,
         acked,
         targets: config
@@ -118,11 +145,32 @@ pub async fn run(config: Config) -> Result<()> {
         "initial scan done; replicating live"
     );
     let mut room = shared.acked.subscribe();
-    push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+    push(&shared, &mut ops, &mut room).await;
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    // Journal fsyncs (records are sent once durable) and resyncs after a journal overflow.
+    let mut housekeeping = tokio::time::interval(Duration::from_millis(20));
     loop {
         tokio::select! {
+            _ = housekeeping.tick() => {
+                let now = std::time::Instant::now();
+                let mut durable = false;
+                for s in 0..config.sets.len() {
+                    let mut q = shared.queue(s);
+                    durable |= q.sync_due(now);
+                    if q.take_resync() {
+                        drop(q);
+                        warn!(set = %config.sets[s].name, "copying the set again after a journal overflow");
+                        let mut all = Vec::new();
+                        resolver.scan_all(&mut all);
+                        ops.extend(all.into_iter().filter(|o| o.set == s));
+                    }
+                }
+                if durable {
+                    shared.pushed.send_modify(|g| *g += 1);
+                }
+                push(&shared, &mut ops, &mut room).await;
+            }
             batch = events.recv() => {
                 let Some(batch) = batch else {
                     anyhow::bail!("the capture thread stopped; see the log above for why");
@@ -130,7 +178,7 @@ pub async fn run(config: Config) -> Result<()> {
                 for ev in batch {
                     resolver.resolve(ev, &mut ops);
                 }
-                push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+                push(&shared, &mut ops, &mut room).await;
             }
             Some(set) = gaps.recv() => {
                 let epoch = new_epoch();
@@ -139,7 +187,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let mut all = Vec::new();
                 resolver.scan_all(&mut all);
                 ops.extend(all.into_iter().filter(|o| o.set == set));
-                push(&shared, &mut ops, config.queue_memory_bytes, &mut room).await;
+                push(&shared, &mut ops, &mut room).await;
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -173,12 +221,7 @@ fn ignore_local_receivers(capture: &Capture) {
 /// Moves ops into their set queues, wakes the senders, then waits while a queue is over
 /// its bound (the kernel keeps capturing meanwhile; what does not fit in the ring is
 /// remembered as ranges and resent).
-async fn push(
-    shared: &Shared,
-    ops: &mut Vec<SetOp>,
-    limit: usize,
-    room: &mut watch::Receiver<u64>,
-) {
+async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<u64>) {
     if ops.is_empty() {
         return;
     }
@@ -188,7 +231,7 @@ async fn push(
     shared.pushed.send_modify(|g| *g += 1);
     loop {
         room.borrow_and_update();
-        let full = (0..shared.queues.len()).any(|s| shared.queue(s).bytes() > limit);
+        let full = (0..shared.queues.len()).any(|s| shared.queue(s).full());
         if !full {
             return;
         }

@@ -75,6 +75,15 @@ impl RelPath {
         Ok(())
     }
 
+    /// A valid single path component (a name inside a directory).
+    pub fn validate_name(&self) -> Result<(), PathError> {
+        self.validate()?;
+        if self.0.contains(&b'/') {
+            return Err(PathError::BadComponent);
+        }
+        Ok(())
+    }
+
     pub fn from_os(p: &std::path::Path) -> Self {
         use std::os::unix::ffi::OsStrExt;
         RelPath(p.as_os_str().as_bytes().to_vec())
@@ -112,21 +121,32 @@ pub enum Op {
         to: RelPath,
         flags: u32,
     },
+    /// Delete every entry of directory `dir` (`None`: the replica root) whose name is
+    /// not in `keep`, with whatever is beneath it. Sent after the agent has scanned the
+    /// directory, so that what the source lost while no agent was watching (deletions,
+    /// renames, unacknowledged records of a killed agent) does not linger on the replica.
+    Prune {
+        dir: Option<RelPath>,
+        /// Single path components (see [`RelPath::validate_name`]).
+        keep: Vec<RelPath>,
+    },
 }
 
 impl Op {
     /// Every path the op touches, for validation.
+    /// The paths the op touches (not a Prune's `keep` names, which are components).
     pub fn paths(&self) -> impl Iterator<Item = &RelPath> {
-        let (a, b) = match self {
+        let pair = match self {
             Op::Write { path, .. }
             | Op::Truncate { path, .. }
             | Op::CreateFile { path, .. }
             | Op::Mkdir { path, .. }
             | Op::Remove { path }
-            | Op::Rmdir { path } => (path, None),
-            Op::Rename { from, to, .. } => (from, Some(to)),
+            | Op::Rmdir { path } => [Some(path), None],
+            Op::Rename { from, to, .. } => [Some(from), Some(to)],
+            Op::Prune { dir, .. } => [dir.as_ref(), None],
         };
-        std::iter::once(a).chain(b)
+        pair.into_iter().flatten()
     }
 
     /// Bytes of file data carried (for accounting).

@@ -144,7 +144,51 @@ impl Applier {
             Op::Remove { path } => self.remove(path),
             Op::Rmdir { path } => self.rmdir(path),
             Op::Rename { from, to, flags } => self.rename(from, to, *flags),
+            Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep),
         }
+    }
+
+    fn prune(&mut self, dir: Option<&RelPath>, keep: &[RelPath]) -> Result<()> {
+        let shown = dir.cloned().unwrap_or_else(|| RelPath(b".".to_vec()));
+        for k in keep {
+            k.validate_name().map_err(|err| ApplyError::BadPath {
+                path: k.clone(),
+                err,
+            })?;
+        }
+        let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|k| k.0.as_slice()).collect();
+        let fd = match self.dir(dir.map(|d| d.0.as_slice()), false) {
+            Ok(d) => d,
+            // Nothing there, nothing to prune.
+            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
+            Err(e) => return Err(io("prune", &shown, e)),
+        };
+        let mut doomed = Vec::new();
+        let listing = rustix::fs::Dir::read_from(&*fd).map_err(|e| io("prune", &shown, e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| io("prune", &shown, e))?;
+            let n = entry.file_name().to_bytes();
+            if n != b"." && n != b".." && !keep.contains(n) {
+                doomed.push(n.to_vec());
+            }
+        }
+        for n in doomed {
+            let full = match dir {
+                Some(d) => RelPath([d.0.as_slice(), b"/", n.as_slice()].concat()),
+                None => RelPath(n.clone()),
+            };
+            self.files.invalidate(&full);
+            match remove_tree(fd.as_fd(), &n, 0) {
+                // Not a directory: unlink it.
+                Err(Errno::NOTDIR) => rustix::fs::unlinkat(&*fd, os(&n), AtFlags::empty())
+                    .or_else(|e| if e == Errno::NOENT { Ok(()) } else { Err(e) })
+                    .map_err(|e| io("prune", &full, e))?,
+                Ok(()) | Err(Errno::NOENT) => {}
+                Err(e) => return Err(io("prune", &full, e)),
+            }
+            self.dirty.dir(&fd);
+        }
+        Ok(())
     }
 
     fn write(&mut self, path: &RelPath, offset: u64, mut data: &[u8]) -> Result<()> {
@@ -613,5 +657,58 @@ mod tests {
         .unwrap();
         let e = a.apply(&write("fifo", 0, b"x")).unwrap_err();
         assert!(!e.is_fatal(), "{e}");
+    }
+
+    #[test]
+    fn prune_removes_what_is_not_kept_and_only_beneath_the_root() {
+        let (d, mut a) = setup();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep-me"), b"x").unwrap();
+        for f in ["a", "b", "d/x", "d/y"] {
+            a.apply(&Op::Write {
+                path: p(f),
+                offset: 0,
+                data: b"data".to_vec(),
+            })
+            .unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        a.apply(&Op::Prune {
+            dir: Some(p("d")),
+            keep: vec![p("x")],
+        })
+        .unwrap();
+        assert!(a.root().join("d/x").exists() && !a.root().join("d/y").exists());
+        a.apply(&Op::Prune {
+            dir: None,
+            keep: vec![p("a"), p("d")],
+        })
+        .unwrap();
+        let mut left: Vec<_> = std::fs::read_dir(a.root())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(left, vec!["a", "d"]);
+        assert!(
+            outside.join("keep-me").exists(),
+            "a symlink is unlinked, never followed"
+        );
+        for bad in ["..", "a/b", ""] {
+            assert!(a
+                .apply(&Op::Prune {
+                    dir: None,
+                    keep: vec![p(bad)]
+                })
+                .is_err());
+        }
+        assert!(a
+            .apply(&Op::Prune {
+                dir: Some(p("../outside")),
+                keep: vec![]
+            })
+            .is_err());
+        assert!(outside.join("keep-me").exists());
     }
 }

@@ -2,8 +2,10 @@
 //! `doppel-agent` as child processes talking QUIC over loopback, each with its own
 //! temporary directory, keys and port. Dropping the cluster kills both.
 
+use std::ffi::OsString;
 use std::fs;
 use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -22,6 +24,25 @@ pub struct Cluster {
     pub set: String,
     receiver: Option<Child>,
     agent: Option<Child>,
+    agent_wrapper: Vec<OsString>,
+    receiver_wrapper: Vec<OsString>,
+}
+
+/// How to lay out a cluster beyond the defaults of [`Cluster::new`].
+#[derive(Debug, Default, Clone)]
+pub struct Options {
+    /// Extra TOML lines appended to the agent's `[[set]]`.
+    pub set_extra: String,
+    /// The receiver's listen address, which is also the agent's target address.
+    /// Default: 127.0.0.1 and a free port.
+    pub listen: Option<SocketAddr>,
+    /// The receiver's replica root for the source (the set lands in `<root>/<set>`).
+    /// Default: `<cluster dir>/replica`.
+    pub replica_root: Option<PathBuf>,
+    /// A command each process is started under, e.g. `["nsenter", "--net=...", "--"]`
+    /// (it must exec the binary in place, so that the child's pid is the binary's).
+    pub agent_wrapper: Vec<OsString>,
+    pub receiver_wrapper: Vec<OsString>,
 }
 
 fn keygen(bin: &str, out: &Path) -> Result<String> {
@@ -59,18 +80,34 @@ impl Cluster {
 
     /// As `new`, with extra TOML lines appended to the agent's `[[set]]`.
     pub fn with_agent_extra(set: &str, set_extra: &str) -> Result<Cluster> {
+        Self::with_options(
+            set,
+            Options {
+                set_extra: set_extra.to_string(),
+                ..Options::default()
+            },
+        )
+    }
+
+    /// Keys and configs for one set named `set` laid out as `opts` says; nothing is
+    /// started yet.
+    pub fn with_options(set: &str, opts: Options) -> Result<Cluster> {
+        let set_extra = &opts.set_extra;
         let dir = tempfile::Builder::new().prefix("doppel-e2e-").tempdir()?;
         let d = dir.path();
         let source = d.join("source");
-        let replica_root = d.join("replica");
+        let replica_root = opts.replica_root.unwrap_or_else(|| d.join("replica"));
         fs::create_dir_all(&source)?;
         let afp = keygen("doppel-agent", &d.join("agent-keys"))?;
         let rfp = keygen("doppel-receiver", &d.join("receiver-keys"))?;
-        let port = free_port();
+        let listen = opts
+            .listen
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], free_port())));
+        let port = listen.port();
         fs::write(
             d.join("receiver.toml"),
             format!(
-                r#"listen = "127.0.0.1:{port}"
+                r#"listen = "{listen}"
 cert = "receiver-keys/cert.pem"
 key = "receiver-keys/key.pem"
 state_dir = "receiver-state"
@@ -89,10 +126,11 @@ root = "{}"
                 r#"name = "src"
 cert = "agent-keys/cert.pem"
 key = "agent-keys/key.pem"
+state_dir = "agent-state"
 
 [[target]]
 name = "t"
-address = "127.0.0.1:{port}"
+address = "{listen}"
 fingerprint = "{rfp}"
 
 [[set]]
@@ -112,6 +150,8 @@ targets = ["t"]
             dir,
             receiver: None,
             agent: None,
+            agent_wrapper: opts.agent_wrapper,
+            receiver_wrapper: opts.receiver_wrapper,
         })
     }
 
@@ -120,8 +160,19 @@ targets = ["t"]
             .create(true)
             .append(true)
             .open(self.dir.path().join(log))?;
-        Command::new(bin_dir().join(bin))
-            .args(["run", "--config"])
+        let wrapper = match bin {
+            "doppel-agent" => &self.agent_wrapper,
+            _ => &self.receiver_wrapper,
+        };
+        let mut cmd = match wrapper.split_first() {
+            Some((prog, args)) => {
+                let mut c = Command::new(prog);
+                c.args(args).arg(bin_dir().join(bin));
+                c
+            }
+            None => Command::new(bin_dir().join(bin)),
+        };
+        cmd.args(["run", "--config"])
             .arg(self.dir.path().join(config))
             .env(
                 "RUST_LOG",
@@ -195,6 +246,22 @@ targets = ["t"]
 
     pub fn receiver_pid(&self) -> Option<u32> {
         self.receiver.as_ref().map(|c| c.id())
+    }
+
+    fn alive(child: &mut Option<Child>) -> bool {
+        child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Whether the receiver was started and has not exited since.
+    pub fn receiver_alive(&mut self) -> bool {
+        Self::alive(&mut self.receiver)
+    }
+
+    /// Whether the agent was started and has not exited since.
+    pub fn agent_alive(&mut self) -> bool {
+        Self::alive(&mut self.agent)
     }
 
     pub fn log(&self, name: &str) -> String {

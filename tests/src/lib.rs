@@ -2,6 +2,7 @@
 //! receiver and a real agent as child processes, a tree comparer, a random writer.
 
 pub mod cluster;
+pub mod netns;
 pub mod tree;
 pub mod writer;
 
