@@ -3,6 +3,7 @@
 mod bench;
 mod compile;
 mod demo;
+mod fuzz;
 mod setup;
 mod test;
 
@@ -32,6 +33,12 @@ enum Cmd {
         /// Only tests whose name contains this.
         filter: Option<String>,
     },
+    /// Fuzz every decoder (wire frames, capture records, journal records, paths).
+    Fuzz {
+        /// Seconds per target.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Run benchmarks, print a table and write the figures as a flat JSON object.
     Bench {
         /// Benchmarks to run (default: all). Names: lag, slowdown.
@@ -56,6 +63,7 @@ fn main() {
         Cmd::Demo { seconds } => demo::run(seconds),
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Bench { names, json } => bench::run(&names, &json),
+        Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::BenchSink { keys, client_fp } => bench::sink(&keys, &client_fp),
     };
     if let Err(e) = r {

@@ -1,9 +1,13 @@
 //! `cargo xtask test`: unit tests of every crate, then the end-to-end tests (real
-//! eBPF, real QUIC, real processes), one at a time so their timing is not distorted.
+//! eBPF, real QUIC, real processes), one at a time so their timing is not distorted,
+//! then a brief run of every fuzz target.
 
 use anyhow::{bail, Result};
 
 use crate::compile::{bin_dir, cargo, release};
+
+/// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
+const FUZZ_SECONDS: u64 = 10;
 
 pub fn run(filter: Option<&str>) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
@@ -32,6 +36,9 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         "--test-threads=1",
         f,
     ])?;
+    if filter.is_none() {
+        crate::fuzz::run(FUZZ_SECONDS)?;
+    }
     eprintln!("xtask test: all tests passed");
     Ok(())
 }
