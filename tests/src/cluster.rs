@@ -33,6 +33,8 @@ pub struct Cluster {
 pub struct Options {
     /// Extra TOML lines appended to the agent's `[[set]]`.
     pub set_extra: String,
+    /// Extra TOML lines appended to the agent's `[[target]]` (e.g. `bandwidth_limit`).
+    pub agent_target_extra: String,
     /// The receiver's listen address, which is also the agent's target address.
     /// Default: 127.0.0.1 and a free port.
     pub listen: Option<SocketAddr>,
@@ -45,7 +47,8 @@ pub struct Options {
     pub receiver_wrapper: Vec<OsString>,
 }
 
-fn keygen(bin: &str, out: &Path) -> Result<String> {
+/// Runs `BIN keygen --out OUT` and returns the printed fingerprint.
+pub fn keygen(bin: &str, out: &Path) -> Result<String> {
     let o = Command::new(bin_dir().join(bin))
         .args(["keygen", "--out"])
         .arg(out)
@@ -93,6 +96,7 @@ impl Cluster {
     /// started yet.
     pub fn with_options(set: &str, opts: Options) -> Result<Cluster> {
         let set_extra = &opts.set_extra;
+        let target_extra = &opts.agent_target_extra;
         let dir = tempfile::Builder::new().prefix("doppel-e2e-").tempdir()?;
         let d = dir.path();
         let source = d.join("source");
@@ -132,6 +136,7 @@ state_dir = "agent-state"
 name = "t"
 address = "{listen}"
 fingerprint = "{rfp}"
+{target_extra}
 
 [[set]]
 name = "{set}"
