@@ -13,6 +13,7 @@ use serde::Deserialize;
 use crate::journal::{FsyncPolicy, JournalOptions};
 use crate::queue::QueueMode;
 use crate::rules::Rules;
+use crate::throttle::{parse_hhmm, Schedule, Window};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -76,7 +77,34 @@ pub struct TargetConfig {
     pub address: String,
     /// The receiver certificate's SHA-256 fingerprint (`doppel-receiver keygen` prints it).
     pub fingerprint: String,
+    /// zstd level for batches sent to this target, 1 (fast) to 19 (small); 0 = off.
+    /// Read as i64 so that a negative value gets our error, not a type error.
+    #[serde(default = "default_compression")]
+    pub compression_level: i64,
+    /// Bytes per second on the wire (after compression); 0 = unlimited.
+    #[serde(default)]
+    pub bandwidth_limit: u64,
+    /// Time windows with their own limit; the first that matches wins.
+    #[serde(default)]
+    pub schedule: Vec<WindowConfig>,
 }
+
+/// `[[target.schedule]]`: from `from` to `to` (local "HH:MM", may wrap midnight) the
+/// limit is `limit` bytes/s (0 = unlimited) instead of the target's `bandwidth_limit`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowConfig {
+    pub from: String,
+    pub to: String,
+    pub limit: u64,
+}
+
+fn default_compression() -> i64 {
+    1
+}
+
+/// zstd's highest level before the memory-hungry "ultra" ones.
+const MAX_COMPRESSION: i64 = 19;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -120,6 +148,10 @@ pub struct Target {
     pub name: String,
     pub address: SocketAddr,
     pub fingerprint: String,
+    /// zstd level, 0 = off.
+    pub compression_level: i32,
+    /// Bytes/s on the wire by time of day.
+    pub bandwidth: Schedule,
 }
 
 #[derive(Debug, Clone)]
@@ -195,10 +227,40 @@ impl AgentConfig {
                 })?;
             let fingerprint = doppel_transport::parse_fingerprint(&t.fingerprint)
                 .with_context(|| format!("key `{key}.fingerprint`"))?;
+            if !(0..=MAX_COMPRESSION).contains(&t.compression_level) {
+                bail!(
+                    "key `{key}.compression_level`: {} is out of range; use 1 (fast) to {MAX_COMPRESSION} (small), or 0 to send uncompressed",
+                    t.compression_level
+                );
+            }
+            let mut windows = Vec::new();
+            for (j, w) in t.schedule.iter().enumerate() {
+                let wkey = format!("{key}.schedule[{j}]");
+                let time = |field: &str, v: &str| {
+                    parse_hhmm(v).with_context(|| {
+                        format!("key `{wkey}.{field}`: {v:?} is not a time of day; write local time as \"HH:MM\", 00:00 to 23:59")
+                    })
+                };
+                let from = time("from", &w.from)?;
+                let to = time("to", &w.to)?;
+                if from == to {
+                    bail!("key `{wkey}.to`: the window starts and ends at {:?}, so it is empty; for a limit all day use `{key}.bandwidth_limit`", w.to);
+                }
+                windows.push(Window {
+                    from,
+                    to,
+                    limit: w.limit,
+                });
+            }
             targets.push(Target {
                 name: t.name.clone(),
                 address,
                 fingerprint,
+                compression_level: t.compression_level as i32,
+                bandwidth: Schedule {
+                    default: t.bandwidth_limit,
+                    windows,
+                },
             });
         }
         let mut sets: Vec<Set> = Vec::new();
@@ -341,6 +403,86 @@ targets = ["backup"]
             .unwrap_err()
             .to_string();
         assert!(e.contains("bogus"), "{e}");
+    }
+
+    /// `good()` with `extra` lines added to its `[[target]]` (and any tables after them).
+    fn with_target(root: &str, extra: &str) -> Result<Config> {
+        parse(&good(root).replace("[[set]]", &format!("{extra}\n[[set]]")))
+    }
+
+    #[test]
+    fn compression_and_bandwidth_default_and_parse() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        let c = parse(&good(root)).unwrap();
+        assert_eq!(c.targets[0].compression_level, 1);
+        assert!(c.targets[0].bandwidth.is_unlimited());
+        let c = with_target(
+            root,
+            r#"compression_level = 0
+bandwidth_limit = 2000000
+[[target.schedule]]
+from = "22:00"
+to = "06:00"
+limit = 0
+[[target.schedule]]
+from = "08:00"
+to = "18:00"
+limit = 500000
+"#,
+        )
+        .unwrap();
+        let t = &c.targets[0];
+        assert_eq!(t.compression_level, 0);
+        assert_eq!(t.bandwidth.default, 2_000_000);
+        assert_eq!(t.bandwidth.limit_at(23 * 60), 0);
+        assert_eq!(t.bandwidth.limit_at(9 * 60), 500_000);
+        assert_eq!(t.bandwidth.limit_at(20 * 60), 2_000_000);
+    }
+
+    #[test]
+    fn bad_compression_and_schedules_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        for level in ["20", "-1"] {
+            let e = with_target(root, &format!("compression_level = {level}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                e.contains("target[0].compression_level") && e.contains("19"),
+                "{e}"
+            );
+        }
+        let window = |from: &str, to: &str| {
+            format!(
+                "[[target.schedule]]\nfrom = \"00:00\"\nto = \"01:00\"\nlimit = 1\n[[target.schedule]]\nfrom = \"{from}\"\nto = \"{to}\"\nlimit = 1\n"
+            )
+        };
+        let e = with_target(root, &window("25:00", "06:00"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target[0].schedule[1].from") && e.contains("HH:MM"),
+            "{e}"
+        );
+        let e = with_target(root, &window("22:00", "6:00"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("target[0].schedule[1].to"), "{e}");
+        let e = with_target(root, &window("07:00", "07:00"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("target[0].schedule[1].to") && e.contains("empty"),
+            "{e}"
+        );
+        let e = with_target(
+            root,
+            "[[target.schedule]]\nfrom = \"01:00\"\nto = \"02:00\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("limit"), "{e}");
     }
 
     #[test]

@@ -14,3 +14,4 @@ pub mod resolve;
 pub mod rules;
 pub mod run;
 pub mod send;
+pub mod throttle;

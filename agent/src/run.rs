@@ -60,6 +60,9 @@ fn open_queue(config: &Config, set: &crate::config::Set, targets: usize) -> Resu
     ))
 }
 
+/// Data resolved but not yet queued, at most (bounds memory between the two stages).
+const RESOLVE_BATCH_BYTES: usize = 4 << 20;
+
 /// A fresh sequence space id: distinct across restarts of the agent.
 fn new_epoch() -> u64 {
     let t = std::time::SystemTime::now()
@@ -177,6 +180,11 @@ pub async fn run(config: Config) -> Result<()> {
                 };
                 for ev in batch {
                     resolver.resolve(ev, &mut ops);
+                    // A range event can expand to a lot of data read from the file:
+                    // hand it to the queue (and its bound) as it accumulates.
+                    if ops.iter().map(|o| o.op.data_len()).sum::<usize>() > RESOLVE_BATCH_BYTES {
+                        push(&shared, &mut ops, &mut room).await;
+                    }
                 }
                 push(&shared, &mut ops, &mut room).await;
             }

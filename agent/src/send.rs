@@ -15,11 +15,15 @@ use tracing::{info, warn};
 
 use crate::config::Target;
 use crate::queue::SetQueue;
+use crate::throttle::{local_minute_of_day, Throttle};
 
 /// Largest batch put in one frame (bytes of records, approximately).
 const BATCH_BYTES: usize = 1 << 20;
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Longest single sleep of the bandwidth throttle: the wait is re-computed after it, so
+/// that a schedule window that opens (or lifts the limit) takes effect promptly.
+const THROTTLE_STEP: Duration = Duration::from_secs(1);
 
 /// What the pipeline and the senders share.
 pub struct Shared {
@@ -77,6 +81,10 @@ pub async fn run_target(
         if started.elapsed() > Duration::from_secs(10) {
             backoff = BACKOFF_MIN;
         }
+        // Hybrid sets stop holding this target's backlog in memory while it is away.
+        for r in &routes {
+            shared.queue(r.set).spill("a target is unreachable");
+        }
         match result {
             Ok(()) => info!(target = %target.name, "session ended; reconnecting"),
             Err(e) => {
@@ -117,6 +125,8 @@ async fn session(
         sets,
     })
     .await?;
+    // The Hello above went out plain; the receiver's decoder reads both forms.
+    tx.set_compression(target.compression_level);
     let applied = match rx.recv().await? {
         Some(Frame::Welcome { version, applied }) if version == PROTOCOL_VERSION => applied,
         Some(Frame::Welcome { version, .. }) => {
@@ -179,6 +189,7 @@ async fn session(
     let _abort = AbortOnDrop(acks.abort_handle());
     let mut acks = acks;
 
+    let mut throttle = Throttle::new(target.bandwidth.clone());
     let mut pushed = shared.pushed.subscribe();
     loop {
         pushed.borrow_and_update();
@@ -204,11 +215,30 @@ async fn session(
             };
             cursors[i] = records.last().map_or(cursors[i], |r| r.seq);
             let bytes: usize = records.iter().map(|r| r.op.data_len()).sum();
+            if !throttle.is_unlimited() {
+                // Wait off the debt of what was sent before; this batch's own (compressed)
+                // size is taken once it is sent, as the bucket may go into debt.
+                loop {
+                    let wait = throttle.delay(Instant::now(), local_minute_of_day());
+                    if wait.is_zero() {
+                        break;
+                    }
+                    tokio::time::sleep(wait.min(THROTTLE_STEP)).await;
+                }
+            }
+            let before = tx.bytes_sent();
             tx.send(&Frame::Batch {
                 set: shared.set_names[r.set].clone(),
                 records,
             })
             .await?;
+            if !throttle.is_unlimited() {
+                throttle.spend(
+                    tx.bytes_sent() - before,
+                    Instant::now(),
+                    local_minute_of_day(),
+                );
+            }
             shared.targets[index]
                 .lock()
                 .expect("target lock")

@@ -198,6 +198,15 @@ pub enum Frame {
     Ack { set: String, seq: u64 },
     /// Either side: the session ends, and why.
     Refused { reason: String },
+    /// Any frame, zstd-compressed: `data` is zstd of the postcard encoding (no length
+    /// prefix) of one inner frame of exactly `raw_len` bytes. [`FrameDecoder`] unwraps it,
+    /// so it never comes out of the decoder; [`encode_frame_compressed`] makes it.
+    /// Last in the enum so that the other variants keep their encodings.
+    Compressed {
+        raw_len: u32,
+        #[serde(with = "serde_bytes")]
+        data: Vec<u8>,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -216,6 +225,82 @@ pub fn encode_frame(frame: &Frame) -> Vec<u8> {
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_le_bytes());
     out
+}
+
+/// How much of an encoded frame [`encode_frame_compressed`] compresses first to decide
+/// whether compressing all of it is worth the CPU (already compressed or encrypted data
+/// does not shrink, and zstd on it is pure cost).
+const COMPRESS_SAMPLE: usize = 16 << 10;
+
+/// Encodes a frame with its length prefix, as [`Frame::Compressed`] when that pays off.
+///
+/// Only [`Frame::Batch`] is considered (the other frames are small). A sample is
+/// compressed first: unless it shrinks by at least 10 %, the frame goes out plain. Else
+/// the whole frame is compressed, and still sent plain if that is not smaller.
+/// `level` is zstd's (1 fast ... 19 small); 0 or less means no compression.
+pub fn encode_frame_compressed(frame: &Frame, level: i32) -> Vec<u8> {
+    if level <= 0 || !matches!(frame, Frame::Batch { .. }) {
+        return encode_frame(frame);
+    }
+    let plain = encode_frame(frame);
+    let raw = &plain[4..];
+    // A frame the peer refuses anyway goes out as it is: its error is then the clearer one.
+    if raw.len() > MAX_FRAME {
+        return plain;
+    }
+    let sample = &raw[..raw.len().min(COMPRESS_SAMPLE)];
+    match zstd::bulk::compress(sample, level) {
+        // Shrinks by less than 10 %: compressed.len() > 0.9 * sample.len().
+        Ok(c) if c.len() * 10 <= sample.len() * 9 => {}
+        _ => return plain,
+    }
+    let data = match zstd::bulk::compress(raw, level) {
+        Ok(d) if d.len() < raw.len() => d,
+        _ => return plain,
+    };
+    let packed = encode_frame(&Frame::Compressed {
+        raw_len: raw.len() as u32,
+        data,
+    });
+    if packed.len() < plain.len() {
+        packed
+    } else {
+        plain
+    }
+}
+
+/// The frame inside a [`Frame::Compressed`]. Untrusted input: the declared size is
+/// bounded before anything is allocated, decompression cannot write past it, and a
+/// compressed frame inside another is refused (no recursion, no amplification chains).
+fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
+    let raw_len = raw_len as usize;
+    if raw_len > MAX_FRAME {
+        return Err(WireError::TooLarge(raw_len));
+    }
+    // bulk::decompress fails rather than grow past `raw_len`, so a bomb costs at most
+    // MAX_FRAME bytes of memory.
+    let raw = zstd::bulk::decompress(data, raw_len)
+        .map_err(|e| WireError::Malformed(format!("compressed frame: {e}")))?;
+    if raw.len() != raw_len {
+        return Err(WireError::Malformed(format!(
+            "compressed frame holds {} bytes, not the {raw_len} it declares",
+            raw.len()
+        )));
+    }
+    let (frame, rest): (Frame, _) = postcard::take_from_bytes(&raw)
+        .map_err(|e| WireError::Malformed(format!("compressed frame: {e}")))?;
+    if !rest.is_empty() {
+        return Err(WireError::Malformed(format!(
+            "compressed frame has {} bytes after its inner frame",
+            rest.len()
+        )));
+    }
+    if matches!(frame, Frame::Compressed { .. }) {
+        return Err(WireError::Malformed(
+            "compressed frame inside a compressed frame".into(),
+        ));
+    }
+    Ok(frame)
 }
 
 /// Incremental decoder: feed it bytes as they arrive, take frames out.
@@ -238,7 +323,8 @@ impl FrameDecoder {
         self.buf.len()
     }
 
-    /// The next complete frame, `Ok(None)` if more bytes are needed.
+    /// The next complete frame, `Ok(None)` if more bytes are needed. A
+    /// [`Frame::Compressed`] is unwrapped: what comes out is its inner frame.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
         if self.buf.len() < 4 {
             return Ok(None);
@@ -253,7 +339,10 @@ impl FrameDecoder {
         let frame: Frame = postcard::from_bytes(&self.buf[4..4 + len])
             .map_err(|e| WireError::Malformed(e.to_string()))?;
         self.buf.drain(..4 + len);
-        Ok(Some(frame))
+        match frame {
+            Frame::Compressed { raw_len, data } => decompress_frame(raw_len, &data).map(Some),
+            frame => Ok(Some(frame)),
+        }
     }
 }
 
@@ -331,6 +420,151 @@ mod tests {
         }
         assert_eq!(out, frames);
         assert_eq!(dec.buffered(), 0);
+    }
+
+    fn batch_of(data: Vec<u8>) -> Frame {
+        Frame::Batch {
+            set: "data".into(),
+            records: vec![Record {
+                seq: 1,
+                op: Op::Write {
+                    path: p("f"),
+                    offset: 0,
+                    data,
+                },
+            }],
+        }
+    }
+
+    fn random_bytes(n: usize) -> Vec<u8> {
+        // xorshift: incompressible enough for zstd, and no dev-dependency needed.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect()
+    }
+
+    fn decode_all(bytes: &[u8]) -> Result<Vec<Frame>, WireError> {
+        let mut dec = FrameDecoder::new();
+        dec.push(bytes);
+        let mut out = Vec::new();
+        while let Some(f) = dec.next_frame()? {
+            out.push(f);
+        }
+        assert_eq!(dec.buffered(), 0);
+        Ok(out)
+    }
+
+    /// Encodes `Compressed { raw_len, data: zstd(inner) }` by hand, as a hostile peer would.
+    fn packed(raw_len: u32, inner: &[u8]) -> Vec<u8> {
+        encode_frame(&Frame::Compressed {
+            raw_len,
+            data: zstd::bulk::compress(inner, 1).unwrap(),
+        })
+    }
+
+    #[test]
+    fn compressible_batches_shrink_and_round_trip() {
+        let text = b"INSERT INTO log VALUES (42, 'hello doppel');\n".repeat(20_000);
+        let frame = batch_of(text);
+        let plain = encode_frame(&frame);
+        let bytes = encode_frame_compressed(&frame, 3);
+        assert!(
+            bytes.len() * 10 < plain.len(),
+            "{} -> {}",
+            plain.len(),
+            bytes.len()
+        );
+        // Mixed with plain frames and fed in odd pieces, it comes out as the inner frame.
+        let ack = Frame::Ack {
+            set: "data".into(),
+            seq: 1,
+        };
+        let mut stream = bytes.clone();
+        stream.extend(encode_frame_compressed(&ack, 3));
+        stream.extend(&bytes);
+        let mut dec = FrameDecoder::new();
+        let mut out = Vec::new();
+        for chunk in stream.chunks(1000) {
+            dec.push(chunk);
+            while let Some(f) = dec.next_frame().unwrap() {
+                out.push(f);
+            }
+        }
+        assert_eq!(out, vec![frame.clone(), ack, frame]);
+    }
+
+    #[test]
+    fn incompressible_or_small_frames_go_out_plain() {
+        let random = batch_of(random_bytes(300_000));
+        assert_eq!(encode_frame_compressed(&random, 3), encode_frame(&random));
+        assert_eq!(
+            decode_all(&encode_frame_compressed(&random, 3)).unwrap(),
+            vec![random]
+        );
+        // Level 0 is off, and only batches are ever compressed.
+        let zeros = batch_of(vec![0; 100_000]);
+        assert_eq!(encode_frame_compressed(&zeros, 0), encode_frame(&zeros));
+        let hello = Frame::Refused {
+            reason: "x".repeat(10_000),
+        };
+        assert_eq!(encode_frame_compressed(&hello, 3), encode_frame(&hello));
+        // A tiny batch does not shrink: plain.
+        let tiny = batch_of(vec![1, 2, 3]);
+        assert_eq!(encode_frame_compressed(&tiny, 3), encode_frame(&tiny));
+    }
+
+    #[test]
+    fn compressed_frames_that_lie_are_errors_not_panics() {
+        let inner = postcard::to_allocvec(&batch_of(vec![7; 100_000])).unwrap();
+        let n = inner.len() as u32;
+        // raw_len smaller than the content: decompression stops at the bound.
+        assert!(matches!(
+            decode_all(&packed(n - 1, &inner)),
+            Err(WireError::Malformed(_))
+        ));
+        // raw_len larger than the content.
+        assert!(matches!(
+            decode_all(&packed(n + 1, &inner)),
+            Err(WireError::Malformed(_))
+        ));
+        // raw_len beyond the frame limit is refused before any allocation.
+        assert!(matches!(
+            decode_all(&packed(u32::MAX, &inner)),
+            Err(WireError::TooLarge(_))
+        ));
+        // A bomb: 32 MiB of zeros in a few KiB, declared as the largest allowed frame.
+        let bomb = vec![0u8; 32 << 20];
+        assert!(matches!(
+            decode_all(&packed(MAX_FRAME as u32, &bomb)),
+            Err(WireError::Malformed(_))
+        ));
+        // Not zstd at all.
+        let junk = encode_frame(&Frame::Compressed {
+            raw_len: 100,
+            data: vec![0xff; 50],
+        });
+        assert!(matches!(decode_all(&junk), Err(WireError::Malformed(_))));
+        // Bytes after the inner frame.
+        let mut trailing = inner.clone();
+        trailing.push(0);
+        assert!(matches!(
+            decode_all(&packed(n + 1, &trailing)),
+            Err(WireError::Malformed(_))
+        ));
+        // A compressed frame inside a compressed frame.
+        let nested = postcard::to_allocvec(&Frame::Compressed {
+            raw_len: n,
+            data: zstd::bulk::compress(&inner, 1).unwrap(),
+        })
+        .unwrap();
+        let e = decode_all(&packed(nested.len() as u32, &nested)).unwrap_err();
+        assert!(e.to_string().contains("inside"), "{e}");
     }
 
     #[test]

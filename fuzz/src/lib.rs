@@ -68,12 +68,8 @@ pub fn wire_frames(data: &[u8]) {
             }
         }
     }
-    let consumed: usize = chunked.frames.iter().map(|f| encode_frame(f).len()).sum();
-    assert!(
-        consumed <= stream.len(),
-        "re-encoding grew the frames: {consumed} > {} bytes",
-        stream.len()
-    );
+    // No size comparison with the input: a Compressed frame decodes to its inner frame,
+    // whose plain encoding is legitimately larger than the compressed bytes.
 }
 
 #[derive(Debug, PartialEq)]

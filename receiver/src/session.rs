@@ -285,5 +285,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Batch { .. } => "Batch",
         Frame::Ack { .. } => "Ack",
         Frame::Refused { .. } => "Refused",
+        Frame::Compressed { .. } => "Compressed",
     }
 }

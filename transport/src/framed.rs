@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use doppel_common::wire::{encode_frame, Frame, FrameDecoder};
+use doppel_common::wire::{encode_frame_compressed, Frame, FrameDecoder};
 
 /// Most bytes taken from quinn per read. Large enough that a bulk transfer is a few reads
 /// per megabyte, small enough that one read never holds much more than a frame.
@@ -21,7 +21,11 @@ pub struct FramedStream {
 impl FramedStream {
     pub fn new(send: quinn::SendStream, recv: quinn::RecvStream) -> Self {
         FramedStream {
-            tx: FrameSender { send },
+            tx: FrameSender {
+                send,
+                compression: 0,
+                sent: 0,
+            },
             rx: FrameReceiver {
                 recv,
                 dec: FrameDecoder::new(),
@@ -46,16 +50,37 @@ impl FramedStream {
 /// The sending half of a [`FramedStream`].
 pub struct FrameSender {
     send: quinn::SendStream,
+    /// zstd level for batches; 0 = off (the default).
+    compression: i32,
+    /// Bytes handed to the stream so far (after compression): what a bandwidth cap counts.
+    sent: u64,
 }
 
 impl FrameSender {
+    /// Compress batches from now on with zstd at `level` (0 = off). Batches that do not
+    /// compress still go out plain. Any peer whose decoder knows `Frame::Compressed`
+    /// reads either form, so this needs no negotiation.
+    pub fn set_compression(&mut self, level: i32) {
+        self.compression = level.max(0);
+    }
+
     pub async fn send(&mut self, f: &Frame) -> anyhow::Result<()> {
-        // encode_frame builds one buffer with the length prefix; handing it to quinn as a
-        // chunk avoids copying it again.
+        // One buffer with the length prefix; handing it to quinn as a chunk avoids copying
+        // it again. Level 0 is exactly encode_frame.
+        let bytes = encode_frame_compressed(f, self.compression);
+        let len = bytes.len() as u64;
         self.send
-            .write_chunk(Bytes::from(encode_frame(f)))
+            .write_chunk(Bytes::from(bytes))
             .await
-            .context("cannot send to the peer")
+            .context("cannot send to the peer")?;
+        self.sent += len;
+        Ok(())
+    }
+
+    /// Frame bytes sent on this stream so far, as they went on the wire (compressed
+    /// frames count their compressed size; QUIC and TLS overhead is not included).
+    pub fn bytes_sent(&self) -> u64 {
+        self.sent
     }
 
     /// Tells the peer no more frames follow. Frames already sent are still delivered.
