@@ -285,6 +285,28 @@ targets = ["t"]
             .collect()
     }
 
+    /// Waits until the replica equals the source; panics with the differences and both
+    /// logs if it does not within `within`. Returns how long it took.
+    pub fn assert_converges(&self, within: Duration) -> Duration {
+        match crate::tree::wait_equal(&self.source, &self.replica, within) {
+            Ok(t) => {
+                eprintln!("replica identical {t:?} after the last write");
+                t
+            }
+            Err(diffs) => panic!(
+                "replica differs {within:?} after the last write ({} differences):\n{}\n{}",
+                diffs.len(),
+                diffs
+                    .iter()
+                    .take(30)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.logs()
+            ),
+        }
+    }
+
     /// Both logs, for a failing assertion's message.
     pub fn logs(&self) -> String {
         let tail = |s: String| {

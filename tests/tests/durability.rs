@@ -18,26 +18,6 @@ use doppel_tests::{require_root, tree};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn assert_converges(c: &Cluster, within: Duration) -> Duration {
-    match tree::wait_equal(&c.source, &c.replica, within) {
-        Ok(t) => {
-            eprintln!("replica identical {t:?} after the last write");
-            t
-        }
-        Err(diffs) => panic!(
-            "replica differs {within:?} after the last write ({} differences):\n{}\n{}",
-            diffs.len(),
-            diffs
-                .iter()
-                .take(30)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n"),
-            c.logs()
-        ),
-    }
-}
-
 /// The random workload of `writer.rs` on a thread, about 100 files alive in 6
 /// directories, `pace` of sleep after every step. Dropping it stops the thread.
 struct Storm {
@@ -147,7 +127,7 @@ fn receiver_sigkill_during_write_storm() {
         "no kill hit a running session:\n{}",
         c.logs()
     );
-    assert_converges(&c, Duration::from_secs(30));
+    c.assert_converges(Duration::from_secs(30));
     assert!(c.receiver_alive() && c.agent_alive(), "{}", c.logs());
 }
 
@@ -208,7 +188,7 @@ fn agent_sigkill_during_write_storm(mode: &str) {
             c.logs()
         );
     }
-    assert_converges(&c, Duration::from_secs(30));
+    c.assert_converges(Duration::from_secs(30));
     assert!(c.receiver_alive() && c.agent_alive(), "{}", c.logs());
 }
 
@@ -260,7 +240,7 @@ fn link_cut_for_30s_in_network_namespaces() {
     std::thread::sleep(Duration::from_secs(1));
     let stats = storm.finish();
     eprintln!("writer: {stats:?}");
-    assert_converges(&c, Duration::from_secs(30));
+    c.assert_converges(Duration::from_secs(30));
     let connects = c.log_lines("agent.log", "connected; resuming").len();
     assert!(
         connects > connects_before,
@@ -421,7 +401,7 @@ fn target_disk_full_then_space_returns() {
     );
 
     std::fs::remove_file(&filler).unwrap();
-    assert_converges(&c, Duration::from_secs(30));
+    c.assert_converges(Duration::from_secs(30));
     assert!(c.receiver_alive() && c.agent_alive(), "{}", c.logs());
     assert_eq!(
         c.receiver_pid(),

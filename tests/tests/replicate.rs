@@ -7,23 +7,6 @@ use std::time::Duration;
 use doppel_tests::cluster::Cluster;
 use doppel_tests::{require_root, tree, writer};
 
-fn assert_converges(c: &Cluster, within: Duration) {
-    match tree::wait_equal(&c.source, &c.replica, within) {
-        Ok(t) => eprintln!("replica identical {:?} after the last write", t),
-        Err(diffs) => panic!(
-            "replica differs {within:?} after the last write ({} differences):\n{}\n{}",
-            diffs.len(),
-            diffs
-                .iter()
-                .take(30)
-                .cloned()
-                .collect::<Vec<_>>()
-                .join("\n"),
-            c.logs()
-        ),
-    }
-}
-
 #[test]
 fn random_writes_to_200_files_replicate_exactly() {
     if !require_root() {
@@ -40,7 +23,7 @@ fn random_writes_to_200_files_replicate_exactly() {
         files >= 180,
         "the workload should leave about 200 files, found {files}"
     );
-    assert_converges(&c, Duration::from_secs(5));
+    c.assert_converges(Duration::from_secs(5));
 }
 
 #[test]
@@ -52,7 +35,7 @@ fn existing_files_are_copied_at_start_and_the_receiver_can_restart() {
     // Present before the agent starts: the initial scan ships them.
     writer::run(&c.source, 50, 200, 1).unwrap();
     c.start().unwrap();
-    assert_converges(&c, Duration::from_secs(10));
+    c.assert_converges(Duration::from_secs(10));
     // The receiver goes away while the source keeps changing; the agent keeps the
     // records and reconnects with backoff.
     c.kill_receiver();
@@ -62,7 +45,7 @@ fn existing_files_are_copied_at_start_and_the_receiver_can_restart() {
     }
     std::thread::sleep(Duration::from_millis(500));
     c.start_receiver().unwrap();
-    assert_converges(&c, Duration::from_secs(15));
+    c.assert_converges(Duration::from_secs(15));
 }
 
 #[test]
@@ -76,6 +59,6 @@ fn writes_outside_watched_roots_are_not_replicated() {
     std::fs::create_dir(&outside).unwrap();
     std::fs::write(outside.join("secret"), b"not for the replica").unwrap();
     std::fs::write(c.source.join("inside"), b"for the replica").unwrap();
-    assert_converges(&c, Duration::from_secs(5));
+    c.assert_converges(Duration::from_secs(5));
     assert!(!c.dir.path().join("replica/elsewhere").exists());
 }
