@@ -91,11 +91,19 @@ impl ApplyError {
 }
 
 /// Applies ops beneath one replica root.
+///
+/// An applier is one thread's context: its descriptor cache and dirty set are its own.
+/// [`fork`](Applier::fork) makes another context over the same root for a worker thread
+/// and [`absorb`](Applier::absorb) takes its cache and dirty set back, so that data ops
+/// on different files can be applied in parallel (see `set.rs`).
 pub struct Applier {
     root: Arc<OwnedFd>,
     root_path: PathBuf,
     files: FdCache,
     dirty: Dirty,
+    /// Test-only fault injection: an op touching one of these paths fails with the errno.
+    #[cfg(test)]
+    pub(crate) faults: Arc<std::sync::Mutex<Vec<(RelPath, Errno)>>>,
 }
 
 type Result<T> = std::result::Result<T, ApplyError>;
@@ -116,7 +124,44 @@ impl Applier {
             root_path: root.to_path_buf(),
             files: FdCache::new(FD_CACHE),
             dirty: Dirty::default(),
+            #[cfg(test)]
+            faults: Default::default(),
         })
+    }
+
+    /// Another context over the same root, with an empty cache and dirty set. It must
+    /// only be given data ops (`Write`, `Truncate`, `CreateFile`) on paths no other
+    /// context touches meanwhile, and be [`absorb`](Applier::absorb)ed afterwards.
+    pub fn fork(&self) -> Applier {
+        Applier {
+            root: self.root.clone(),
+            root_path: self.root_path.clone(),
+            files: FdCache::new(FD_CACHE),
+            dirty: Dirty::default(),
+            #[cfg(test)]
+            faults: self.faults.clone(),
+        }
+    }
+
+    /// Takes a forked context back: what it made dirty is synced with ours, and its open
+    /// descriptors join our cache (the oldest are evicted above the cache size).
+    pub fn absorb(&mut self, other: Applier) {
+        self.dirty.merge(other.dirty);
+        for (path, fd) in other.files.into_entries() {
+            self.files.insert(path, fd);
+        }
+    }
+
+    /// Removes `path`'s cached descriptor, to hand it to the context that will write
+    /// the file next (see [`cache_file`](Applier::cache_file)).
+    pub fn take_cached(&mut self, path: &RelPath) -> Option<Arc<OwnedFd>> {
+        self.files.take(path)
+    }
+
+    /// Caches a descriptor taken from another context with
+    /// [`take_cached`](Applier::take_cached).
+    pub fn cache_file(&mut self, path: RelPath, fd: Arc<OwnedFd>) {
+        self.files.insert(path, fd);
     }
 
     pub fn root(&self) -> &Path {
@@ -136,6 +181,10 @@ impl Applier {
                 err,
             })?;
         }
+        #[cfg(test)]
+        if let Some(e) = self.injected(op) {
+            return Err(e);
+        }
         match op {
             Op::Write { path, offset, data } => self.write(path, *offset, data),
             Op::Truncate { path, size } => self.truncate(path, *size),
@@ -146,6 +195,17 @@ impl Applier {
             Op::Rename { from, to, flags } => self.rename(from, to, *flags),
             Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep),
         }
+    }
+
+    #[cfg(test)]
+    fn injected(&self, op: &Op) -> Option<ApplyError> {
+        let faults = self.faults.lock().unwrap();
+        op.paths().find_map(|p| {
+            faults
+                .iter()
+                .find(|(f, _)| f == p)
+                .map(|&(_, errno)| io("injected", p, errno))
+        })
     }
 
     fn prune(&mut self, dir: Option<&RelPath>, keep: &[RelPath]) -> Result<()> {

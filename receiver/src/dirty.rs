@@ -4,6 +4,9 @@ use std::collections::HashMap;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 
+#[cfg(test)]
+pub type InodeSet = std::collections::HashSet<(u64, u64)>;
+
 /// Files written and directories whose entries changed since the last sync. Holding the
 /// descriptor (not the path) means a file renamed or unlinked later in the batch is still
 /// synced, and the fd number is a unique key while we hold it open.
@@ -33,6 +36,20 @@ impl Dirty {
 
     pub fn is_empty(&self) -> bool {
         self.files.is_empty() && self.dirs.is_empty()
+    }
+
+    /// (device, inode) of every dirty file and directory, for tests.
+    #[cfg(test)]
+    pub fn inodes(&self) -> (InodeSet, InodeSet) {
+        let ids = |m: &HashMap<RawFd, Arc<OwnedFd>>| {
+            m.values()
+                .map(|fd| {
+                    let st = rustix::fs::fstat(fd).unwrap();
+                    (st.st_dev, st.st_ino)
+                })
+                .collect()
+        };
+        (ids(&self.files), ids(&self.dirs))
     }
 
     /// `fdatasync` every file, then `fsync` every directory (new names point at inodes

@@ -30,6 +30,17 @@ impl FdCache {
         Some(fd)
     }
 
+    /// Removes `path`'s entry and hands it out (to another applier context).
+    pub fn take(&mut self, path: &RelPath) -> Option<Arc<OwnedFd>> {
+        let i = self.entries.iter().rposition(|(p, _)| p == path)?;
+        Some(self.entries.remove(i).1)
+    }
+
+    /// Every entry, least recently used first.
+    pub fn into_entries(self) -> Vec<(RelPath, Arc<OwnedFd>)> {
+        self.entries
+    }
+
     pub fn insert(&mut self, path: RelPath, fd: Arc<OwnedFd>) {
         self.entries.retain(|(p, _)| *p != path);
         if self.entries.len() >= self.cap {
@@ -83,5 +94,8 @@ mod tests {
         c.invalidate(&p("d"));
         assert!(c.get(&p("d/y")).is_none());
         assert!(c.get(&p("a")).is_some() && c.get(&p("e")).is_some());
+        assert!(c.take(&p("a")).is_some() && c.take(&p("a")).is_none());
+        let left: Vec<_> = c.into_entries().into_iter().map(|(p, _)| p).collect();
+        assert_eq!(left, vec![p("e")]);
     }
 }
