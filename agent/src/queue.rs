@@ -208,21 +208,19 @@ impl SetQueue {
                 }
             }
         }
-        let records: Vec<Record> = self.mem.iter().cloned().collect();
-        match j.append(&records) {
-            Ok(()) => {
-                info!(
-                    records = records.len(),
-                    why, "spilling the queue to the journal"
-                );
-                self.mem.clear();
-                self.mem_bytes = 0;
-                self.spilled = true;
+        // One record at a time, moved rather than copied: the memory queue is at its
+        // bound when this runs, and a copy of it would double the agent's footprint.
+        let count = self.mem.len();
+        while let Some(r) = self.mem.pop_front() {
+            if let Err(e) = j.append(std::slice::from_ref(&r)) {
+                warn!(error = %e, "cannot spill to the journal; the memory queue keeps the records");
+                self.mem.push_front(r);
+                return;
             }
-            Err(e) => {
-                warn!(error = %e, "cannot spill to the journal; the memory queue keeps the records")
-            }
+            self.mem_bytes -= record_size(&r);
         }
+        info!(records = count, why, "spilled the queue to the journal");
+        self.spilled = true;
     }
 
     /// Bytes held in memory (approximate, including per-record overhead).

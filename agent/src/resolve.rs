@@ -21,7 +21,7 @@ use crate::config::Set;
 use crate::index::{normalize, Index, Location};
 
 /// Largest data payload the resolver puts in one Write op when it reads a file.
-pub const READ_CHUNK: usize = 256 << 10;
+pub const READ_CHUNK: usize = 1 << 20;
 
 /// The kernel side of watching: which directories' contents are captured.
 pub trait Watcher {

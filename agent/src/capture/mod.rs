@@ -54,11 +54,11 @@ pub const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 /// Batches buffered between the reader thread and the consumer. When the consumer falls
 /// behind, the thread stops reading, the ring fills, and the kernel side degrades to
 /// missed ranges: the writer never waits. Small on purpose: what waits here is memory
-/// (up to CHANNEL_BATCHES * BATCH_MAX * CHUNK_SIZE = 32 MiB of data) that the ring and
+/// (up to CHANNEL_BATCHES * BATCH_MAX * CHUNK_SIZE = 8 MiB of data) that the ring and
 /// the missed-range map hold more cheaply.
-const CHANNEL_BATCHES: usize = 8;
+const CHANNEL_BATCHES: usize = 4;
 /// Largest batch handed over at once (events).
-const BATCH_MAX: usize = 1024;
+const BATCH_MAX: usize = 512;
 /// After handing over a batch, the reader waits this long before reading again instead
 /// of going back to poll(2). Under a steady stream this keeps it off the ring's wait
 /// queue, so writers do not pay for a thread wakeup per record; an idle ring still

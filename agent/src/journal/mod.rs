@@ -798,12 +798,22 @@ fn lock(dir: &Path) -> Result<File, Error> {
         .write(true)
         .open(&path)
         .map_err(io_err(&path, "opening the lock file"))?;
-    match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
-        Ok(()) => Ok(file),
-        Err(rustix::io::Errno::WOULDBLOCK) => Err(Error::Locked {
-            dir: dir.to_owned(),
-        }),
-        Err(e) => Err(io_err(&path, "locking")(e.into())),
+    // A process forking in another thread holds a copy of our descriptor (and so the
+    // lock) for the instant until it execs; retry briefly before calling it taken.
+    let deadline = Instant::now() + Duration::from_millis(500);
+    loop {
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => return Ok(file),
+            Err(rustix::io::Errno::WOULDBLOCK) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(rustix::io::Errno::WOULDBLOCK) => {
+                return Err(Error::Locked {
+                    dir: dir.to_owned(),
+                })
+            }
+            Err(e) => return Err(io_err(&path, "locking")(e.into())),
+        }
     }
 }
 
