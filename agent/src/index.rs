@@ -65,6 +65,19 @@ impl Index {
         self.children.clear();
     }
 
+    /// Forgets everything under one set's root (before rescanning that set alone);
+    /// returns the directories dropped.
+    pub fn clear_set(&mut self, set: usize) -> Vec<FileId> {
+        let root = self.roots[set].0;
+        let kids: Vec<OsString> = self
+            .children
+            .range((root, OsString::new())..)
+            .take_while(|((p, _), _)| *p == root)
+            .map(|((_, n), _)| n.clone())
+            .collect();
+        kids.iter().flat_map(|n| self.remove(root, n)).collect()
+    }
+
     /// When a scan registered `id` (0: a captured event did, or it is a root/unknown).
     pub fn born(&self, id: FileId) -> u64 {
         self.nodes.get(&id).map_or(0, |n| n.born)
@@ -290,6 +303,19 @@ mod tests {
         dirs.sort();
         assert_eq!(dirs, vec![id(2), id(3)]);
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn clearing_one_set_keeps_the_others() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/a".into());
+        ix.add_root(id(2), "/b".into());
+        ix.insert(id(1), OsStr::new("d"), id(3), true);
+        ix.insert(id(3), OsStr::new("f"), id(4), false);
+        ix.insert(id(2), OsStr::new("g"), id(5), false);
+        assert_eq!(ix.clear_set(0), vec![id(3)]);
+        assert_eq!(ix.location(id(4)), None);
+        assert_eq!(ix.location(id(5)), Some(loc(1, "g")));
     }
 
     #[test]

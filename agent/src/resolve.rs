@@ -93,11 +93,25 @@ impl<W: Watcher> Resolver<W> {
     pub fn scan_all(&mut self, out: &mut Vec<SetOp>) {
         self.index.clear_nodes();
         for set in 0..self.sets.len() {
-            let (root, path) = self.index.root(set);
-            let path = path.to_path_buf();
-            self.watcher.watch(root);
-            self.scan_dir(set, root, &path, Path::new(""), out);
+            self.scan_root(set, out);
         }
+    }
+
+    /// Copies one set again (new epoch, journal overflow) without touching what the
+    /// index knows of the others: their nodes keep their birth times, so none of their
+    /// pending events is mistaken for one a scan already covered.
+    pub fn scan_set(&mut self, set: usize, out: &mut Vec<SetOp>) {
+        for d in self.index.clear_set(set) {
+            self.watcher.unwatch(d);
+        }
+        self.scan_root(set, out);
+    }
+
+    fn scan_root(&mut self, set: usize, out: &mut Vec<SetOp>) {
+        let (root, path) = self.index.root(set);
+        let path = path.to_path_buf();
+        self.watcher.watch(root);
+        self.scan_dir(set, root, &path, Path::new(""), out);
     }
 
     /// Emits the contents of directory `dir` (already watched) at `rel`, recursively.

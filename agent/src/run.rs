@@ -164,9 +164,7 @@ pub async fn run(config: Config) -> Result<()> {
                     if q.take_resync() {
                         drop(q);
                         warn!(set = %config.sets[s].name, "copying the set again after a journal overflow");
-                        let mut all = Vec::new();
-                        resolver.scan_all(&mut all);
-                        ops.extend(all.into_iter().filter(|o| o.set == s));
+                        resolver.scan_set(s, &mut ops);
                     }
                 }
                 if durable {
@@ -178,12 +176,16 @@ pub async fn run(config: Config) -> Result<()> {
                 let Some(batch) = batch else {
                     anyhow::bail!("the capture thread stopped; see the log above for why");
                 };
+                let mut pending = 0;
                 for ev in batch {
+                    let before = ops.len();
                     resolver.resolve(ev, &mut ops);
+                    pending += ops[before..].iter().map(|o| o.op.data_len()).sum::<usize>();
                     // A range event can expand to a lot of data read from the file:
                     // hand it to the queue (and its bound) as it accumulates.
-                    if ops.iter().map(|o| o.op.data_len()).sum::<usize>() > RESOLVE_BATCH_BYTES {
+                    if pending > RESOLVE_BATCH_BYTES {
                         push(&shared, &mut ops, &mut room).await;
+                        pending = 0;
                     }
                 }
                 push(&shared, &mut ops, &mut room).await;
@@ -192,9 +194,7 @@ pub async fn run(config: Config) -> Result<()> {
                 let epoch = new_epoch();
                 warn!(set = %config.sets[set].name, "a target needs records no longer queued: starting a new epoch and copying the set again");
                 shared.queue(set).reset(epoch);
-                let mut all = Vec::new();
-                resolver.scan_all(&mut all);
-                ops.extend(all.into_iter().filter(|o| o.set == set));
+                resolver.scan_set(set, &mut ops);
                 push(&shared, &mut ops, &mut room).await;
             }
             _ = tokio::signal::ctrl_c() => break,
