@@ -27,6 +27,10 @@ pub struct AgentConfig {
     /// kernel then records missed ranges instead of data, and they are resent).
     #[serde(default = "default_queue_mib")]
     pub queue_memory_mib: usize,
+    /// Size of the kernel's capture ring buffer, KiB (rounded up to a power of two).
+    /// Writes that find it full are remembered as ranges and re-read, never lost.
+    #[serde(default = "default_ring_kib")]
+    pub capture_ring_kib: usize,
     /// Where the journals of store-and-forward and hybrid sets live (`<state_dir>/journal/<set>`).
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
@@ -47,6 +51,10 @@ pub struct AgentConfig {
 
 fn default_queue_mib() -> usize {
     64
+}
+
+fn default_ring_kib() -> usize {
+    32 << 10
 }
 
 fn default_state_dir() -> PathBuf {
@@ -137,6 +145,7 @@ pub struct Config {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub queue_memory_bytes: usize,
+    pub capture_ring_bytes: usize,
     pub state_dir: PathBuf,
     pub journal: JournalOptions,
     pub targets: Vec<Target>,
@@ -339,6 +348,7 @@ impl AgentConfig {
             cert: base.join(&self.cert),
             key: base.join(&self.key),
             queue_memory_bytes: self.queue_memory_mib.max(1) << 20,
+            capture_ring_bytes: self.capture_ring_kib.max(4) << 10,
             state_dir,
             journal: JournalOptions {
                 fsync,

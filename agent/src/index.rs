@@ -35,6 +35,9 @@ pub struct Index {
     children: BTreeMap<(FileId, OsString), FileId>,
     /// Directories above the roots (so relative paths from them can be resolved).
     ancestors: HashMap<FileId, PathBuf>,
+    /// Further names of hard-linked files (the node holds the first); only files with
+    /// more than one known name have an entry.
+    links: HashMap<FileId, Vec<(FileId, OsString)>>,
 }
 
 /// Deepest tree we walk; a longer chain means the index is corrupt (a cycle).
@@ -52,6 +55,11 @@ impl Index {
 
     pub fn add_ancestor(&mut self, id: FileId, path: PathBuf) {
         self.ancestors.insert(id, path);
+    }
+
+    /// Whether `path` is a known directory above a root.
+    pub fn ancestor(&self, path: &Path) -> bool {
+        self.ancestors.values().any(|p| p == path)
     }
 
     pub fn root(&self, set: usize) -> (FileId, &Path) {
@@ -140,8 +148,64 @@ impl Index {
         Some(cur)
     }
 
+    /// Records that the file `id` also has the name `name` in `parent` (a hard link).
+    /// Without a node yet, this is its first name.
+    pub fn insert_link(&mut self, parent: FileId, name: &OsStr, id: FileId) {
+        let Some(node) = self.nodes.get(&id) else {
+            return self.insert(parent, name, id, false);
+        };
+        if node.parent == parent && node.name == name {
+            return;
+        }
+        let key = (parent, name.to_owned());
+        if let Some(prev) = self.children.get(&key).copied() {
+            if prev == id {
+                return;
+            }
+            self.remove(parent, name);
+        }
+        self.children.insert(key, id);
+        self.links
+            .entry(id)
+            .or_default()
+            .push((parent, name.to_owned()));
+    }
+
+    /// Whether node `id`'s (first) name is `name` in `parent`.
+    fn named(&self, id: FileId, parent: FileId, name: &OsStr) -> bool {
+        self.nodes
+            .get(&id)
+            .is_some_and(|n| n.parent == parent && n.name == name)
+    }
+
+    /// Every name the index knows for `id` beyond its first (hard links).
+    pub fn other_names(&self, id: FileId) -> &[(FileId, OsString)] {
+        self.links.get(&id).map_or(&[], |v| v.as_slice())
+    }
+
+    /// Takes `(parent, name)` off `id`'s names if it is one of its further names (the
+    /// node is untouched); if it is the first name and others exist, the next one
+    /// becomes first. Returns whether the node lives on under another name.
+    fn unlink_name(&mut self, id: FileId, parent: FileId, name: &OsStr) -> bool {
+        let Some(names) = self.links.get_mut(&id) else {
+            return false;
+        };
+        if let Some(i) = names.iter().position(|(p, n)| *p == parent && n == name) {
+            names.remove(i);
+        } else if let Some(node) = self.nodes.get_mut(&id) {
+            // The first name goes: the next one takes its place.
+            let (p, n) = names.remove(0);
+            node.parent = p;
+            node.name = n;
+        }
+        if names.is_empty() {
+            self.links.remove(&id);
+        }
+        true
+    }
+
     /// Records that `id` is `name` inside directory `parent`. A node that was known
-    /// elsewhere moves (the index keeps one name per inode).
+    /// elsewhere moves (see [`Index::insert_link`] for a further name).
     pub fn insert(&mut self, parent: FileId, name: &OsStr, id: FileId, is_dir: bool) {
         self.insert_born(parent, name, id, is_dir, 0)
     }
@@ -160,7 +224,7 @@ impl Index {
         }
         let key = (parent, name.to_owned());
         if let Some(prev) = self.children.insert(key, id) {
-            if prev != id {
+            if prev != id && self.named(prev, parent, name) {
                 self.drop_subtree(prev);
             }
         }
@@ -179,6 +243,10 @@ impl Index {
     /// directories that were removed (to unwatch them in the kernel).
     pub fn remove(&mut self, parent: FileId, name: &OsStr) -> Vec<FileId> {
         match self.children.remove(&(parent, name.to_owned())) {
+            Some(id) if self.unlink_name(id, parent, name) => Vec::new(),
+            // A stale entry (its inode has moved on, or the number was reused): the node
+            // lives elsewhere now and stays.
+            Some(id) if !self.named(id, parent, name) => Vec::new(),
             Some(id) => self.drop_subtree(id),
             None => Vec::new(),
         }
@@ -191,6 +259,9 @@ impl Index {
             let Some(node) = self.nodes.remove(&cur) else {
                 continue;
             };
+            // Further names elsewhere stay in `children`; their lookups find no node and
+            // fall back to reading the directory (see the resolver's file_location).
+            self.links.remove(&cur);
             if node.is_dir {
                 dirs.push(cur);
                 let kids: Vec<(FileId, OsString)> = self
@@ -218,6 +289,14 @@ impl Index {
             return Vec::new();
         };
         let dropped = self.remove(to.0, to.1);
+        if let Some(names) = self.links.get_mut(&id) {
+            if let Some(n) = names.iter_mut().find(|(p, n)| *p == from.0 && n == from.1) {
+                // A further name moved; the first stays where it is.
+                *n = (to.0, to.1.to_owned());
+                self.children.insert((to.0, to.1.to_owned()), id);
+                return dropped;
+            }
+        }
         let (is_dir, born) = self
             .nodes
             .get(&id)
@@ -332,6 +411,41 @@ mod tests {
         ix.exchange((id(1), OsStr::new("y")), (id(1), OsStr::new("z")));
         assert_eq!(ix.location(id(2)), Some(loc(0, "z")));
         assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+    }
+
+    #[test]
+    fn hard_links_keep_every_name() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("d"), id(2), true);
+        ix.insert(id(1), OsStr::new("a"), id(5), false);
+        ix.insert_link(id(2), OsStr::new("b"), id(5));
+        assert_eq!(ix.lookup(&loc(0, "d/b")), Some(id(5)));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a")));
+        // Moving the further name keeps the first.
+        ix.rename((id(2), OsStr::new("b")), (id(2), OsStr::new("c")));
+        assert_eq!(ix.lookup(&loc(0, "d/c")), Some(id(5)));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a")));
+        // Removing the first name promotes the other.
+        ix.remove(id(1), OsStr::new("a"));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "d/c")));
+        assert_eq!(ix.lookup(&loc(0, "a")), None);
+        ix.remove(id(2), OsStr::new("c"));
+        assert_eq!(ix.location(id(5)), None);
+        assert_eq!(ix.len(), 1);
+    }
+
+    #[test]
+    fn a_stale_name_does_not_take_a_live_node_with_it() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("old"), id(7), true);
+        ix.insert(id(7), OsStr::new("f"), id(8), false);
+        // Inode 7 shows up under another name (moved while unwatched, or reused)...
+        ix.insert(id(1), OsStr::new("new"), id(7), true);
+        // ...and the old name's removal arrives afterwards.
+        assert!(ix.remove(id(1), OsStr::new("old")).is_empty());
+        assert_eq!(ix.location(id(8)), Some(loc(0, "new/f")));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! -> [`queue`] (per set, until acknowledged) -> [`send`] (QUIC to each target).
 //! [`run`] wires them; [`config`] and [`rules`] describe what to replicate.
 
+pub mod attrs;
 pub mod capture;
 pub mod config;
 pub mod index;

@@ -7,6 +7,7 @@
 //! set). Reading newer bytes than an event saw is safe: a later change to the same
 //! range produces its own event after this one.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::fs::{File, Metadata};
 use std::os::unix::ffi::OsStrExt;
@@ -17,6 +18,7 @@ use doppel_common::event::{monotonic_ns, CaptureEvent, Captured, FileId, PathArg
 use doppel_common::wire::{Op, RelPath};
 use tracing::{debug, warn};
 
+use crate::attrs::{attr_of, xattrs_of};
 use crate::config::Set;
 use crate::index::{normalize, Index, Location};
 
@@ -45,7 +47,24 @@ pub struct Resolver<W: Watcher> {
     watcher: W,
     /// Events that could not be resolved to a path (counted, logged at debug).
     pub unresolved: u64,
+    /// Entries whose attributes changed since they were last sent: data changes the
+    /// mtime, entries made or removed change their directory's.
+    touched: HashMap<FileId, Touched>,
 }
+
+/// An entry whose attributes are due.
+#[derive(Debug, Clone, Copy, Default)]
+struct Touched {
+    /// Its extended attributes too.
+    xattrs: bool,
+    /// When [`Resolver::finish`] first found it elsewhere than the index says (0: not
+    /// yet). The source is ahead of the events resolved so far, e.g. the file was
+    /// renamed and that event is still to come: it is kept until the index catches up.
+    mismatch_since: u64,
+}
+
+/// How long a touched entry that cannot be found where the index says is kept.
+const TOUCH_PATIENCE_NS: u64 = 5_000_000_000;
 
 fn file_id(m: &Metadata) -> FileId {
     FileId {
@@ -77,11 +96,61 @@ impl<W: Watcher> Resolver<W> {
             index,
             watcher,
             unresolved: 0,
+            touched: HashMap::new(),
         })
     }
 
     pub fn sets(&self) -> &[Set] {
         &self.sets
+    }
+
+    /// Emits the attributes of every entry touched since the last call, as they are
+    /// now. Called after each batch of events, so the ops that changed an entry come
+    /// first and its final times win on the replica.
+    pub fn finish(&mut self, out: &mut Vec<SetOp>) {
+        let mut touched: Vec<(FileId, Touched)> = self.touched.drain().collect();
+        touched.sort_by_key(|(id, _)| *id);
+        let now = monotonic_ns();
+        for (id, mut t) in touched {
+            let Some(loc) = self.index.location(id) else {
+                continue; // removed, or never replicated
+            };
+            if loc.rel.as_os_str().is_empty() {
+                continue; // a root: not replicated as an entry
+            }
+            let abs = self.index.abs(&loc);
+            match std::fs::symlink_metadata(&abs) {
+                Ok(m) if file_id(&m) == id => {
+                    if self.replicated(&loc, m.is_dir()) {
+                        tracing::trace!(path = %loc.rel.display(), "attributes");
+                        emit_meta(loc.set, &abs, &loc.rel, &m, t.xattrs, out);
+                    }
+                }
+                other => {
+                    tracing::trace!(path = %loc.rel.display(), found = ?other.map(|m| file_id(&m)), "attributes postponed");
+                    if t.mismatch_since == 0 {
+                        t.mismatch_since = now;
+                    }
+                    if now - t.mismatch_since < TOUCH_PATIENCE_NS {
+                        self.touched.insert(id, t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remembers that `id`'s attributes (and, with `xattrs`, its extended attributes)
+    /// must be sent at the next [`Resolver::finish`].
+    fn touch(&mut self, id: Option<FileId>, xattrs: bool) {
+        if let Some(id) = id {
+            self.touched.entry(id).or_default().xattrs |= xattrs;
+        }
+    }
+
+    /// The directory holding `loc` changed (an entry was made, removed or renamed).
+    fn touch_parent(&mut self, loc: &Location) {
+        let parent = self.parent_of(loc);
+        self.touch(parent, false);
     }
 
     pub fn index(&self) -> &Index {
@@ -184,19 +253,75 @@ impl<W: Watcher> Resolver<W> {
                 },
             });
             self.scan_dir(set, id, abs, rel, out);
+            // After its entries: making them changed the directory's times.
+            if let Ok(m) = std::fs::symlink_metadata(abs) {
+                emit_meta(set, abs, rel, &m, true, out);
+            }
             true
-        } else if m.is_file() {
+        } else {
             if !rules.file(rel) {
                 return false;
             }
+            let ft = m.file_type();
+            use std::os::unix::fs::FileTypeExt;
+            if ft.is_block_device() || ft.is_char_device() {
+                debug!(path = %abs.display(), "skipping a device node (never replicated)");
+                return false;
+            }
+            if m.nlink() > 1 {
+                if let Some(first) = self.other_name(set, id, rel) {
+                    // Another name of a file the replica has: link, do not copy.
+                    self.index.insert_link(parent, name, id);
+                    out.push(SetOp {
+                        set,
+                        op: Op::Link {
+                            from: rel_path(&first),
+                            to: rel_path(rel),
+                        },
+                    });
+                    return true;
+                }
+            }
             self.index
                 .insert_born(parent, name, id, false, monotonic_ns());
-            emit_whole_file(set, abs, rel, m, out);
+            let path = rel_path(rel);
+            if m.is_file() {
+                emit_whole_file(set, abs, rel, m, out);
+            } else if ft.is_symlink() {
+                let Ok(target) = std::fs::read_link(abs) else {
+                    return false; // gone already; its removal follows
+                };
+                out.push(SetOp {
+                    set,
+                    op: Op::Symlink {
+                        path,
+                        target: target.as_os_str().as_bytes().to_vec(),
+                    },
+                });
+            } else {
+                out.push(SetOp {
+                    set,
+                    op: Op::Mknod {
+                        path,
+                        mode: m.mode(),
+                        rdev: m.rdev(),
+                    },
+                });
+            }
+            emit_meta(set, abs, rel, m, true, out);
             true
-        } else {
-            debug!(path = %abs.display(), "skipping a special file (symlinks and devices are not replicated yet)");
-            false
         }
+    }
+
+    /// Where the replica already has file `id` under another name than `rel` in the
+    /// same set (hard links), if the source still has it there.
+    fn other_name(&self, set: usize, id: FileId, rel: &Path) -> Option<PathBuf> {
+        let loc = self.index.location(id)?;
+        if loc.set != set || loc.rel == rel {
+            return None;
+        }
+        let m = std::fs::symlink_metadata(self.index.abs(&loc)).ok()?;
+        (file_id(&m) == id).then_some(loc.rel)
     }
 
     /// Absolute, normalised path of a syscall's path argument.
@@ -204,6 +329,12 @@ impl<W: Watcher> Resolver<W> {
         let raw = Path::new(OsStr::from_bytes(&p.path));
         if p.truncated {
             return None;
+        }
+        if let Ok(rest) = raw
+            .strip_prefix("/proc/self")
+            .or_else(|_| raw.strip_prefix("/proc/thread-self"))
+        {
+            return proc_self_path(p.pid, rest);
         }
         if raw.is_absolute() {
             return Some(normalize(raw));
@@ -217,7 +348,25 @@ impl<W: Watcher> Resolver<W> {
 
     /// Location and parent directory of a path argument inside a set.
     fn place(&self, p: &PathArg) -> Option<(Location, PathBuf)> {
-        let abs = self.abs_path(p)?;
+        let mut abs = self.abs_path(p)?;
+        let known_dir = |abs: &Path| {
+            let dir = abs.parent().unwrap_or(Path::new("/"));
+            self.index.ancestor(dir)
+                || self
+                    .index
+                    .locate(dir)
+                    .and_then(|l| self.index.lookup(&l))
+                    .is_some_and(|id| self.index.is_dir(id))
+        };
+        if !known_dir(&abs) {
+            // The path went through a symlinked directory (or is outside every set):
+            // where the kernel went is the real directory.
+            if let (Some(dir), Some(name)) = (abs.parent(), abs.file_name()) {
+                if let Ok(real) = std::fs::canonicalize(dir) {
+                    abs = real.join(name);
+                }
+            }
+        }
         let loc = self.index.locate(&abs)?;
         if loc.rel.as_os_str().is_empty() {
             return None; // the root itself: not replicated as an entry
@@ -298,6 +447,7 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
+                    self.touch(Some(file), false);
                     out.push(SetOp {
                         set: loc.set,
                         op: Op::Write {
@@ -319,8 +469,9 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
+                    self.touch(Some(file), false);
                     let abs = self.index.abs(&loc);
-                    emit_range(loc.set, &abs, &loc.rel, offset, len, out);
+                    emit_range(loc.set, &abs, &loc.rel, offset, len, false, out);
                 }
             }
             CaptureEvent::Created {
@@ -339,12 +490,23 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 };
                 let name = loc.rel.file_name().unwrap_or_default().to_owned();
-                if self.scanned_after(self.index.lookup(&loc), time)
-                    || self.scanned_after(file, time)
-                {
+                if self.scanned_after(self.index.lookup(&loc), time) {
                     // A scan after this creation already registered what is there now.
                     return;
                 }
+                if self.scanned_after(file, time) {
+                    // A scan registered this inode later, under the name it had then. If
+                    // the source still has it here as well (a hard link made meanwhile),
+                    // this name is one the scan did not see: enter() links it.
+                    if let (Some(id), Ok(m)) = (file, std::fs::symlink_metadata(&abs)) {
+                        if file_id(&m) == id && m.nlink() > 1 && self.index.lookup(&loc) != file {
+                            self.touch(Some(parent), false);
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                        }
+                    }
+                    return;
+                }
+                self.touch(Some(parent), false);
                 if is_dir {
                     // Files may already exist in it (made before the watch): enter() scans.
                     if let Ok(m) = std::fs::symlink_metadata(&abs) {
@@ -363,6 +525,7 @@ impl<W: Watcher> Resolver<W> {
                     },
                 };
                 self.index.insert(parent, &name, id, false);
+                self.touch(Some(id), false);
                 out.push(SetOp {
                     set: loc.set,
                     op: Op::CreateFile {
@@ -390,6 +553,8 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
+                    let id = self.index.lookup(&loc);
+                    self.touch(id, false);
                     out.push(SetOp {
                         set: loc.set,
                         op: Op::Truncate {
@@ -408,7 +573,58 @@ impl<W: Watcher> Resolver<W> {
                     // What a scan found there is newer than what was removed.
                     return;
                 }
+                self.touch_parent(&loc);
                 self.remove(loc, is_dir, out);
+            }
+            CaptureEvent::AttrChanged {
+                file,
+                parent,
+                path,
+                xattrs,
+                follow,
+            } => {
+                let id = match (file, path) {
+                    (Some(f), _) => self.current(f, parent, time).map(|_| f),
+                    (None, Some(p)) => self.attr_target(&p, follow),
+                    (None, None) => None,
+                };
+                match id {
+                    Some(id) => self.touch(Some(id), xattrs),
+                    None => self.unresolved += 1,
+                }
+            }
+            CaptureEvent::Linked { from: _, to } | CaptureEvent::Made { path: to } => {
+                // enter() sees a hard link's other name if the replica has it, and
+                // copies it whole otherwise (e.g. linked from outside the set).
+                let Some((loc, abs)) = self.place(&to) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.scanned_after(self.index.lookup(&loc), time)
+                    || self.scanned_after(self.parent_of(&loc), time)
+                {
+                    return;
+                }
+                self.touch_parent(&loc);
+                self.arrive(loc, &abs, out);
+            }
+            CaptureEvent::Fallocated {
+                file,
+                parent,
+                mode,
+                offset,
+                len,
+            } => {
+                let Some(loc) = self.current(file, Some(parent), time) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if !self.sets[loc.set].rules.file(&loc.rel) {
+                    return;
+                }
+                self.touch(Some(file), false);
+                let abs = self.index.abs(&loc);
+                emit_fallocate(loc.set, &abs, &loc.rel, mode, offset, len, out);
             }
             CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
             CaptureEvent::Lost { records } => {
@@ -479,10 +695,18 @@ impl<W: Watcher> Resolver<W> {
                 || self.scanned_after(self.parent_of(l), time)
         });
         let src_newer = self.scanned_after(src_node, time);
+        for (l, _) in src_in.iter().chain(dst_in.iter()) {
+            self.touch_parent(l);
+        }
         if src_newer || dst_covered || src_node.is_none() {
-            if let (Some((sl, _)), false) = (&src_in, src_newer) {
-                // The replica's `from` is history the source no longer has.
-                self.remove(sl.clone(), is_dir, out);
+            if let (Some((sl, sabs)), false) = (&src_in, src_newer) {
+                if flags & RENAME_EXCHANGE != 0 {
+                    // `from` holds what `to` held: copy whatever is there now.
+                    self.arrive(sl.clone(), sabs, out);
+                } else {
+                    // The replica's `from` is history the source no longer has.
+                    self.remove(sl.clone(), is_dir, out);
+                }
             }
             if let (Some((dl, dabs)), false) = (dst_in, dst_covered) {
                 let current = dst_meta.as_ref().map(file_id);
@@ -534,6 +758,20 @@ impl<W: Watcher> Resolver<W> {
         }
     }
 
+    /// The entry a path-based attribute call changed: the symlink itself with
+    /// `follow == false`, else what it points to (if that is in a set too).
+    fn attr_target(&self, p: &PathArg, follow: bool) -> Option<FileId> {
+        let (loc, abs) = self.place(p)?;
+        // Gone or renamed since: the index still knows which node the path named.
+        let is_symlink = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
+        if follow && is_symlink {
+            let real = std::fs::canonicalize(&abs).ok()?;
+            let loc = self.index.locate(&real)?;
+            return self.index.lookup(&loc);
+        }
+        self.index.lookup(&loc)
+    }
+
     /// An entry appeared at `loc` by other means than creation (moved in): copy it whole.
     fn arrive(&mut self, loc: Location, abs: &Path, out: &mut Vec<SetOp>) {
         let Some(parent) = self.parent_of(&loc) else {
@@ -565,6 +803,26 @@ fn summarize_op(op: &Op) -> String {
     }
 }
 
+/// A path the caller gave as `/proc/self/<rest>` (tar, for one, sets attributes through
+/// `/proc/self/fd/N/./name`): the caller's /proc, not ours. The magic link (`fd/N`,
+/// `cwd`, `root`) names a file or directory; what follows it is looked up from there.
+fn proc_self_path(pid: u32, rest: &Path) -> Option<PathBuf> {
+    let mut parts = rest.components();
+    let first = parts.next()?.as_os_str();
+    let magic = if first == "fd" {
+        Path::new("/proc")
+            .join(pid.to_string())
+            .join("fd")
+            .join(parts.next()?.as_os_str())
+    } else if first == "cwd" || first == "root" {
+        Path::new("/proc").join(pid.to_string()).join(first)
+    } else {
+        return None;
+    };
+    let target = std::fs::read_link(magic).ok().filter(|t| t.is_absolute())?;
+    Some(normalize(&target.join(parts.as_path())))
+}
+
 /// `/proc` fallback for a relative path whose base directory the index does not know
 /// (a process whose cwd is outside every root). Racy if the process already exited.
 fn proc_base(p: &PathArg) -> Option<PathBuf> {
@@ -575,6 +833,28 @@ fn proc_base(p: &PathArg) -> Option<PathBuf> {
         format!("/proc/{}/fd/{}", p.pid, p.dirfd)
     };
     std::fs::read_link(link).ok()
+}
+
+/// The entry's extended attributes (with `xattrs`) and then its mode, owner and times.
+/// Times go last: nothing applied after them in this batch changes the entry.
+fn emit_meta(set: usize, abs: &Path, rel: &Path, m: &Metadata, xattrs: bool, out: &mut Vec<SetOp>) {
+    let path = rel_path(rel);
+    if xattrs {
+        out.push(SetOp {
+            set,
+            op: Op::SetXattrs {
+                path: path.clone(),
+                xattrs: xattrs_of(abs),
+            },
+        });
+    }
+    out.push(SetOp {
+        set,
+        op: Op::SetAttr {
+            path,
+            attr: attr_of(m),
+        },
+    });
 }
 
 /// Ops that make the replica's copy of a regular file equal to the source's: keeps
@@ -595,51 +875,175 @@ fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut V
             size: 0,
         },
     });
-    emit_range(set, abs, rel, 0, u64::MAX, out);
-    out.push(SetOp {
-        set,
-        op: Op::Truncate {
-            path,
-            size: m.size(),
-        },
-    });
+    // The size the bytes were read against, not `m`'s: the file may have grown since
+    // `m` was taken, by writes that completed before this node's scan time and so will
+    // not be replayed.
+    if let Some(size) = emit_range(set, abs, rel, 0, u64::MAX, true, out) {
+        out.push(SetOp {
+            set,
+            op: Op::Truncate { path, size },
+        });
+    }
 }
 
-/// Reads `len` bytes at `offset` of the file (to its end if `len` is `u64::MAX`) and
-/// emits them as Write ops; all-zero chunks are skipped only when reading a whole file
-/// after a truncate to 0 (see emit_whole_file), so here every byte read is sent.
-fn emit_range(set: usize, abs: &Path, rel: &Path, offset: u64, len: u64, out: &mut Vec<SetOp>) {
-    let whole = offset == 0 && len == u64::MAX;
+/// A fallocate(2) on the source. Modes that only allocate, punch or zero travel as
+/// they are; the ones that shift the file's contents (collapse, insert range) or are
+/// unknown here are sent as the bytes from `offset` on and the new size.
+fn emit_fallocate(
+    set: usize,
+    abs: &Path,
+    rel: &Path,
+    mode: u32,
+    offset: u64,
+    len: u64,
+    out: &mut Vec<SetOp>,
+) {
+    const KEEP_SIZE: u32 = 0x01;
+    const PUNCH_HOLE: u32 = 0x02;
+    const ZERO_RANGE: u32 = 0x10;
+    const UNSHARE_RANGE: u32 = 0x40;
+    if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) == 0 {
+        out.push(SetOp {
+            set,
+            op: Op::Fallocate {
+                path: rel_path(rel),
+                mode,
+                offset,
+                len,
+            },
+        });
+        return;
+    }
+    if mode & !(KEEP_SIZE | UNSHARE_RANGE) == 0 {
+        return; // unsharing copy-on-write extents changes no byte
+    }
+    // From `offset` to the end, which also sets the new size.
+    emit_range(set, abs, rel, offset, u64::MAX, false, out);
+}
+
+/// Emits ops that make `len` bytes at `offset` of the replica's file equal to the
+/// source's (to its end if `len` is `u64::MAX`). Holes stay holes: a hole of the source
+/// becomes a punched hole on the replica, and data is read only where the source has
+/// some. With `whole` (right after a truncate to 0, see `emit_whole_file`) the
+/// replica's range is a hole already, so only non-zero blocks are sent. A range that
+/// reaches the end of the file also sets the replica's size: a trailing hole has no
+/// byte to write.
+fn emit_range(
+    set: usize,
+    abs: &Path,
+    rel: &Path,
+    offset: u64,
+    len: u64,
+    whole: bool,
+    out: &mut Vec<SetOp>,
+) -> Option<u64> {
     let Ok(f) = File::open(abs) else {
         // Gone already: the removal or rename that made it disappear follows.
-        return;
+        return None;
     };
+    let size = f.metadata().ok()?.len();
     let path = rel_path(rel);
-    let end = offset.saturating_add(len);
+    let end = offset.saturating_add(len).min(size);
     let mut pos = offset;
     let mut buf = vec![0u8; READ_CHUNK];
     while pos < end {
-        let want = ((end - pos).min(READ_CHUNK as u64)) as usize;
-        let n = match f.read_at(&mut buf[..want], pos) {
-            Ok(0) => break,
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                warn!(path = %abs.display(), error = %e, "cannot read changed range");
-                break;
-            }
-        };
-        if !(whole && buf[..n].iter().all(|&b| b == 0)) {
+        let (data, hole) = next_data(&f, pos, end);
+        if data > pos && !whole {
             out.push(SetOp {
                 set,
-                op: Op::Write {
+                op: Op::Fallocate {
                     path: path.clone(),
+                    mode: FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
                     offset: pos,
-                    data: buf[..n].to_vec(),
+                    len: data - pos,
                 },
             });
         }
-        pos += n as u64;
+        pos = data;
+        while pos < hole {
+            let want = ((hole - pos).min(READ_CHUNK as u64)) as usize;
+            let n = match f.read_at(&mut buf[..want], pos) {
+                // Shrank meanwhile: the truncate that did it follows.
+                Ok(0) => return Some(size),
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!(path = %abs.display(), error = %e, "cannot read changed range");
+                    return Some(size);
+                }
+            };
+            emit_chunk(set, &path, pos, &buf[..n], whole, out);
+            pos += n as u64;
+        }
+    }
+    if !whole && offset.saturating_add(len) >= size {
+        out.push(SetOp {
+            set,
+            op: Op::Truncate { path, size },
+        });
+    }
+    Some(size)
+}
+
+const FALLOC_KEEP_SIZE: u32 = 0x01;
+const FALLOC_PUNCH_HOLE: u32 = 0x02;
+/// Granularity at which all-zero data is left out of a whole-file copy.
+const ZERO_BLOCK: usize = 4096;
+
+/// The next data extent at or after `pos`, clipped to `end`: (start, end). A
+/// filesystem without SEEK_DATA reports everything as data.
+fn next_data(f: &File, pos: u64, end: u64) -> (u64, u64) {
+    use rustix::fs::{seek, SeekFrom};
+    let data = match seek(f, SeekFrom::Data(pos)) {
+        Ok(d) => d.min(end),
+        Err(rustix::io::Errno::NXIO) => return (end, end), // only a hole up to EOF
+        Err(_) => return (pos, end),
+    };
+    let hole = match seek(f, SeekFrom::Hole(data)) {
+        // A hole right at `data` means the file changed between the two calls: read
+        // on to the end rather than loop (the change has an event of its own).
+        Ok(h) if h > data => h.min(end),
+        _ => end,
+    };
+    (data, hole)
+}
+
+/// One read chunk as Write ops; with `skip_zeros`, all-zero blocks are left out.
+fn emit_chunk(
+    set: usize,
+    path: &RelPath,
+    at: u64,
+    data: &[u8],
+    skip_zeros: bool,
+    out: &mut Vec<SetOp>,
+) {
+    let mut push = |off: usize, bytes: &[u8]| {
+        out.push(SetOp {
+            set,
+            op: Op::Write {
+                path: path.clone(),
+                offset: at + off as u64,
+                data: bytes.to_vec(),
+            },
+        })
+    };
+    if !skip_zeros {
+        return push(0, data);
+    }
+    let mut run: Option<usize> = None;
+    for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
+        let start = i * ZERO_BLOCK;
+        match (block.iter().all(|&b| b == 0), run) {
+            (false, None) => run = Some(start),
+            (true, Some(r)) => {
+                push(r, &data[r..start]);
+                run = None;
+            }
+            _ => {}
+        }
+    }
+    if let Some(r) = run {
+        push(r, &data[r..]);
     }
 }
 

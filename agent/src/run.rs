@@ -32,6 +32,7 @@ impl Watcher for KernelWatcher {
         }
     }
     fn unwatch(&self, dir: FileId) {
+        tracing::trace!(?dir, "unwatch");
         let _ = self.0.unwatch_dir(dir);
     }
 }
@@ -79,7 +80,10 @@ pub async fn run(config: Config) -> Result<()> {
             config.key.display()
         )
     })?);
-    let (capture, mut events) = Capture::start(CaptureOptions::default())?;
+    let (capture, mut events) = Capture::start(CaptureOptions {
+        ring_bytes: config.capture_ring_bytes,
+        ..CaptureOptions::default()
+    })?;
     let capture = Arc::new(capture);
     ignore_local_receivers(&capture);
 
@@ -188,6 +192,7 @@ pub async fn run(config: Config) -> Result<()> {
                         pending = 0;
                     }
                 }
+                resolver.finish(&mut ops);
                 push(&shared, &mut ops, &mut room).await;
             }
             Some(set) = gaps.recv() => {

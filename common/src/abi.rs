@@ -44,6 +44,24 @@ pub const KIND_TRUNCATE: u32 = 7;
 /// `ftruncate(2)`; `file`/`parent` are known, no path.
 pub const KIND_FTRUNCATE: u32 = 8;
 
+/// An attribute change: `chmod`, `chown`, `utimensat` and friends, `setxattr`,
+/// `removexattr` (`flags`: `ATTR_*`). fd-based calls have `file`/`parent` set and no
+/// path; path-based ones have one path.
+pub const KIND_ATTR: u32 = 9;
+/// `link`/`linkat`: path 0 is the existing name, path 1 the new one.
+pub const KIND_LINK: u32 = 10;
+/// An entry of any type was made at path 0 (`symlink`, `symlinkat`, `mknod`,
+/// `mknodat`): the agent looks at what is there.
+pub const KIND_MADE: u32 = 11;
+/// `fallocate(2)`: `file`/`parent` known, `flags` = mode, `offset`, `size` = length.
+pub const KIND_FALLOC: u32 = 12;
+
+/// [`NsRecord::flags`] of `KIND_ATTR`: extended attributes changed (else mode, owner
+/// or times).
+pub const ATTR_XATTR: u32 = 1;
+/// [`NsRecord::flags`] of `KIND_ATTR`: the call did not follow a symlink at the path.
+pub const ATTR_NOFOLLOW: u32 = 2;
+
 /// `AT_REMOVEDIR`, as the kernel program reports `rmdir` in [`NsRecord::flags`].
 pub const AT_REMOVEDIR: u32 = 0x200;
 /// The `O_CREAT` and `O_TRUNC` open flags (x86_64/generic values).
@@ -136,7 +154,7 @@ pub struct PathSlot {
     pub has_base: u8,
 }
 
-/// `KIND_OPEN`, `KIND_MKDIR`, `KIND_UNLINK`, `KIND_RENAME`, `KIND_TRUNCATE`, `KIND_FTRUNCATE`.
+/// Every kind but `KIND_DATA` and `KIND_DIRTY`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NsRecord {
@@ -149,8 +167,10 @@ pub struct NsRecord {
     pub file: KFileId,
     /// `KIND_OPEN`, `KIND_FTRUNCATE`: its directory.
     pub parent: KFileId,
-    /// `KIND_TRUNCATE`, `KIND_FTRUNCATE`: the new size.
+    /// `KIND_TRUNCATE`, `KIND_FTRUNCATE`: the new size. `KIND_FALLOC`: the length.
     pub size: u64,
+    /// `KIND_FALLOC`: the offset.
+    pub offset: u64,
     /// How many entries of `paths` are used (0, 1 or 2).
     pub npaths: u32,
     pub _pad: u32,
@@ -189,7 +209,7 @@ pub struct MissedRange {
 const _: () = assert!(core::mem::size_of::<Header>() == 16);
 const _: () = assert!(FILE_RECORD_SIZE == 64);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24);
-const _: () = assert!(NS_RECORD_SIZE == 120);
+const _: () = assert!(NS_RECORD_SIZE == 128);
 const _: () = assert!(FILE_RECORD_SIZE.is_multiple_of(8) && NS_RECORD_SIZE.is_multiple_of(8));
 const _: () = assert!(PATH_CAP.is_power_of_two() && CHUNK_SIZE.is_power_of_two());
 const _: () = assert!(MAX_CHUNKS * CHUNK_SIZE == INLINE_CAP);

@@ -101,6 +101,29 @@ pub enum CaptureEvent {
         to: PathArg,
         flags: u32,
     },
+    /// Mode, owner, times (`xattrs == false`) or extended attributes (`xattrs`) of an
+    /// entry changed. fd-based calls know `file`; path-based ones give `path`, and
+    /// `follow` says whether the call followed a symlink at it.
+    AttrChanged {
+        file: Option<FileId>,
+        parent: Option<FileId>,
+        path: Option<PathArg>,
+        xattrs: bool,
+        follow: bool,
+    },
+    /// `link`/`linkat`: `to` is a new name of what `from` names.
+    Linked { from: PathArg, to: PathArg },
+    /// An entry of any type was made at `path` (`symlink`, `mknod` and their `at`
+    /// forms): look at what is there.
+    Made { path: PathArg },
+    /// `fallocate(2)` with `mode` on `file`.
+    Fallocated {
+        file: FileId,
+        parent: FileId,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    },
     /// Records were dropped and could not even be remembered as ranges (the missed-range
     /// map was full too). The agent must schedule a resync of every set.
     Lost { records: u64 },

@@ -130,6 +130,68 @@ pub enum Op {
         /// Single path components (see [`RelPath::validate_name`]).
         keep: Vec<RelPath>,
     },
+    // New variants go last: postcard encodes the variant index, and the journal keeps
+    // records across upgrades.
+    /// Set the entry's permission bits, owner and times (never following a symlink at
+    /// the final component; a symlink's mode is left alone, Linux has no lchmod).
+    SetAttr { path: RelPath, attr: Attr },
+    /// Make the entry's extended attributes exactly `xattrs` (POSIX ACLs included, as
+    /// `system.posix_acl_access` / `system.posix_acl_default`).
+    SetXattrs { path: RelPath, xattrs: Vec<Xattr> },
+    /// Make `to` another name of the file at `from` (a hard link), replacing what `to`
+    /// was.
+    Link { from: RelPath, to: RelPath },
+    /// Make `path` a symlink holding `target` (never resolved by the receiver), replacing
+    /// what `path` was.
+    Symlink {
+        path: RelPath,
+        #[serde(with = "serde_bytes")]
+        target: Vec<u8>,
+    },
+    /// Make `path` a FIFO or socket node (`mode` includes the file type bits). Device
+    /// nodes are refused by the receiver.
+    Mknod { path: RelPath, mode: u32, rdev: u64 },
+    /// fallocate(2) on the file with the source's `mode` flags.
+    Fallocate {
+        path: RelPath,
+        mode: u32,
+        offset: u64,
+        len: u64,
+    },
+}
+
+/// Seconds and nanoseconds since the epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Timestamp {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+/// The attributes [`Op::SetAttr`] carries: what `stat(2)` shows and `chmod`, `chown` and
+/// `utimensat` can set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Attr {
+    /// Permission bits (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub atime: Timestamp,
+    pub mtime: Timestamp,
+}
+
+/// Largest extended attribute name (Linux's XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
+pub const MAX_XATTR_NAME: usize = 255;
+pub const MAX_XATTR_VALUE: usize = 64 << 10;
+/// Largest symlink target accepted (PATH_MAX).
+pub const MAX_SYMLINK: usize = 4096;
+
+/// One extended attribute.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Xattr {
+    #[serde(with = "serde_bytes")]
+    pub name: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub value: Vec<u8>,
 }
 
 impl Op {
@@ -142,8 +204,13 @@ impl Op {
             | Op::CreateFile { path, .. }
             | Op::Mkdir { path, .. }
             | Op::Remove { path }
-            | Op::Rmdir { path } => [Some(path), None],
-            Op::Rename { from, to, .. } => [Some(from), Some(to)],
+            | Op::Rmdir { path }
+            | Op::SetAttr { path, .. }
+            | Op::SetXattrs { path, .. }
+            | Op::Symlink { path, .. }
+            | Op::Mknod { path, .. }
+            | Op::Fallocate { path, .. } => [Some(path), None],
+            Op::Rename { from, to, .. } | Op::Link { from, to } => [Some(from), Some(to)],
             Op::Prune { dir, .. } => [dir.as_ref(), None],
         };
         pair.into_iter().flatten()

@@ -1,5 +1,6 @@
 //! Data writes: `write`, `pwrite64` (bytes copied into the ring in chunks) and
-//! `writev`, `pwritev`, `pwritev2` (reported as a dirty range).
+//! `writev`, `pwritev`, `pwritev2`, `copy_file_range`, `splice`, `sendfile` (reported as a
+//! dirty range).
 
 use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user};
 use doppel_common::abi::{
@@ -17,33 +18,104 @@ const O_APPEND: u32 = 0o2000;
 /// `RWF_APPEND` (pwritev2 flag).
 const RWF_APPEND: u64 = 0x10;
 
+/// A regular file written through `fd`, if it passes the filter.
+struct Target {
+    file: u64,
+    inode: u64,
+    fid: KFileId,
+    parent: KFileId,
+    tgid: u32,
+}
+
+/// The filter: the file's directory must be CONTENTS-watched. This costs a handful of
+/// pointer reads and one map lookup; nothing is copied for unwatched files.
 #[inline(always)]
-pub fn on_write(regs: u64, nr: u64, written: u64) {
-    // The filter: the file's directory must be CONTENTS-watched. This costs a handful of
-    // pointer reads and one map lookup; nothing is copied for unwatched files.
-    let Some(file) = fd_file(arg(regs, 0)) else {
-        return;
-    };
-    let Some(parent) = file_parent(file) else {
-        return;
-    };
+fn target(fd: u64) -> Option<Target> {
+    let file = fd_file(fd)?;
+    let parent = file_parent(file)?;
     if !contents_watched(&parent) {
-        return;
+        return None;
     }
-    let Some(inode) = regular_inode(file) else {
-        return;
-    };
+    let inode = regular_inode(file)?;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if ignored(tgid) || in_compat_syscall() {
-        return;
+        return None;
     }
     // A dentry and its parent always share a superblock, hence the device.
-    let Some(ino) = rk::<u64>(inode + off::OFF_INODE_I_INO()) else {
+    let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
+    Some(Target {
+        file,
+        inode,
+        fid: KFileId {
+            dev: parent.dev,
+            ino,
+        },
+        parent,
+        tgid,
+    })
+}
+
+/// copy_file_range, splice or sendfile wrote `written` bytes into a file: the range is
+/// reported dirty and the agent reads the bytes back from the file.
+#[inline(always)]
+pub fn on_copy(regs: u64, nr: u64, written: u64) {
+    // copy_file_range and splice: (fd_in, off_in*, fd_out, off_out*, ..);
+    // sendfile: (out_fd, in_fd, offset*, count) writes at out_fd's position.
+    let (fd, off_ptr) = if nr == syscalls::SENDFILE {
+        (arg(regs, 0), 0)
+    } else {
+        (arg(regs, 2), arg(regs, 3))
+    };
+    let Some(t) = target(fd) else {
         return;
     };
-    let fid = KFileId {
-        dev: parent.dev,
-        ino,
+    // The kernel has advanced whichever position it used by `written`.
+    let end = if off_ptr != 0 {
+        let mut v: u64 = 0;
+        // SAFETY: destination is a local u64.
+        let r = unsafe {
+            bpf_probe_read_user(
+                &mut v as *mut u64 as *mut core::ffi::c_void,
+                8,
+                off_ptr as *const core::ffi::c_void,
+            )
+        };
+        if r != 0 {
+            // Unreadable: the whole file is suspect from 0 (rare; the agent reads it).
+            written
+        } else {
+            v
+        }
+    } else {
+        rk::<i64>(t.file + off::OFF_FILE_F_POS()).unwrap_or(0) as u64
+    };
+    let offset = end.wrapping_sub(written);
+    let Some(s) = scratch() else {
+        record_missed(&t.fid, offset, end);
+        return;
+    };
+    emit_dirty(
+        s,
+        s as *mut FileRecord,
+        t.tgid,
+        &t.fid,
+        &t.parent,
+        offset,
+        written,
+    );
+}
+
+#[inline(always)]
+pub fn on_write(regs: u64, nr: u64, written: u64) {
+    let Some(Target {
+        file,
+        inode,
+        fid,
+        parent,
+        tgid,
+    }) = target(arg(regs, 0))
+    else {
+        return;
     };
 
     let f_pos = || rk::<i64>(file + off::OFF_FILE_F_POS()).unwrap_or(0) as u64;

@@ -147,6 +147,12 @@ pub fn file_parent(file: u64) -> Option<KFileId> {
     inode_id(pinode)
 }
 
+/// The file's inode, whatever its type.
+#[inline(always)]
+pub fn inode_ptr(file: u64) -> Option<u64> {
+    rk_ptr(file + off::OFF_FILE_F_INODE())
+}
+
 /// The file's inode if it is a regular file.
 #[inline(always)]
 pub fn regular_inode(file: u64) -> Option<u64> {

@@ -7,7 +7,8 @@
 //! per-thread argument map, and no perf-style argument marshalling on the hot path.
 //!
 //! Layout: `kernel` (offsets and pointer walks), `maps` (maps, filter, ring-full
-//! fallback), `data` (write-family syscalls), `ns` (namespace and size changes).
+//! fallback), `data` (write-family and copy syscalls), `ns` (namespace, size and
+//! attribute changes).
 #![no_std]
 #![no_main]
 
@@ -42,13 +43,19 @@ pub fn doppel_sys_exit(ctx: RawTracePointContext) -> i32 {
         WRITE | PWRITE64 | WRITEV | PWRITEV | PWRITEV2 if ret > 0 => {
             data::on_write(regs, nr, ret as u64)
         }
+        COPY_FILE_RANGE | SPLICE | SENDFILE if ret > 0 => data::on_copy(regs, nr, ret as u64),
         OPEN | OPENAT | OPENAT2 | CREAT => ns::on_open(regs, nr, ret as u64),
         FTRUNCATE => ns::on_ftruncate(regs),
+        FALLOCATE => ns::on_fallocate(regs),
         TRUNCATE | RENAME | MKDIR | RMDIR | UNLINK | MKDIRAT | UNLINKAT | RENAMEAT | RENAMEAT2
+        | LINK | LINKAT | SYMLINK | SYMLINKAT | MKNOD | MKNODAT
             if !in_compat_syscall() =>
         {
             ns::on_path_op(regs, nr)
         }
+        CHMOD | FCHMOD | CHOWN | FCHOWN | LCHOWN | UTIME | SETXATTR | LSETXATTR | FSETXATTR
+        | REMOVEXATTR | LREMOVEXATTR | FREMOVEXATTR | UTIMES | FCHOWNAT | FUTIMESAT | FCHMODAT
+        | UTIMENSAT | FCHMODAT2 | SETXATTRAT | REMOVEXATTRAT => ns::on_attr(regs, nr),
         _ => {}
     }
     0

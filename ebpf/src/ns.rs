@@ -11,14 +11,16 @@ use aya_ebpf::helpers::{
     generated::{bpf_probe_read_user, bpf_probe_read_user_str},
 };
 use doppel_common::abi::{
-    Header, KFileId, NsRecord, PathSlot, AT_REMOVEDIR, KIND_FTRUNCATE, KIND_MKDIR, KIND_OPEN,
-    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
-    STAT_EVENTS, STAT_LOST,
+    Header, KFileId, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR,
+    KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN, KIND_RENAME,
+    KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, STAT_EVENTS,
+    STAT_LOST,
 };
 
 use crate::{
     kernel::{
-        arg, base_dir, fd_file, file_parent, in_compat_syscall, off, regular_inode, rk, AT_FDCWD,
+        arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, off, regular_inode,
+        rk, AT_FDCWD,
     },
     maps::{bump, contents_watched, ignored, output, scratch, watch_flags},
     syscalls,
@@ -77,6 +79,43 @@ fn watched_fd(fd: u64) -> Option<(KFileId, KFileId)> {
         },
         parent,
     ))
+}
+
+/// The entry (file or directory) behind an fd, if its directory is CONTENTS-watched.
+#[inline(always)]
+fn watched_fd_any(fd: u64) -> Option<(KFileId, KFileId)> {
+    let file = fd_file(fd)?;
+    let parent = file_parent(file)?;
+    if !contents_watched(&parent) {
+        return None;
+    }
+    let inode = inode_ptr(file)?;
+    let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
+    Some((
+        KFileId {
+            dev: parent.dev,
+            ino,
+        },
+        parent,
+    ))
+}
+
+/// Reads the first byte of a user string (0 for an empty one, `None` if unreadable).
+#[inline(always)]
+fn first_byte(addr: u64) -> Option<u8> {
+    if addr == 0 {
+        return None;
+    }
+    let mut b: u8 = 0;
+    // SAFETY: destination is a local byte.
+    let r = unsafe {
+        bpf_probe_read_user(
+            &mut b as *mut u8 as *mut core::ffi::c_void,
+            1,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    (r == 0).then_some(b)
 }
 
 /// Copies path argument `uptr` into slot `i` (0 or 1) of the record and fills its
@@ -230,7 +269,136 @@ pub fn on_ftruncate(regs: u64) {
     send(s, NS_RECORD_SIZE as u64);
 }
 
-/// truncate, mkdir(at), unlink(at), rmdir, rename(at/at2) succeeded.
+/// fallocate(fd, mode, offset, len) succeeded.
+#[inline(always)]
+pub fn on_fallocate(regs: u64) {
+    let Some((file, parent)) = watched_fd(arg(regs, 0)) else {
+        return;
+    };
+    let pid = tgid();
+    if ignored(pid) || in_compat_syscall() {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: scratch value, see on_open.
+    unsafe {
+        init(rec, KIND_FALLOC, pid);
+        (*rec).file = file;
+        (*rec).parent = parent;
+        (*rec).flags = arg(regs, 1) as u32;
+        (*rec).offset = arg(regs, 2);
+        (*rec).size = arg(regs, 3);
+    }
+    send(s, NS_RECORD_SIZE as u64);
+}
+
+/// An fd-based attribute change (fchmod, fchown, fsetxattr, fremovexattr, and the *at
+/// calls given AT_EMPTY_PATH or a NULL path).
+#[inline(always)]
+fn attr_fd(fd: u64, flags: u32) {
+    let Some((file, parent)) = watched_fd_any(fd) else {
+        return;
+    };
+    let pid = tgid();
+    if ignored(pid) || in_compat_syscall() {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: scratch value, see on_open.
+    unsafe {
+        init(rec, KIND_ATTR, pid);
+        (*rec).file = file;
+        (*rec).parent = parent;
+        (*rec).flags = flags;
+    }
+    send(s, NS_RECORD_SIZE as u64);
+}
+
+/// A path-based attribute change of `path` relative to `dirfd`.
+#[inline(always)]
+fn attr_path(dirfd: i32, path: u64, flags: u32) {
+    let pid = tgid();
+    if ignored(pid) || in_compat_syscall() {
+        return;
+    }
+    let Some(s) = scratch() else {
+        bump(STAT_LOST, 1);
+        return;
+    };
+    let rec = s as *mut NsRecord;
+    // SAFETY: scratch value, see on_open.
+    unsafe {
+        init(rec, KIND_ATTR, pid);
+        (*rec).flags = flags;
+        (*rec).npaths = 1;
+        let (len, relevant) = fill_path(s, rec, 0, dirfd, path);
+        if relevant {
+            send(s, NS_RECORD_SIZE as u64 + len);
+        }
+    }
+}
+
+const AT_SYMLINK_NOFOLLOW: u64 = 0x100;
+const AT_EMPTY_PATH: u64 = 0x1000;
+
+/// chmod/chown/utimes/xattr families succeeded.
+#[inline(always)]
+pub fn on_attr(regs: u64, nr: u64) {
+    use syscalls::*;
+    let nofollow = |f: u64| {
+        if f & AT_SYMLINK_NOFOLLOW != 0 {
+            ATTR_NOFOLLOW
+        } else {
+            0
+        }
+    };
+    // (dirfd, path, flags, at-flags) of the *at calls; fd-only calls return early.
+    let (dirfd, path, flags, at_flags) = match nr {
+        FCHMOD | FCHOWN => return attr_fd(arg(regs, 0), 0),
+        FSETXATTR | FREMOVEXATTR => return attr_fd(arg(regs, 0), ATTR_XATTR),
+        CHMOD | CHOWN | UTIME | UTIMES => (AT_FDCWD, arg(regs, 0), 0, 0),
+        LCHOWN => (AT_FDCWD, arg(regs, 0), ATTR_NOFOLLOW, 0),
+        SETXATTR | REMOVEXATTR => (AT_FDCWD, arg(regs, 0), ATTR_XATTR, 0),
+        LSETXATTR | LREMOVEXATTR => (AT_FDCWD, arg(regs, 0), ATTR_XATTR | ATTR_NOFOLLOW, 0),
+        FCHMODAT | FUTIMESAT => (arg(regs, 0) as i32, arg(regs, 1), 0, 0),
+        FCHOWNAT => {
+            let f = arg(regs, 4);
+            (arg(regs, 0) as i32, arg(regs, 1), nofollow(f), f)
+        }
+        FCHMODAT2 | UTIMENSAT => {
+            let f = arg(regs, 3);
+            (arg(regs, 0) as i32, arg(regs, 1), nofollow(f), f)
+        }
+        // SETXATTRAT | REMOVEXATTRAT
+        _ => {
+            let f = arg(regs, 2);
+            (arg(regs, 0) as i32, arg(regs, 1), ATTR_XATTR | nofollow(f), f)
+        }
+    };
+    // utimensat(fd, NULL, ..) is futimens; an empty path with AT_EMPTY_PATH names the
+    // dirfd itself.
+    let fd_itself = if nr == UTIMENSAT && path == 0 {
+        true
+    } else {
+        at_flags & AT_EMPTY_PATH != 0 && first_byte(path) == Some(0)
+    };
+    if fd_itself {
+        attr_fd(dirfd as u64, flags);
+    } else {
+        attr_path(dirfd, path, flags);
+    }
+}
+
+/// truncate, mkdir(at), unlink(at), rmdir, rename(at/at2), link(at), symlink(at),
+/// mknod(at) succeeded.
 #[inline(always)]
 pub fn on_path_op(regs: u64, nr: u64) {
     let pid = tgid();
@@ -245,8 +413,20 @@ pub fn on_path_op(regs: u64, nr: u64) {
     // SAFETY: scratch value, see on_open.
     unsafe {
         match nr {
-            syscalls::RENAME | syscalls::RENAMEAT | syscalls::RENAMEAT2 => {
+            syscalls::RENAME
+            | syscalls::RENAMEAT
+            | syscalls::RENAMEAT2
+            | syscalls::LINK
+            | syscalls::LINKAT => {
                 let (d0, p0, d1, p1, flags) = match nr {
+                    syscalls::LINK => (AT_FDCWD, arg(regs, 0), AT_FDCWD, arg(regs, 1), 0),
+                    syscalls::LINKAT => (
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        arg(regs, 2) as i32,
+                        arg(regs, 3),
+                        arg(regs, 4) as u32,
+                    ),
                     syscalls::RENAME => (AT_FDCWD, arg(regs, 0), AT_FDCWD, arg(regs, 1), 0),
                     syscalls::RENAMEAT => (
                         arg(regs, 0) as i32,
@@ -263,7 +443,12 @@ pub fn on_path_op(regs: u64, nr: u64) {
                         arg(regs, 4) as u32,
                     ),
                 };
-                init(rec, KIND_RENAME, pid);
+                let kind = if nr == syscalls::LINK || nr == syscalls::LINKAT {
+                    KIND_LINK
+                } else {
+                    KIND_RENAME
+                };
+                init(rec, kind, pid);
                 (*rec).flags = flags;
                 (*rec).npaths = 2;
                 let (_, rel0) = fill_path(s, rec, 0, d0, p0);
@@ -284,6 +469,19 @@ pub fn on_path_op(regs: u64, nr: u64) {
                         0,
                     ),
                     syscalls::UNLINK => (KIND_UNLINK, AT_FDCWD, arg(regs, 0), 0, 0, 0),
+                    syscalls::SYMLINK => (KIND_MADE, AT_FDCWD, arg(regs, 1), 0, 0, 0),
+                    syscalls::SYMLINKAT => {
+                        (KIND_MADE, arg(regs, 1) as i32, arg(regs, 2), 0, 0, 0)
+                    }
+                    syscalls::MKNOD => (KIND_MADE, AT_FDCWD, arg(regs, 0), 0, arg(regs, 1), 0),
+                    syscalls::MKNODAT => (
+                        KIND_MADE,
+                        arg(regs, 0) as i32,
+                        arg(regs, 1),
+                        0,
+                        arg(regs, 2),
+                        0,
+                    ),
                     syscalls::RMDIR => (KIND_UNLINK, AT_FDCWD, arg(regs, 0), AT_REMOVEDIR, 0, 0),
                     syscalls::UNLINKAT => (
                         KIND_UNLINK,

@@ -27,10 +27,12 @@ const MAX_RMDIR_DEPTH: usize = 256;
 const PARENT_MODE: u32 = 0o755;
 /// Mode of files created by `Write`/`Truncate` (the source's real mode arrives with a
 /// `CreateFile` when it created the file).
-const FILE_MODE: u32 = 0o644;
-/// Replicated files never become set-user/group-ID: the receiver runs as root and the
-/// content comes from the network. Directories may keep set-group-ID (group inheritance).
-const FILE_MODE_MASK: u32 = 0o1777;
+pub(crate) const FILE_MODE: u32 = 0o644;
+/// Files are created without set-user/group-ID: a file is never set-ID while its
+/// content is still arriving. The source's exact mode, set-ID bits included, comes with
+/// the `SetAttr` sent after the content. Directories may keep set-group-ID (group
+/// inheritance) from the start.
+pub(crate) const FILE_MODE_MASK: u32 = 0o1777;
 const DIR_MODE_MASK: u32 = 0o3777;
 
 /// Why an op was not applied.
@@ -46,6 +48,12 @@ pub enum ApplyError {
     },
     #[error("{op} {path}: not a regular file on the replica")]
     NotRegular { op: &'static str, path: RelPath },
+    #[error("{op} {path}: refused: {why}")]
+    Refused {
+        op: &'static str,
+        path: RelPath,
+        why: &'static str,
+    },
     #[error("rename {from} -> {to}: unsupported flags {flags:#x} (only RENAME_NOREPLACE and RENAME_EXCHANGE)")]
     RenameFlags {
         from: RelPath,
@@ -99,14 +107,14 @@ impl ApplyError {
 pub struct Applier {
     root: Arc<OwnedFd>,
     root_path: PathBuf,
-    files: FdCache,
-    dirty: Dirty,
+    pub(crate) files: FdCache,
+    pub(crate) dirty: Dirty,
     /// Test-only fault injection: an op touching one of these paths fails with the errno.
     #[cfg(test)]
     pub(crate) faults: Arc<std::sync::Mutex<Vec<(RelPath, Errno)>>>,
 }
 
-type Result<T> = std::result::Result<T, ApplyError>;
+pub(crate) type Result<T> = std::result::Result<T, ApplyError>;
 
 impl Applier {
     /// Opens the replica root, creating it (mode 0755) if missing. The root itself comes
@@ -188,12 +196,23 @@ impl Applier {
         match op {
             Op::Write { path, offset, data } => self.write(path, *offset, data),
             Op::Truncate { path, size } => self.truncate(path, *size),
-            Op::CreateFile { path, mode } => self.file(path, *mode, "create").map(drop),
+            Op::CreateFile { path, mode } => self.create_file(path, *mode),
             Op::Mkdir { path, mode } => self.mkdir(path, *mode),
             Op::Remove { path } => self.remove(path),
             Op::Rmdir { path } => self.rmdir(path),
             Op::Rename { from, to, flags } => self.rename(from, to, *flags),
             Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep),
+            Op::SetAttr { path, attr } => self.set_attr(path, attr),
+            Op::SetXattrs { path, xattrs } => self.set_xattrs(path, xattrs),
+            Op::Link { from, to } => self.link(from, to),
+            Op::Symlink { path, target } => self.symlink(path, target),
+            Op::Mknod { path, mode, rdev } => self.mknod(path, *mode, *rdev),
+            Op::Fallocate {
+                path,
+                mode,
+                offset,
+                len,
+            } => self.fallocate(path, *mode, *offset, *len),
         }
     }
 
@@ -276,9 +295,83 @@ impl Applier {
         Ok(())
     }
 
+    fn fallocate(&mut self, path: &RelPath, mode: u32, offset: u64, len: u64) -> Result<()> {
+        const KEEP_SIZE: u32 = 0x01;
+        const PUNCH_HOLE: u32 = 0x02;
+        const ZERO_RANGE: u32 = 0x10;
+        // Collapse and insert range shift the file's contents; the agent sends the
+        // shifted bytes instead, so they never arrive here.
+        if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0 {
+            return Err(ApplyError::Refused {
+                op: "fallocate",
+                path: path.clone(),
+                why: "only plain, keep-size, punch-hole and zero-range modes are replicated",
+            });
+        }
+        let fd = self.file(path, FILE_MODE, "fallocate")?;
+        let flags = rustix::fs::FallocateFlags::from_bits_truncate(mode);
+        match rustix::fs::fallocate(&*fd, flags, offset, len) {
+            Ok(()) => {}
+            // The replica's filesystem lacks the mode: do what it means with writes.
+            Err(Errno::OPNOTSUPP) => {
+                let size = rustix::fs::fstat(&*fd)
+                    .map_err(|e| io("fallocate", path, e))?
+                    .st_size as u64;
+                let end = offset.saturating_add(len);
+                if mode & (PUNCH_HOLE | ZERO_RANGE) != 0 {
+                    let zeros = vec![0u8; 1 << 16];
+                    let mut pos = offset;
+                    let stop = if mode & KEEP_SIZE != 0 {
+                        end.min(size)
+                    } else {
+                        end
+                    };
+                    while pos < stop {
+                        let n = ((stop - pos) as usize).min(zeros.len());
+                        self.write(path, pos, &zeros[..n])?;
+                        pos += n as u64;
+                    }
+                }
+                if mode & KEEP_SIZE == 0 && end > size {
+                    rustix::fs::ftruncate(&*fd, end).map_err(|e| io("fallocate", path, e))?;
+                }
+            }
+            Err(e) => return Err(io("fallocate", path, e)),
+        }
+        self.dirty.file(&fd);
+        Ok(())
+    }
+
+    /// Makes sure a regular file exists at `path`. A directory there is replaced: the
+    /// source replaced it by this file (see `mkdir` for the converse).
+    fn create_file(&mut self, path: &RelPath, mode: u32) -> Result<()> {
+        match self.file(path, mode, "create") {
+            Err(ApplyError::Io {
+                errno: Errno::ISDIR,
+                ..
+            }) => {
+                let (parent, name) = beneath::split(&path.0);
+                let dir = self.dir(parent, true).map_err(|e| io("create", path, e))?;
+                self.files.invalidate(path);
+                match remove_tree(dir.as_fd(), name, 0) {
+                    Ok(()) | Err(Errno::NOENT) => {}
+                    Err(e) => return Err(io("create", path, e)),
+                }
+                self.dirty.dir(&dir);
+                self.file(path, mode, "create").map(drop)
+            }
+            r => r.map(drop),
+        }
+    }
+
     /// An open, writable descriptor of the regular file at `path`, created (with its
     /// missing parents) if needed.
-    fn file(&mut self, path: &RelPath, mode: u32, op: &'static str) -> Result<Arc<OwnedFd>> {
+    pub(crate) fn file(
+        &mut self,
+        path: &RelPath,
+        mode: u32,
+        op: &'static str,
+    ) -> Result<Arc<OwnedFd>> {
         if let Some(fd) = self.files.get(path) {
             return Ok(fd);
         }
@@ -313,7 +406,7 @@ impl Applier {
 
     /// The directory `path` (`None` = the root), creating missing components (mode 0755)
     /// if `create`.
-    fn dir(
+    pub(crate) fn dir(
         &mut self,
         path: Option<&[u8]>,
         create: bool,
@@ -363,10 +456,16 @@ impl Applier {
                 let st = rustix::fs::statat(&*dir, os(name), AtFlags::SYMLINK_NOFOLLOW)
                     .map_err(|e| io("mkdir", path, e))?;
                 if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-                    Ok(())
-                } else {
-                    Err(io("mkdir", path, Errno::EXIST))
+                    return Ok(());
                 }
+                // The source replaced a file by a directory (RENAME_EXCHANGE, or records
+                // a killed agent never sent): the directory wins, as on the source.
+                self.files.invalidate(path);
+                rustix::fs::unlinkat(&*dir, os(name), AtFlags::empty())
+                    .map_err(|e| io("mkdir", path, e))?;
+                rustix::fs::mkdirat(&*dir, os(name), mode).map_err(|e| io("mkdir", path, e))?;
+                self.dirty.dir(&dir);
+                Ok(())
             }
             Err(e) => Err(io("mkdir", path, e)),
         }
@@ -446,7 +545,7 @@ impl Applier {
 
 /// Removes `name` in `parent` and everything beneath it, without following symlinks
 /// (a symlink is unlinked, never descended into).
-fn remove_tree(
+pub(crate) fn remove_tree(
     parent: std::os::fd::BorrowedFd<'_>,
     name: &[u8],
     depth: usize,
@@ -491,7 +590,7 @@ fn remove_tree(
     rustix::fs::unlinkat(parent, os(name), AtFlags::REMOVEDIR)
 }
 
-fn io(op: &'static str, path: &RelPath, errno: Errno) -> ApplyError {
+pub(crate) fn io(op: &'static str, path: &RelPath, errno: Errno) -> ApplyError {
     ApplyError::Io {
         op,
         path: path.clone(),
@@ -574,7 +673,7 @@ mod tests {
     }
 
     #[test]
-    fn mkdir_is_idempotent_but_not_over_a_file() {
+    fn mkdir_is_idempotent_and_replaces_a_file() {
         let (_d, mut a) = setup();
         a.apply(&Op::Mkdir {
             path: p("x/y"),
@@ -588,13 +687,20 @@ mod tests {
         .unwrap();
         assert!(a.root().join("x/y").is_dir());
         a.apply(&write("file", 0, b"")).unwrap();
-        let e = a
-            .apply(&Op::Mkdir {
-                path: p("file"),
-                mode: 0o755,
-            })
-            .unwrap_err();
-        assert!(!e.is_fatal(), "{e}");
+        a.apply(&Op::Mkdir {
+            path: p("file"),
+            mode: 0o755,
+        })
+        .unwrap();
+        assert!(a.root().join("file").is_dir());
+        // And the converse: a file made where the replica has a directory.
+        a.apply(&write("x/y/inner", 0, b"abc")).unwrap();
+        a.apply(&Op::CreateFile {
+            path: p("x"),
+            mode: 0o644,
+        })
+        .unwrap();
+        assert!(a.root().join("x").is_file());
     }
 
     #[test]
@@ -648,6 +754,105 @@ mod tests {
         };
         let e = a.apply(&noreplace).unwrap_err();
         assert!(!e.is_fatal(), "{e}");
+    }
+
+    #[test]
+    fn attributes_links_and_nodes_never_reach_outside_the_replica() {
+        use doppel_common::wire::{Attr, Timestamp, Xattr};
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let outside = d.path().join("outside");
+        fs::write(&outside, b"secret").unwrap();
+        fs::set_permissions(&outside, fs::Permissions::from_mode(0o600)).unwrap();
+        let before = fs::metadata(&outside).unwrap();
+        let mut a = Applier::open(&d.path().join("replica")).unwrap();
+        // A peer makes symlinks pointing out (allowed: the target is only stored)...
+        a.apply(&Op::Symlink {
+            path: p("out"),
+            target: outside.as_os_str().as_encoded_bytes().to_vec(),
+        })
+        .unwrap();
+        a.apply(&Op::Symlink {
+            path: p("up"),
+            target: b"../outside".to_vec(),
+        })
+        .unwrap();
+        // ...then tries to change what they point to.
+        let attr = Attr {
+            mode: 0o4777,
+            uid: 1234,
+            gid: 1234,
+            atime: Timestamp { sec: 1, nsec: 0 },
+            mtime: Timestamp { sec: 1, nsec: 0 },
+        };
+        for link in ["out", "up"] {
+            a.apply(&Op::SetAttr {
+                path: p(link),
+                attr,
+            })
+            .unwrap();
+            let _ = a.apply(&Op::SetXattrs {
+                path: p(link),
+                xattrs: vec![Xattr {
+                    name: b"user.x".to_vec(),
+                    value: b"v".to_vec(),
+                }],
+            });
+            assert!(a.apply(&write(link, 0, b"pwned")).is_err());
+            assert!(a
+                .apply(&Op::Fallocate {
+                    path: p(link),
+                    mode: 0x03,
+                    offset: 0,
+                    len: 6,
+                })
+                .is_err());
+        }
+        // The symlinks themselves got the owner and times; the outside file nothing.
+        let l = fs::symlink_metadata(a.root().join("out")).unwrap();
+        assert_eq!((l.uid(), l.mtime()), (1234, 1));
+        let after = fs::metadata(&outside).unwrap();
+        assert_eq!(after.mode(), before.mode());
+        assert_eq!((after.uid(), after.mtime()), (before.uid(), before.mtime()));
+        assert_eq!(fs::read(&outside).unwrap(), b"secret");
+        assert!(xattr_names(&outside).is_empty());
+        // A hard link of a symlink links the symlink, not what it points to.
+        a.apply(&Op::Link {
+            from: p("up"),
+            to: p("up2"),
+        })
+        .unwrap();
+        assert!(fs::symlink_metadata(a.root().join("up2"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Device nodes are never made; FIFOs are.
+        let e = a
+            .apply(&Op::Mknod {
+                path: p("sda"),
+                mode: 0o060600,
+                rdev: 0x800,
+            })
+            .unwrap_err();
+        assert!(!e.is_fatal(), "{e}");
+        assert!(!a.root().join("sda").exists());
+        a.apply(&Op::Mknod {
+            path: p("fifo"),
+            mode: 0o010640,
+            rdev: 0,
+        })
+        .unwrap();
+        assert!(fs::symlink_metadata(a.root().join("fifo"))
+            .unwrap()
+            .file_type()
+            .is_fifo());
+    }
+
+    fn xattr_names(p: &Path) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        let n = rustix::fs::listxattr(p, &mut buf[..]).unwrap_or(0);
+        buf.truncate(n);
+        buf
     }
 
     #[test]

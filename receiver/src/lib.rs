@@ -9,10 +9,12 @@
 //! - [`writer`], [`state`]: durability and acknowledgements.
 
 pub mod apply;
+mod attrs;
 pub mod beneath;
 pub mod config;
 pub mod dirty;
 pub mod fdcache;
+mod nodes;
 pub mod server;
 pub mod session;
 pub mod set;

@@ -76,10 +76,18 @@ pub struct BatchOutcome {
 /// The file a data op writes; `None` for namespace ops (barriers).
 fn data_path(op: &Op) -> Option<&RelPath> {
     match op {
-        Op::Write { path, .. } | Op::Truncate { path, .. } | Op::CreateFile { path, .. } => {
-            Some(path)
-        }
-        Op::Mkdir { .. }
+        Op::Write { path, .. }
+        | Op::Truncate { path, .. }
+        | Op::CreateFile { path, .. }
+        | Op::Fallocate { path, .. } => Some(path),
+        // Attributes are barriers too: the receiver cannot tell a file's from a
+        // directory's, and a directory's times change with every entry made in it.
+        Op::SetAttr { .. }
+        | Op::SetXattrs { .. }
+        | Op::Link { .. }
+        | Op::Symlink { .. }
+        | Op::Mknod { .. }
+        | Op::Mkdir { .. }
         | Op::Remove { .. }
         | Op::Rmdir { .. }
         | Op::Rename { .. }

@@ -35,6 +35,8 @@ pub struct Options {
     pub set_extra: String,
     /// Extra TOML lines appended to the agent's `[[target]]` (e.g. `bandwidth_limit`).
     pub agent_target_extra: String,
+    /// Extra top-level TOML lines of the agent's config (e.g. `capture_ring_kib`).
+    pub agent_extra: String,
     /// The receiver's listen address, which is also the agent's target address.
     /// Default: 127.0.0.1 and a free port.
     pub listen: Option<SocketAddr>,
@@ -97,6 +99,7 @@ impl Cluster {
     pub fn with_options(set: &str, opts: Options) -> Result<Cluster> {
         let set_extra = &opts.set_extra;
         let target_extra = &opts.agent_target_extra;
+        let agent_extra = &opts.agent_extra;
         let dir = tempfile::Builder::new().prefix("doppel-e2e-").tempdir()?;
         let d = dir.path();
         let source = d.join("source");
@@ -131,6 +134,7 @@ root = "{}"
 cert = "agent-keys/cert.pem"
 key = "agent-keys/key.pem"
 state_dir = "agent-state"
+{agent_extra}
 
 [[target]]
 name = "t"
@@ -302,6 +306,31 @@ targets = ["t"]
                     .cloned()
                     .collect::<Vec<_>>()
                     .join("\n"),
+                self.logs()
+            ),
+        }
+    }
+
+    /// As [`Cluster::assert_converges`], in strict mode ([`crate::tree::wait_identical`]):
+    /// types, contents, holes, modes, owners, mtimes, xattrs and ACLs, symlink targets
+    /// and hard links must all match. The source must be quiescent (it is read once).
+    /// Panics with every difference (up to 100 lines) and both logs.
+    pub fn assert_identical(&self, within: Duration) -> Duration {
+        match crate::tree::wait_identical(&self.source, &self.replica, within) {
+            Ok(t) => {
+                eprintln!("replica strictly identical {t:?} after the last change");
+                t
+            }
+            Err(diffs) => panic!(
+                "replica not identical {within:?} after the last change ({} differences):\n{}{}\n{}",
+                diffs.len(),
+                diffs
+                    .iter()
+                    .take(100)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                if diffs.len() > 100 { "\n..." } else { "" },
                 self.logs()
             ),
         }

@@ -1,7 +1,9 @@
 //! Helpers for doppel's end-to-end tests and for `cargo xtask demo`/`bench`: a real
-//! receiver and a real agent as child processes, a tree comparer, a random writer.
+//! receiver and a real agent as child processes, a tree comparer (content or strict), a
+//! random writer, checked syscall wrappers.
 
 pub mod cluster;
+pub mod fsops;
 pub mod netns;
 pub mod tree;
 pub mod writer;

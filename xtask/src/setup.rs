@@ -15,6 +15,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("git", "git"),
     ("ip", "iproute2"),
     ("mkfs.ext4", "e2fsprogs"),
+    // The fidelity tests set and compare POSIX ACLs and extended attributes.
+    ("setfacl", "acl"),
+    ("getfattr", "attr"),
 ];
 
 pub fn cargo_bin() -> PathBuf {

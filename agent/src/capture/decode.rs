@@ -2,9 +2,10 @@
 //! kernel, no IO. A malformed record is an error value, never a panic.
 
 use doppel_common::abi::{
-    FileRecord, KFileId, MissedKey, MissedRange, NsRecord, PathSlot, AT_REMOVEDIR, CHUNK_SIZE,
-    FILE_RECORD_SIZE, KIND_DATA, KIND_DIRTY, KIND_FTRUNCATE, KIND_MKDIR, KIND_OPEN, KIND_RENAME,
-    KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
+    FileRecord, KFileId, MissedKey, MissedRange, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR,
+    AT_REMOVEDIR, CHUNK_SIZE, FILE_RECORD_SIZE, KIND_ATTR, KIND_DATA, KIND_DIRTY, KIND_FALLOC,
+    KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN, KIND_RENAME, KIND_TRUNCATE,
+    KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
 };
 use doppel_common::event::{CaptureEvent, FileId, PathArg};
 
@@ -127,7 +128,8 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                 data: data.to_vec(),
             });
         }
-        KIND_OPEN | KIND_MKDIR | KIND_UNLINK | KIND_RENAME | KIND_TRUNCATE | KIND_FTRUNCATE => {
+        KIND_OPEN | KIND_MKDIR | KIND_UNLINK | KIND_RENAME | KIND_TRUNCATE | KIND_FTRUNCATE
+        | KIND_ATTR | KIND_LINK | KIND_MADE | KIND_FALLOC => {
             let r: NsRecord = read(rec, kind)?;
             let pid = r.hdr.pid;
             let path0 = || path_arg(rec, &r.paths[0], NS_RECORD_SIZE, pid, kind);
@@ -167,6 +169,32 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                     from: path0()?,
                     to: path_arg(rec, &r.paths[1], NS_RECORD_SIZE + PATH_CAP, pid, kind)?,
                     flags: r.flags,
+                }),
+                KIND_ATTR => {
+                    let (file, parent, path) = if r.npaths == 0 {
+                        (Some(file_id(r.file)), Some(file_id(r.parent)), None)
+                    } else {
+                        (None, None, Some(path0()?))
+                    };
+                    out.push(CaptureEvent::AttrChanged {
+                        file,
+                        parent,
+                        path,
+                        xattrs: r.flags & ATTR_XATTR != 0,
+                        follow: r.flags & ATTR_NOFOLLOW == 0,
+                    })
+                }
+                KIND_LINK => out.push(CaptureEvent::Linked {
+                    from: path0()?,
+                    to: path_arg(rec, &r.paths[1], NS_RECORD_SIZE + PATH_CAP, pid, kind)?,
+                }),
+                KIND_MADE => out.push(CaptureEvent::Made { path: path0()? }),
+                KIND_FALLOC => out.push(CaptureEvent::Fallocated {
+                    file: file_id(r.file),
+                    parent: file_id(r.parent),
+                    mode: r.flags,
+                    offset: r.offset,
+                    len: r.size,
                 }),
                 KIND_TRUNCATE => out.push(CaptureEvent::Truncated {
                     file: None,
@@ -304,6 +332,7 @@ mod tests {
             file: kid(11),
             parent: kid(2),
             size: 123,
+            offset: 0,
             npaths: 1,
             _pad: 0,
             paths: [

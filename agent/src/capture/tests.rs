@@ -85,7 +85,14 @@ fn in_dirs(dirs: Vec<FileId>) -> impl Fn(&CaptureEvent) -> bool {
                 parent_ok(parent) || path.as_ref().map(base_ok).unwrap_or(false)
             }
             CaptureEvent::Removed { path, .. } => base_ok(path),
-            CaptureEvent::Renamed { from, to, .. } => base_ok(from) || base_ok(to),
+            CaptureEvent::Renamed { from, to, .. } | CaptureEvent::Linked { from, to } => {
+                base_ok(from) || base_ok(to)
+            }
+            CaptureEvent::Made { path } => base_ok(path),
+            CaptureEvent::AttrChanged { parent, path, .. } => {
+                parent_ok(parent) || path.as_ref().map(base_ok).unwrap_or(false)
+            }
+            CaptureEvent::Fallocated { parent, .. } => dirs.contains(parent),
             CaptureEvent::Lost { .. } => true,
         }
     }
