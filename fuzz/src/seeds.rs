@@ -3,9 +3,9 @@
 //! test.
 
 use doppel_common::abi::{
-    FileRecord, Header, KFileId, NsRecord, PathSlot, AT_REMOVEDIR, KIND_DATA, KIND_DIRTY,
-    KIND_FTRUNCATE, KIND_MKDIR, KIND_OPEN, KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, O_CREAT,
-    O_TRUNC, PATH_CAP,
+    FileRecord, Header, KFileId, NsRecord, PathSlot, AT_REMOVEDIR, KIND_ATTR, KIND_DATA,
+    KIND_DIRTY, KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN,
+    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, O_CREAT, O_TRUNC, PATH_CAP,
 };
 use doppel_common::wire::{encode_frame, Frame, Op, Record, RelPath, SetHello};
 
@@ -205,6 +205,7 @@ fn ns_record(r: NsRecord, path0: &[u8], path1: Option<&[u8]>) -> Vec<u8> {
     put_id(&mut b, r.file);
     put_id(&mut b, r.parent);
     b.extend_from_slice(&r.size.to_ne_bytes());
+    b.extend_from_slice(&r.offset.to_ne_bytes());
     b.extend_from_slice(&r.npaths.to_ne_bytes());
     b.extend_from_slice(&r._pad.to_ne_bytes());
     for s in r.paths {
@@ -238,6 +239,7 @@ fn ns(kind: u32, flags: u32, path0: &[u8], path1: Option<&[u8]>) -> Vec<u8> {
         file: kid(11),
         parent: kid(2),
         size: 123,
+        offset: 4096,
         npaths: 1 + u32::from(path1.is_some()),
         _pad: 0,
         paths: [slot(path0, 1), slot(path1.unwrap_or_default(), 0)],
@@ -267,5 +269,10 @@ fn capture() -> Vec<(&'static str, Vec<u8>)> {
         ("rename", ns(KIND_RENAME, 1, b"a/b", Some(b"/x/y/z"))),
         ("truncate", ns(KIND_TRUNCATE, 0, b"f", None)),
         ("ftruncate", ns(KIND_FTRUNCATE, 0, b"", None)),
+        ("chmod", ns(KIND_ATTR, 0, b"f", None)),
+        ("lsetxattr", ns(KIND_ATTR, 3, b"/abs/f", None)),
+        ("link", ns(KIND_LINK, 0, b"a", Some(b"b/c"))),
+        ("symlink", ns(KIND_MADE, 0, b"l", None)),
+        ("fallocate", ns(KIND_FALLOC, 0x03, b"", None)),
     ]
 }

@@ -86,6 +86,13 @@ pub fn run(seconds_per_target: u64) -> Result<()> {
             .status()
             .with_context(|| format!("cannot run `cargo fuzz run {t}`"))?;
         if !st.success() {
+            // libFuzzer exits non-zero with an input in artifacts/; anything else (a
+            // build error, most often) has no input to point at.
+            let artifacts = dir.join("artifacts").join(t);
+            let crashed = std::fs::read_dir(&artifacts).is_ok_and(|mut d| d.next().is_some());
+            if !crashed {
+                bail!("fuzz target {t} failed ({st}) without a crashing input: see the build or run output above");
+            }
             bail!(
                 "fuzz target {t} failed ({st}): the crashing input is in fuzz/artifacts/{t}/; \
                  reproduce with `cd fuzz && cargo +nightly fuzz run {t} <file>`, and once fixed \
