@@ -61,35 +61,31 @@ unsafe fn init(rec: *mut NsRecord, kind: u32, pid: u32) {
     };
 }
 
-/// The file behind a just-returned or argument fd, if its directory is CONTENTS-watched
-/// and it is a regular file: (file id, parent id).
+/// The regular file behind a just-returned or argument fd, if its directory is
+/// CONTENTS-watched: (file id, parent id).
 #[inline(always)]
 fn watched_fd(fd: u64) -> Option<(KFileId, KFileId)> {
-    let file = fd_file(fd)?;
-    let parent = file_parent(file)?;
-    if !contents_watched(&parent) {
-        return None;
-    }
-    let inode = regular_inode(file)?;
-    let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
-    Some((
-        KFileId {
-            dev: parent.dev,
-            ino,
-        },
-        parent,
-    ))
+    watched_entry(fd, true)
 }
 
 /// The entry (file or directory) behind an fd, if its directory is CONTENTS-watched.
 #[inline(always)]
 fn watched_fd_any(fd: u64) -> Option<(KFileId, KFileId)> {
+    watched_entry(fd, false)
+}
+
+#[inline(always)]
+fn watched_entry(fd: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
     let file = fd_file(fd)?;
     let parent = file_parent(file)?;
     if !contents_watched(&parent) {
         return None;
     }
-    let inode = inode_ptr(file)?;
+    let inode = if regular_only {
+        regular_inode(file)?
+    } else {
+        inode_ptr(file)?
+    };
     let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
     Some((
         KFileId {
