@@ -292,23 +292,8 @@ targets = ["t"]
     /// Waits until the replica equals the source; panics with the differences and both
     /// logs if it does not within `within`. Returns how long it took.
     pub fn assert_converges(&self, within: Duration) -> Duration {
-        match crate::tree::wait_equal(&self.source, &self.replica, within) {
-            Ok(t) => {
-                eprintln!("replica identical {t:?} after the last write");
-                t
-            }
-            Err(diffs) => panic!(
-                "replica differs {within:?} after the last write ({} differences):\n{}\n{}",
-                diffs.len(),
-                diffs
-                    .iter()
-                    .take(30)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                self.logs()
-            ),
-        }
+        let r = crate::tree::wait_equal(&self.source, &self.replica, within);
+        self.expect_same(r, within, "identical", "differs", "write", 30)
     }
 
     /// As [`Cluster::assert_converges`], in strict mode ([`crate::tree::wait_identical`]):
@@ -316,21 +301,38 @@ targets = ["t"]
     /// and hard links must all match. The source must be quiescent (it is read once).
     /// Panics with every difference (up to 100 lines) and both logs.
     pub fn assert_identical(&self, within: Duration) -> Duration {
-        match crate::tree::wait_identical(&self.source, &self.replica, within) {
+        let r = crate::tree::wait_identical(&self.source, &self.replica, within);
+        self.expect_same(
+            r,
+            within,
+            "strictly identical",
+            "not identical",
+            "change",
+            100,
+        )
+    }
+
+    /// The outcome of a wait: how long it took, or a panic with up to `shown`
+    /// differences and both logs.
+    fn expect_same(
+        &self,
+        r: Result<Duration, Vec<String>>,
+        within: Duration,
+        same: &str,
+        differs: &str,
+        last: &str,
+        shown: usize,
+    ) -> Duration {
+        match r {
             Ok(t) => {
-                eprintln!("replica strictly identical {t:?} after the last change");
+                eprintln!("replica {same} {t:?} after the last {last}");
                 t
             }
             Err(diffs) => panic!(
-                "replica not identical {within:?} after the last change ({} differences):\n{}{}\n{}",
+                "replica {differs} {within:?} after the last {last} ({} differences):\n{}{}\n{}",
                 diffs.len(),
-                diffs
-                    .iter()
-                    .take(100)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n"),
-                if diffs.len() > 100 { "\n..." } else { "" },
+                diffs[..diffs.len().min(shown)].join("\n"),
+                if diffs.len() > shown { "\n..." } else { "" },
                 self.logs()
             ),
         }

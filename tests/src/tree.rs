@@ -134,18 +134,32 @@ fn hex8(h: &[u8; 32]) -> String {
     h[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// Waits until `dst` equals `src` (both snapshotted anew each try) or `timeout` passes.
-/// Returns how long it took, or the last differences.
+/// Waits until `dst` equals `src` in content (see the module doc) or `timeout` passes.
+/// `src` is snapshotted once (it must be quiescent), `dst` anew each try. Returns how
+/// long it took, or the last differences.
 pub fn wait_equal(
     src: &Path,
     dst: &Path,
     timeout: std::time::Duration,
 ) -> Result<std::time::Duration, Vec<String>> {
-    let start = std::time::Instant::now();
-    let want = snapshot(src).map_err(|e| vec![format!("cannot read source: {e}")])?;
+    wait_until_same(src, dst, timeout, Duration::from_millis(50), snapshot, diff)
+}
+
+/// Snapshots `src` once, then `dst` every `poll` until `compare` finds no difference
+/// or `timeout` passes.
+fn wait_until_same<S>(
+    src: &Path,
+    dst: &Path,
+    timeout: Duration,
+    poll: Duration,
+    snap: fn(&Path) -> std::io::Result<S>,
+    compare: fn(&S, &S) -> Vec<String>,
+) -> Result<Duration, Vec<String>> {
+    let start = Instant::now();
+    let want = snap(src).map_err(|e| vec![format!("cannot read source: {e}")])?;
     loop {
-        let diffs = match snapshot(dst) {
-            Ok(got) => diff(&want, &got),
+        let diffs = match snap(dst) {
+            Ok(got) => compare(&want, &got),
             Err(e) => vec![format!("cannot read replica: {e}")],
         };
         if diffs.is_empty() {
@@ -154,7 +168,7 @@ pub fn wait_equal(
         if start.elapsed() > timeout {
             return Err(diffs);
         }
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        std::thread::sleep(poll);
     }
 }
 
@@ -806,21 +820,14 @@ pub fn diff_full(src: &FullSnapshot, dst: &FullSnapshot) -> Vec<String> {
 /// `timeout` passes. `src` is snapshotted once (it must be quiescent), `dst` anew each
 /// try. Returns how long it took, or the last differences.
 pub fn wait_identical(src: &Path, dst: &Path, timeout: Duration) -> Result<Duration, Vec<String>> {
-    let start = Instant::now();
-    let want = snapshot_full(src).map_err(|e| vec![format!("cannot read source: {e}")])?;
-    loop {
-        let diffs = match snapshot_full(dst) {
-            Ok(got) => diff_full(&want, &got),
-            Err(e) => vec![format!("cannot read replica: {e}")],
-        };
-        if diffs.is_empty() {
-            return Ok(start.elapsed());
-        }
-        if start.elapsed() > timeout {
-            return Err(diffs);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until_same(
+        src,
+        dst,
+        timeout,
+        Duration::from_millis(100),
+        snapshot_full,
+        diff_full,
+    )
 }
 
 #[cfg(test)]
