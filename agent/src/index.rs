@@ -178,11 +178,6 @@ impl Index {
             .is_some_and(|n| n.parent == parent && n.name == name)
     }
 
-    /// Every name the index knows for `id` beyond its first (hard links).
-    pub fn other_names(&self, id: FileId) -> &[(FileId, OsString)] {
-        self.links.get(&id).map_or(&[], |v| v.as_slice())
-    }
-
     /// Takes `(parent, name)` off `id`'s names if it is one of its further names (the
     /// node is untouched); if it is the first name and others exist, the next one
     /// becomes first. Returns whether the node lives on under another name.

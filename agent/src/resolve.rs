@@ -15,7 +15,7 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use doppel_common::event::{monotonic_ns, CaptureEvent, Captured, FileId, PathArg};
-use doppel_common::wire::{Op, RelPath};
+use doppel_common::wire::{falloc, Op, RelPath};
 use tracing::{debug, warn};
 
 use crate::attrs::{attr_of, xattrs_of};
@@ -50,6 +50,9 @@ pub struct Resolver<W: Watcher> {
     /// Entries whose attributes changed since they were last sent: data changes the
     /// mtime, entries made or removed change their directory's.
     touched: HashMap<FileId, Touched>,
+    /// Directories that moved while being scanned, and since when: scanned again at
+    /// their new place by [`Resolver::finish`].
+    rescan: HashMap<FileId, u64>,
 }
 
 /// An entry whose attributes are due.
@@ -97,6 +100,7 @@ impl<W: Watcher> Resolver<W> {
             watcher,
             unresolved: 0,
             touched: HashMap::new(),
+            rescan: HashMap::new(),
         })
     }
 
@@ -108,9 +112,26 @@ impl<W: Watcher> Resolver<W> {
     /// now. Called after each batch of events, so the ops that changed an entry come
     /// first and its final times win on the replica.
     pub fn finish(&mut self, out: &mut Vec<SetOp>) {
+        let now = monotonic_ns();
+        let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
+        for (dir, since) in rescan {
+            let Some(loc) = self.index.location(dir) else {
+                continue; // removed, or moved out of every set
+            };
+            let abs = self.index.abs(&loc);
+            match std::fs::symlink_metadata(&abs) {
+                Ok(m) if file_id(&m) == dir => {
+                    self.scan_dir(loc.set, dir, &abs, &loc.rel, out);
+                    self.touch(Some(dir), false);
+                }
+                _ if now - since < TOUCH_PATIENCE_NS => {
+                    self.rescan.insert(dir, since);
+                }
+                _ => {}
+            }
+        }
         let mut touched: Vec<(FileId, Touched)> = self.touched.drain().collect();
         touched.sort_by_key(|(id, _)| *id);
-        let now = monotonic_ns();
         for (id, mut t) in touched {
             let Some(loc) = self.index.location(id) else {
                 continue; // removed, or never replicated
@@ -219,6 +240,12 @@ impl<W: Watcher> Resolver<W> {
                 keep,
             },
         });
+        // Renamed while being read: entries listed under the old path were not found,
+        // and those made before the watch have no event of their own. Read it again
+        // where the index will have it once the rename's event is resolved.
+        if std::fs::symlink_metadata(abs).map(|m| file_id(&m)).ok() != Some(dir) {
+            self.rescan.entry(dir).or_insert_with(monotonic_ns);
+        }
     }
 
     /// Something appeared at `rel` (scan, mkdir, rename into the set): watch and emit it.
@@ -308,7 +335,12 @@ impl<W: Watcher> Resolver<W> {
                     },
                 });
             }
-            emit_meta(set, abs, rel, m, true, out);
+            // Taken now, after the content was read: a change between `m` and this
+            // node's scan time has no event to replay (it counts as covered).
+            let now = std::fs::symlink_metadata(abs)
+                .ok()
+                .filter(|n| file_id(n) == id);
+            emit_meta(set, abs, rel, now.as_ref().unwrap_or(m), true, out);
             true
         }
     }
@@ -762,9 +794,9 @@ impl<W: Watcher> Resolver<W> {
     /// `follow == false`, else what it points to (if that is in a set too).
     fn attr_target(&self, p: &PathArg, follow: bool) -> Option<FileId> {
         let (loc, abs) = self.place(p)?;
-        // Gone or renamed since: the index still knows which node the path named.
-        let is_symlink = std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink());
-        if follow && is_symlink {
+        // Only a followed symlink needs a look at the source; a path gone or renamed
+        // since is still known to the index as the node it named.
+        if follow && std::fs::symlink_metadata(&abs).is_ok_and(|m| m.file_type().is_symlink()) {
             let real = std::fs::canonicalize(&abs).ok()?;
             let loc = self.index.locate(&real)?;
             return self.index.lookup(&loc);
@@ -898,11 +930,8 @@ fn emit_fallocate(
     len: u64,
     out: &mut Vec<SetOp>,
 ) {
-    const KEEP_SIZE: u32 = 0x01;
-    const PUNCH_HOLE: u32 = 0x02;
-    const ZERO_RANGE: u32 = 0x10;
-    const UNSHARE_RANGE: u32 = 0x40;
-    if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) == 0 {
+    use doppel_common::wire::falloc::{KEEP_SIZE, REPLICATED, UNSHARE_RANGE};
+    if mode & !REPLICATED == 0 {
         out.push(SetOp {
             set,
             op: Op::Fallocate {
@@ -953,7 +982,7 @@ fn emit_range(
                 set,
                 op: Op::Fallocate {
                     path: path.clone(),
-                    mode: FALLOC_PUNCH_HOLE | FALLOC_KEEP_SIZE,
+                    mode: falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
                     offset: pos,
                     len: data - pos,
                 },
@@ -985,8 +1014,6 @@ fn emit_range(
     Some(size)
 }
 
-const FALLOC_KEEP_SIZE: u32 = 0x01;
-const FALLOC_PUNCH_HOLE: u32 = 0x02;
 /// Granularity at which all-zero data is left out of a whole-file copy.
 const ZERO_BLOCK: usize = 4096;
 

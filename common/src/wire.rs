@@ -179,6 +179,18 @@ pub struct Attr {
     pub mtime: Timestamp,
 }
 
+/// `fallocate(2)` mode bits an [`Op::Fallocate`] may carry (Linux values). Modes that
+/// shift a file's contents (collapse, insert range) are sent as bytes instead.
+pub mod falloc {
+    pub const KEEP_SIZE: u32 = 0x01;
+    pub const PUNCH_HOLE: u32 = 0x02;
+    pub const ZERO_RANGE: u32 = 0x10;
+    /// Unsharing copy-on-write extents: changes no byte, never sent.
+    pub const UNSHARE_RANGE: u32 = 0x40;
+    /// Every mode [`super::Op::Fallocate`] may have.
+    pub const REPLICATED: u32 = KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE;
+}
+
 /// Largest extended attribute name (Linux's XATTR_NAME_MAX) and value (XATTR_SIZE_MAX).
 pub const MAX_XATTR_NAME: usize = 255;
 pub const MAX_XATTR_VALUE: usize = 64 << 10;

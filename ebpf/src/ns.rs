@@ -61,19 +61,9 @@ unsafe fn init(rec: *mut NsRecord, kind: u32, pid: u32) {
     };
 }
 
-/// The regular file behind a just-returned or argument fd, if its directory is
-/// CONTENTS-watched: (file id, parent id).
-#[inline(always)]
-fn watched_fd(fd: u64) -> Option<(KFileId, KFileId)> {
-    watched_entry(fd, true)
-}
-
-/// The entry (file or directory) behind an fd, if its directory is CONTENTS-watched.
-#[inline(always)]
-fn watched_fd_any(fd: u64) -> Option<(KFileId, KFileId)> {
-    watched_entry(fd, false)
-}
-
+/// The entry behind a just-returned or argument fd, if its directory is
+/// CONTENTS-watched: (its id, the directory's id). With `regular_only`, only a regular
+/// file counts.
 #[inline(always)]
 fn watched_entry(fd: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
     let file = fd_file(fd)?;
@@ -215,7 +205,7 @@ pub fn on_open(regs: u64, nr: u64, fd: u64) {
     if flags & (O_CREAT | O_TRUNC) == 0 {
         return;
     }
-    let Some((file, parent)) = watched_fd(fd) else {
+    let Some((file, parent)) = watched_entry(fd, true) else {
         return;
     };
     let pid = tgid();
@@ -240,10 +230,12 @@ pub fn on_open(regs: u64, nr: u64, fd: u64) {
     }
 }
 
-/// ftruncate(fd, length) succeeded.
+/// A path-less record about the entry behind `fd` (ftruncate, fallocate, fd-based
+/// attribute calls), if it passes the filter: regular files only unless
+/// `regular_only` is false (an fchmod on a directory counts too).
 #[inline(always)]
-pub fn on_ftruncate(regs: u64) {
-    let Some((file, parent)) = watched_fd(arg(regs, 0)) else {
+fn fd_record(fd: u64, regular_only: bool, kind: u32, flags: u32, offset: u64, size: u64) {
+    let Some((file, parent)) = watched_entry(fd, regular_only) else {
         return;
     };
     let pid = tgid();
@@ -257,65 +249,34 @@ pub fn on_ftruncate(regs: u64) {
     let rec = s as *mut NsRecord;
     // SAFETY: scratch value, see on_open.
     unsafe {
-        init(rec, KIND_FTRUNCATE, pid);
+        init(rec, kind, pid);
         (*rec).file = file;
         (*rec).parent = parent;
-        (*rec).size = arg(regs, 1);
+        (*rec).flags = flags;
+        (*rec).offset = offset;
+        (*rec).size = size;
     }
     send(s, NS_RECORD_SIZE as u64);
+}
+
+/// ftruncate(fd, length) succeeded.
+#[inline(always)]
+pub fn on_ftruncate(regs: u64) {
+    fd_record(arg(regs, 0), true, KIND_FTRUNCATE, 0, 0, arg(regs, 1));
 }
 
 /// fallocate(fd, mode, offset, len) succeeded.
 #[inline(always)]
 pub fn on_fallocate(regs: u64) {
-    let Some((file, parent)) = watched_fd(arg(regs, 0)) else {
-        return;
-    };
-    let pid = tgid();
-    if ignored(pid) || in_compat_syscall() {
-        return;
-    }
-    let Some(s) = scratch() else {
-        bump(STAT_LOST, 1);
-        return;
-    };
-    let rec = s as *mut NsRecord;
-    // SAFETY: scratch value, see on_open.
-    unsafe {
-        init(rec, KIND_FALLOC, pid);
-        (*rec).file = file;
-        (*rec).parent = parent;
-        (*rec).flags = arg(regs, 1) as u32;
-        (*rec).offset = arg(regs, 2);
-        (*rec).size = arg(regs, 3);
-    }
-    send(s, NS_RECORD_SIZE as u64);
+    let (mode, offset, len) = (arg(regs, 1) as u32, arg(regs, 2), arg(regs, 3));
+    fd_record(arg(regs, 0), true, KIND_FALLOC, mode, offset, len);
 }
 
 /// An fd-based attribute change (fchmod, fchown, fsetxattr, fremovexattr, and the *at
 /// calls given AT_EMPTY_PATH or a NULL path).
 #[inline(always)]
 fn attr_fd(fd: u64, flags: u32) {
-    let Some((file, parent)) = watched_fd_any(fd) else {
-        return;
-    };
-    let pid = tgid();
-    if ignored(pid) || in_compat_syscall() {
-        return;
-    }
-    let Some(s) = scratch() else {
-        bump(STAT_LOST, 1);
-        return;
-    };
-    let rec = s as *mut NsRecord;
-    // SAFETY: scratch value, see on_open.
-    unsafe {
-        init(rec, KIND_ATTR, pid);
-        (*rec).file = file;
-        (*rec).parent = parent;
-        (*rec).flags = flags;
-    }
-    send(s, NS_RECORD_SIZE as u64);
+    fd_record(fd, false, KIND_ATTR, flags, 0, 0);
 }
 
 /// A path-based attribute change of `path` relative to `dirfd`.

@@ -206,7 +206,7 @@ impl Applier {
             Op::SetXattrs { path, xattrs } => self.set_xattrs(path, xattrs),
             Op::Link { from, to } => self.link(from, to),
             Op::Symlink { path, target } => self.symlink(path, target),
-            Op::Mknod { path, mode, rdev } => self.mknod(path, *mode, *rdev),
+            Op::Mknod { path, mode, .. } => self.mknod(path, *mode),
             Op::Fallocate {
                 path,
                 mode,
@@ -296,12 +296,10 @@ impl Applier {
     }
 
     fn fallocate(&mut self, path: &RelPath, mode: u32, offset: u64, len: u64) -> Result<()> {
-        const KEEP_SIZE: u32 = 0x01;
-        const PUNCH_HOLE: u32 = 0x02;
-        const ZERO_RANGE: u32 = 0x10;
+        use doppel_common::wire::falloc::{KEEP_SIZE, PUNCH_HOLE, REPLICATED, ZERO_RANGE};
         // Collapse and insert range shift the file's contents; the agent sends the
         // shifted bytes instead, so they never arrive here.
-        if mode & !(KEEP_SIZE | PUNCH_HOLE | ZERO_RANGE) != 0 {
+        if mode & !REPLICATED != 0 {
             return Err(ApplyError::Refused {
                 op: "fallocate",
                 path: path.clone(),

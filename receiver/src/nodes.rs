@@ -1,5 +1,6 @@
 //! Applies the entries that are not plain files or directories: hard links
-//! ([`Op::Link`]), symlinks ([`Op::Symlink`]) and FIFOs/sockets ([`Op::Mknod`]).
+//! ([`Op::Link`]), symlinks ([`Op::Symlink`]) and FIFOs/sockets ([`Op::Mknod`]; its
+//! `rdev` only matters for device nodes, which are refused).
 //!
 //! Each replaces what the target name held (a resent record finds its own result there
 //! and leaves it). A symlink's target is stored, never resolved: every other lookup of
@@ -68,11 +69,11 @@ impl Applier {
         let dir = self.dir(parent, true).map_err(|e| io("symlink", path, e))?;
         if let Ok(st) = rustix::fs::statat(&*dir, os(name), AtFlags::SYMLINK_NOFOLLOW) {
             if FileType::from_raw_mode(st.st_mode) == FileType::Symlink {
-                let mut buf = Vec::with_capacity(target.len() + 1);
-                if let Ok(cur) = rustix::fs::readlinkat(&*dir, os(name), std::mem::take(&mut buf)) {
-                    if cur.as_bytes() == target {
-                        return Ok(());
-                    }
+                let buf = Vec::with_capacity(target.len() + 1);
+                if rustix::fs::readlinkat(&*dir, os(name), buf)
+                    .is_ok_and(|cur| cur.as_bytes() == target)
+                {
+                    return Ok(());
                 }
             }
             clear(dir.as_fd(), name).map_err(|e| io("symlink", path, e))?;
@@ -82,7 +83,7 @@ impl Applier {
         Ok(())
     }
 
-    pub(crate) fn mknod(&mut self, path: &RelPath, mode: u32, rdev: u64) -> Result<()> {
+    pub(crate) fn mknod(&mut self, path: &RelPath, mode: u32) -> Result<()> {
         let kind = FileType::from_raw_mode(mode);
         if !matches!(kind, FileType::Fifo | FileType::Socket) {
             // A device node on the replica would open the target host's devices to
@@ -93,7 +94,6 @@ impl Applier {
                 why: "only FIFOs and sockets are replicated, not device nodes",
             });
         }
-        let _ = rdev;
         self.files.invalidate(path);
         let (parent, name) = beneath::split(&path.0);
         let dir = self.dir(parent, true).map_err(|e| io("mknod", path, e))?;

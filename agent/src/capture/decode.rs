@@ -133,6 +133,7 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
             let r: NsRecord = read(rec, kind)?;
             let pid = r.hdr.pid;
             let path0 = || path_arg(rec, &r.paths[0], NS_RECORD_SIZE, pid, kind);
+            let path1 = || path_arg(rec, &r.paths[1], NS_RECORD_SIZE + PATH_CAP, pid, kind);
             match kind {
                 KIND_OPEN => {
                     let path = path0()?;
@@ -167,7 +168,7 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                 }),
                 KIND_RENAME => out.push(CaptureEvent::Renamed {
                     from: path0()?,
-                    to: path_arg(rec, &r.paths[1], NS_RECORD_SIZE + PATH_CAP, pid, kind)?,
+                    to: path1()?,
                     flags: r.flags,
                 }),
                 KIND_ATTR => {
@@ -186,7 +187,7 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                 }
                 KIND_LINK => out.push(CaptureEvent::Linked {
                     from: path0()?,
-                    to: path_arg(rec, &r.paths[1], NS_RECORD_SIZE + PATH_CAP, pid, kind)?,
+                    to: path1()?,
                 }),
                 KIND_MADE => out.push(CaptureEvent::Made { path: path0()? }),
                 KIND_FALLOC => out.push(CaptureEvent::Fallocated {
@@ -457,6 +458,82 @@ mod tests {
                 path: None,
                 size: 123
             }]
+        );
+    }
+
+    #[test]
+    fn decodes_attribute_link_and_fallocate_records() {
+        let user = |ino| FileId {
+            dev: libc::makedev(8, 3),
+            ino,
+        };
+        let rel = PathArg {
+            base: Some(user(2)),
+            pid: 7,
+            dirfd: -100,
+            path: b"a/b".to_vec(),
+            truncated: false,
+        };
+        let mut out = Vec::new();
+        // fchmod: fd-based, no path.
+        let mut r = ns(KIND_ATTR, 0);
+        r.npaths = 0;
+        decode_record(&as_bytes(&r), &mut out).unwrap();
+        // lsetxattr: path-based, xattrs, not following.
+        let mut bytes = as_bytes(&ns(KIND_ATTR, ATTR_XATTR | ATTR_NOFOLLOW));
+        bytes.extend_from_slice(b"a/b");
+        decode_record(&bytes, &mut out).unwrap();
+        // link: both paths.
+        let mut r = ns(KIND_LINK, 0);
+        r.npaths = 2;
+        let mut bytes = as_bytes(&r);
+        bytes.extend_from_slice(b"a/b");
+        bytes.resize(NS_RECORD_SIZE + PATH_CAP, 0);
+        bytes.extend_from_slice(b"/x/y/z");
+        decode_record(&bytes, &mut out).unwrap();
+        let mut bytes = as_bytes(&ns(KIND_MADE, 0));
+        bytes.extend_from_slice(b"a/b");
+        decode_record(&bytes, &mut out).unwrap();
+        let mut r = ns(KIND_FALLOC, 0x03);
+        r.npaths = 0;
+        r.offset = 4096;
+        decode_record(&as_bytes(&r), &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                CaptureEvent::AttrChanged {
+                    file: Some(user(11)),
+                    parent: Some(user(2)),
+                    path: None,
+                    xattrs: false,
+                    follow: true
+                },
+                CaptureEvent::AttrChanged {
+                    file: None,
+                    parent: None,
+                    path: Some(rel.clone()),
+                    xattrs: true,
+                    follow: false
+                },
+                CaptureEvent::Linked {
+                    from: rel.clone(),
+                    to: PathArg {
+                        base: None,
+                        pid: 7,
+                        dirfd: 5,
+                        path: b"/x/y/z".to_vec(),
+                        truncated: true
+                    },
+                },
+                CaptureEvent::Made { path: rel },
+                CaptureEvent::Fallocated {
+                    file: user(11),
+                    parent: user(2),
+                    mode: 0x03,
+                    offset: 4096,
+                    len: 123
+                },
+            ]
         );
     }
 
