@@ -53,6 +53,17 @@ pub struct Resolver<W: Watcher> {
     /// Directories that moved while being scanned, and since when: scanned again at
     /// their new place by [`Resolver::finish`].
     rescan: HashMap<FileId, u64>,
+    /// Ranges whose file was not where the index said when they were read.
+    deferred: Vec<Deferred>,
+}
+
+/// A changed range to read once the index knows where its file went.
+#[derive(Debug, Clone, Copy)]
+struct Deferred {
+    file: FileId,
+    offset: u64,
+    len: u64,
+    since: u64,
 }
 
 /// An entry whose attributes are due.
@@ -101,6 +112,7 @@ impl<W: Watcher> Resolver<W> {
             unresolved: 0,
             touched: HashMap::new(),
             rescan: HashMap::new(),
+            deferred: Vec::new(),
         })
     }
 
@@ -113,6 +125,24 @@ impl<W: Watcher> Resolver<W> {
     /// first and its final times win on the replica.
     pub fn finish(&mut self, out: &mut Vec<SetOp>) {
         let now = monotonic_ns();
+        for d in std::mem::take(&mut self.deferred) {
+            let Some(loc) = self.index.location(d.file) else {
+                continue; // removed (or out of every set): nothing to send
+            };
+            if !self.sets[loc.set].rules.file(&loc.rel) {
+                continue;
+            }
+            let abs = self.index.abs(&loc);
+            if emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, false, d.file, out).is_some() {
+                self.touch(Some(d.file), false);
+            } else if now - d.since < TOUCH_PATIENCE_NS {
+                self.deferred.push(d);
+            } else if let Some(dir) = self.parent_of(&loc) {
+                // The index is wrong about this name: copy its directory again.
+                warn!(path = %abs.display(), "a changed file is not where the index says; copying its directory again");
+                self.rescan.entry(dir).or_insert(now);
+            }
+        }
         let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
         for (dir, since) in rescan {
             let Some(loc) = self.index.location(dir) else {
@@ -157,6 +187,28 @@ impl<W: Watcher> Resolver<W> {
                     }
                 }
             }
+        }
+    }
+
+    /// Emits the bytes of `file`'s range as the source has them now; if `loc` no longer
+    /// names the file (renamed or replaced, with events still to come), tries again at
+    /// the next [`Resolver::finish`], where the index says the file is by then.
+    fn read_range(
+        &mut self,
+        file: FileId,
+        loc: &Location,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<SetOp>,
+    ) {
+        let abs = self.index.abs(loc);
+        if emit_range(loc.set, &abs, &loc.rel, offset, len, false, file, out).is_none() {
+            self.deferred.push(Deferred {
+                file,
+                offset,
+                len,
+                since: monotonic_ns(),
+            });
         }
     }
 
@@ -313,7 +365,11 @@ impl<W: Watcher> Resolver<W> {
                 .insert_born(parent, name, id, false, monotonic_ns());
             let path = rel_path(rel);
             if m.is_file() {
-                emit_whole_file(set, abs, rel, m, out);
+                if !emit_whole_file(set, abs, rel, m, out) {
+                    // Replaced or renamed while being copied: copy the directory's
+                    // entries again once the events that moved them are resolved.
+                    self.rescan.entry(parent).or_insert_with(monotonic_ns);
+                }
             } else if ft.is_symlink() {
                 let Ok(target) = std::fs::read_link(abs) else {
                     return false; // gone already; its removal follows
@@ -502,8 +558,7 @@ impl<W: Watcher> Resolver<W> {
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
                     self.touch(Some(file), false);
-                    let abs = self.index.abs(&loc);
-                    emit_range(loc.set, &abs, &loc.rel, offset, len, false, out);
+                    self.read_range(file, &loc, offset, len, out);
                 }
             }
             CaptureEvent::Created {
@@ -655,8 +710,13 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 }
                 self.touch(Some(file), false);
-                let abs = self.index.abs(&loc);
-                emit_fallocate(loc.set, &abs, &loc.rel, mode, offset, len, out);
+                match plan_fallocate(&loc.rel, mode, offset, len) {
+                    FallocPlan::Apply(op) => out.push(SetOp { set: loc.set, op }),
+                    FallocPlan::Nothing => {}
+                    FallocPlan::RereadFromOffset => {
+                        self.read_range(file, &loc, offset, u64::MAX, out)
+                    }
+                }
             }
             CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
             CaptureEvent::Lost { records } => {
@@ -891,7 +951,9 @@ fn emit_meta(set: usize, abs: &Path, rel: &Path, m: &Metadata, xattrs: bool, out
 
 /// Ops that make the replica's copy of a regular file equal to the source's: keeps
 /// holes (all-zero chunks are not sent), and ends at the source's size.
-fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut Vec<SetOp>) {
+/// Returns false when `abs` no longer names the file `m` describes (the copy is then
+/// incomplete and must be redone where the file is now).
+fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut Vec<SetOp>) -> bool {
     let path = rel_path(rel);
     out.push(SetOp {
         set,
@@ -910,44 +972,41 @@ fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut V
     // The size the bytes were read against, not `m`'s: the file may have grown since
     // `m` was taken, by writes that completed before this node's scan time and so will
     // not be replayed.
-    if let Some(size) = emit_range(set, abs, rel, 0, u64::MAX, true, out) {
-        out.push(SetOp {
-            set,
-            op: Op::Truncate { path, size },
-        });
+    match emit_range(set, abs, rel, 0, u64::MAX, true, file_id(m), out) {
+        Some(size) => {
+            out.push(SetOp {
+                set,
+                op: Op::Truncate { path, size },
+            });
+            true
+        }
+        None => false,
     }
 }
 
-/// A fallocate(2) on the source. Modes that only allocate, punch or zero travel as
-/// they are; the ones that shift the file's contents (collapse, insert range) or are
-/// unknown here are sent as the bytes from `offset` on and the new size.
-fn emit_fallocate(
-    set: usize,
-    abs: &Path,
-    rel: &Path,
-    mode: u32,
-    offset: u64,
-    len: u64,
-    out: &mut Vec<SetOp>,
-) {
+/// What a fallocate(2) on the source needs on the replica. Modes that only allocate,
+/// punch or zero travel as they are; the ones that shift the file's contents (collapse,
+/// insert range) or are unknown here need the bytes from the offset on, and the new size.
+enum FallocPlan {
+    Apply(Op),
+    Nothing,
+    RereadFromOffset,
+}
+
+fn plan_fallocate(rel: &Path, mode: u32, offset: u64, len: u64) -> FallocPlan {
     use doppel_common::wire::falloc::{KEEP_SIZE, REPLICATED, UNSHARE_RANGE};
     if mode & !REPLICATED == 0 {
-        out.push(SetOp {
-            set,
-            op: Op::Fallocate {
-                path: rel_path(rel),
-                mode,
-                offset,
-                len,
-            },
-        });
-        return;
+        FallocPlan::Apply(Op::Fallocate {
+            path: rel_path(rel),
+            mode,
+            offset,
+            len,
+        })
+    } else if mode & !(KEEP_SIZE | UNSHARE_RANGE) == 0 {
+        FallocPlan::Nothing // unsharing copy-on-write extents changes no byte
+    } else {
+        FallocPlan::RereadFromOffset
     }
-    if mode & !(KEEP_SIZE | UNSHARE_RANGE) == 0 {
-        return; // unsharing copy-on-write extents changes no byte
-    }
-    // From `offset` to the end, which also sets the new size.
-    emit_range(set, abs, rel, offset, u64::MAX, false, out);
 }
 
 /// Emits ops that make `len` bytes at `offset` of the replica's file equal to the
@@ -956,7 +1015,9 @@ fn emit_fallocate(
 /// some. With `whole` (right after a truncate to 0, see `emit_whole_file`) the
 /// replica's range is a hole already, so only non-zero blocks are sent. A range that
 /// reaches the end of the file also sets the replica's size: a trailing hole has no
-/// byte to write.
+/// byte to write. Returns the size the range was read against, or `None` when `abs` no
+/// longer names file `id` (nothing is emitted then).
+#[allow(clippy::too_many_arguments)]
 fn emit_range(
     set: usize,
     abs: &Path,
@@ -964,13 +1025,17 @@ fn emit_range(
     offset: u64,
     len: u64,
     whole: bool,
+    id: FileId,
     out: &mut Vec<SetOp>,
 ) -> Option<u64> {
-    let Ok(f) = File::open(abs) else {
-        // Gone already: the removal or rename that made it disappear follows.
+    // The path must still name the file: if it was renamed away or replaced meanwhile
+    // (its events are still to come), reading here would send another file's bytes.
+    let f = File::open(abs).ok()?;
+    let m = f.metadata().ok()?;
+    if file_id(&m) != id {
         return None;
-    };
-    let size = f.metadata().ok()?.len();
+    }
+    let size = m.len();
     let path = rel_path(rel);
     let end = offset.saturating_add(len).min(size);
     let mut pos = offset;
@@ -1124,6 +1189,56 @@ mod tests {
             queue: crate::queue::QueueMode::Realtime,
         };
         Resolver::new(vec![set], watch).unwrap()
+    }
+
+    #[test]
+    fn a_range_is_never_read_from_the_file_that_replaced_it() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        std::fs::write(root.join("p"), b"xxxx").unwrap();
+        std::fs::write(root.join("r"), b"yyyy").unwrap();
+        r.scan_all(&mut out);
+        out.clear();
+        let x = id_of(&root.join("p"));
+        // x changes, moves to q, and y takes its old name, all before the agent
+        // resolves the change.
+        std::fs::write(root.join("p"), b"XXXX").unwrap();
+        std::fs::rename(root.join("p"), root.join("q")).unwrap();
+        std::fs::rename(root.join("r"), root.join("p")).unwrap();
+        let dirty = CaptureEvent::Dirty {
+            file: x,
+            parent: None,
+            offset: 0,
+            len: 4,
+        };
+        r.resolve(now(dirty), &mut out);
+        assert!(
+            out.iter().all(|o| !matches!(o.op, Op::Write { .. })),
+            "read y's bytes for x: {out:?}"
+        );
+        for (from, to) in [("p", "q"), ("r", "p")] {
+            r.resolve(
+                now(CaptureEvent::Renamed {
+                    from: arg(&root.join(from)),
+                    to: arg(&root.join(to)),
+                    flags: 0,
+                }),
+                &mut out,
+            );
+        }
+        out.clear();
+        r.finish(&mut out);
+        let writes: Vec<_> = out
+            .iter()
+            .filter_map(|o| match &o.op {
+                Op::Write { path, data, .. } => Some((path.clone(), data.clone())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes, vec![(RelPath(b"q".to_vec()), b"XXXX".to_vec())]);
     }
 
     #[test]
