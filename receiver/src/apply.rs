@@ -137,6 +137,12 @@ impl Applier {
         })
     }
 
+    /// With `durable` false (the receiver's `fsync = false`) nothing is held for syncing.
+    pub fn durable(mut self, durable: bool) -> Applier {
+        self.dirty = Dirty::new(durable);
+        self
+    }
+
     /// Another context over the same root, with an empty cache and dirty set. It must
     /// only be given data ops (`Write`, `Truncate`, `CreateFile`) on paths no other
     /// context touches meanwhile, and be [`absorb`](Applier::absorb)ed afterwards.
@@ -145,7 +151,7 @@ impl Applier {
             root: self.root.clone(),
             root_path: self.root_path.clone(),
             files: FdCache::new(FD_CACHE),
-            dirty: Dirty::default(),
+            dirty: self.dirty.emptied(),
             #[cfg(test)]
             faults: self.faults.clone(),
         }
@@ -179,7 +185,8 @@ impl Applier {
     /// Descriptors touched since the last call, to be synced before the applied
     /// sequence number is persisted.
     pub fn take_dirty(&mut self) -> Dirty {
-        std::mem::take(&mut self.dirty)
+        let fresh = self.dirty.emptied();
+        std::mem::replace(&mut self.dirty, fresh)
     }
 
     pub fn apply(&mut self, op: &Op) -> Result<()> {

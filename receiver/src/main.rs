@@ -97,6 +97,7 @@ fn raise_fd_limit() {
             tracing::debug!("cannot raise the open file limit: {e}");
         }
     }
+    doppel_receiver::dirty::set_budget(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX));
 }
 
 async fn shutdown_signal() {

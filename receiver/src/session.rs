@@ -220,7 +220,7 @@ fn open_sets(
     let mut out = HashMap::new();
     for s in sets {
         let root = source.set_root(&s.name);
-        let applier = Applier::open(&root)?;
+        let applier = Applier::open(&root)?.durable(store.fsync());
         let stored = store.load(&source.name, &s.name)?;
         let applied = match stored {
             Some(st) if st.epoch == s.epoch => st.seq,

@@ -47,6 +47,11 @@ impl StateStore {
         })
     }
 
+    /// Whether marks (and so the data they cover) are made durable before acknowledging.
+    pub fn fsync(&self) -> bool {
+        self.fsync
+    }
+
     fn path(&self, source: &str, set: &str) -> PathBuf {
         self.dir.join(source).join(format!("{set}.state"))
     }

@@ -105,6 +105,7 @@ impl Writer {
         let source = self.source.clone();
         let marks = marks.clone();
         tokio::task::spawn_blocking(move || {
+            let mut dirty = dirty;
             if fsync {
                 dirty
                     .sync()

@@ -9,6 +9,30 @@ use crate::compile::{bin_dir, cargo, release};
 /// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 10;
 
+/// The daemons run under this open file limit (soft and hard) during the tests: the
+/// common default, and what CI machines have. A developer's machine often allows far
+/// more, which hid a receiver that held a descriptor per dirty file until its commit.
+const OPEN_FILES: u64 = 1024;
+
+fn limit_open_files(n: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    let n = n.min(lim.rlim_max);
+    lim.rlim_cur = n;
+    lim.rlim_max = n;
+    // Lowering is always allowed; every process started from here inherits it.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+        bail!(
+            "cannot set the open file limit to {n}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
+}
+
 pub fn run(filter: Option<&str>) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("tests load eBPF programs and mount filesystems: run `cargo xtask test` as root");
@@ -18,6 +42,7 @@ pub fn run(filter: Option<&str>) -> Result<()> {
     std::env::set_var("DOPPEL_BIN_DIR", bin_dir());
     std::env::set_var("DOPPEL_REQUIRE_ROOT", "1");
     let f = filter.unwrap_or("");
+    limit_open_files(OPEN_FILES)?;
     cargo(&[
         "test",
         "--release",
