@@ -485,6 +485,9 @@ impl<W: Watcher> Resolver<W> {
             if e.ino() == file.ino {
                 let name = e.file_name();
                 self.index.insert(parent, &name, file, false);
+                // A name we had not seen (made by a request the capture reports without a
+                // path, such as an io_uring open): the directory changed too.
+                self.touch(Some(parent), false);
                 return self.index.location(file);
             }
         }

@@ -90,6 +90,10 @@ pub const MAP_CONTROL: &str = "CONTROL";
 pub const MAP_STATS: &str = "STATS";
 /// The one program, attached to the `sys_exit` raw tracepoint.
 pub const PROG_SYS_EXIT: &str = "doppel_sys_exit";
+/// io_uring completions (raw tracepoint `io_uring_complete`).
+pub const PROG_URING_COMPLETE: &str = "doppel_uring_complete";
+/// io_uring completions that overflowed the CQ ring (`io_uring_cqe_overflow`).
+pub const PROG_URING_OVERFLOW: &str = "doppel_uring_overflow";
 
 /// Capacity of `WATCHED_DIRS` (allocated on insert, so unused capacity costs nothing).
 pub const WATCHED_DIRS_MAX: u32 = 1 << 20;

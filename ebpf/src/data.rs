@@ -2,7 +2,9 @@
 //! `writev`, `pwritev`, `pwritev2`, `copy_file_range`, `splice`, `sendfile` (reported as a
 //! dirty range).
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user};
+use aya_ebpf::helpers::{
+    bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user,
+};
 use doppel_common::abi::{
     FileRecord, Header, KFileId, CHUNK_SIZE, FILE_RECORD_SIZE, INLINE_CAP, KIND_DATA, KIND_DIRTY,
     MAX_CHUNKS, STAT_DATA_BYTES, STAT_EVENTS,
@@ -31,14 +33,20 @@ struct Target {
 /// pointer reads and one map lookup; nothing is copied for unwatched files.
 #[inline(always)]
 fn target(fd: u64) -> Option<Target> {
-    let file = fd_file(fd)?;
+    let t = target_file(fd_file(fd)?)?;
+    (!in_compat_syscall()).then_some(t)
+}
+
+/// [`target`] for a `struct file *` (io_uring requests carry one, no fd).
+#[inline(always)]
+fn target_file(file: u64) -> Option<Target> {
     let parent = file_parent(file)?;
     if !contents_watched(&parent) {
         return None;
     }
     let inode = regular_inode(file)?;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if ignored(tgid) || in_compat_syscall() {
+    if ignored(tgid) {
         return None;
     }
     // A dentry and its parent always share a superblock, hence the device.
@@ -103,6 +111,30 @@ pub fn on_copy(regs: u64, nr: u64, written: u64) {
         offset,
         written,
     );
+}
+
+/// `file` got `[end - len, end)` written by an io_uring request: reported dirty, the
+/// agent reads the bytes back (the request's buffers are not the caller's to read here).
+/// True if the file is watched.
+#[inline(always)]
+pub fn on_uring_write(file: u64, end: u64, len: u64) -> bool {
+    let Some(t) = target_file(file) else {
+        return false;
+    };
+    let offset = end.wrapping_sub(len);
+    match scratch() {
+        Some(s) => emit_dirty(
+            s,
+            s as *mut FileRecord,
+            t.tgid,
+            &t.fid,
+            &t.parent,
+            offset,
+            len,
+        ),
+        None => record_missed(&t.fid, offset, end),
+    }
+    true
 }
 
 #[inline(always)]

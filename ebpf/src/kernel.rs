@@ -56,6 +56,29 @@ offsets!(
     OFF_REGS_R8,
     OFF_REGS_R9,
     OFF_REGS_ORIG_AX,
+    // io_uring (see uring.rs); all u64::MAX when the kernel has no io_uring.
+    OFF_REQ_FILE,
+    OFF_REQ_CMD,
+    OFF_REQ_OPCODE,
+    OFF_REQ_RES,
+    OFF_RW_POS,
+    OFF_SPLICE_OFF_OUT,
+    OFF_SYNC_LEN,
+    OFF_SYNC_OFF,
+    OFF_SYNC_MODE,
+    OFF_FTRUNC_LEN,
+    OFF_OPEN_FLAGS,
+    OFF_OPEN_SLOT,
+    // io_uring opcodes (enum io_uring_op); u64::MAX for one this kernel lacks.
+    URING_OP_WRITE,
+    URING_OP_WRITEV,
+    URING_OP_WRITE_FIXED,
+    URING_OP_WRITEV_FIXED,
+    URING_OP_SPLICE,
+    URING_OP_FALLOCATE,
+    URING_OP_FTRUNCATE,
+    URING_OP_OPENAT,
+    URING_OP_OPENAT2,
 );
 
 /// Set by the agent when `thread_info.status` is not in BTF: skip the compat check.
@@ -114,6 +137,8 @@ pub fn in_compat_syscall() -> bool {
 }
 
 /// `struct file *` of `fd` in the current task, or `None`.
+/// (Also used for an fd an io_uring request installed: io_uring's worker threads share
+/// the submitter's file table.)
 #[inline(always)]
 pub fn fd_file(fd: u64) -> Option<u64> {
     // fds are ints; anything outside [0, i32::MAX] is not an open file.

@@ -1,4 +1,4 @@
-//! doppel's capture program: one raw tracepoint on `sys_exit`.
+//! doppel's capture program: one raw tracepoint on `sys_exit` for syscalls.
 //!
 //! Why `sys_exit` as a raw tracepoint rather than `syscalls:sys_enter_X`/`sys_exit_X`
 //! pairs: at `sys_exit` the saved user registers (`struct pt_regs`, the tracepoint's first
@@ -6,9 +6,12 @@
 //! succeeded, so one program run per syscall sees everything. No enter program, no
 //! per-thread argument map, and no perf-style argument marshalling on the hot path.
 //!
+//! io_uring requests are seen where they complete instead (`uring`: two more raw
+//! tracepoints, attached only when the kernel has io_uring).
+//!
 //! Layout: `kernel` (offsets and pointer walks), `maps` (maps, filter, ring-full
 //! fallback), `data` (write-family and copy syscalls), `ns` (namespace, size and
-//! attribute changes).
+//! attribute changes), `uring` (io_uring completions).
 #![no_std]
 #![no_main]
 
@@ -17,6 +20,7 @@ mod kernel;
 mod maps;
 mod ns;
 mod syscalls;
+mod uring;
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 

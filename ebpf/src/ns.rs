@@ -13,14 +13,13 @@ use aya_ebpf::helpers::{
 use doppel_common::abi::{
     Header, KFileId, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR,
     KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN, KIND_RENAME,
-    KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, STAT_EVENTS,
-    STAT_LOST,
+    KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, STAT_EVENTS, STAT_LOST,
 };
 
 use crate::{
     kernel::{
-        arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, off, regular_inode,
-        rk, AT_FDCWD,
+        arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, off, regular_inode, rk,
+        AT_FDCWD,
     },
     maps::{bump, contents_watched, ignored, output, scratch, watch_flags},
     syscalls,
@@ -61,12 +60,10 @@ unsafe fn init(rec: *mut NsRecord, kind: u32, pid: u32) {
     };
 }
 
-/// The entry behind a just-returned or argument fd, if its directory is
-/// CONTENTS-watched: (its id, the directory's id). With `regular_only`, only a regular
-/// file counts.
+/// The entry behind `file` (a `struct file *`), if its directory is CONTENTS-watched:
+/// (its id, the directory's id). With `regular_only`, only a regular file counts.
 #[inline(always)]
-fn watched_entry(fd: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
-    let file = fd_file(fd)?;
+fn watched_file(file: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
     let parent = file_parent(file)?;
     if !contents_watched(&parent) {
         return None;
@@ -84,6 +81,12 @@ fn watched_entry(fd: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
         },
         parent,
     ))
+}
+
+/// [`watched_file`] for a just-returned or argument fd.
+#[inline(always)]
+fn watched_entry(fd: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
+    watched_file(fd_file(fd)?, regular_only)
 }
 
 /// Reads the first byte of a user string (0 for an empty one, `None` if unreadable).
@@ -235,11 +238,24 @@ pub fn on_open(regs: u64, nr: u64, fd: u64) {
 /// `regular_only` is false (an fchmod on a directory counts too).
 #[inline(always)]
 fn fd_record(fd: u64, regular_only: bool, kind: u32, flags: u32, offset: u64, size: u64) {
-    let Some((file, parent)) = watched_entry(fd, regular_only) else {
+    let Some(file) = fd_file(fd) else {
+        return;
+    };
+    if in_compat_syscall() {
+        return;
+    }
+    file_record(file, regular_only, kind, flags, offset, size);
+}
+
+/// A path-less record about `file` (a `struct file *`): [`fd_record`]'s body, and what
+/// io_uring completions report (see `uring.rs`).
+#[inline(always)]
+pub fn file_record(file: u64, regular_only: bool, kind: u32, flags: u32, offset: u64, size: u64) {
+    let Some((file, parent)) = watched_file(file, regular_only) else {
         return;
     };
     let pid = tgid();
-    if ignored(pid) || in_compat_syscall() {
+    if ignored(pid) {
         return;
     }
     let Some(s) = scratch() else {
@@ -337,7 +353,12 @@ pub fn on_attr(regs: u64, nr: u64) {
         // SETXATTRAT | REMOVEXATTRAT
         _ => {
             let f = arg(regs, 2);
-            (arg(regs, 0) as i32, arg(regs, 1), ATTR_XATTR | nofollow(f), f)
+            (
+                arg(regs, 0) as i32,
+                arg(regs, 1),
+                ATTR_XATTR | nofollow(f),
+                f,
+            )
         }
     };
     // utimensat(fd, NULL, ..) is futimens; an empty path with AT_EMPTY_PATH names the
@@ -427,9 +448,7 @@ pub fn on_path_op(regs: u64, nr: u64) {
                     ),
                     syscalls::UNLINK => (KIND_UNLINK, AT_FDCWD, arg(regs, 0), 0, 0, 0),
                     syscalls::SYMLINK => (KIND_MADE, AT_FDCWD, arg(regs, 1), 0, 0, 0),
-                    syscalls::SYMLINKAT => {
-                        (KIND_MADE, arg(regs, 1) as i32, arg(regs, 2), 0, 0, 0)
-                    }
+                    syscalls::SYMLINKAT => (KIND_MADE, arg(regs, 1) as i32, arg(regs, 2), 0, 0, 0),
                     syscalls::MKNOD => (KIND_MADE, AT_FDCWD, arg(regs, 0), 0, arg(regs, 1), 0),
                     syscalls::MKNODAT => (
                         KIND_MADE,

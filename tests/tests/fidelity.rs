@@ -1254,3 +1254,141 @@ fn attributes() {
     }
     c.assert_identical(WITHIN);
 }
+
+/// One io_uring with one request in flight at a time: each call submits `entry`, waits
+/// for its completion and returns its result (a failure is a test failure).
+struct Ring(io_uring::IoUring);
+
+impl Ring {
+    fn new() -> Ring {
+        Ring(io_uring::IoUring::new(8).expect("io_uring_setup"))
+    }
+
+    fn run(&mut self, entry: io_uring::squeue::Entry, what: &str) -> i32 {
+        // SAFETY: every buffer an entry points at outlives this call, which waits for
+        // the request to complete.
+        unsafe { self.0.submission().push(&entry) }.expect("submission queue full");
+        self.0.submit_and_wait(1).expect("io_uring_enter");
+        let cqe = self.0.completion().next().expect("a completion");
+        let r = cqe.result();
+        assert!(
+            r >= 0,
+            "io_uring {what}: {}",
+            std::io::Error::from_raw_os_error(-r)
+        );
+        r
+    }
+}
+
+/// Every kind of request the capture handles, submitted through a real io_uring:
+/// WRITE (at an offset and at the file position), WRITEV, WRITE_FIXED, SPLICE into a
+/// file, FALLOCATE (punch, zero, extend), FTRUNCATE, and OPENAT creating an empty file
+/// or truncating a full one. (fio_io_uring_verify in workloads.rs covers SQPOLL,
+/// O_DIRECT and deep queues.)
+#[test]
+fn io_uring_requests() {
+    use io_uring::{opcode, types::Fd as UFd};
+    if !require_root() {
+        return;
+    }
+    let c = started();
+    let s = c.source.join("uring");
+    mkdirs(&s);
+    let mut ring = Ring::new();
+    let rw = libc::O_CREAT | libc::O_RDWR;
+
+    // WRITE at offsets, then at the file position (offset -1), twice.
+    let fd = open(s.join("write"), rw, 0o644);
+    let a = pattern(1, 300 * KIB);
+    let b = pattern(2, 5000);
+    let e = opcode::Write::new(UFd(fd.raw()), a.as_ptr(), a.len() as u32).offset(MIB as u64);
+    ring.run(e.build(), "write at 1 MiB");
+    let e = opcode::Write::new(UFd(fd.raw()), b.as_ptr(), b.len() as u32).offset(7);
+    ring.run(e.build(), "write at 7");
+    lseek(&fd, 2 * MIB as i64, libc::SEEK_SET);
+    for _ in 0..2 {
+        let e = opcode::Write::new(UFd(fd.raw()), b.as_ptr(), b.len() as u32).offset(u64::MAX);
+        ring.run(e.build(), "write at the file position");
+    }
+
+    // WRITEV of three buffers.
+    let fd = open(s.join("writev"), rw, 0o644);
+    let bufs = vec![pattern(3, 4096), pattern(4, 100), pattern(5, 70 * KIB)];
+    let v = iov(&bufs);
+    let e = opcode::Writev::new(UFd(fd.raw()), v.as_ptr(), v.len() as u32).offset(12345);
+    assert_eq!(ring.run(e.build(), "writev") as usize, total(&bufs));
+
+    // WRITE_FIXED from a registered buffer.
+    let fd = open(s.join("write-fixed"), rw, 0o644);
+    let fixed = pattern(6, 128 * KIB);
+    let reg = [libc::iovec {
+        iov_base: fixed.as_ptr() as *mut libc::c_void,
+        iov_len: fixed.len(),
+    }];
+    // SAFETY: `fixed` outlives the ring's use of it (unregistered below).
+    unsafe { ring.0.submitter().register_buffers(&reg) }.expect("register buffers");
+    let e = opcode::WriteFixed::new(UFd(fd.raw()), fixed.as_ptr(), fixed.len() as u32, 0)
+        .offset(3 * MIB as u64);
+    ring.run(e.build(), "write_fixed");
+    ring.0.submitter().unregister_buffers().unwrap();
+
+    // SPLICE from a pipe into the file, at an offset and at the file position.
+    let fd = open(s.join("splice"), rw, 0o644);
+    let mut p = [0; 2];
+    check(unsafe { libc::pipe(p.as_mut_ptr()) }, "pipe");
+    let (pr, pw) = (Fd(p[0]), Fd(p[1]));
+    for (seed, off) in [(7, 4096i64), (8, -1)] {
+        let data = pattern(seed, 20 * KIB);
+        write_all(&pw, &data);
+        let e = opcode::Splice::new(UFd(pr.raw()), -1, UFd(fd.raw()), off, data.len() as u32);
+        assert_eq!(ring.run(e.build(), "splice") as usize, data.len());
+    }
+
+    // FALLOCATE: punch a hole, zero a range, extend with KEEP_SIZE and without.
+    let fd = open(s.join("fallocate"), rw, 0o644);
+    write_all(&fd, &pattern(9, 2 * MIB));
+    for (mode, off, len) in [
+        (
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+            256 * KIB,
+            512 * KIB,
+        ),
+        (libc::FALLOC_FL_ZERO_RANGE, MIB, 64 * KIB),
+        (libc::FALLOC_FL_KEEP_SIZE, 2 * MIB, MIB),
+        (0, 4 * MIB, 64 * KIB),
+    ] {
+        let e = opcode::Fallocate::new(UFd(fd.raw()), len as u64)
+            .offset(off as u64)
+            .mode(mode);
+        ring.run(e.build(), &format!("fallocate mode {mode:#x}"));
+    }
+
+    // FTRUNCATE down and up.
+    let fd = open(s.join("ftruncate"), rw, 0o644);
+    write_all(&fd, &pattern(10, 900 * KIB));
+    for len in [100 * KIB, 3 * MIB] {
+        ring.run(
+            opcode::Ftruncate::new(UFd(fd.raw()), len as u64).build(),
+            "ftruncate",
+        );
+    }
+
+    // OPENAT: a new empty file (never written), and O_TRUNC of a file with data.
+    create(s.join("truncated-by-open"), &pattern(11, 50 * KIB));
+    c.assert_converges(WITHIN);
+    for (name, flags) in [
+        (
+            "created-by-open",
+            libc::O_CREAT | libc::O_WRONLY | libc::O_EXCL,
+        ),
+        ("truncated-by-open", libc::O_WRONLY | libc::O_TRUNC),
+    ] {
+        let path = cstr(s.join(name));
+        let e = opcode::OpenAt::new(UFd(libc::AT_FDCWD), path.as_ptr())
+            .flags(flags | libc::O_CLOEXEC)
+            .mode(0o640);
+        let fd = ring.run(e.build(), &format!("openat {name}"));
+        drop(Fd(fd));
+    }
+    c.assert_identical(WITHIN);
+}

@@ -360,28 +360,51 @@ fn tar_extract() {
 /// verify-only run of the same job.
 #[test]
 fn fio_randwrite_verify() {
+    fio_verify(&[("psync", &["--ioengine=psync", "--size=64m"])]);
+}
+
+/// The same through io_uring, one job per way a ring writes: IORING_OP_WRITEV,
+/// IORING_OP_WRITE, IORING_OP_WRITE_FIXED (registered buffers), a kernel SQPOLL thread
+/// doing the submitting, and O_DIRECT (completed asynchronously).
+#[test]
+fn fio_io_uring_verify() {
+    let uring = ["--ioengine=io_uring", "--size=24m", "--iodepth=16"];
+    let with = |extra: &'static [&'static str]| -> Vec<&'static str> {
+        uring.iter().chain(extra).copied().collect()
+    };
+    let jobs = [
+        ("writev", with(&["--nonvectored=0"])),
+        ("write", with(&["--nonvectored=1"])),
+        ("write-fixed", with(&["--fixedbufs=1"])),
+        ("sqpoll", with(&["--sqthread_poll=1"])),
+        ("direct", with(&["--direct=1"])),
+    ];
+    let jobs: Vec<(&str, &[&str])> = jobs.iter().map(|(n, a)| (*n, a.as_slice())).collect();
+    fio_verify(&jobs);
+}
+
+/// Runs each (name, fio options) job into its own directory of the source, then checks
+/// the replica strictly and with fio's own verify pass over each directory.
+fn fio_verify(jobs: &[(&str, &[&str])]) {
     if !require_root() {
         return;
     }
     require_tool("fio", "fio");
     let c = started();
-    let src = c.source.join("fio");
-    std::fs::create_dir(&src).unwrap();
-    let job = |dir: &Path, verify_only: bool| {
+    let job = |dir: &Path, opts: &[&str], verify_only: bool| {
         let mut cmd = Command::new("fio");
         cmd.current_dir(scratch(&c, "fio-cwd"))
             .args([
                 "--name=v",
                 "--rw=randwrite",
                 "--bs=4k",
-                "--size=64m",
-                "--ioengine=psync",
                 "--randrepeat=1",
                 "--verify=crc32c",
                 "--verify_fatal=1",
                 "--verify_state_save=0",
                 "--output-format=terse",
             ])
+            .args(opts)
             .arg(format!("--directory={}", dir.display()));
         if verify_only {
             cmd.arg("--verify_only");
@@ -390,14 +413,20 @@ fn fio_randwrite_verify() {
         }
         cmd
     };
-    let start = std::time::Instant::now();
-    run(&mut job(&src, false));
-    eprintln!("fio wrote 64 MiB in {:?}", start.elapsed());
+    for (name, opts) in jobs {
+        let src = c.source.join(format!("fio-{name}"));
+        std::fs::create_dir(&src).unwrap();
+        let start = std::time::Instant::now();
+        run(&mut job(&src, opts, false));
+        eprintln!("fio {name} wrote in {:?}", start.elapsed());
+    }
     c.assert_converges(WITHIN);
     let strict = strict(&c);
-    // The verify pass itself, against the source first (proves the job can be verified),
-    // then against the replica.
-    run(&mut job(&src, true));
-    run(&mut job(&c.replica.join("fio"), true));
+    for (name, opts) in jobs {
+        // The verify pass itself, against the source first (proves the job can be
+        // verified), then against the replica.
+        run(&mut job(&c.source.join(format!("fio-{name}")), opts, true));
+        run(&mut job(&c.replica.join(format!("fio-{name}")), opts, true));
+    }
     finish(&c, strict);
 }

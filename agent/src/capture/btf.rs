@@ -60,6 +60,8 @@ enum Type {
 pub struct Btf {
     types: Vec<Type>,
     by_name: HashMap<String, u32>,
+    /// Enumerators of every enum (C gives them one global namespace).
+    enumerators: HashMap<String, i64>,
 }
 
 fn u16_at(d: &[u8], at: usize) -> Result<u16> {
@@ -115,6 +117,7 @@ impl Btf {
         // Type ids start at 1; id 0 is void.
         let mut types = vec![Type::Other];
         let mut by_name = HashMap::new();
+        let mut enumerators = HashMap::new();
         let mut at = 0usize;
         while at < tsec.len() {
             let name_off = u32_at(tsec, at)?;
@@ -155,11 +158,30 @@ impl Btf {
                     }
                 }
                 KIND_ENUM => {
-                    at += 8 * vlen;
+                    for _ in 0..vlen {
+                        let name = str_at(strings, u32_at(tsec, at)?)?;
+                        let value = u32_at(tsec, at + 4)?;
+                        // Signedness is in kind_flag; a negative value never names an op.
+                        let value = if kind_flag {
+                            i64::from(value as i32)
+                        } else {
+                            i64::from(value)
+                        };
+                        enumerators.entry(name).or_insert(value);
+                        at += 8;
+                    }
                     Type::Sized(size_or_type)
                 }
                 KIND_ENUM64 => {
-                    at += 12 * vlen;
+                    for _ in 0..vlen {
+                        let name = str_at(strings, u32_at(tsec, at)?)?;
+                        let lo = u32_at(tsec, at + 4)?;
+                        let hi = u32_at(tsec, at + 8)?;
+                        enumerators
+                            .entry(name)
+                            .or_insert((u64::from(hi) << 32 | u64::from(lo)) as i64);
+                        at += 12;
+                    }
                     Type::Sized(size_or_type)
                 }
                 KIND_FWD | KIND_FUNC => Type::Other,
@@ -189,7 +211,19 @@ impl Btf {
             }
             types.push(ty);
         }
-        Ok(Self { types, by_name })
+        Ok(Self {
+            types,
+            by_name,
+            enumerators,
+        })
+    }
+
+    /// Value of the enumerator `name` (e.g. `IORING_OP_WRITE`).
+    pub fn enum_value(&self, name: &str) -> Result<i64> {
+        self.enumerators
+            .get(name)
+            .copied()
+            .with_context(|| format!("enumerator {name} is not in the kernel's BTF"))
     }
 
     fn resolve(&self, mut id: u32) -> Option<&Type> {
@@ -308,13 +342,77 @@ const FIELDS: &[Field] = &[
     f("OFF_REGS_ORIG_AX", "pt_regs", "orig_ax", 8),
 ];
 
+/// What the io_uring programs read (ebpf/src/uring.rs). Sizes of 0 are not checked
+/// (a struct the program only takes the address of).
+const URING_FIELDS: &[Field] = &[
+    f("OFF_REQ_FILE", "io_kiocb", "file", 8),
+    f("OFF_REQ_CMD", "io_kiocb", "cmd", 0),
+    f("OFF_REQ_OPCODE", "io_kiocb", "opcode", 1),
+    f("OFF_REQ_RES", "io_kiocb", "cqe.res", 4),
+    f("OFF_RW_POS", "io_rw", "kiocb.ki_pos", 8),
+    f("OFF_SPLICE_OFF_OUT", "io_splice", "off_out", 8),
+    f("OFF_SYNC_LEN", "io_sync", "len", 8),
+    f("OFF_SYNC_OFF", "io_sync", "off", 8),
+    f("OFF_SYNC_MODE", "io_sync", "mode", 4),
+    f("OFF_FTRUNC_LEN", "io_ftrunc", "len", 8),
+    f("OFF_OPEN_FLAGS", "io_open", "how.flags", 8),
+    f("OFF_OPEN_SLOT", "io_open", "file_slot", 4),
+];
+
+/// io_uring opcodes the program handles: (global, enumerator, required). Ops added in
+/// later kernels than io_uring itself are optional.
+const URING_OPS: &[(&str, &str, bool)] = &[
+    ("URING_OP_WRITE", "IORING_OP_WRITE", true),
+    ("URING_OP_WRITEV", "IORING_OP_WRITEV", true),
+    ("URING_OP_WRITE_FIXED", "IORING_OP_WRITE_FIXED", true),
+    ("URING_OP_WRITEV_FIXED", "IORING_OP_WRITEV_FIXED", false),
+    ("URING_OP_SPLICE", "IORING_OP_SPLICE", false),
+    ("URING_OP_FALLOCATE", "IORING_OP_FALLOCATE", false),
+    ("URING_OP_FTRUNCATE", "IORING_OP_FTRUNCATE", false),
+    ("URING_OP_OPENAT", "IORING_OP_OPENAT", false),
+    ("URING_OP_OPENAT2", "IORING_OP_OPENAT2", false),
+];
+
+/// The io_uring globals: `Ok` with real values if the kernel's BTF has everything the
+/// io_uring programs need, else the error and every global set to "unknown" (the
+/// programs are then not attached).
+pub fn uring_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
+    let found = fields(btf, URING_FIELDS).and_then(|mut out| {
+        for (global, name, required) in URING_OPS {
+            match btf.enum_value(name) {
+                Ok(v) if (0..=255).contains(&v) => out.push((*global, v as u64)),
+                Ok(v) => bail!("{name} is {v}, not an opcode"),
+                Err(_) if !required => out.push((*global, u64::MAX)),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    });
+    match found {
+        Ok(out) => (out, Ok(())),
+        Err(e) => {
+            let unknown = URING_FIELDS
+                .iter()
+                .map(|f| f.global)
+                .chain(URING_OPS.iter().map(|o| o.0))
+                .map(|g| (g, u64::MAX))
+                .collect();
+            (unknown, Err(e))
+        }
+    }
+}
+
 /// (global name, value) pairs for `EbpfLoader::set_global`.
 pub fn program_offsets(btf: &Btf) -> Result<Vec<(&'static str, u64)>> {
-    let mut out = Vec::with_capacity(FIELDS.len());
-    for fld in FIELDS {
+    fields(btf, FIELDS)
+}
+
+fn fields(btf: &Btf, fields: &[Field]) -> Result<Vec<(&'static str, u64)>> {
+    let mut out = Vec::with_capacity(fields.len());
+    for fld in fields {
         match btf.offset_of(fld.strukt, fld.path) {
             Ok((off, size)) => {
-                if size != fld.size {
+                if fld.size != 0 && size != fld.size {
                     bail!(
                         "kernel field {}.{} is {size} bytes, the capture program reads {}: \
                          this kernel's layout is not supported",
@@ -415,5 +513,12 @@ mod tests {
             .find(|(n, _)| *n == "OFF_TASK_TI_STATUS")
             .unwrap();
         assert_ne!(status.1, u64::MAX);
+        let (uring, found) = uring_globals(&btf);
+        found.unwrap();
+        let get = |n: &str| uring.iter().find(|(g, _)| *g == n).unwrap().1;
+        // UAPI values: these never change.
+        assert_eq!(get("URING_OP_WRITEV"), 2);
+        assert_eq!(get("URING_OP_WRITE"), 23);
+        assert_eq!(get("OFF_REQ_FILE"), get("OFF_REQ_CMD"));
     }
 }

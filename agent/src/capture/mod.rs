@@ -205,6 +205,26 @@ fn explain_program_error(e: ProgramError, what: &str) -> anyhow::Error {
     }
 }
 
+/// The io_uring completion programs (ebpf/src/uring.rs).
+fn attach_uring(ebpf: &mut aya::Ebpf) -> Result<()> {
+    for (name, tracepoint) in [
+        (abi::PROG_URING_COMPLETE, "io_uring_complete"),
+        (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
+    ] {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| {
+                format!("the embedded capture program has no {name} (build mismatch)")
+            })?
+            .try_into()
+            .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
+        prog.load().map_err(|e| explain_program_error(e, "load"))?;
+        prog.attach(tracepoint)
+            .map_err(|e| explain_program_error(e, &format!("attach to {tracepoint}")))?;
+    }
+    Ok(())
+}
+
 impl Capture {
     /// Mounts tracefs if needed, reads offsets from BTF, loads the embedded program,
     /// attaches it. Events arrive on the returned channel in ring order, in batches.
@@ -217,10 +237,11 @@ impl Capture {
         let btf = btf::Btf::from_sys_fs()?;
         let offsets = btf::program_offsets(&btf)
             .context("cannot locate the kernel structure fields the capture program reads")?;
+        let (uring_globals, uring) = btf::uring_globals(&btf);
         let ring = ring_size(opts.ring_bytes)?;
 
         let mut loader = EbpfLoader::new();
-        for (name, value) in &offsets {
+        for (name, value) in offsets.iter().chain(&uring_globals) {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring);
@@ -234,6 +255,13 @@ impl Capture {
         prog.load().map_err(|e| explain_program_error(e, "load"))?;
         prog.attach("sys_exit")
             .map_err(|e| explain_program_error(e, "attach to the sys_exit tracepoint"))?;
+        match uring.and_then(|()| attach_uring(&mut ebpf)) {
+            Ok(()) => tracing::info!("io_uring writes are captured"),
+            Err(e) => warn!(
+                "io_uring writes will not be captured: {e:#}; programs writing watched files \
+                 through io_uring are not replicated"
+            ),
+        }
 
         let mut take = |name: &str| {
             ebpf.take_map(name)
