@@ -10,6 +10,8 @@ pub mod capture;
 pub mod config;
 pub mod index;
 pub mod journal;
+pub mod mapped;
+pub mod overlap;
 pub mod queue;
 pub mod resolve;
 pub mod rules;

@@ -21,6 +21,8 @@ use tracing::{debug, warn};
 use crate::attrs::{attr_of, xattrs_of};
 use crate::config::Set;
 use crate::index::{normalize, Index, Location};
+use crate::mapped::{Mapped, PAGE};
+use crate::overlap::Overlaps;
 
 /// Largest data payload the resolver puts in one Write op when it reads a file.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -55,6 +57,10 @@ pub struct Resolver<W: Watcher> {
     rescan: HashMap<FileId, u64>,
     /// Ranges whose file was not where the index said when they were read.
     deferred: Vec<Deferred>,
+    /// Hot pages of files mapped shared and writable.
+    mapped: Mapped,
+    /// Recent writes, to catch two threads' writes reported in the wrong order.
+    overlaps: Overlaps,
 }
 
 /// A changed range to read once the index knows where its file went.
@@ -113,6 +119,8 @@ impl<W: Watcher> Resolver<W> {
             touched: HashMap::new(),
             rescan: HashMap::new(),
             deferred: Vec::new(),
+            mapped: Mapped::default(),
+            overlaps: Overlaps::default(),
         })
     }
 
@@ -124,6 +132,9 @@ impl<W: Watcher> Resolver<W> {
     /// now. Called after each batch of events, so the ops that changed an entry come
     /// first and its final times win on the replica.
     pub fn finish(&mut self, out: &mut Vec<SetOp>) {
+        if self.mapped.pass_due() {
+            self.mapped_pass(out);
+        }
         let now = monotonic_ns();
         for d in std::mem::take(&mut self.deferred) {
             let Some(loc) = self.index.location(d.file) else {
@@ -133,7 +144,9 @@ impl<W: Watcher> Resolver<W> {
                 continue;
             }
             let abs = self.index.abs(&loc);
+            let read = monotonic_ns();
             if emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, false, d.file, out).is_some() {
+                self.overlaps.read(d.file, d.offset, d.len, read);
                 self.touch(Some(d.file), false);
             } else if now - d.since < TOUCH_PATIENCE_NS {
                 self.deferred.push(d);
@@ -160,6 +173,7 @@ impl<W: Watcher> Resolver<W> {
                 _ => {}
             }
         }
+        self.overlaps.prune();
         let mut touched: Vec<(FileId, Touched)> = self.touched.drain().collect();
         touched.sort_by_key(|(id, _)| *id);
         for (id, mut t) in touched {
@@ -190,6 +204,138 @@ impl<W: Watcher> Resolver<W> {
         }
     }
 
+    /// A data event about `[offset, offset + len)` of `file` captured at `time`: the parts
+    /// that may be older than what the replica was sent are read again at
+    /// [`Resolver::finish`] (see `overlap.rs`).
+    fn read_overlaps(&mut self, file: FileId, offset: u64, len: u64, time: u64) {
+        let since = monotonic_ns();
+        for (start, end) in self.overlaps.write(file, offset, len, time) {
+            self.deferred.push(Deferred {
+                file,
+                offset: start,
+                len: end - start,
+                since,
+            });
+        }
+    }
+
+    /// Whether files with hot mapped pages exist (then [`Resolver::mapped_pass`] is due
+    /// every [`crate::mapped::PASS_INTERVAL`]).
+    pub fn has_mapped(&self) -> bool {
+        !self.mapped.is_empty()
+    }
+
+    /// Reads every hot page of every file mapped shared and sends those whose content
+    /// changed since they were last sent (see `mapped.rs`).
+    pub fn mapped_pass(&mut self, out: &mut Vec<SetOp>) {
+        let started = monotonic_ns();
+        let mut buf = Vec::new();
+        for (file, parent, runs) in self.mapped.runs() {
+            let Some(loc) = self.file_location(file, Some(parent), out) else {
+                self.mapped.forget(file); // gone from every set
+                continue;
+            };
+            if !self.sets[loc.set].rules.file(&loc.rel) {
+                self.mapped.forget(file);
+                continue;
+            }
+            let abs = self.index.abs(&loc);
+            let f = match File::open(&abs) {
+                Ok(f) => f,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue, // events will say
+                Err(e) => {
+                    warn!(path = %abs.display(), "cannot read pages of a mapped file: {e}");
+                    continue;
+                }
+            };
+            match f.metadata() {
+                Ok(m) if file_id(&m) == file => {}
+                _ => continue, // renamed or replaced: the index catches up first
+            }
+            let path = rel_path(&loc.rel);
+            let mut sent = false;
+            for run in runs {
+                buf.resize((run.count * PAGE) as usize, 0);
+                let n = match f.read_at(&mut buf, run.first * PAGE) {
+                    Ok(n) => {
+                        self.overlaps
+                            .read(file, run.first * PAGE, n as u64, started);
+                        n
+                    }
+                    Err(e) => {
+                        warn!(path = %abs.display(), "cannot read pages of a mapped file: {e}");
+                        break;
+                    }
+                };
+                // Changed pages, joined into one write per consecutive stretch.
+                let mut pending: Option<(u64, Vec<u8>)> = None;
+                for (i, page) in buf[..n].chunks(PAGE as usize).enumerate() {
+                    let idx = run.first + i as u64;
+                    let hash = xxhash_rust::xxh3::xxh3_64(page);
+                    // A page in a hole of the source reads as zeros: not data to send.
+                    let hole = page.iter().all(|&b| b == 0) && {
+                        let at = idx * PAGE;
+                        next_data(&f, at, at + PAGE).0 >= at + PAGE
+                    };
+                    if !self.mapped.read(file, idx, hash) || hole {
+                        if let Some((offset, data)) = pending.take() {
+                            out.push(write_op(loc.set, &path, offset, data));
+                            sent = true;
+                        }
+                        continue;
+                    }
+                    match &mut pending {
+                        Some((_, data)) => data.extend_from_slice(page),
+                        None => pending = Some((idx * PAGE, page.to_vec())),
+                    }
+                }
+                if let Some((offset, data)) = pending.take() {
+                    out.push(write_op(loc.set, &path, offset, data));
+                    sent = true;
+                }
+            }
+            if sent {
+                self.touch(Some(file), false);
+            }
+        }
+        self.mapped.end_pass();
+    }
+
+    /// A range of `file` was mapped shared. Its pages that are dirty already (written by
+    /// `write(2)` before) would not report stores: write them back now, so that from
+    /// here on every store does, and read the range once for the stores made meanwhile.
+    fn mapped_range(
+        &mut self,
+        file: FileId,
+        parent: FileId,
+        offset: u64,
+        len: u64,
+        time: u64,
+        out: &mut Vec<SetOp>,
+    ) {
+        let Some(loc) = self.file_location(file, Some(parent), out) else {
+            return;
+        };
+        if !self.sets[loc.set].rules.file(&loc.rel) {
+            return;
+        }
+        let abs = self.index.abs(&loc);
+        let Ok(f) = File::open(&abs) else {
+            return; // gone already: its events follow
+        };
+        let size = match f.metadata() {
+            Ok(m) if file_id(&m) == file => m.len(),
+            _ => return,
+        };
+        let len = len.min(size.saturating_sub(offset));
+        if len == 0 {
+            return;
+        }
+        write_back(&f, &abs, offset, len);
+        debug!(path = %abs.display(), offset, len, "mapped shared: reading the range once");
+        self.mapped.read_once(file, parent, offset, len, time);
+    }
+
     /// Emits the bytes of `file`'s range as the source has them now; if `loc` no longer
     /// names the file (renamed or replaced, with events still to come), tries again at
     /// the next [`Resolver::finish`], where the index says the file is by then.
@@ -202,7 +348,10 @@ impl<W: Watcher> Resolver<W> {
         out: &mut Vec<SetOp>,
     ) {
         let abs = self.index.abs(loc);
-        if emit_range(loc.set, &abs, &loc.rel, offset, len, false, file, out).is_none() {
+        let now = monotonic_ns();
+        if emit_range(loc.set, &abs, &loc.rel, offset, len, false, file, out).is_some() {
+            self.overlaps.read(file, offset, len, now);
+        } else {
             self.deferred.push(Deferred {
                 file,
                 offset,
@@ -470,26 +619,41 @@ impl<W: Watcher> Resolver<W> {
         self.index.lookup(&parent)
     }
 
-    /// Location of a file the kernel named by inode; if the index does not know it yet
-    /// but knows its directory, the directory is searched for the inode.
-    fn file_location(&mut self, file: FileId, parent: Option<FileId>) -> Option<Location> {
+    /// Location of a file the kernel named by inode. If the index does not know it but
+    /// knows its directory, the directory is searched for the inode and the file found is
+    /// copied whole (registered as scanned now): its name was made where the capture
+    /// could not see it (a directory not watched yet, an io_uring open), so the replica
+    /// may lack it or hold it under an older name, and nothing but its content now can
+    /// be trusted. Events older than that copy are then skipped as covered.
+    fn file_location(
+        &mut self,
+        file: FileId,
+        parent: Option<FileId>,
+        out: &mut Vec<SetOp>,
+    ) -> Option<Location> {
         if let Some(loc) = self.index.location(file) {
             return Some(loc);
         }
         let parent = parent?;
         let dir = self.index.dir_path(parent)?;
-        self.index.location(parent)?;
+        let ploc = self.index.location(parent)?;
         let entries = std::fs::read_dir(&dir).ok()?;
         for e in entries.flatten() {
             use std::os::unix::fs::DirEntryExt;
-            if e.ino() == file.ino {
-                let name = e.file_name();
-                self.index.insert(parent, &name, file, false);
-                // A name we had not seen (made by a request the capture reports without a
-                // path, such as an io_uring open): the directory changed too.
-                self.touch(Some(parent), false);
-                return self.index.location(file);
+            if e.ino() != file.ino {
+                continue;
             }
+            let name = e.file_name();
+            let abs = dir.join(&name);
+            let m = std::fs::symlink_metadata(&abs).ok()?;
+            if file_id(&m) != file {
+                return None;
+            }
+            let rel = ploc.rel.join(&name);
+            debug!(path = %abs.display(), "copying a file whose name the capture did not see");
+            self.touch(Some(parent), false);
+            self.enter(ploc.set, parent, &name, &abs, &rel, &m, out);
+            return self.index.location(file);
         }
         None
     }
@@ -520,8 +684,14 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Location of `file` for an event at `time`, unless a later scan covers it.
-    fn current(&mut self, file: FileId, parent: Option<FileId>, time: u64) -> Option<Location> {
-        let loc = self.file_location(file, parent)?;
+    fn current(
+        &mut self,
+        file: FileId,
+        parent: Option<FileId>,
+        time: u64,
+        out: &mut Vec<SetOp>,
+    ) -> Option<Location> {
+        let loc = self.file_location(file, parent, out)?;
         (!self.scanned_after(Some(file), time)).then_some(loc)
     }
 
@@ -533,12 +703,13 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 data,
             } => {
-                let Some(loc) = self.current(file, Some(parent), time) else {
+                let Some(loc) = self.current(file, Some(parent), time, out) else {
                     self.unresolved += 1;
                     return;
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
                     self.touch(Some(file), false);
+                    let len = data.len() as u64;
                     out.push(SetOp {
                         set: loc.set,
                         op: Op::Write {
@@ -547,6 +718,7 @@ impl<W: Watcher> Resolver<W> {
                             data,
                         },
                     });
+                    self.read_overlaps(file, offset, len, time);
                 }
             }
             CaptureEvent::Dirty {
@@ -555,12 +727,21 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
             } => {
-                let Some(loc) = self.current(file, parent, time) else {
+                let Some(loc) = self.current(file, parent, time, out) else {
                     self.unresolved += 1;
                     return;
                 };
                 if self.sets[loc.set].rules.file(&loc.rel) {
                     self.touch(Some(file), false);
+                    if let Some(parent) = parent {
+                        if self.mapped.tracks(file) {
+                            // Perhaps a report of dirtied mapped pages that did not fit
+                            // in the ring: they must stay hot like reported ones.
+                            self.mapped.dirty(file, parent, offset, len, time);
+                        }
+                    }
+                    // Read now, so never older than the replica: only a later-handled
+                    // data event captured before this read can be (overlap.rs).
                     self.read_range(file, &loc, offset, len, out);
                 }
             }
@@ -631,7 +812,7 @@ impl<W: Watcher> Resolver<W> {
                 size,
             } => {
                 let loc = match (file, &path) {
-                    (Some(f), _) => self.current(f, parent, time),
+                    (Some(f), _) => self.current(f, parent, time, out),
                     (None, Some(p)) => self
                         .place(p)
                         .map(|(l, _)| l)
@@ -674,7 +855,7 @@ impl<W: Watcher> Resolver<W> {
                 follow,
             } => {
                 let id = match (file, path) {
-                    (Some(f), _) => self.current(f, parent, time).map(|_| f),
+                    (Some(f), _) => self.current(f, parent, time, out).map(|_| f),
                     (None, Some(p)) => self.attr_target(&p, follow),
                     (None, None) => None,
                 };
@@ -705,7 +886,7 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
             } => {
-                let Some(loc) = self.current(file, Some(parent), time) else {
+                let Some(loc) = self.current(file, Some(parent), time, out) else {
                     self.unresolved += 1;
                     return;
                 };
@@ -722,6 +903,23 @@ impl<W: Watcher> Resolver<W> {
                 }
             }
             CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
+            CaptureEvent::MapDirty {
+                file,
+                parent,
+                offset,
+                len,
+            } => {
+                // Read at the next pass, not now: the store that dirtied the page is
+                // usually followed by more.
+                self.mapped.dirty(file, parent, offset, len, time);
+            }
+            CaptureEvent::Writeback { file, end } => self.mapped.writeback(file, end, time),
+            CaptureEvent::Mapped {
+                file,
+                parent,
+                offset,
+                len,
+            } => self.mapped_range(file, parent, offset, len, time, out),
             CaptureEvent::Lost { records } => {
                 warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
                 self.scan_all(out);
@@ -891,6 +1089,35 @@ fn summarize(ev: &CaptureEvent) -> String {
     }
 }
 
+/// Writes back `[offset, offset + len)` of the file (`len` 0: to the end) and waits for
+/// it. A page left dirty would not report later stores through a shared mapping of the
+/// file (see mapped.rs), so a file about to be read whole (scanned, moved into a set,
+/// just mapped) is made clean first: its stores from here on are reported, and those
+/// before are in what is read next.
+fn write_back(f: &File, abs: &Path, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    // SAFETY: plain syscall on an fd we own.
+    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, flags) };
+    if r != 0 {
+        let e = std::io::Error::last_os_error();
+        warn!(path = %abs.display(), "cannot write back dirty pages ({e}); stores through a shared mapping into pages written just before may reach the replica late");
+    }
+}
+
+fn write_op(set: usize, path: &RelPath, offset: u64, data: Vec<u8>) -> SetOp {
+    SetOp {
+        set,
+        op: Op::Write {
+            path: path.clone(),
+            offset,
+            data,
+        },
+    }
+}
+
 fn summarize_op(op: &Op) -> String {
     match op {
         Op::Write { path, offset, data } => format!("write {path} off {offset} len {}", data.len()),
@@ -1037,6 +1264,9 @@ fn emit_range(
     let m = f.metadata().ok()?;
     if file_id(&m) != id {
         return None;
+    }
+    if whole {
+        write_back(&f, abs, 0, 0);
     }
     let size = m.len();
     let path = rel_path(rel);
@@ -1297,7 +1527,8 @@ mod tests {
         std::fs::write(root.join("a/f"), b"x").unwrap();
         let f = id_of(&root.join("a/f"));
         let a = id_of(&root.join("a"));
-        // A write to a file the index has not seen is found by searching its directory.
+        // A write to a file the index has not seen is found by searching its directory,
+        // and the file is copied whole as it is now: the write, older, is covered.
         r.resolve(
             now(CaptureEvent::Data {
                 file: f,
@@ -1307,14 +1538,16 @@ mod tests {
             }),
             &mut out,
         );
-        assert_eq!(
-            out.pop().unwrap().op,
-            Op::Write {
-                path: RelPath(b"a/f".to_vec()),
-                offset: 3,
-                data: b"abc".to_vec()
-            }
-        );
+        let ops: Vec<Op> = out.drain(..).map(|o| o.op).collect();
+        assert!(ops
+            .iter()
+            .any(|o| matches!(o, Op::CreateFile { path, .. } if path.0 == b"a/f")));
+        assert!(ops.contains(&Op::Write {
+            path: RelPath(b"a/f".to_vec()),
+            offset: 0,
+            data: b"x".to_vec()
+        }));
+        assert!(!ops.iter().any(|o| matches!(o, Op::Write { offset: 3, .. })));
         std::fs::rename(root.join("a"), root.join("b")).unwrap();
         r.resolve(
             now(CaptureEvent::Renamed {

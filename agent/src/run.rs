@@ -157,8 +157,15 @@ pub async fn run(config: Config) -> Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Journal fsyncs (records are sent once durable) and resyncs after a journal overflow.
     let mut housekeeping = tokio::time::interval(Duration::from_millis(20));
+    let mut mapped_pass = tokio::time::interval(crate::mapped::PASS_INTERVAL);
+    mapped_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
+            _ = mapped_pass.tick(), if resolver.has_mapped() => {
+                resolver.mapped_pass(&mut ops);
+                resolver.finish(&mut ops);
+                push(&shared, &mut ops, &mut room).await;
+            }
             _ = housekeeping.tick() => {
                 let now = std::time::Instant::now();
                 let mut durable = false;

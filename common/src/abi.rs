@@ -55,6 +55,20 @@ pub const KIND_LINK: u32 = 10;
 pub const KIND_MADE: u32 = 11;
 /// `fallocate(2)`: `file`/`parent` known, `flags` = mode, `offset`, `size` = length.
 pub const KIND_FALLOC: u32 = 12;
+/// A [`FileRecord`] (no data): pages `[offset, offset + len)` of a file mapped shared
+/// and writable became dirty (`writeback_dirty_folio`), most likely through a store
+/// into the mapping. They stay "hot" until a writeback begun after their last store ends.
+pub const KIND_MAP_DIRTY: u32 = 13;
+/// A [`FileRecord`] (no data): writeback of a file with hot pages began (`len` =
+/// [`WRITEBACK_BEGIN`]) or ended ([`WRITEBACK_END`]).
+pub const KIND_WRITEBACK: u32 = 14;
+/// An [`NsRecord`] without paths: `mmap(MAP_SHARED)` of a file that is or may become
+/// writable through the mapping; `offset` and `size` give the mapped range. Pages dirty
+/// already (written by `write(2)`) would not report stores, so the agent writes them
+/// back and reads the range once.
+pub const KIND_MAPPED: u32 = 15;
+pub const WRITEBACK_BEGIN: u64 = 0;
+pub const WRITEBACK_END: u64 = 1;
 
 /// [`NsRecord::flags`] of `KIND_ATTR`: extended attributes changed (else mode, owner
 /// or times).
@@ -94,6 +108,12 @@ pub const PROG_SYS_EXIT: &str = "doppel_sys_exit";
 pub const PROG_URING_COMPLETE: &str = "doppel_uring_complete";
 /// io_uring completions that overflowed the CQ ring (`io_uring_cqe_overflow`).
 pub const PROG_URING_OVERFLOW: &str = "doppel_uring_overflow";
+/// Pages dirtied in files mapped shared (raw tracepoint `writeback_dirty_folio`).
+pub const PROG_DIRTY_FOLIO: &str = "doppel_dirty_folio";
+/// Writeback of a mapped file began / ended (`sb_mark_inode_writeback`,
+/// `sb_clear_inode_writeback`).
+pub const PROG_WRITEBACK_BEGIN: &str = "doppel_writeback_begin";
+pub const PROG_WRITEBACK_END: &str = "doppel_writeback_end";
 
 /// Capacity of `WATCHED_DIRS` (allocated on insert, so unused capacity costs nothing).
 pub const WATCHED_DIRS_MAX: u32 = 1 << 20;

@@ -124,6 +124,22 @@ pub enum CaptureEvent {
         offset: u64,
         len: u64,
     },
+    /// Pages of a file mapped shared and writable became dirty (see `abi::KIND_MAP_DIRTY`).
+    MapDirty {
+        file: FileId,
+        parent: FileId,
+        offset: u64,
+        len: u64,
+    },
+    /// `[offset, offset + len)` of a file was mapped shared, writable now or later.
+    Mapped {
+        file: FileId,
+        parent: FileId,
+        offset: u64,
+        len: u64,
+    },
+    /// Writeback of a file with hot mapped pages began (`end` false) or ended.
+    Writeback { file: FileId, end: bool },
     /// Records were dropped and could not even be remembered as ranges (the missed-range
     /// map was full too). The agent must schedule a resync of every set.
     Lost { records: u64 },

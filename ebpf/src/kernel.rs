@@ -69,6 +69,15 @@ offsets!(
     OFF_FTRUNC_LEN,
     OFF_OPEN_FLAGS,
     OFF_OPEN_SLOT,
+    // Shared mappings (see mmap.rs).
+    OFF_MAPPING_HOST,
+    OFF_MAPPING_MMAP_WRITABLE,
+    OFF_INODE_I_DENTRY,
+    OFF_DENTRY_D_ALIAS,
+    OFF_FOLIO_FLAGS,
+    OFF_FOLIO_INDEX,
+    OFF_FOLIO_FLAGS_1,
+    PG_HEAD,
     // io_uring opcodes (enum io_uring_op); u64::MAX for one this kernel lacks.
     URING_OP_WRITE,
     URING_OP_WRITEV,
@@ -85,8 +94,8 @@ offsets!(
 const NO_OFFSET: u64 = u64::MAX;
 /// x86 `TS_COMPAT`: the task is in a 32-bit (ia32) syscall, whose numbers differ.
 const TS_COMPAT: u32 = 0x0002;
-const S_IFMT: u16 = 0o170000;
-const S_IFREG: u16 = 0o100000;
+pub const S_IFMT: u16 = 0o170000;
+pub const S_IFREG: u16 = 0o100000;
 pub const AT_FDCWD: i32 = -100;
 
 #[inline(always)]
@@ -96,7 +105,7 @@ pub fn rk<T>(addr: u64) -> Option<T> {
 }
 
 #[inline(always)]
-fn rk_ptr(addr: u64) -> Option<u64> {
+pub fn rk_ptr(addr: u64) -> Option<u64> {
     match rk::<u64>(addr) {
         Some(0) | None => None,
         p => p,

@@ -7,17 +7,19 @@
 //! per-thread argument map, and no perf-style argument marshalling on the hot path.
 //!
 //! io_uring requests are seen where they complete instead (`uring`: two more raw
-//! tracepoints, attached only when the kernel has io_uring).
+//! tracepoints, attached only when the kernel has io_uring), and stores into shared
+//! mappings where pages become dirty and are written back (`mmap`).
 //!
 //! Layout: `kernel` (offsets and pointer walks), `maps` (maps, filter, ring-full
 //! fallback), `data` (write-family and copy syscalls), `ns` (namespace, size and
-//! attribute changes), `uring` (io_uring completions).
+//! attribute changes), `uring` (io_uring completions), `mmap` (shared mappings).
 #![no_std]
 #![no_main]
 
 mod data;
 mod kernel;
 mod maps;
+mod mmap;
 mod ns;
 mod syscalls;
 mod uring;
@@ -50,6 +52,7 @@ pub fn doppel_sys_exit(ctx: RawTracePointContext) -> i32 {
         COPY_FILE_RANGE | SPLICE | SENDFILE if ret > 0 => data::on_copy(regs, nr, ret as u64),
         OPEN | OPENAT | OPENAT2 | CREAT => ns::on_open(regs, nr, ret as u64),
         FTRUNCATE => ns::on_ftruncate(regs),
+        MMAP => ns::on_mmap(regs),
         FALLOCATE => ns::on_fallocate(regs),
         TRUNCATE | RENAME | MKDIR | RMDIR | UNLINK | MKDIRAT | UNLINKAT | RENAMEAT | RENAMEAT2
         | LINK | LINKAT | SYMLINK | SYMLINKAT | MKNOD | MKNODAT

@@ -12,8 +12,9 @@ use aya_ebpf::helpers::{
 };
 use doppel_common::abi::{
     Header, KFileId, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR,
-    KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN, KIND_RENAME,
-    KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, STAT_EVENTS, STAT_LOST,
+    KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MAPPED, KIND_MKDIR, KIND_OPEN,
+    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
+    STAT_EVENTS, STAT_LOST,
 };
 
 use crate::{
@@ -279,6 +280,36 @@ pub fn file_record(file: u64, regular_only: bool, kind: u32, flags: u32, offset:
 #[inline(always)]
 pub fn on_ftruncate(regs: u64) {
     fd_record(arg(regs, 0), true, KIND_FTRUNCATE, 0, 0, arg(regs, 1));
+}
+
+/// mmap(addr, len, prot, flags, fd, offset) succeeded: a shared mapping of a file that
+/// can be stored through (now, or after an mprotect since the file is open read-write).
+#[inline(always)]
+pub fn on_mmap(regs: u64) {
+    const PROT_WRITE: u64 = 0x2;
+    const MAP_TYPE: u64 = 0x0f;
+    const MAP_SHARED: u64 = 0x01;
+    const MAP_SHARED_VALIDATE: u64 = 0x03;
+    const O_ACCMODE: u32 = 0o3;
+    const O_RDWR: u32 = 0o2;
+    let flags = arg(regs, 3) & MAP_TYPE;
+    if flags != MAP_SHARED && flags != MAP_SHARED_VALIDATE {
+        return;
+    }
+    let fd = arg(regs, 4);
+    let Some(file) = fd_file(fd) else {
+        return;
+    };
+    if arg(regs, 2) & PROT_WRITE == 0 {
+        let f_flags = rk::<u32>(file + off::OFF_FILE_F_FLAGS()).unwrap_or(0);
+        if f_flags & O_ACCMODE != O_RDWR {
+            return;
+        }
+    }
+    if in_compat_syscall() {
+        return;
+    }
+    file_record(file, true, KIND_MAPPED, 0, arg(regs, 5), arg(regs, 1));
 }
 
 /// fallocate(fd, mode, offset, len) succeeded.

@@ -4,6 +4,7 @@
 
 pub const WRITE: u64 = 1;
 pub const OPEN: u64 = 2;
+pub const MMAP: u64 = 9;
 pub const PWRITE64: u64 = 18;
 pub const WRITEV: u64 = 20;
 pub const TRUNCATE: u64 = 76;

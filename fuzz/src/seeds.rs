@@ -4,8 +4,9 @@
 
 use doppel_common::abi::{
     FileRecord, Header, KFileId, NsRecord, PathSlot, AT_REMOVEDIR, KIND_ATTR, KIND_DATA,
-    KIND_DIRTY, KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN,
-    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, O_CREAT, O_TRUNC, PATH_CAP,
+    KIND_DIRTY, KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MAPPED, KIND_MAP_DIRTY,
+    KIND_MKDIR, KIND_OPEN, KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, KIND_WRITEBACK, O_CREAT,
+    O_TRUNC, PATH_CAP, WRITEBACK_END,
 };
 use doppel_common::wire::{encode_frame, Frame, Op, Record, RelPath, SetHello};
 
@@ -274,5 +275,28 @@ fn capture() -> Vec<(&'static str, Vec<u8>)> {
         ("link", ns(KIND_LINK, 0, b"a", Some(b"b/c"))),
         ("symlink", ns(KIND_MADE, 0, b"l", None)),
         ("fallocate", ns(KIND_FALLOC, 0x03, b"", None)),
+        ("mapped", ns(KIND_MAPPED, 0, b"", None)),
+        (
+            "map_dirty",
+            file_record(
+                FileRecord {
+                    hdr: hdr(KIND_MAP_DIRTY),
+                    len: 4096,
+                    ..data
+                },
+                b"",
+            ),
+        ),
+        (
+            "writeback",
+            file_record(
+                FileRecord {
+                    hdr: hdr(KIND_WRITEBACK),
+                    len: WRITEBACK_END,
+                    ..data
+                },
+                b"",
+            ),
+        ),
     ]
 }

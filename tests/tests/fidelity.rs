@@ -1392,3 +1392,163 @@ fn io_uring_requests() {
     }
     c.assert_identical(WITHIN);
 }
+
+/// A `MAP_SHARED` read-write mapping of `len` bytes of `fd`.
+struct Mapping {
+    ptr: *mut u8,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(fd: &Fd, len: usize) -> Mapping {
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.raw(),
+                0,
+            )
+        };
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
+        Mapping { ptr: p.cast(), len }
+    }
+
+    fn store(&self, at: usize, data: &[u8]) {
+        assert!(at + data.len() <= self.len);
+        // SAFETY: in bounds of a live mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(at), data.len()) };
+    }
+
+    fn msync(&self) {
+        let r = unsafe { libc::msync(self.ptr.cast(), self.len, libc::MS_SYNC) };
+        check(r, "msync");
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
+}
+
+/// Stores through `MAP_SHARED` mappings reach the replica: with and without msync, into
+/// pages stored to again while still dirty (no new dirty report), after munmap, and
+/// while the mapping stays open.
+#[test]
+fn shared_mappings() {
+    if !require_root() {
+        return;
+    }
+    let c = started();
+    let s = c.source.join("mmap");
+    mkdirs(&s);
+    let rw = libc::O_CREAT | libc::O_RDWR;
+    let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+
+    // Kept open for the whole test: stored to in rounds, msync'ed only sometimes.
+    let open_fd = open(s.join("kept-open"), rw, 0o644);
+    check(
+        unsafe { libc::ftruncate(open_fd.raw(), (8 * MIB) as i64) },
+        "ftruncate",
+    );
+    let kept = Mapping::new(&open_fd, 8 * MIB);
+    for round in 0..4u64 {
+        for i in 0..200 {
+            let at = next(8 * MIB - 100);
+            kept.store(at, &pattern(round * 1000 + i, 1 + next(99)));
+        }
+        // The same few pages in every round: after the first round they are dirty
+        // already, so only the agent's re-reading finds the later stores.
+        for page in [0, 1, 100, 2047] {
+            kept.store(page * 4096 + 10, &pattern(round + 77, 50));
+        }
+        if round % 2 == 1 {
+            kept.msync();
+        }
+        c.assert_converges(WITHIN);
+    }
+
+    // Stored to, unmapped without msync, closed: the kernel writes it back some time.
+    {
+        let fd = open(s.join("unmapped"), rw, 0o600);
+        check(
+            unsafe { libc::ftruncate(fd.raw(), MIB as i64) },
+            "ftruncate",
+        );
+        let m = Mapping::new(&fd, MIB);
+        for i in 0..50 {
+            m.store(next(MIB - 4096), &pattern(500 + i, 4096));
+        }
+    }
+
+    // A file that also gets write(2)s between stores.
+    {
+        let fd = open(s.join("mixed"), rw, 0o644);
+        write_all(&fd, &pattern(600, 2 * MIB));
+        let m = Mapping::new(&fd, 2 * MIB);
+        m.store(5000, &pattern(601, 9000));
+        let b = pattern(602, 3000);
+        check_len(
+            unsafe { libc::pwrite(fd.raw(), b.as_ptr().cast(), b.len(), 100_000) },
+            "pwrite",
+        );
+        m.store(100_500, &pattern(603, 100));
+        m.msync();
+    }
+    c.assert_identical(WITHIN);
+    drop(kept);
+}
+
+/// Threads writing the same bytes at the same time: the kernel orders their writes, but
+/// each reports at syscall exit, possibly after a later write of another thread. The
+/// replica must still end with the bytes that won on the source.
+#[test]
+fn racing_writers_on_the_same_range() {
+    if !require_root() {
+        return;
+    }
+    let c = started();
+    let s = c.source.join("race");
+    mkdirs(&s);
+    let path = s.join("contended");
+    create(&path, &pattern(1, 256 * KIB));
+    std::thread::scope(|scope| {
+        for t in 0..4u64 {
+            let path = path.clone();
+            scope.spawn(move || {
+                let fd = open(&path, libc::O_WRONLY, 0);
+                let mut x = t + 1;
+                for i in 0..3000u64 {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    let off = if i % 2 == 0 {
+                        0
+                    } else {
+                        (x >> 33) % (240 * KIB as u64)
+                    };
+                    let len = 1 + ((x >> 20) % (16 * KIB as u64)) as usize;
+                    let data = pattern(t * 100_000 + i, len);
+                    let n = unsafe {
+                        libc::pwrite(fd.raw(), data.as_ptr().cast(), data.len(), off as i64)
+                    };
+                    assert_eq!(check_len(n, "pwrite"), len);
+                }
+            });
+        }
+    });
+    c.assert_identical(WITHIN);
+}

@@ -91,6 +91,20 @@ fn agent_config(dir: &Path, name: &str, root: &Path, targets: &[(u16, &str)]) ->
     path
 }
 
+/// The test's directory: removed afterwards unless `DOPPEL_KEEP` is set (to look at
+/// the daemons' logs after a failure).
+fn scratch() -> tempfile::TempDir {
+    let mut d = tempfile::Builder::new()
+        .prefix("doppel-topo-")
+        .tempdir()
+        .unwrap();
+    if std::env::var_os("DOPPEL_KEEP").is_some() {
+        eprintln!("keeping {}", d.path().display());
+        d.disable_cleanup(true);
+    }
+    d
+}
+
 fn converge(src: &Path, dst: &Path) {
     if let Err(d) = tree::wait_equal(src, dst, Duration::from_secs(10)) {
         panic!(
@@ -107,10 +121,7 @@ fn one_set_replicates_to_two_targets() {
     if !require_root() {
         return;
     }
-    let d = tempfile::Builder::new()
-        .prefix("doppel-topo-")
-        .tempdir()
-        .unwrap();
+    let d = scratch();
     let d = d.path();
     let src = d.join("source");
     fs::create_dir(&src).unwrap();
@@ -130,10 +141,7 @@ fn two_sources_into_one_receiver_stay_apart() {
     if !require_root() {
         return;
     }
-    let d = tempfile::Builder::new()
-        .prefix("doppel-topo-")
-        .tempdir()
-        .unwrap();
+    let d = scratch();
     let d = d.path();
     let (sa, sb) = (d.join("source-a"), d.join("source-b"));
     fs::create_dir(&sa).unwrap();

@@ -383,6 +383,13 @@ fn fio_io_uring_verify() {
     fio_verify(&jobs);
 }
 
+/// The same through a `MAP_SHARED` mapping (fio's mmap engine stores into the mapping
+/// and msyncs at the end of the job).
+#[test]
+fn fio_mmap_verify() {
+    fio_verify(&[("mmap", &["--ioengine=mmap", "--size=32m"])]);
+}
+
 /// Runs each (name, fio options) job into its own directory of the source, then checks
 /// the replica strictly and with fio's own verify pass over each directory.
 fn fio_verify(jobs: &[(&str, &[&str])]) {

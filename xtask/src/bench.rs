@@ -16,6 +16,10 @@
 //! - `slowdown`: `watched_write_slowdown_pct`, `unwatched_write_slowdown_pct` — a
 //!   4 KiB write(2) loop's throughput with the agent running versus no agent (median
 //!   of 3 each, interleaved), in a watched and in an unwatched directory.
+//! - `events`: `capture_events_per_s` — the highest rate of small (128-byte) pwrites
+//!   into 16 watched files that the agent takes in with no record missing the ring:
+//!   rates are stepped up, 3 s each, until the ring overflows (`missed_ranges` or
+//!   `lost` grow) or the writer cannot go faster.
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -31,7 +35,7 @@ use doppel_tests::cluster::Cluster;
 
 type Figures = BTreeMap<String, f64>;
 
-const ALL: &[&str] = &["lag", "throughput", "journal", "rss", "slowdown"];
+const ALL: &[&str] = &["lag", "throughput", "journal", "rss", "slowdown", "events"];
 
 pub fn run(names: &[String], json: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
@@ -54,6 +58,7 @@ pub fn run(names: &[String], json: &Path) -> Result<()> {
             "throughput" => throughput(&mut figures)?,
             "rss" => rss(&mut figures)?,
             "journal" => journal(&mut figures)?,
+            "events" => events(&mut figures)?,
             other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -420,6 +425,80 @@ fn rss(figures: &mut Figures) -> Result<()> {
     figures.insert("agent_rss_mib_storm".into(), kib / 1024.0);
     // The default memory queue bound (64 MiB) is what the goal allows on top.
     figures.insert("agent_rss_beyond_queue_mib".into(), kib / 1024.0 - 64.0);
+    Ok(())
+}
+
+/// `rate` pwrites/s of 128 bytes spread over `files`, for `secs`; returns the rate
+/// achieved.
+fn paced_writes(files: &[std::fs::File], rate: f64, secs: f64) -> Result<f64> {
+    let buf = [0x42u8; 128];
+    let start = Instant::now();
+    let mut n = 0u64;
+    loop {
+        let elapsed = start.elapsed().as_secs_f64();
+        if elapsed >= secs {
+            return Ok(n as f64 / elapsed);
+        }
+        // Catch up with the schedule in bursts; sleep when ahead of it.
+        let due = (elapsed * rate) as u64;
+        if n >= due {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        for _ in 0..(due - n).min(1000) {
+            let f = &files[(n % files.len() as u64) as usize];
+            f.write_all_at(&buf, (n / files.len() as u64 % 8192) * 128)?;
+            n += 1;
+        }
+    }
+}
+
+fn events(figures: &mut Figures) -> Result<()> {
+    let mut c = Cluster::new("bench")?;
+    c.start()?;
+    let files = (0..16)
+        .map(|i| {
+            OpenOptions::new()
+                .create(true)
+                .truncate(true)
+                .write(true)
+                .open(c.source.join(format!("ev{i:02}.bin")))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    // Status lines come every 5 s: wait for one after each step.
+    let counters = |c: &Cluster| {
+        (
+            status_field(c, "missed_ranges").unwrap_or(0.0),
+            status_field(c, "lost").unwrap_or(0.0),
+        )
+    };
+    std::thread::sleep(Duration::from_millis(5_500));
+    let mut best = 0.0f64;
+    for rate in [
+        25_000.0, 50_000.0, 100_000.0, 200_000.0, 400_000.0, 800_000.0,
+    ] {
+        let before = counters(&c);
+        let achieved = paced_writes(&files, rate, 3.0)?;
+        std::thread::sleep(Duration::from_millis(5_500));
+        let after = counters(&c);
+        let overflowed = after.0 > before.0 || after.1 > before.1;
+        eprintln!(
+            "bench: events: asked {rate:.0}/s, wrote {achieved:.0}/s, {}",
+            if overflowed {
+                "ring overflowed"
+            } else {
+                "no overflow"
+            }
+        );
+        if overflowed {
+            break;
+        }
+        best = best.max(achieved);
+        if achieved < rate * 0.9 {
+            break; // the writer is the limit
+        }
+    }
+    figures.insert("capture_events_per_s".into(), best);
     Ok(())
 }
 

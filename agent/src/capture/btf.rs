@@ -373,6 +373,46 @@ const URING_OPS: &[(&str, &str, bool)] = &[
     ("URING_OP_OPENAT2", "IORING_OP_OPENAT2", false),
 ];
 
+/// What the shared-mapping programs read (ebpf/src/mmap.rs).
+const MMAP_FIELDS: &[Field] = &[
+    f("OFF_MAPPING_HOST", "address_space", "host", 8),
+    f(
+        "OFF_MAPPING_MMAP_WRITABLE",
+        "address_space",
+        "i_mmap_writable",
+        4,
+    ),
+    f("OFF_INODE_I_DENTRY", "inode", "i_dentry", 8),
+    f("OFF_DENTRY_D_ALIAS", "dentry", "d_u.d_alias", 16),
+    f("OFF_FOLIO_FLAGS", "folio", "flags", 8),
+    f("OFF_FOLIO_INDEX", "folio", "index", 8),
+    f("OFF_FOLIO_FLAGS_1", "folio", "_flags_1", 8),
+];
+
+/// The shared-mapping globals, like [`uring_globals`].
+pub fn mmap_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
+    let found = fields(btf, MMAP_FIELDS).and_then(|mut out| {
+        let head = btf.enum_value("PG_head")?;
+        if !(0..64).contains(&head) {
+            bail!("PG_head is {head}, not a page flag bit");
+        }
+        out.push(("PG_HEAD", head as u64));
+        Ok(out)
+    });
+    match found {
+        Ok(out) => (out, Ok(())),
+        Err(e) => {
+            let unknown = MMAP_FIELDS
+                .iter()
+                .map(|f| f.global)
+                .chain(["PG_HEAD"])
+                .map(|g| (g, u64::MAX))
+                .collect();
+            (unknown, Err(e))
+        }
+    }
+}
+
 /// The io_uring globals: `Ok` with real values if the kernel's BTF has everything the
 /// io_uring programs need, else the error and every global set to "unknown" (the
 /// programs are then not attached).
@@ -520,5 +560,7 @@ mod tests {
         assert_eq!(get("URING_OP_WRITEV"), 2);
         assert_eq!(get("URING_OP_WRITE"), 23);
         assert_eq!(get("OFF_REQ_FILE"), get("OFF_REQ_CMD"));
+        let (_, found) = mmap_globals(&btf);
+        found.unwrap();
     }
 }

@@ -4,8 +4,9 @@
 use doppel_common::abi::{
     FileRecord, KFileId, MissedKey, MissedRange, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR,
     AT_REMOVEDIR, CHUNK_SIZE, FILE_RECORD_SIZE, KIND_ATTR, KIND_DATA, KIND_DIRTY, KIND_FALLOC,
-    KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR, KIND_OPEN, KIND_RENAME, KIND_TRUNCATE,
-    KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
+    KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MAPPED, KIND_MAP_DIRTY, KIND_MKDIR, KIND_OPEN,
+    KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, KIND_WRITEBACK, NS_RECORD_SIZE, O_CREAT, O_TRUNC,
+    PATH_CAP, WRITEBACK_END,
 };
 use doppel_common::event::{CaptureEvent, FileId, PathArg};
 
@@ -98,6 +99,22 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
     }
     let kind = u32::from_ne_bytes([rec[0], rec[1], rec[2], rec[3]]);
     match kind {
+        KIND_MAP_DIRTY | KIND_WRITEBACK => {
+            let r: FileRecord = read(rec, kind)?;
+            out.push(if kind == KIND_MAP_DIRTY {
+                CaptureEvent::MapDirty {
+                    file: file_id(r.file),
+                    parent: file_id(r.parent),
+                    offset: r.offset,
+                    len: r.len,
+                }
+            } else {
+                CaptureEvent::Writeback {
+                    file: file_id(r.file),
+                    end: r.len == WRITEBACK_END,
+                }
+            });
+        }
         KIND_DATA | KIND_DIRTY => {
             let r: FileRecord = read(rec, kind)?;
             let file = file_id(r.file);
@@ -129,7 +146,7 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
             });
         }
         KIND_OPEN | KIND_MKDIR | KIND_UNLINK | KIND_RENAME | KIND_TRUNCATE | KIND_FTRUNCATE
-        | KIND_ATTR | KIND_LINK | KIND_MADE | KIND_FALLOC => {
+        | KIND_ATTR | KIND_LINK | KIND_MADE | KIND_FALLOC | KIND_MAPPED => {
             let r: NsRecord = read(rec, kind)?;
             let pid = r.hdr.pid;
             let path0 = || path_arg(rec, &r.paths[0], NS_RECORD_SIZE, pid, kind);
@@ -197,6 +214,12 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                     offset: r.offset,
                     len: r.size,
                 }),
+                KIND_MAPPED => out.push(CaptureEvent::Mapped {
+                    file: file_id(r.file),
+                    parent: file_id(r.parent),
+                    offset: r.offset,
+                    len: r.size,
+                }),
                 KIND_TRUNCATE => out.push(CaptureEvent::Truncated {
                     file: None,
                     parent: None,
@@ -230,6 +253,7 @@ pub fn missed_to_event(key: &MissedKey, range: &MissedRange) -> CaptureEvent {
 mod tests {
     use super::*;
     use doppel_common::abi::Header;
+    use doppel_common::abi::WRITEBACK_BEGIN;
 
     fn as_bytes<T: Copy>(v: &T) -> Vec<u8> {
         // SAFETY: test helper over plain-integer repr(C) structs without padding holes
@@ -530,6 +554,58 @@ mod tests {
                     file: user(11),
                     parent: user(2),
                     mode: 0x03,
+                    offset: 4096,
+                    len: 123
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn decodes_mapping_records() {
+        let user = |ino| FileId {
+            dev: libc::makedev(8, 3),
+            ino,
+        };
+        let page = |kind, len| FileRecord {
+            hdr: Header {
+                kind,
+                pid: 3,
+                ktime: 9,
+            },
+            file: kid(10),
+            parent: kid(2),
+            offset: 8192,
+            len,
+        };
+        let mut out = Vec::new();
+        decode_record(&as_bytes(&page(KIND_MAP_DIRTY, 16384)), &mut out).unwrap();
+        decode_record(&as_bytes(&page(KIND_WRITEBACK, WRITEBACK_BEGIN)), &mut out).unwrap();
+        decode_record(&as_bytes(&page(KIND_WRITEBACK, WRITEBACK_END)), &mut out).unwrap();
+        let mut r = ns(KIND_MAPPED, 0);
+        r.npaths = 0;
+        r.offset = 4096;
+        decode_record(&as_bytes(&r), &mut out).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                CaptureEvent::MapDirty {
+                    file: user(10),
+                    parent: user(2),
+                    offset: 8192,
+                    len: 16384
+                },
+                CaptureEvent::Writeback {
+                    file: user(10),
+                    end: false
+                },
+                CaptureEvent::Writeback {
+                    file: user(10),
+                    end: true
+                },
+                CaptureEvent::Mapped {
+                    file: user(11),
+                    parent: user(2),
                     offset: 4096,
                     len: 123
                 },

@@ -207,10 +207,30 @@ fn explain_program_error(e: ProgramError, what: &str) -> anyhow::Error {
 
 /// The io_uring completion programs (ebpf/src/uring.rs).
 fn attach_uring(ebpf: &mut aya::Ebpf) -> Result<()> {
-    for (name, tracepoint) in [
-        (abi::PROG_URING_COMPLETE, "io_uring_complete"),
-        (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
-    ] {
+    attach_raw(
+        ebpf,
+        &[
+            (abi::PROG_URING_COMPLETE, "io_uring_complete"),
+            (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
+        ],
+    )
+}
+
+/// The shared-mapping programs (ebpf/src/mmap.rs).
+fn attach_mmap(ebpf: &mut aya::Ebpf) -> Result<()> {
+    attach_raw(
+        ebpf,
+        &[
+            (abi::PROG_DIRTY_FOLIO, "writeback_dirty_folio"),
+            (abi::PROG_WRITEBACK_BEGIN, "sb_mark_inode_writeback"),
+            (abi::PROG_WRITEBACK_END, "sb_clear_inode_writeback"),
+        ],
+    )
+}
+
+/// Loads and attaches raw tracepoint programs: (program, tracepoint).
+fn attach_raw(ebpf: &mut aya::Ebpf, progs: &[(&str, &str)]) -> Result<()> {
+    for &(name, tracepoint) in progs {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(name)
             .with_context(|| {
@@ -238,10 +258,11 @@ impl Capture {
         let offsets = btf::program_offsets(&btf)
             .context("cannot locate the kernel structure fields the capture program reads")?;
         let (uring_globals, uring) = btf::uring_globals(&btf);
+        let (mmap_globals, mmap) = btf::mmap_globals(&btf);
         let ring = ring_size(opts.ring_bytes)?;
 
         let mut loader = EbpfLoader::new();
-        for (name, value) in offsets.iter().chain(&uring_globals) {
+        for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring);
@@ -255,6 +276,13 @@ impl Capture {
         prog.load().map_err(|e| explain_program_error(e, "load"))?;
         prog.attach("sys_exit")
             .map_err(|e| explain_program_error(e, "attach to the sys_exit tracepoint"))?;
+        match mmap.and_then(|()| attach_mmap(&mut ebpf)) {
+            Ok(()) => tracing::info!("stores through shared mappings are captured"),
+            Err(e) => warn!(
+                "stores through shared mappings will not be captured: {e:#}; files written \
+                 through MAP_SHARED mappings are not replicated"
+            ),
+        }
         match uring.and_then(|()| attach_uring(&mut ebpf)) {
             Ok(()) => tracing::info!("io_uring writes are captured"),
             Err(e) => warn!(

@@ -92,7 +92,11 @@ fn in_dirs(dirs: Vec<FileId>) -> impl Fn(&CaptureEvent) -> bool {
             CaptureEvent::AttrChanged { parent, path, .. } => {
                 parent_ok(parent) || path.as_ref().map(base_ok).unwrap_or(false)
             }
-            CaptureEvent::Fallocated { parent, .. } => dirs.contains(parent),
+            CaptureEvent::Fallocated { parent, .. }
+            | CaptureEvent::MapDirty { parent, .. }
+            | CaptureEvent::Mapped { parent, .. } => dirs.contains(parent),
+            // Carries no directory: the tests that want it look for it by file.
+            CaptureEvent::Writeback { .. } => false,
             CaptureEvent::Lost { .. } => true,
         }
     }

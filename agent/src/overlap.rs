@@ -1,0 +1,158 @@
+//! Data events that may carry older bytes than the replica was last sent: such ranges
+//! are read again from the file once the event is handled.
+//!
+//! Two ways it happens:
+//! - The agent read the range (a re-read range, a missed range, a mapped page) after the
+//!   event was captured but before it was handled: the event's bytes are older than
+//!   what the read sent. Under overload the ring can hold seconds of events.
+//! - Two threads wrote the same bytes: the kernel serializes them (the inode lock), but
+//!   each reports its write at syscall exit, after the lock is released, so a thread
+//!   preempted in between reports after a later write of another thread. Nothing in
+//!   the records tells the two orders apart: any two writes of one file that overlap and
+//!   were reported within [`WINDOW_NS`] of each other make the overlap be read again.
+//!
+//! Reading again is always right: the file then holds the bytes that won.
+
+use std::collections::{HashMap, VecDeque};
+
+use doppel_common::event::FileId;
+
+/// Far longer than a thread is normally preempted between its write and its report,
+/// and than events of different CPUs are apart in the ring.
+pub const WINDOW_NS: u64 = 50_000_000;
+/// Writes remembered per file.
+const WRITES_PER_FILE: usize = 8;
+/// Read ranges remembered per file before they are merged into one.
+const READS_PER_FILE: usize = 32;
+
+#[derive(Debug, Default)]
+struct Recent {
+    /// (start, end, capture time) of recent writes.
+    writes: VecDeque<(u64, u64, u64)>,
+    /// (start, end, read time) of ranges the agent read.
+    reads: Vec<(u64, u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+pub struct Overlaps {
+    files: HashMap<FileId, Recent>,
+    /// Latest capture time handled.
+    latest: u64,
+}
+
+impl Overlaps {
+    /// A data event about `[offset, offset + len)` of `file`, captured at `time`, is
+    /// handled. Returns the ranges to read again.
+    pub fn write(&mut self, file: FileId, offset: u64, len: u64, time: u64) -> Vec<(u64, u64)> {
+        let end = offset.saturating_add(len);
+        self.latest = self.latest.max(time);
+        let recent = self.files.entry(file).or_default();
+        let mut again: Vec<(u64, u64)> = Vec::new();
+        let mut add = |s: u64, e: u64| {
+            let r = (s.max(offset), e.min(end));
+            if s < end && offset < e && !again.contains(&r) {
+                again.push(r);
+            }
+        };
+        for &(s, e, t) in &recent.writes {
+            if time.abs_diff(t) < WINDOW_NS {
+                add(s, e);
+            }
+        }
+        for &(s, e, read) in &recent.reads {
+            if time < read {
+                add(s, e);
+            }
+        }
+        if recent.writes.len() == WRITES_PER_FILE {
+            recent.writes.pop_front();
+        }
+        recent.writes.push_back((offset, end, time));
+        again
+    }
+
+    /// The agent read `[offset, offset + len)` of `file` at `time` (and sent it).
+    pub fn read(&mut self, file: FileId, offset: u64, len: u64, time: u64) {
+        let end = offset.saturating_add(len);
+        let reads = &mut self.files.entry(file).or_default().reads;
+        if reads.len() == READS_PER_FILE {
+            // One range covering them all, read at the latest time: more is read again
+            // later than strictly needed, never less.
+            let s = reads.iter().map(|r| r.0).min().unwrap_or(offset);
+            let e = reads.iter().map(|r| r.1).max().unwrap_or(end);
+            let t = reads.iter().map(|r| r.2).max().unwrap_or(time);
+            reads.clear();
+            reads.push((s, e, t));
+        }
+        reads.push((offset, end, time));
+    }
+
+    /// Forgets writes that no later event can be within the window of, and reads that
+    /// every event still to come was captured after.
+    pub fn prune(&mut self) {
+        let horizon = self.latest.saturating_sub(WINDOW_NS);
+        self.files.retain(|_, r| {
+            r.writes.retain(|&(_, _, t)| t >= horizon);
+            r.reads.retain(|&(_, _, t)| t >= horizon);
+            !r.writes.is_empty() || !r.reads.is_empty()
+        });
+    }
+
+    /// `file` is gone: nothing of it is read again.
+    pub fn forget(&mut self, file: FileId) {
+        self.files.remove(&file);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const F: FileId = FileId { dev: 1, ino: 2 };
+    const G: FileId = FileId { dev: 1, ino: 3 };
+
+    #[test]
+    fn overlapping_writes_close_in_time_are_read_again() {
+        let mut o = Overlaps::default();
+        assert!(o.write(F, 0, 100, 1_000).is_empty());
+        // Another file, and a disjoint range: nothing.
+        assert!(o.write(G, 0, 100, 1_001).is_empty());
+        assert!(o.write(F, 100, 50, 1_002).is_empty());
+        // Overlaps both earlier writes of F.
+        assert_eq!(o.write(F, 90, 20, 1_003), vec![(90, 100), (100, 110)]);
+        // Reported before an earlier-handled one (the race itself): still caught.
+        assert_eq!(o.write(F, 0, 10, 900), vec![(0, 10)]);
+        // Far apart in time: ordered by the ring, nothing to do.
+        assert!(o.write(F, 0, 100, 1_003 + WINDOW_NS).is_empty());
+        o.prune();
+        assert!(o.write(F, 0, 100, 10 * WINDOW_NS).is_empty());
+    }
+
+    #[test]
+    fn events_captured_before_a_read_are_read_again() {
+        let mut o = Overlaps::default();
+        o.read(F, 4096, 8192, 5 * WINDOW_NS);
+        // Captured after the read: current.
+        assert!(o.write(F, 4096, 10, 5 * WINDOW_NS + 1).is_empty());
+        // Captured long before the read (a backlog in the ring): stale.
+        assert_eq!(o.write(F, 0, 5000, WINDOW_NS), vec![(4096, 5000)]);
+        // Once events from well after the read are handled, it is forgotten.
+        o.write(G, 0, 1, 7 * WINDOW_NS);
+        o.prune();
+        assert!(o.write(F, 4096, 1, WINDOW_NS).is_empty());
+    }
+
+    #[test]
+    fn memory_is_bounded_and_merging_keeps_staleness() {
+        let mut o = Overlaps::default();
+        for i in 0..100 {
+            o.write(F, i * 10, 10, i);
+            o.read(F, i * 1000, 10, 1_000 + i);
+        }
+        assert_eq!(o.files[&F].writes.len(), WRITES_PER_FILE);
+        assert!(o.files[&F].reads.len() <= READS_PER_FILE);
+        // Every range read is still covered.
+        assert_eq!(o.write(F, 0, 1, 500), vec![(0, 1)]);
+        assert_eq!(o.write(F, 99_000, 5, 500), vec![(99_000, 99_005)]);
+    }
+}

@@ -1,0 +1,161 @@
+//! Stores through `MAP_SHARED` mappings. They make no syscall, so the only trace they
+//! leave is a page becoming dirty (`writeback_dirty_folio`), and a page dirty already
+//! does not report later stores. So the agent keeps such pages "hot" and re-reads them
+//! until a writeback that began after their last report has ended (after it, the next
+//! store must dirty the page again and be reported). This program reports both halves:
+//! dirtied pages of files mapped shared and writable, and writeback begin/end of those
+//! files.
+//!
+//! These tracepoints can fire in interrupt context (writeback ends in I/O completion),
+//! possibly on a CPU where another of our programs is half-way through the per-CPU
+//! scratch buffer: records here are built on the stack.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, raw_tracepoint},
+    maps::LruHashMap,
+    programs::RawTracePointContext,
+};
+use doppel_common::abi::{
+    FileRecord, Header, KFileId, FILE_RECORD_SIZE, KIND_MAP_DIRTY, KIND_WRITEBACK, STAT_EVENTS,
+    WRITEBACK_BEGIN, WRITEBACK_END,
+};
+
+use crate::{
+    kernel::{inode_id, off, rk, rk_ptr, S_IFMT, S_IFREG},
+    maps::{bump, contents_watched, ignored, output, record_missed},
+};
+
+/// x86_64 pages.
+const PAGE_SHIFT: u64 = 12;
+
+/// Files (kernel ids) with reported mapped pages: only their writeback is reported.
+#[map]
+static MAPPED_FILES: LruHashMap<KFileId, u8> = LruHashMap::with_max_entries(16384, 0);
+
+#[inline(always)]
+fn send(rec: &mut FileRecord) -> bool {
+    let p = rec as *mut FileRecord as *mut u8;
+    let ok = output(p, FILE_RECORD_SIZE as u64);
+    if ok {
+        bump(STAT_EVENTS, 1);
+    }
+    ok
+}
+
+#[raw_tracepoint(tracepoint = "writeback_dirty_folio")]
+pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
+    // TP_PROTO(struct folio *folio, struct address_space *mapping)
+    let folio: u64 = ctx.arg(0);
+    let mapping: u64 = ctx.arg(1);
+    if mapping == 0 {
+        return 0;
+    }
+    // Pages dirtied by write(2) and friends are captured at their syscall; only a file
+    // mapped shared and writable somewhere can be changed by stores.
+    match rk::<i32>(mapping + off::OFF_MAPPING_MMAP_WRITABLE()) {
+        Some(n) if n > 0 => {}
+        _ => return 0,
+    }
+    let Some(inode) = rk_ptr(mapping + off::OFF_MAPPING_HOST()) else {
+        return 0;
+    };
+    match rk::<u16>(inode + off::OFF_INODE_I_MODE()) {
+        Some(m) if m & S_IFMT == S_IFREG => {}
+        _ => return 0,
+    }
+    // The directory of the inode's first name (a hard link's other names are not
+    // looked at, as for writes).
+    let Some(first) = rk_ptr(inode + off::OFF_INODE_I_DENTRY()) else {
+        return 0;
+    };
+    let dentry = first - off::OFF_DENTRY_D_ALIAS();
+    let Some(pdentry) = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT()) else {
+        return 0;
+    };
+    let Some(pinode) = rk_ptr(pdentry + off::OFF_DENTRY_D_INODE()) else {
+        return 0;
+    };
+    let Some(parent) = inode_id(pinode) else {
+        return 0;
+    };
+    if !contents_watched(&parent) {
+        return 0;
+    }
+    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if ignored(pid) {
+        return 0;
+    }
+    let Some(file) = inode_id(inode) else {
+        return 0;
+    };
+    let index = rk::<u64>(folio + off::OFF_FOLIO_INDEX()).unwrap_or(0);
+    let flags = rk::<u64>(folio + off::OFF_FOLIO_FLAGS()).unwrap_or(0);
+    // A large folio is dirtied as a whole: its order is in the second page's flags.
+    let order = if flags & (1 << (off::PG_HEAD() & 63)) != 0 {
+        rk::<u64>(folio + off::OFF_FOLIO_FLAGS_1()).unwrap_or(0) & 0x1f
+    } else {
+        0
+    };
+    let offset = index << PAGE_SHIFT;
+    let len = 1u64 << (PAGE_SHIFT + order);
+    let _ = MAPPED_FILES.insert(&file, &1, 0);
+    let mut rec = FileRecord {
+        hdr: Header {
+            kind: KIND_MAP_DIRTY,
+            pid,
+            // SAFETY: helper without preconditions.
+            ktime: unsafe { bpf_ktime_get_ns() },
+        },
+        file,
+        parent,
+        offset,
+        len,
+    };
+    if !send(&mut rec) {
+        record_missed(&file, offset, offset + len);
+    }
+    0
+}
+
+#[inline(always)]
+fn writeback(ctx: &RawTracePointContext, phase: u64) {
+    // TP_PROTO(struct inode *inode)
+    let inode: u64 = ctx.arg(0);
+    let Some(file) = inode_id(inode) else {
+        return;
+    };
+    // SAFETY: presence check only.
+    if unsafe { MAPPED_FILES.get(&file) }.is_none() {
+        return;
+    }
+    let mut rec = FileRecord {
+        hdr: Header {
+            kind: KIND_WRITEBACK,
+            pid: 0,
+            // SAFETY: helper without preconditions.
+            ktime: unsafe { bpf_ktime_get_ns() },
+        },
+        file,
+        parent: KFileId { dev: 0, ino: 0 },
+        offset: 0,
+        len: phase,
+    };
+    if !send(&mut rec) && phase == WRITEBACK_END {
+        // The agent keeps the pages hot and re-reads them on its timer until a later
+        // writeback ends: late, never lost.
+        bump(doppel_common::abi::STAT_MISSED, 1);
+    }
+}
+
+#[raw_tracepoint(tracepoint = "sb_mark_inode_writeback")]
+pub fn doppel_writeback_begin(ctx: RawTracePointContext) -> i32 {
+    writeback(&ctx, WRITEBACK_BEGIN);
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sb_clear_inode_writeback")]
+pub fn doppel_writeback_end(ctx: RawTracePointContext) -> i32 {
+    writeback(&ctx, WRITEBACK_END);
+    0
+}
