@@ -34,6 +34,9 @@ pub trait Watcher {
     /// `dir` is above a set root: relative path events starting there pass the filter.
     fn watch_ancestor(&self, dir: FileId);
     fn unwatch(&self, dir: FileId);
+    /// The regular file `file` has several names: its writes are captured through any of
+    /// them, also names outside every set.
+    fn watch_linked(&self, _file: FileId) {}
 }
 
 /// One op for one set, in the order it must be applied.
@@ -497,6 +500,9 @@ impl<W: Watcher> Resolver<W> {
                 return false;
             }
             if m.nlink() > 1 {
+                if m.is_file() {
+                    self.watcher.watch_linked(id);
+                }
                 if let Some(first) = self.other_name(set, id, rel) {
                     // Another name of a file the replica has: link, do not copy.
                     self.index.insert_link(parent, name, id);

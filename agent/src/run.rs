@@ -35,6 +35,9 @@ impl Watcher for KernelWatcher {
         tracing::trace!(?dir, "unwatch");
         let _ = self.0.unwatch_dir(dir);
     }
+    fn watch_linked(&self, file: FileId) {
+        self.0.watch_linked(file);
+    }
 }
 
 /// The set's queue, with its journal when the mode uses one.

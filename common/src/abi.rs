@@ -98,6 +98,9 @@ pub const STAT_COUNT: u32 = 4;
 /// Map names, shared so the agent and the program cannot disagree.
 pub const MAP_RING: &str = "RING";
 pub const MAP_WATCHED_DIRS: &str = "WATCHED_DIRS";
+/// (dev, ino) of hard-linked files inside the sets: captured whatever name (in or out
+/// of a watched directory) they are written through.
+pub const MAP_LINKED_FILES: &str = "LINKED_FILES";
 pub const MAP_IGNORE_TGIDS: &str = "IGNORE_TGIDS";
 pub const MAP_MISSED_RANGES: &str = "MISSED_RANGES";
 pub const MAP_CONTROL: &str = "CONTROL";
@@ -117,6 +120,7 @@ pub const PROG_WRITEBACK_END: &str = "doppel_writeback_end";
 
 /// Capacity of `WATCHED_DIRS` (allocated on insert, so unused capacity costs nothing).
 pub const WATCHED_DIRS_MAX: u32 = 1 << 20;
+pub const LINKED_FILES_MAX: u32 = 1 << 16;
 /// Capacity of `IGNORE_TGIDS`.
 pub const IGNORE_TGIDS_MAX: u32 = 4096;
 /// Capacity of `MISSED_RANGES`. When it is full the program counts the record as lost.

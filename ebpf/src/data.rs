@@ -11,7 +11,7 @@ use doppel_common::abi::{
 };
 
 use crate::{
-    kernel::{arg, fd_file, file_parent, in_compat_syscall, off, regular_inode, rk},
+    kernel::{arg, fd_file, file_parent, in_compat_syscall, linked_inode, off, regular_inode, rk},
     maps::{bump, contents_watched, ignored, output, record_missed, scratch},
     syscalls,
 };
@@ -41,10 +41,11 @@ fn target(fd: u64) -> Option<Target> {
 #[inline(always)]
 fn target_file(file: u64) -> Option<Target> {
     let parent = file_parent(file)?;
-    if !contents_watched(&parent) {
+    let watched = contents_watched(&parent);
+    let inode = regular_inode(file)?;
+    if !watched && !linked_inode(inode) {
         return None;
     }
-    let inode = regular_inode(file)?;
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     if ignored(tgid) {
         return None;

@@ -47,6 +47,7 @@ offsets!(
     OFF_INODE_I_SB,
     OFF_INODE_I_MODE,
     OFF_INODE_I_SIZE,
+    OFF_INODE_I_NLINK,
     OFF_SB_S_DEV,
     OFF_FS_PWD_DENTRY,
     OFF_REGS_DI,
@@ -197,6 +198,18 @@ pub fn regular_inode(file: u64) -> Option<u64> {
     } else {
         None
     }
+}
+
+/// Whether a regular file's `inode`, reached through a name in a directory that is not
+/// watched, is a hard-linked file of a set (the agent lists those): cheap for the common
+/// case, a file with one name.
+#[inline(always)]
+pub fn linked_inode(inode: u64) -> bool {
+    match rk::<u32>(inode + off::OFF_INODE_I_NLINK()) {
+        Some(n) if n > 1 => {}
+        _ => return false,
+    }
+    inode_id(inode).is_some_and(|id| crate::maps::linked(&id))
 }
 
 /// Identity of the directory a relative path starts from: `dirfd`'s inode, or the

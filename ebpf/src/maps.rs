@@ -7,8 +7,8 @@ use aya_ebpf::{
 };
 use doppel_common::abi::{
     KFileId, MissedKey, MissedRange, CONTROL_COUNT, CONTROL_MISSED_GEN, IGNORE_TGIDS_MAX,
-    MAX_RECORD_SIZE, MISSED_RANGES_MAX, STAT_COUNT, STAT_LOST, STAT_MISSED, WATCHED_DIRS_MAX,
-    WATCH_CONTENTS,
+    LINKED_FILES_MAX, MAX_RECORD_SIZE, MISSED_RANGES_MAX, STAT_COUNT, STAT_LOST, STAT_MISSED,
+    WATCHED_DIRS_MAX, WATCH_CONTENTS,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert (only the agent inserts).
@@ -24,6 +24,11 @@ static RING: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 #[map]
 static WATCHED_DIRS: HashMap<KFileId, u32> =
     HashMap::with_max_entries(WATCHED_DIRS_MAX, BPF_F_NO_PREALLOC);
+
+/// (dev, ino) of hard-linked files inside the sets (the value is unused).
+#[map]
+static LINKED_FILES: HashMap<KFileId, u32> =
+    HashMap::with_max_entries(LINKED_FILES_MAX, BPF_F_NO_PREALLOC);
 
 /// Thread-group ids whose syscalls are never captured (the agent itself, at least).
 #[map]
@@ -77,6 +82,12 @@ pub fn watch_flags(dir: &KFileId) -> u32 {
 #[inline(always)]
 pub fn contents_watched(dir: &KFileId) -> bool {
     watch_flags(dir) & WATCH_CONTENTS != 0
+}
+
+#[inline(always)]
+pub fn linked(file: &KFileId) -> bool {
+    // SAFETY: only presence is checked.
+    unsafe { LINKED_FILES.get(file) }.is_some()
 }
 
 #[inline(always)]

@@ -22,7 +22,7 @@ use doppel_common::abi::{
 };
 
 use crate::{
-    kernel::{inode_id, off, rk, rk_ptr, S_IFMT, S_IFREG},
+    kernel::{inode_id, linked_inode, off, rk, rk_ptr, S_IFMT, S_IFREG},
     maps::{bump, contents_watched, ignored, output, record_missed},
 };
 
@@ -79,7 +79,7 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
     let Some(parent) = inode_id(pinode) else {
         return 0;
     };
-    if !contents_watched(&parent) {
+    if !contents_watched(&parent) && !linked_inode(inode) {
         return 0;
     }
     let pid = (bpf_get_current_pid_tgid() >> 32) as u32;

@@ -19,8 +19,8 @@ use doppel_common::abi::{
 
 use crate::{
     kernel::{
-        arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, off, regular_inode, rk,
-        AT_FDCWD,
+        arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, linked_inode, off,
+        regular_inode, rk, AT_FDCWD,
     },
     maps::{bump, contents_watched, ignored, output, scratch, watch_flags},
     syscalls,
@@ -66,14 +66,17 @@ unsafe fn init(rec: *mut NsRecord, kind: u32, pid: u32) {
 #[inline(always)]
 fn watched_file(file: u64, regular_only: bool) -> Option<(KFileId, KFileId)> {
     let parent = file_parent(file)?;
-    if !contents_watched(&parent) {
-        return None;
-    }
+    let watched = contents_watched(&parent);
     let inode = if regular_only {
         regular_inode(file)?
     } else {
         inode_ptr(file)?
     };
+    // A hard-linked file of a set, through a name outside (only regular files are
+    // listed, so anything else just misses the lookup).
+    if !watched && !linked_inode(inode) {
+        return None;
+    }
     let ino = rk::<u64>(inode + off::OFF_INODE_I_INO())?;
     Some((
         KFileId {

@@ -933,25 +933,33 @@ fn links_and_special() {
 }
 
 /// A file with one name inside the root and one outside it, written through the
-/// outside name: the file in the tree changed, so the replica must follow.
-///
-/// Not yet: the kernel filter knows watched directories, and a write through a name
-/// in an unwatched directory is dropped before the file is looked at. Needs a map of
-/// watched hard-linked inodes (see issue 3's notes).
+/// outside name: the file in the tree changed, so the replica must follow. The kernel
+/// filter lists hard-linked files of the sets besides watched directories. Covers a
+/// link made after the agent started and one that existed at its start (copied by the
+/// initial scan), written, truncated, and stored to through a shared mapping.
 #[test]
-#[ignore = "writes through a hard link outside every root are not captured yet"]
 fn hard_link_written_through_a_name_outside_the_root() {
     if !require_root() {
         return;
     }
-    let c = started();
+    let mut c = Cluster::new("fid").unwrap();
+    let outside_early = staging(&c).join("outside-early");
+    create(&outside_early, b"linked before the agent started");
+    std::fs::hard_link(&outside_early, c.source.join("inside-early")).unwrap();
+    c.start().unwrap();
     let outside = staging(&c).join("outside-name");
     create(&outside, b"shared with the root");
     std::fs::hard_link(&outside, c.source.join("inside-name")).unwrap();
     c.assert_identical(WITHIN);
-    let fd = open(&outside, libc::O_WRONLY | libc::O_APPEND, 0);
-    write_all(&fd, b", changed through the outside name");
-    drop(fd);
+    for p in [&outside, &outside_early] {
+        let fd = open(p, libc::O_RDWR | libc::O_APPEND, 0);
+        write_all(&fd, b", changed through the outside name");
+        write_all(&fd, &pattern(3, 9000));
+        check(unsafe { libc::ftruncate(fd.raw(), 7000) }, "ftruncate");
+        let m = Mapping::new(&fd, 7000);
+        m.store(100, b"stored through a mapping of the outside name");
+        m.msync();
+    }
     c.assert_identical(WITHIN);
 }
 

@@ -331,6 +331,7 @@ const FIELDS: &[Field] = &[
     f("OFF_INODE_I_SB", "inode", "i_sb", 8),
     f("OFF_INODE_I_MODE", "inode", "i_mode", 2),
     f("OFF_INODE_I_SIZE", "inode", "i_size", 8),
+    f("OFF_INODE_I_NLINK", "inode", "i_nlink", 4),
     f("OFF_SB_S_DEV", "super_block", "s_dev", 4),
     f("OFF_FS_PWD_DENTRY", "fs_struct", "pwd.dentry", 8),
     f("OFF_REGS_DI", "pt_regs", "di", 8),

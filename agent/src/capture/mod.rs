@@ -147,6 +147,9 @@ impl Shared {
 /// the reader thread.
 pub struct Capture {
     watched: Mutex<BpfHashMap<MapData, PodFileId, u32>>,
+    linked: Mutex<BpfHashMap<MapData, PodFileId, u32>>,
+    /// The linked-file map was found full once (warned once).
+    linked_full: AtomicBool,
     ignore: Mutex<BpfHashMap<MapData, u32, u32>>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
@@ -297,6 +300,7 @@ impl Capture {
         };
         let ring = RingBuf::try_from(take(abi::MAP_RING)?)?;
         let watched = BpfHashMap::try_from(take(abi::MAP_WATCHED_DIRS)?)?;
+        let linked = BpfHashMap::try_from(take(abi::MAP_LINKED_FILES)?)?;
         let ignore = BpfHashMap::try_from(take(abi::MAP_IGNORE_TGIDS)?)?;
         let missed = BpfHashMap::try_from(take(abi::MAP_MISSED_RANGES)?)?;
         let control = Array::try_from(take(abi::MAP_CONTROL)?)?;
@@ -320,6 +324,8 @@ impl Capture {
         };
         let mut capture = Capture {
             watched: Mutex::new(watched),
+            linked: Mutex::new(linked),
+            linked_full: AtomicBool::new(false),
             ignore: Mutex::new(ignore),
             shared,
             stop,
@@ -355,6 +361,23 @@ impl Capture {
                 abi::WATCHED_DIRS_MAX
             )
         })
+    }
+
+    /// Captures writes to the hard-linked file `file` through any of its names, also
+    /// those outside every watched directory.
+    pub fn watch_linked(&self, file: FileId) {
+        let Ok(key) = kernel_key(file) else {
+            return;
+        };
+        if lock(&self.linked).insert(key, 1, 0).is_err()
+            && !self.linked_full.swap(true, Ordering::Relaxed)
+        {
+            warn!(
+                "more than {} hard-linked files in the sets: writes through names outside \
+                 every set are not captured for further ones",
+                abi::LINKED_FILES_MAX
+            );
+        }
     }
 
     /// Stops watching `dir`. Not an error if it was not watched.
