@@ -62,3 +62,35 @@ fn writes_outside_watched_roots_are_not_replicated() {
     c.assert_converges(Duration::from_secs(5));
     assert!(!c.dir.path().join("replica/elsewhere").exists());
 }
+
+/// A receiver killed and started again is back in the agent's session within a couple
+/// of keep-alives: the new process answers the old connection's packets with a
+/// stateless reset the agent can verify (the reset key survives restarts), instead of
+/// the agent waiting out the 10 s idle timeout.
+#[test]
+fn a_restarted_receiver_is_reconnected_to_at_once() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new("data").unwrap();
+    c.start().unwrap();
+    std::fs::write(c.source.join("before"), b"1").unwrap();
+    c.assert_converges(Duration::from_secs(10));
+    let sessions = |c: &Cluster| c.log_lines("agent.log", "connected; resuming").len();
+    let before = sessions(&c);
+    c.kill_receiver();
+    c.start_receiver().unwrap();
+    let t = std::time::Instant::now();
+    while sessions(&c) == before {
+        assert!(
+            t.elapsed() < Duration::from_secs(5),
+            "the agent did not reconnect within 5 s of the receiver's restart (the idle \
+             timeout is 10 s: was the old connection reset?)\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("reconnected {:?} after the restart", t.elapsed());
+    std::fs::write(c.source.join("after"), b"2").unwrap();
+    c.assert_converges(Duration::from_secs(5));
+}
