@@ -52,6 +52,8 @@ pub struct Resolver<W: Watcher> {
     watcher: W,
     /// Events that could not be resolved to a path (counted, logged at debug).
     pub unresolved: u64,
+    /// Ranges read again because an event may have carried older bytes.
+    pub reread_ranges: u64,
     /// Entries whose attributes changed since they were last sent: data changes the
     /// mtime, entries made or removed change their directory's.
     touched: HashMap<FileId, Touched>,
@@ -119,6 +121,7 @@ impl<W: Watcher> Resolver<W> {
             index,
             watcher,
             unresolved: 0,
+            reread_ranges: 0,
             touched: HashMap::new(),
             rescan: HashMap::new(),
             deferred: Vec::new(),
@@ -213,6 +216,7 @@ impl<W: Watcher> Resolver<W> {
     fn read_overlaps(&mut self, file: FileId, offset: u64, len: u64, time: u64) {
         let since = monotonic_ns();
         for (start, end) in self.overlaps.write(file, offset, len, time) {
+            self.reread_ranges += 1;
             self.deferred.push(Deferred {
                 file,
                 offset: start,
@@ -226,6 +230,11 @@ impl<W: Watcher> Resolver<W> {
     /// every [`crate::mapped::PASS_INTERVAL`]).
     pub fn has_mapped(&self) -> bool {
         !self.mapped.is_empty()
+    }
+
+    /// Pages of shared mappings being re-read.
+    pub fn mapped_hot_pages(&self) -> usize {
+        self.mapped.hot_pages()
     }
 
     /// Reads every hot page of every file mapped shared and sends those whose content

@@ -1,5 +1,6 @@
 //! The daemon: capture -> resolve -> queue -> send, wired together.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -119,6 +120,8 @@ pub async fn run(config: Config) -> Result<()> {
             .iter()
             .map(|_| Mutex::new(TargetState::default()))
             .collect(),
+        mapped_hot_pages: Default::default(),
+        reread_ranges: Default::default(),
     });
 
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
@@ -167,6 +170,7 @@ pub async fn run(config: Config) -> Result<()> {
             _ = mapped_pass.tick(), if resolver.has_mapped() => {
                 resolver.mapped_pass(&mut ops);
                 resolver.finish(&mut ops);
+                publish(&shared, &resolver);
                 push(&shared, &mut ops, &mut room).await;
             }
             _ = housekeeping.tick() => {
@@ -203,6 +207,7 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                 }
                 resolver.finish(&mut ops);
+                publish(&shared, &resolver);
                 push(&shared, &mut ops, &mut room).await;
             }
             Some(set) = gaps.recv() => {
@@ -262,6 +267,15 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
     }
 }
 
+/// Hands the resolver's counters to the status report.
+fn publish<W: Watcher>(shared: &Shared, resolver: &Resolver<W>) {
+    let hot = resolver.mapped_hot_pages() as u64;
+    shared.mapped_hot_pages.store(hot, Ordering::Relaxed);
+    shared
+        .reread_ranges
+        .store(resolver.reread_ranges, Ordering::Relaxed);
+}
+
 /// Logs a status line per target every few seconds.
 async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
     let mut tick = tokio::time::interval(Duration::from_secs(5));
@@ -294,6 +308,8 @@ async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
                     captured_events = stats.events,
                     missed_ranges = stats.missed_ranges,
                     lost = stats.lost,
+                    mapped_hot_pages = shared.mapped_hot_pages.load(Ordering::Relaxed),
+                    reread_ranges = shared.reread_ranges.load(Ordering::Relaxed),
                     "status"
                 );
             }

@@ -35,6 +35,10 @@ pub struct Shared {
     /// Bumped after acks free queue space: wakes a pipeline waiting for room.
     pub acked: watch::Sender<u64>,
     pub targets: Vec<Mutex<TargetState>>,
+    /// Pages of shared mappings being re-read (see mapped.rs), for status.
+    pub mapped_hot_pages: std::sync::atomic::AtomicU64,
+    /// Ranges read again because an event may have carried older bytes (overlap.rs).
+    pub reread_ranges: std::sync::atomic::AtomicU64,
 }
 
 #[derive(Debug, Default, Clone)]
