@@ -109,6 +109,8 @@ pub const MAP_STATS: &str = "STATS";
 pub const PROG_SYS_EXIT: &str = "doppel_sys_exit";
 /// io_uring completions (raw tracepoint `io_uring_complete`).
 pub const PROG_URING_COMPLETE: &str = "doppel_uring_complete";
+/// io_uring path-based requests, staged at submission (`io_uring_submit_req`).
+pub const PROG_URING_SUBMIT: &str = "doppel_uring_submit";
 /// io_uring completions that overflowed the CQ ring (`io_uring_cqe_overflow`).
 pub const PROG_URING_OVERFLOW: &str = "doppel_uring_overflow";
 /// Pages dirtied in files mapped shared (raw tracepoint `writeback_dirty_folio`).

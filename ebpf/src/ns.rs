@@ -8,7 +8,10 @@
 
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid,
-    generated::{bpf_probe_read_user, bpf_probe_read_user_str},
+    generated::{
+        bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user,
+        bpf_probe_read_user_str,
+    },
 };
 use doppel_common::abi::{
     Header, KFileId, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR,
@@ -111,7 +114,49 @@ fn first_byte(addr: u64) -> Option<u8> {
     (r == 0).then_some(b)
 }
 
-/// Copies path argument `uptr` into slot `i` (0 or 1) of the record and fills its
+/// Where a path argument's string is: in the caller's memory (a syscall argument) or in
+/// the kernel's (an io_uring request's `struct filename`, copied at submission).
+#[derive(Clone, Copy)]
+pub enum PathStr {
+    User(u64),
+    Kernel(u64),
+}
+
+impl PathStr {
+    #[inline(always)]
+    unsafe fn read_str(self, dst: *mut u8) -> i64 {
+        match self {
+            PathStr::User(p) => bpf_probe_read_user_str(
+                dst as *mut core::ffi::c_void,
+                PATH_CAP as u32,
+                p as *const core::ffi::c_void,
+            ),
+            PathStr::Kernel(p) => bpf_probe_read_kernel_str(
+                dst as *mut core::ffi::c_void,
+                PATH_CAP as u32,
+                p as *const core::ffi::c_void,
+            ),
+        }
+    }
+
+    /// The byte at `off` (for the truncation check).
+    #[inline(always)]
+    unsafe fn byte_at(self, off: u64) -> u8 {
+        let mut b: u8 = 1;
+        let dst = &mut b as *mut u8 as *mut core::ffi::c_void;
+        match self {
+            PathStr::User(p) => {
+                bpf_probe_read_user(dst, 1, (p + off) as *const core::ffi::c_void);
+            }
+            PathStr::Kernel(p) => {
+                bpf_probe_read_kernel(dst, 1, (p + off) as *const core::ffi::c_void);
+            }
+        }
+        b
+    }
+}
+
+/// Copies path argument `path` into slot `i` (0 or 1) of the record and fills its
 /// header. Returns (bytes copied, whether the path passes the filter).
 #[inline(always)]
 unsafe fn fill_path(
@@ -119,14 +164,10 @@ unsafe fn fill_path(
     rec: *mut NsRecord,
     i: usize,
     dirfd: i32,
-    uptr: u64,
+    path: PathStr,
 ) -> (u64, bool) {
     let dst = s.add(NS_RECORD_SIZE + i * PATH_CAP);
-    let r = bpf_probe_read_user_str(
-        dst as *mut core::ffi::c_void,
-        PATH_CAP as u32,
-        uptr as *const core::ffi::c_void,
-    );
+    let r = path.read_str(dst);
     let mut slot = PathSlot {
         dirfd,
         ..PathSlot::default()
@@ -138,17 +179,9 @@ unsafe fn fill_path(
     } else {
         // r counts the NUL; mask so the verifier sees the bound.
         len = ((r - 1) as u64) & (PATH_CAP as u64 - 1);
-        if r as usize == PATH_CAP {
-            // The buffer is full: truncated unless the NUL sits exactly at the end.
-            let mut next: u8 = 1;
-            bpf_probe_read_user(
-                &mut next as *mut u8 as *mut core::ffi::c_void,
-                1,
-                (uptr + PATH_CAP as u64 - 1) as *const core::ffi::c_void,
-            );
-            if next != 0 {
-                slot.truncated = 1;
-            }
+        // The buffer is full: truncated unless the NUL sits exactly at the end.
+        if r as usize == PATH_CAP && path.byte_at(PATH_CAP as u64 - 1) != 0 {
+            slot.truncated = 1;
         }
     }
     slot.len = len as u16;
@@ -163,6 +196,53 @@ unsafe fn fill_path(
     }
     (*rec).paths[i] = slot;
     (len, relevant)
+}
+
+/// Builds a one-path record in the scratch buffer `s`; returns its length if the path
+/// passes the filter.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn one_path(
+    s: *mut u8,
+    kind: u32,
+    pid: u32,
+    dirfd: i32,
+    path: PathStr,
+    flags: u32,
+    mode: u32,
+    size: u64,
+) -> Option<u64> {
+    let rec = s as *mut NsRecord;
+    init(rec, kind, pid);
+    (*rec).flags = flags;
+    (*rec).mode = mode;
+    (*rec).size = size;
+    (*rec).npaths = 1;
+    let (len, relevant) = fill_path(s, rec, 0, dirfd, path);
+    relevant.then_some(NS_RECORD_SIZE as u64 + len)
+}
+
+/// Builds a two-path record (rename, link) in `s`; returns its length if either path
+/// passes the filter.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn two_paths(
+    s: *mut u8,
+    kind: u32,
+    pid: u32,
+    d0: i32,
+    p0: PathStr,
+    d1: i32,
+    p1: PathStr,
+    flags: u32,
+) -> Option<u64> {
+    let rec = s as *mut NsRecord;
+    init(rec, kind, pid);
+    (*rec).flags = flags;
+    (*rec).npaths = 2;
+    let (_, rel0) = fill_path(s, rec, 0, d0, p0);
+    let (len1, rel1) = fill_path(s, rec, 1, d1, p1);
+    (rel0 || rel1).then_some((NS_RECORD_SIZE + PATH_CAP) as u64 + len1)
 }
 
 #[inline(always)]
@@ -232,7 +312,7 @@ pub fn on_open(regs: u64, nr: u64, fd: u64) {
         (*rec).file = file;
         (*rec).parent = parent;
         (*rec).npaths = 1;
-        let (len, _) = fill_path(s, rec, 0, dirfd, path);
+        let (len, _) = fill_path(s, rec, 0, dirfd, PathStr::User(path));
         send(s, NS_RECORD_SIZE as u64 + len);
     }
 }
@@ -346,7 +426,7 @@ fn attr_path(dirfd: i32, path: u64, flags: u32) {
         init(rec, KIND_ATTR, pid);
         (*rec).flags = flags;
         (*rec).npaths = 1;
-        let (len, relevant) = fill_path(s, rec, 0, dirfd, path);
+        let (len, relevant) = fill_path(s, rec, 0, dirfd, PathStr::User(path));
         if relevant {
             send(s, NS_RECORD_SIZE as u64 + len);
         }
@@ -460,13 +540,9 @@ pub fn on_path_op(regs: u64, nr: u64) {
                 } else {
                     KIND_RENAME
                 };
-                init(rec, kind, pid);
-                (*rec).flags = flags;
-                (*rec).npaths = 2;
-                let (_, rel0) = fill_path(s, rec, 0, d0, p0);
-                let (len1, rel1) = fill_path(s, rec, 1, d1, p1);
-                if rel0 || rel1 {
-                    send(s, (NS_RECORD_SIZE + PATH_CAP) as u64 + len1);
+                let (p0, p1) = (PathStr::User(p0), PathStr::User(p1));
+                if let Some(len) = two_paths(s, kind, pid, d0, p0, d1, p1, flags) {
+                    send(s, len);
                 }
             }
             _ => {
@@ -504,14 +580,9 @@ pub fn on_path_op(regs: u64, nr: u64) {
                     // TRUNCATE
                     _ => (KIND_TRUNCATE, AT_FDCWD, arg(regs, 0), 0, 0, arg(regs, 1)),
                 };
-                init(rec, kind, pid);
-                (*rec).flags = flags;
-                (*rec).mode = mode as u32;
-                (*rec).size = size;
-                (*rec).npaths = 1;
-                let (len, relevant) = fill_path(s, rec, 0, dirfd, path);
-                if relevant {
-                    send(s, NS_RECORD_SIZE as u64 + len);
+                let path = PathStr::User(path);
+                if let Some(len) = one_path(s, kind, pid, dirfd, path, flags, mode as u32, size) {
+                    send(s, len);
                 }
             }
         }

@@ -358,6 +358,23 @@ const URING_FIELDS: &[Field] = &[
     f("OFF_FTRUNC_LEN", "io_ftrunc", "len", 8),
     f("OFF_OPEN_FLAGS", "io_open", "how.flags", 8),
     f("OFF_OPEN_SLOT", "io_open", "file_slot", 4),
+    f("OFF_RENAME_OLD_DFD", "io_rename", "old_dfd", 4),
+    f("OFF_RENAME_NEW_DFD", "io_rename", "new_dfd", 4),
+    f("OFF_RENAME_OLDPATH", "io_rename", "oldpath", 8),
+    f("OFF_RENAME_NEWPATH", "io_rename", "newpath", 8),
+    f("OFF_RENAME_FLAGS", "io_rename", "flags", 4),
+    f("OFF_UNLINK_DFD", "io_unlink", "dfd", 4),
+    f("OFF_UNLINK_FLAGS", "io_unlink", "flags", 4),
+    f("OFF_UNLINK_NAME", "io_unlink", "filename", 8),
+    f("OFF_MKDIR_DFD", "io_mkdir", "dfd", 4),
+    f("OFF_MKDIR_MODE", "io_mkdir", "mode", 2),
+    f("OFF_MKDIR_NAME", "io_mkdir", "filename", 8),
+    f("OFF_LINK_OLD_DFD", "io_link", "old_dfd", 4),
+    f("OFF_LINK_NEW_DFD", "io_link", "new_dfd", 4),
+    f("OFF_LINK_OLDPATH", "io_link", "oldpath", 8),
+    f("OFF_LINK_NEWPATH", "io_link", "newpath", 8),
+    f("OFF_LINK_FLAGS", "io_link", "flags", 4),
+    f("OFF_FILENAME_NAME", "filename", "name", 8),
 ];
 
 /// io_uring opcodes the program handles: (global, enumerator, required). Ops added in
@@ -372,6 +389,11 @@ const URING_OPS: &[(&str, &str, bool)] = &[
     ("URING_OP_FTRUNCATE", "IORING_OP_FTRUNCATE", false),
     ("URING_OP_OPENAT", "IORING_OP_OPENAT", false),
     ("URING_OP_OPENAT2", "IORING_OP_OPENAT2", false),
+    ("URING_OP_RENAMEAT", "IORING_OP_RENAMEAT", false),
+    ("URING_OP_UNLINKAT", "IORING_OP_UNLINKAT", false),
+    ("URING_OP_MKDIRAT", "IORING_OP_MKDIRAT", false),
+    ("URING_OP_SYMLINKAT", "IORING_OP_SYMLINKAT", false),
+    ("URING_OP_LINKAT", "IORING_OP_LINKAT", false),
 ];
 
 /// What the shared-mapping programs read (ebpf/src/mmap.rs).

@@ -213,6 +213,7 @@ fn attach_uring(ebpf: &mut aya::Ebpf) -> Result<()> {
     attach_raw(
         ebpf,
         &[
+            (abi::PROG_URING_SUBMIT, "io_uring_submit_req"),
             (abi::PROG_URING_COMPLETE, "io_uring_complete"),
             (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
         ],
