@@ -87,6 +87,7 @@ offsets!(
     OFF_LINK_NEWPATH,
     OFF_LINK_FLAGS,
     OFF_FILENAME_NAME,
+    OFF_XATTR_NAME,
     // Shared mappings (see mmap.rs).
     OFF_MAPPING_HOST,
     OFF_MAPPING_MMAP_WRITABLE,
@@ -111,6 +112,8 @@ offsets!(
     URING_OP_MKDIRAT,
     URING_OP_SYMLINKAT,
     URING_OP_LINKAT,
+    URING_OP_SETXATTR,
+    URING_OP_FSETXATTR,
 );
 
 /// Set by the agent when `thread_info.status` is not in BTF: skip the compat check.

@@ -12,9 +12,9 @@
 //! - FALLOCATE and FTRUNCATE: the same records as the syscalls.
 //! - OPENAT/OPENAT2 with O_CREAT or O_TRUNC into a plain fd: the file's size now, so
 //!   the replica has the (possibly empty) file.
-//!
-//! - RENAMEAT, UNLINKAT, MKDIRAT, SYMLINKAT, LINKAT: their paths are gone by completion
-//!   (the request drops its `struct filename`s), so the namespace record is built at
+//! - FSETXATTR: the same record as fsetxattr(2).
+//! - RENAMEAT, UNLINKAT, MKDIRAT, SYMLINKAT, LINKAT, SETXATTR: their paths are gone by
+//!   completion (the request drops its `struct filename`s), so the record is built at
 //!   submission (`io_uring:io_uring_submit_req`, after the request was prepared, with
 //!   the kernel's copy of each path), kept by request, and sent at completion if the
 //!   request succeeded; dropped otherwise.
@@ -30,13 +30,14 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use doppel_common::abi::{
-    NsRecord, AT_REMOVEDIR, KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MKDIR,
-    KIND_RENAME, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, STAT_EVENTS, STAT_LOST,
+    NsRecord, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR, KIND_FALLOC, KIND_FTRUNCATE, KIND_LINK,
+    KIND_MADE, KIND_MKDIR, KIND_RENAME, KIND_UNLINK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP,
+    STAT_EVENTS, STAT_LOST,
 };
 
 use crate::{
     data::on_uring_write,
-    kernel::{fd_file, off, rk, rk_ptr},
+    kernel::{fd_file, off, rk, rk_ptr, AT_FDCWD},
     maps::{bump, ignored, output, scratch},
     ns::{file_record, one_path, two_paths, PathStr},
 };
@@ -118,6 +119,8 @@ pub fn doppel_uring_complete(ctx: RawTracePointContext) -> i32 {
         file_record(file, true, KIND_FTRUNCATE, 0, 0, len);
     } else if op == off::URING_OP_OPENAT() || op == off::URING_OP_OPENAT2() {
         on_open(cmd, res as u64);
+    } else if op == off::URING_OP_FSETXATTR() {
+        file_record(file, false, KIND_ATTR, ATTR_XATTR, 0, 0);
     } else if is_path_op(op) {
         send_staged(req);
     }
@@ -131,6 +134,7 @@ fn is_path_op(op: u64) -> bool {
         || op == off::URING_OP_MKDIRAT()
         || op == off::URING_OP_SYMLINKAT()
         || op == off::URING_OP_LINKAT()
+        || op == off::URING_OP_SETXATTR()
 }
 
 /// The path-based request `req` succeeded: send the record staged at its submission,
@@ -211,6 +215,10 @@ pub fn doppel_uring_submit(ctx: RawTracePointContext) -> i32 {
             let d = int(off::OFF_LINK_NEW_DFD());
             let p = name(cmd + off::OFF_LINK_NEWPATH());
             one_path(s, KIND_MADE, pid, d, p, 0, 0, 0)
+        } else if op == off::URING_OP_SETXATTR() {
+            // setxattr(2) semantics: relative to the cwd, following symlinks.
+            let p = name(cmd + off::OFF_XATTR_NAME());
+            one_path(s, KIND_ATTR, pid, AT_FDCWD, p, ATTR_XATTR, 0, 0)
         } else if op == off::URING_OP_UNLINKAT() {
             let d = int(off::OFF_UNLINK_DFD());
             let flags = int(off::OFF_UNLINK_FLAGS()) as u32 & AT_REMOVEDIR;

@@ -1563,7 +1563,8 @@ fn racing_writers_on_the_same_range() {
 
 /// Namespace requests through io_uring: MKDIRAT, RENAMEAT (plain, NOREPLACE and
 /// EXCHANGE), LINKAT, SYMLINKAT and UNLINKAT (files and directories), relative to a
-/// directory fd and absolute; and a failing request, which must change nothing.
+/// directory fd and absolute; SETXATTR and FSETXATTR; and a failing request, which must
+/// change nothing.
 #[test]
 fn io_uring_namespace_requests() {
     use io_uring::{opcode, types::Fd as UFd};
@@ -1636,6 +1637,25 @@ fn io_uring_namespace_requests() {
         q.as_ptr(),
     );
     ring.run(e.build(), "renameat out of the set");
+    // Extended attributes, by path and by fd.
+    create(s.join("xattrs"), b"x");
+    let (path, key, value) = (abs("xattrs"), cstr("user.by-path"), b"through SETXATTR");
+    let e = opcode::SetXattr::new(
+        key.as_ptr(),
+        value.as_ptr().cast(),
+        path.as_ptr(),
+        value.len() as u32,
+    );
+    ring.run(e.build(), "setxattr");
+    let fd = open(s.join("xattrs"), libc::O_RDONLY, 0);
+    let (key, value) = (cstr("user.by-fd"), b"through FSETXATTR");
+    let e = opcode::FSetXattr::new(
+        UFd(fd.raw()),
+        key.as_ptr(),
+        value.as_ptr().cast(),
+        value.len() as u32,
+    );
+    ring.run(e.build(), "fsetxattr");
     // Fails (the target exists): nothing may change on the replica.
     let (p, q) = (n("x1"), n("x2"));
     let e = opcode::RenameAt::new(d, p.as_ptr(), d, q.as_ptr()).flags(libc::RENAME_NOREPLACE);

@@ -375,6 +375,7 @@ const URING_FIELDS: &[Field] = &[
     f("OFF_LINK_NEWPATH", "io_link", "newpath", 8),
     f("OFF_LINK_FLAGS", "io_link", "flags", 4),
     f("OFF_FILENAME_NAME", "filename", "name", 8),
+    f("OFF_XATTR_NAME", "io_xattr", "filename", 8),
 ];
 
 /// io_uring opcodes the program handles: (global, enumerator, required). Ops added in
@@ -394,6 +395,8 @@ const URING_OPS: &[(&str, &str, bool)] = &[
     ("URING_OP_MKDIRAT", "IORING_OP_MKDIRAT", false),
     ("URING_OP_SYMLINKAT", "IORING_OP_SYMLINKAT", false),
     ("URING_OP_LINKAT", "IORING_OP_LINKAT", false),
+    ("URING_OP_SETXATTR", "IORING_OP_SETXATTR", false),
+    ("URING_OP_FSETXATTR", "IORING_OP_FSETXATTR", false),
 ];
 
 /// What the shared-mapping programs read (ebpf/src/mmap.rs).
