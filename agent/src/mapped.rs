@@ -62,17 +62,21 @@ impl Mapped {
         self.files.is_empty()
     }
 
+    fn file(&mut self, file: FileId, parent: FileId) -> &mut File {
+        self.files.entry(file).or_insert_with(|| File {
+            parent,
+            pages: BTreeMap::new(),
+            writeback_began: None,
+        })
+    }
+
     pub fn tracks(&self, file: FileId) -> bool {
         self.files.contains_key(&file)
     }
 
     /// `[offset, offset + len)` of `file` became dirty at `time`.
     pub fn dirty(&mut self, file: FileId, parent: FileId, offset: u64, len: u64, time: u64) {
-        let f = self.files.entry(file).or_insert_with(|| File {
-            parent,
-            pages: BTreeMap::new(),
-            writeback_began: None,
-        });
+        let f = self.file(file, parent);
         let first = offset / PAGE;
         let end = offset.saturating_add(len).div_ceil(PAGE);
         // A bogus length must not make us track the whole address space.
@@ -86,11 +90,7 @@ impl Mapped {
     /// `[offset, offset + len)` of `file` was mapped and written back (see
     /// `abi::KIND_MAPPED`): pages not hot already are read at the next pass, once.
     pub fn read_once(&mut self, file: FileId, parent: FileId, offset: u64, len: u64, time: u64) {
-        let f = self.files.entry(file).or_insert_with(|| File {
-            parent,
-            pages: BTreeMap::new(),
-            writeback_began: None,
-        });
+        let f = self.file(file, parent);
         let first = offset / PAGE;
         let end = offset.saturating_add(len).div_ceil(PAGE);
         for idx in first..end {
