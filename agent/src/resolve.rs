@@ -1284,12 +1284,20 @@ fn emit_range(
         write_back(&f, abs, 0, 0);
     }
     let size = m.len();
+    // Only a file with fewer blocks than bytes can have holes. Asking anyway is not
+    // free: on tmpfs SEEK_HOLE walks the page cache to the next hole, which for a
+    // file without one is its end (quadratic for a file appended in chunks).
+    let sparse = m.blocks().saturating_mul(512) < size;
     let path = rel_path(rel);
     let end = offset.saturating_add(len).min(size);
     let mut pos = offset;
     let mut buf = vec![0u8; READ_CHUNK];
     while pos < end {
-        let (data, hole) = next_data(&f, pos, end);
+        let (data, hole) = if sparse {
+            next_data(&f, pos, end)
+        } else {
+            (pos, end)
+        };
         if data > pos && !whole {
             out.push(SetOp {
                 set,
