@@ -97,11 +97,6 @@ impl Overlaps {
             !r.writes.is_empty() || !r.reads.is_empty()
         });
     }
-
-    /// `file` is gone: nothing of it is read again.
-    pub fn forget(&mut self, file: FileId) {
-        self.files.remove(&file);
-    }
 }
 
 #[cfg(test)]

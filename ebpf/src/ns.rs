@@ -420,16 +420,11 @@ fn attr_path(dirfd: i32, path: u64, flags: u32) {
         bump(STAT_LOST, 1);
         return;
     };
-    let rec = s as *mut NsRecord;
     // SAFETY: scratch value, see on_open.
-    unsafe {
-        init(rec, KIND_ATTR, pid);
-        (*rec).flags = flags;
-        (*rec).npaths = 1;
-        let (len, relevant) = fill_path(s, rec, 0, dirfd, PathStr::User(path));
-        if relevant {
-            send(s, NS_RECORD_SIZE as u64 + len);
-        }
+    if let Some(len) =
+        unsafe { one_path(s, KIND_ATTR, pid, dirfd, PathStr::User(path), flags, 0, 0) }
+    {
+        send(s, len);
     }
 }
 
