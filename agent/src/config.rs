@@ -132,6 +132,30 @@ pub struct SetConfig {
     /// "realtime", "store-and-forward" or "hybrid" (default).
     #[serde(default = "default_queue_mode")]
     pub queue: QueueMode,
+    /// Block size, KiB, at which the mirror, resyncs and verify compare files with the
+    /// replica (a power of two, 4 to 16384). Smaller blocks send less when little
+    /// changed, at the cost of more checksums.
+    #[serde(default = "default_mirror_block_kib")]
+    pub mirror_block_kib: u32,
+    /// What the mirror does with entries only the replica has: "delete" (default) or
+    /// "keep".
+    #[serde(default)]
+    pub orphans: Orphans,
+}
+
+fn default_mirror_block_kib() -> u32 {
+    doppel_common::wire::sums::DEFAULT_BLOCK >> 10
+}
+
+/// Entries the replica has and the source does not, found by a mirror.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Orphans {
+    /// Removed: the replica is an exact copy.
+    #[default]
+    Delete,
+    /// Left alone (files written on the target, or by an older configuration).
+    Keep,
 }
 
 fn default_include() -> Vec<String> {
@@ -172,6 +196,9 @@ pub struct Set {
     /// Indexes into [`Config::targets`].
     pub targets: Vec<usize>,
     pub queue: QueueMode,
+    /// Bytes per block of the mirror's comparisons.
+    pub mirror_block: u32,
+    pub orphans: Orphans,
 }
 
 impl Config {
@@ -309,6 +336,20 @@ impl AgentConfig {
             if s.targets.is_empty() {
                 bail!("key `{key}.targets`: empty; name at least one [[target]]");
             }
+            if s.targets.len() > crate::mirror::MAX_TARGETS {
+                bail!(
+                    "key `{key}.targets`: {} targets; a set may have at most {}",
+                    s.targets.len(),
+                    crate::mirror::MAX_TARGETS
+                );
+            }
+            let mirror_block = s.mirror_block_kib.saturating_mul(1024);
+            if doppel_common::wire::sums::check(0, 0, mirror_block, 0).is_err() {
+                bail!(
+                    "key `{key}.mirror_block_kib`: {} is not a power of two from 4 to 16384; the default is 64",
+                    s.mirror_block_kib
+                );
+            }
             let mut idx = Vec::new();
             for t in &s.targets {
                 let Some(n) = targets.iter().position(|x| &x.name == t) else {
@@ -322,6 +363,8 @@ impl AgentConfig {
                 rules,
                 targets: idx,
                 queue: s.queue,
+                mirror_block,
+                orphans: s.orphans,
             });
         }
         let fsync = match self.journal_fsync.as_str() {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod index;
 pub mod journal;
 pub mod mapped;
+pub mod mirror;
 pub mod overlap;
 pub mod queue;
 pub mod resolve;

@@ -68,7 +68,11 @@ pub struct Gap {
 }
 
 pub fn record_size(r: &Record) -> usize {
-    64 + r.op.data_len() + r.op.paths().map(|p| p.0.len()).sum::<usize>()
+    let sums = match &r.op {
+        Op::Sum { sums, .. } => sums.len() * 8,
+        _ => 0,
+    };
+    64 + r.op.data_len() + sums + r.op.paths().map(|p| p.0.len()).sum::<usize>()
 }
 
 impl SetQueue {
@@ -164,6 +168,7 @@ impl SetQueue {
         }
         let seq = self.next_seq;
         let r = Record { seq, op };
+        let data_len = r.op.data_len() as u64;
         if self.to_journal() {
             let j = self.journal.as_mut().expect("to_journal checked");
             match j.append(std::slice::from_ref(&r)) {
@@ -183,9 +188,9 @@ impl SetQueue {
             }
         } else {
             self.mem_bytes += record_size(&r);
-            self.mem.push_back(r.clone());
+            self.mem.push_back(r);
         }
-        self.pushed_bytes += r.op.data_len() as u64;
+        self.pushed_bytes += data_len;
         self.next_seq += 1;
         if self.mode == QueueMode::Hybrid && !self.spilled && self.mem_bytes > self.mem_limit {
             self.spill("the memory queue is full");

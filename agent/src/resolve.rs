@@ -19,7 +19,7 @@ use doppel_common::wire::{falloc, Op, RelPath};
 use tracing::{debug, warn};
 
 use crate::attrs::{attr_of, xattrs_of};
-use crate::config::Set;
+use crate::config::{Orphans, Set};
 use crate::index::{normalize, Index, Location};
 use crate::mapped::{Mapped, PAGE};
 use crate::overlap::Overlaps;
@@ -151,7 +151,7 @@ impl<W: Watcher> Resolver<W> {
             }
             let abs = self.index.abs(&loc);
             let read = monotonic_ns();
-            if emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, false, d.file, out).is_some() {
+            if emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, d.file, out).is_some() {
                 self.overlaps.read(d.file, d.offset, d.len, read);
                 self.touch(Some(d.file), false);
             } else if now - d.since < TOUCH_PATIENCE_NS {
@@ -361,7 +361,7 @@ impl<W: Watcher> Resolver<W> {
     ) {
         let abs = self.index.abs(loc);
         let now = monotonic_ns();
-        if emit_range(loc.set, &abs, &loc.rel, offset, len, false, file, out).is_some() {
+        if emit_range(loc.set, &abs, &loc.rel, offset, len, file, out).is_some() {
             self.overlaps.read(file, offset, len, now);
         } else {
             self.deferred.push(Deferred {
@@ -370,6 +370,54 @@ impl<W: Watcher> Resolver<W> {
                 len,
                 since: monotonic_ns(),
             });
+        }
+    }
+
+    /// The receiver found `ranges` of `file` different from the source's (its answer to
+    /// the [`Op::Sum`]s of a mirror): sends them as the source has them now, then the
+    /// file's attributes (the writes changed its times on the replica).
+    pub fn mirror_need(
+        &mut self,
+        set: usize,
+        file: FileId,
+        ranges: &[(u64, u64)],
+        out: &mut Vec<SetOp>,
+    ) {
+        let Some(loc) = self.index.location(file) else {
+            return; // removed since: its removal was sent
+        };
+        if loc.set != set || !self.sets[set].rules.file(&loc.rel) {
+            return; // moved to another set (copied there) or out of this one
+        }
+        for &(offset, len) in ranges {
+            self.read_range(file, &loc, offset, len, out);
+        }
+        self.touch(Some(file), false);
+    }
+
+    /// Compares `file` with the replica again (the answer to its earlier comparison may
+    /// have been lost with a connection).
+    pub fn resum(&mut self, set: usize, file: FileId, out: &mut Vec<SetOp>) {
+        let Some(loc) = self.index.location(file) else {
+            return;
+        };
+        if loc.set != set || !self.sets[set].rules.file(&loc.rel) {
+            return;
+        }
+        let abs = self.index.abs(&loc);
+        let block = self.sets[set].mirror_block;
+        let found = std::fs::symlink_metadata(&abs)
+            .ok()
+            .filter(|m| file_id(m) == file && m.is_file());
+        match found {
+            Some(m) if emit_mirror_file(set, &abs, &loc.rel, &m, block, out) => {
+                self.touch(Some(file), true);
+            }
+            _ => {
+                if let Some(dir) = self.parent_of(&loc) {
+                    self.rescan.entry(dir).or_insert_with(monotonic_ns);
+                }
+            }
         }
     }
 
@@ -446,13 +494,15 @@ impl<W: Watcher> Resolver<W> {
         }
         // Whatever else the replica has here, the source no longer has (it went while
         // no agent was watching, or with records a killed agent never delivered).
-        out.push(SetOp {
-            set,
-            op: Op::Prune {
-                dir: (!rel.as_os_str().is_empty()).then(|| rel_path(rel)),
-                keep,
-            },
-        });
+        if self.sets[set].orphans == Orphans::Delete {
+            out.push(SetOp {
+                set,
+                op: Op::Prune {
+                    dir: (!rel.as_os_str().is_empty()).then(|| rel_path(rel)),
+                    keep,
+                },
+            });
+        }
         // Renamed while being read: entries listed under the old path were not found,
         // and those made before the watch have no event of their own. Read it again
         // where the index will have it once the rename's event is resolved.
@@ -529,7 +579,7 @@ impl<W: Watcher> Resolver<W> {
                 .insert_born(parent, name, id, false, monotonic_ns());
             let path = rel_path(rel);
             if m.is_file() {
-                if !emit_whole_file(set, abs, rel, m, out) {
+                if !emit_mirror_file(set, abs, rel, m, self.sets[set].mirror_block, out) {
                     // Replaced or renamed while being copied: copy the directory's
                     // entries again once the events that moved them are resolved.
                     self.rescan.entry(parent).or_insert_with(monotonic_ns);
@@ -1194,39 +1244,126 @@ fn emit_meta(set: usize, abs: &Path, rel: &Path, m: &Metadata, xattrs: bool, out
     });
 }
 
-/// Ops that make the replica's copy of a regular file equal to the source's: keeps
-/// holes (all-zero chunks are not sent), and ends at the source's size.
-/// Returns false when `abs` no longer names the file `m` describes (the copy is then
-/// incomplete and must be redone where the file is now).
-fn emit_whole_file(set: usize, abs: &Path, rel: &Path, m: &Metadata, out: &mut Vec<SetOp>) -> bool {
+/// Ops that make the replica's copy of a regular file equal to the source's without
+/// sending what it already has (the mirror): the file is made to exist with the
+/// source's size, then compared block by block ([`Op::Sum`]); the receiver answers with
+/// the ranges that differ and [`Resolver::mirror_need`] sends those. Returns false when
+/// `abs` no longer names the file `m` describes (nothing is emitted then; the copy must
+/// be redone where the file is now).
+fn emit_mirror_file(
+    set: usize,
+    abs: &Path,
+    rel: &Path,
+    m: &Metadata,
+    block: u32,
+    out: &mut Vec<SetOp>,
+) -> bool {
     let path = rel_path(rel);
-    out.push(SetOp {
+    let mut ops = vec![SetOp {
         set,
         op: Op::CreateFile {
             path: path.clone(),
             mode: m.mode() & 0o7777,
         },
-    });
+    }];
+    if emit_sums(set, abs, rel, file_id(m), block, &mut ops).is_none() {
+        return false;
+    }
+    out.append(&mut ops);
+    true
+}
+
+/// Blocks per [`Op::Sum`] the agent sends: small enough that one op's comparison on the
+/// receiver (64 MiB at the default block size) does not hold up the records behind it.
+const SUMS_PER_OP: usize = 1024;
+
+/// `Truncate` to the file's size, then its block checksums as [`Op::Sum`]s (job 0: the
+/// mirror). Holes are not read: their blocks have the checksum of zeros. Returns the
+/// size the sums were taken against, or `None` if `abs` is no longer file `id`.
+fn emit_sums(
+    set: usize,
+    abs: &Path,
+    rel: &Path,
+    id: FileId,
+    block: u32,
+    out: &mut Vec<SetOp>,
+) -> Option<u64> {
+    use doppel_common::wire::sums::{block_sum, zero_sum};
+    let f = File::open(abs).ok()?;
+    let m = f.metadata().ok()?;
+    if file_id(&m) != id {
+        return None;
+    }
+    // Pages dirtied through a shared mapping are read as they are now, and the kernel
+    // reports later stores to them (see mapped.rs).
+    write_back(&f, abs, 0, 0);
+    let size = m.len();
+    let path = rel_path(rel);
     out.push(SetOp {
         set,
         op: Op::Truncate {
             path: path.clone(),
-            size: 0,
+            size,
         },
     });
-    // The size the bytes were read against, not `m`'s: the file may have grown since
-    // `m` was taken, by writes that completed before this node's scan time and so will
-    // not be replayed.
-    match emit_range(set, abs, rel, 0, u64::MAX, true, file_id(m), out) {
-        Some(size) => {
+    let sparse = m.blocks().saturating_mul(512) < size;
+    let step = block as u64;
+    let full_zero = zero_sum(block as usize);
+    let mut buf = vec![0u8; block as usize];
+    let mut sums = Vec::new();
+    let (mut first, mut pos) = (0u64, 0u64);
+    let mut data = (0u64, 0u64);
+    while pos < size {
+        let len = step.min(size - pos);
+        if sparse && pos >= data.1 {
+            data = next_data(&f, pos, size);
+        }
+        let sum = if sparse && data.0 >= pos + len {
+            if len == step {
+                full_zero
+            } else {
+                zero_sum(len as usize)
+            }
+        } else {
+            let n = read_full(&f, &mut buf[..len as usize], pos);
+            // Shorter: the file shrank meanwhile, and the truncate that did it follows.
+            block_sum(&buf[..n])
+        };
+        sums.push(sum);
+        pos += len;
+        if sums.len() == SUMS_PER_OP || pos >= size {
             out.push(SetOp {
                 set,
-                op: Op::Truncate { path, size },
+                op: Op::Sum {
+                    path: path.clone(),
+                    job: 0,
+                    file: [id.dev, id.ino],
+                    size,
+                    offset: first,
+                    block,
+                    sums: std::mem::take(&mut sums),
+                    attr: None,
+                },
             });
-            true
+            first = pos;
         }
-        None => false,
     }
+    Some(size)
+}
+
+/// Reads up to `buf.len()` bytes at `pos`; fewer only at the end of the file (or on an
+/// error, which the caller's next event or comparison corrects).
+fn read_full(f: &File, buf: &mut [u8], pos: u64) -> usize {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], pos + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    done
 }
 
 /// What a fallocate(2) on the source needs on the replica. Modes that only allocate,
@@ -1257,8 +1394,7 @@ fn plan_fallocate(rel: &Path, mode: u32, offset: u64, len: u64) -> FallocPlan {
 /// Emits ops that make `len` bytes at `offset` of the replica's file equal to the
 /// source's (to its end if `len` is `u64::MAX`). Holes stay holes: a hole of the source
 /// becomes a punched hole on the replica, and data is read only where the source has
-/// some. With `whole` (right after a truncate to 0, see `emit_whole_file`) the
-/// replica's range is a hole already, so only non-zero blocks are sent. A range that
+/// some. A range that
 /// reaches the end of the file also sets the replica's size: a trailing hole has no
 /// byte to write. Returns the size the range was read against, or `None` when `abs` no
 /// longer names file `id` (nothing is emitted then).
@@ -1269,7 +1405,6 @@ fn emit_range(
     rel: &Path,
     offset: u64,
     len: u64,
-    whole: bool,
     id: FileId,
     out: &mut Vec<SetOp>,
 ) -> Option<u64> {
@@ -1279,9 +1414,6 @@ fn emit_range(
     let m = f.metadata().ok()?;
     if file_id(&m) != id {
         return None;
-    }
-    if whole {
-        write_back(&f, abs, 0, 0);
     }
     let size = m.len();
     // Only a file with fewer blocks than bytes can have holes. Asking anyway is not
@@ -1298,7 +1430,7 @@ fn emit_range(
         } else {
             (pos, end)
         };
-        if data > pos && !whole {
+        if data > pos {
             out.push(SetOp {
                 set,
                 op: Op::Fallocate {
@@ -1322,11 +1454,11 @@ fn emit_range(
                     return Some(size);
                 }
             };
-            emit_chunk(set, &path, pos, &buf[..n], whole, out);
+            emit_chunk(set, &path, pos, &buf[..n], out);
             pos += n as u64;
         }
     }
-    if !whole && offset.saturating_add(len) >= size {
+    if offset.saturating_add(len) >= size {
         out.push(SetOp {
             set,
             op: Op::Truncate { path, size },
@@ -1334,9 +1466,6 @@ fn emit_range(
     }
     Some(size)
 }
-
-/// Granularity at which all-zero data is left out of a whole-file copy.
-const ZERO_BLOCK: usize = 4096;
 
 /// The next data extent at or after `pos`, clipped to `end`: (start, end). A
 /// filesystem without SEEK_DATA reports everything as data.
@@ -1356,43 +1485,16 @@ fn next_data(f: &File, pos: u64, end: u64) -> (u64, u64) {
     (data, hole)
 }
 
-/// One read chunk as Write ops; with `skip_zeros`, all-zero blocks are left out.
-fn emit_chunk(
-    set: usize,
-    path: &RelPath,
-    at: u64,
-    data: &[u8],
-    skip_zeros: bool,
-    out: &mut Vec<SetOp>,
-) {
-    let mut push = |off: usize, bytes: &[u8]| {
-        out.push(SetOp {
-            set,
-            op: Op::Write {
-                path: path.clone(),
-                offset: at + off as u64,
-                data: bytes.to_vec(),
-            },
-        })
-    };
-    if !skip_zeros {
-        return push(0, data);
-    }
-    let mut run: Option<usize> = None;
-    for (i, block) in data.chunks(ZERO_BLOCK).enumerate() {
-        let start = i * ZERO_BLOCK;
-        match (block.iter().all(|&b| b == 0), run) {
-            (false, None) => run = Some(start),
-            (true, Some(r)) => {
-                push(r, &data[r..start]);
-                run = None;
-            }
-            _ => {}
-        }
-    }
-    if let Some(r) = run {
-        push(r, &data[r..]);
-    }
+/// One read chunk as a Write op.
+fn emit_chunk(set: usize, path: &RelPath, at: u64, data: &[u8], out: &mut Vec<SetOp>) {
+    out.push(SetOp {
+        set,
+        op: Op::Write {
+            path: path.clone(),
+            offset: at,
+            data: data.to_vec(),
+        },
+    })
 }
 
 #[cfg(test)]
@@ -1443,6 +1545,8 @@ mod tests {
             rules: Rules::new(&["**".into()], &["**/*.tmp".into()]).unwrap(),
             targets: vec![0],
             queue: crate::queue::QueueMode::Realtime,
+            mirror_block: 4096,
+            orphans: Orphans::Delete,
         };
         Resolver::new(vec![set], watch).unwrap()
     }
@@ -1497,6 +1601,41 @@ mod tests {
         assert_eq!(writes, vec![(RelPath(b"q".to_vec()), b"XXXX".to_vec())]);
     }
 
+    /// Answers the mirror's comparisons in `ops` as a receiver with an empty (all-hole)
+    /// replica would, and returns what the resolver sends for them.
+    fn answer<W: Watcher>(r: &mut Resolver<W>, ops: &[SetOp]) -> Vec<SetOp> {
+        use doppel_common::wire::sums::zero_sum;
+        let mut out = Vec::new();
+        for o in ops {
+            let Op::Sum {
+                file,
+                size,
+                offset,
+                block,
+                sums,
+                ..
+            } = &o.op
+            else {
+                continue;
+            };
+            let mut ranges = Vec::new();
+            for (i, &sum) in sums.iter().enumerate() {
+                let start = offset + i as u64 * *block as u64;
+                let len = (*block as u64).min(size - start);
+                if sum != zero_sum(len as usize) {
+                    ranges.push((start, len));
+                }
+            }
+            let id = FileId {
+                dev: file[0],
+                ino: file[1],
+            };
+            r.mirror_need(o.set, id, &ranges, &mut out);
+        }
+        r.finish(&mut out);
+        out
+    }
+
     #[test]
     fn scan_emits_tree_and_keeps_holes() {
         let d = tempfile::tempdir().unwrap();
@@ -1510,11 +1649,12 @@ mod tests {
         r.scan_all(&mut out);
         let ops: Vec<_> = out.iter().map(|o| &o.op).collect();
         assert!(matches!(ops[0], Op::Mkdir { path, .. } if path.0 == b"sub"));
-        let writes: Vec<_> = ops
+        let sent = answer(&mut r, &out);
+        let writes: Vec<_> = sent
             .iter()
-            .filter(|o| matches!(o, Op::Write { .. }))
+            .filter(|o| matches!(o.op, Op::Write { .. }))
             .collect();
-        assert_eq!(writes.len(), 1, "the hole is not sent: {ops:?}");
+        assert_eq!(writes.len(), 1, "the hole is not sent: {sent:?}");
         assert!(ops.iter().any(
             |o| matches!(o, Op::Truncate { size, .. } if *size == (READ_CHUNK * 2 + 5) as u64)
         ));
@@ -1561,7 +1701,8 @@ mod tests {
             }),
             &mut out,
         );
-        let ops: Vec<Op> = out.drain(..).map(|o| o.op).collect();
+        let sent = answer(&mut r, &out);
+        let ops: Vec<Op> = out.drain(..).chain(sent).map(|o| o.op).collect();
         assert!(ops
             .iter()
             .any(|o| matches!(o, Op::CreateFile { path, .. } if path.0 == b"a/f")));
@@ -1618,7 +1759,8 @@ mod tests {
             }),
             &mut out,
         );
-        assert!(out.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data == b"x")), "{out:?}");
+        let sent = answer(&mut r, &out);
+        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data == b"x")), "{out:?} {sent:?}");
     }
 
     #[test]
@@ -1647,7 +1789,8 @@ mod tests {
             mode: 0o755,
         };
         r.resolve(now(mkdir), &mut out);
-        assert!(out.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"n/g" && data == b"new contents")), "{out:?}");
+        let sent = answer(&mut r, &out);
+        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"n/g" && data == b"new contents")), "{out:?}");
         out.clear();
         // Older events, captured in "a" (watched) before the scan, now arrive.
         r.resolve(

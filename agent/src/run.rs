@@ -13,9 +13,11 @@ use tracing::{info, warn};
 use crate::capture::{Capture, CaptureOptions, WatchMode};
 use crate::config::Config;
 use crate::journal::Journal;
+use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
+use doppel_common::wire::Op;
 
 /// Installs watches in the kernel filter. A failure is logged: the directory's
 /// changes are then missed until a rescan, which the log says.
@@ -92,6 +94,7 @@ pub async fn run(config: Config) -> Result<()> {
     ignore_local_receivers(&capture);
 
     let (pushed, _) = watch::channel(0u64);
+    let (mirror_work, mut mirror_rx) = mpsc::unbounded_channel();
     let (acked, _) = watch::channel(0u64);
     let mut slots = vec![0usize; config.sets.len()];
     let mut routes: Vec<Vec<Route>> = vec![Vec::new(); config.targets.len()];
@@ -122,6 +125,8 @@ pub async fn run(config: Config) -> Result<()> {
             .collect(),
         mapped_hot_pages: Default::default(),
         reread_ranges: Default::default(),
+        mirror: Mutex::new(Tracker::new(slots.clone())),
+        mirror_work,
     });
 
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
@@ -214,7 +219,20 @@ pub async fn run(config: Config) -> Result<()> {
                 let epoch = new_epoch();
                 warn!(set = %config.sets[set].name, "a target needs records no longer queued: starting a new epoch and copying the set again");
                 shared.queue(set).reset(epoch);
+                shared.tracker().reset(set);
                 resolver.scan_set(set, &mut ops);
+                push(&shared, &mut ops, &mut room).await;
+            }
+            Some(work) = mirror_rx.recv() => {
+                handle_mirror_work(&mut resolver, work, &mut ops);
+                // Answers come in bursts: take what else is there before pushing.
+                while let Ok(work) = mirror_rx.try_recv() {
+                    handle_mirror_work(&mut resolver, work, &mut ops);
+                    if ops.iter().map(|o| o.op.data_len()).sum::<usize>() > RESOLVE_BATCH_BYTES {
+                        break;
+                    }
+                }
+                resolver.finish(&mut ops);
                 push(&shared, &mut ops, &mut room).await;
             }
             _ = tokio::signal::ctrl_c() => break,
@@ -254,7 +272,21 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
         return;
     }
     for SetOp { set, op } in ops.drain(..) {
-        shared.queue(set).push(op);
+        let compared = match &op {
+            Op::Sum { job: 0, file, .. } => Some(FileId {
+                dev: file[0],
+                ino: file[1],
+            }),
+            _ => None,
+        };
+        let mut q = shared.queue(set);
+        if q.push(op) {
+            if let Some(file) = compared {
+                // Under the queue's lock: no sender can take the record, nor its Ack
+                // arrive, before it is tracked.
+                shared.tracker().sent(set, q.last_seq(), file);
+            }
+        }
     }
     shared.pushed.send_modify(|g| *g += 1);
     loop {
@@ -264,6 +296,27 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
             return;
         }
         let _ = tokio::time::timeout(Duration::from_millis(100), room.changed()).await;
+    }
+}
+
+/// A target's answer to a comparison, or a file to compare again.
+fn handle_mirror_work<W: Watcher>(resolver: &mut Resolver<W>, work: Work, ops: &mut Vec<SetOp>) {
+    match work {
+        Work::Need {
+            set,
+            job: 0,
+            file,
+            ranges,
+            ..
+        } => resolver.mirror_need(set, file, &ranges, ops),
+        Work::Need { job, path, .. } => {
+            warn!(job, path = %path, "answer to a verify job this agent does not run; ignored")
+        }
+        Work::Resum { set, files } => {
+            for f in files {
+                resolver.resum(set, f, ops);
+            }
+        }
     }
 }
 

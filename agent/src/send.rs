@@ -14,8 +14,10 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::Target;
+use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
 use crate::throttle::{local_minute_of_day, Throttle};
+use doppel_common::event::FileId;
 
 /// Largest batch put in one frame (bytes of records, approximately).
 const BATCH_BYTES: usize = 1 << 20;
@@ -39,6 +41,10 @@ pub struct Shared {
     pub mapped_hot_pages: std::sync::atomic::AtomicU64,
     /// Ranges read again because an event may have carried older bytes (overlap.rs).
     pub reread_ranges: std::sync::atomic::AtomicU64,
+    /// Block comparisons that may still need an answer (lock after a queue, never before).
+    pub mirror: Mutex<Tracker>,
+    /// Answers and re-comparisons for the pipeline, which owns the files' paths.
+    pub mirror_work: mpsc::UnboundedSender<Work>,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -49,6 +55,10 @@ pub struct TargetState {
 }
 
 impl Shared {
+    pub fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
+        self.mirror.lock().expect("mirror tracker lock poisoned")
+    }
+
     pub fn queue(&self, set: usize) -> std::sync::MutexGuard<'_, SetQueue> {
         // A poisoned lock means a sender panicked mid-update: nothing sane to do but stop.
         self.queues[set].lock().expect("queue lock poisoned")
@@ -158,6 +168,12 @@ async fn session(
             );
         }
         q.ack(r.slot, seq);
+        drop(q);
+        let files = shared.tracker().welcome(r.set, r.slot, seq);
+        if !files.is_empty() {
+            info!(target = %target.name, set = %name, files = files.len(), "comparing files again whose answers may have been lost with the last session");
+            let _ = shared.mirror_work.send(Work::Resum { set: r.set, files });
+        }
         cursors.push(seq);
     }
     shared.acked.send_modify(|g| *g += 1);
@@ -179,7 +195,36 @@ async fn session(
                             bail!("receiver acknowledged unknown set {set:?}");
                         };
                         shared.queue(r.set).ack(r.slot, seq);
+                        shared.tracker().acked(r.set, r.slot, seq);
                         shared.acked.send_modify(|g| *g += 1);
+                    }
+                    Some(Frame::Need {
+                        set,
+                        job,
+                        file,
+                        path,
+                        ranges,
+                        missing,
+                        attr,
+                    }) => {
+                        let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == set) else {
+                            bail!("receiver answered a comparison of unknown set {set:?}");
+                        };
+                        let work = Work::Need {
+                            set: r.set,
+                            job,
+                            file: FileId {
+                                dev: file[0],
+                                ino: file[1],
+                            },
+                            path,
+                            ranges,
+                            missing,
+                            attr,
+                        };
+                        if shared.mirror_work.send(work).is_err() {
+                            return Ok(()); // the pipeline is gone: shutting down
+                        }
                     }
                     Some(Frame::Refused { reason }) => {
                         bail!("receiver ended the session: {reason}")

@@ -158,6 +158,26 @@ pub enum Op {
         offset: u64,
         len: u64,
     },
+    /// Compare blocks of the replica's file with the source's (the mirror and verify,
+    /// see [`sums`]): nothing changes on the replica; the receiver answers a
+    /// [`Frame::Need`] listing the ranges that differ, if any do.
+    ///
+    /// `sums[i]` is [`sums::block_sum`] of the source's bytes at
+    /// `offset + i * block`, the last block clipped at `size` (the source's size when it
+    /// was read). A file larger than [`sums::MAX_SUMS`] blocks takes several ops.
+    Sum {
+        path: RelPath,
+        /// Who asked: 0 for the mirror (the agent sends what differs), else a verify job.
+        job: u64,
+        /// The source's file, opaque to the receiver and echoed in the answer.
+        file: [u64; 2],
+        size: u64,
+        offset: u64,
+        block: u32,
+        sums: Vec<u64>,
+        /// With `Some`, mode, owner and mtime are compared too (verify).
+        attr: Option<Attr>,
+    },
 }
 
 /// Seconds and nanoseconds since the epoch.
@@ -221,7 +241,8 @@ impl Op {
             | Op::SetXattrs { path, .. }
             | Op::Symlink { path, .. }
             | Op::Mknod { path, .. }
-            | Op::Fallocate { path, .. } => [Some(path), None],
+            | Op::Fallocate { path, .. }
+            | Op::Sum { path, .. } => [Some(path), None],
             Op::Rename { from, to, .. } | Op::Link { from, to } => [Some(from), Some(to)],
             Op::Prune { dir, .. } => [dir.as_ref(), None],
         };
@@ -286,6 +307,75 @@ pub enum Frame {
         #[serde(with = "serde_bytes")]
         data: Vec<u8>,
     },
+    /// Receiver -> agent, the answer to an [`Op::Sum`] that found differences: sent
+    /// before the Ack that covers the Sum's record, so an Ack without a Need before it
+    /// means "identical".
+    Need {
+        set: String,
+        job: u64,
+        file: [u64; 2],
+        path: RelPath,
+        /// Differing byte ranges `(offset, len)`, in order, not overlapping. A size
+        /// difference shows as the range between the two sizes.
+        ranges: Vec<(u64, u64)>,
+        /// The replica has no regular file at `path`.
+        missing: bool,
+        /// Mode, owner or mtime differ (only asked for by a verify).
+        attr: bool,
+    },
+}
+
+/// Block checksums, as [`Op::Sum`] carries them.
+pub mod sums {
+    /// Most blocks one [`super::Op::Sum`] may carry (64 KiB of checksums).
+    pub const MAX_SUMS: usize = 8192;
+    /// Block sizes a Sum may use: powers of two in this range.
+    pub const MIN_BLOCK: u32 = 4 << 10;
+    pub const MAX_BLOCK: u32 = 16 << 20;
+    pub const DEFAULT_BLOCK: u32 = 64 << 10;
+
+    /// The checksum of one block: xxh3-64. It finds accidental differences (stale or
+    /// corrupted replicas), not adversarial ones: both ends are authenticated.
+    pub fn block_sum(data: &[u8]) -> u64 {
+        xxhash_rust::xxh3::xxh3_64(data)
+    }
+
+    /// [`block_sum`] of `len` zero bytes (a hole), without a buffer of zeros per call.
+    pub fn zero_sum(len: usize) -> u64 {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let zeros = [0u8; 4096];
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            h.update(&zeros[..n]);
+            left -= n;
+        }
+        h.digest()
+    }
+
+    /// Checks a Sum's geometry before anything is read for it.
+    pub fn check(size: u64, offset: u64, block: u32, count: usize) -> Result<(), String> {
+        if !block.is_power_of_two() || !(MIN_BLOCK..=MAX_BLOCK).contains(&block) {
+            return Err(format!(
+                "block size {block} is not a power of two between {MIN_BLOCK} and {MAX_BLOCK}"
+            ));
+        }
+        if count > MAX_SUMS {
+            return Err(format!("{count} checksums in one op, more than {MAX_SUMS}"));
+        }
+        if !offset.is_multiple_of(block as u64) {
+            return Err(format!(
+                "offset {offset} is not a multiple of the block size"
+            ));
+        }
+        let end = offset.saturating_add(count as u64 * block as u64);
+        if offset > size || (count > 0 && end - (block as u64) >= size) {
+            return Err(format!(
+                "{count} blocks at {offset} do not fit a file of {size} bytes"
+            ));
+        }
+        Ok(())
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

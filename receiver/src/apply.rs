@@ -11,11 +11,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use doppel_common::wire::{Op, PathError, RelPath};
+use doppel_common::wire::{sums, Attr, Op, PathError, RelPath};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::beneath::{self, os, DIR_FLAGS};
+use crate::compare::{add_range, differing, Blocks};
 use crate::dirty::Dirty;
 use crate::fdcache::FdCache;
 
@@ -34,6 +35,24 @@ pub(crate) const FILE_MODE: u32 = 0o644;
 /// inheritance) from the start.
 pub(crate) const FILE_MODE_MASK: u32 = 0o1777;
 const DIR_MODE_MASK: u32 = 0o3777;
+/// How replica files are opened. Read-write: `Sum` reads through the same cached
+/// descriptors. O_NOFOLLOW: a symlink at the final component is never written through.
+/// O_NONBLOCK: a FIFO planted on the replica fails instead of hanging the session.
+const FILE_FLAGS: OFlags = OFlags::RDWR
+    .union(OFlags::NOFOLLOW)
+    .union(OFlags::NONBLOCK)
+    .union(OFlags::CLOEXEC);
+
+/// The answer to a `Sum` that found differences (see `Frame::Need`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Need {
+    pub job: u64,
+    pub file: [u64; 2],
+    pub path: RelPath,
+    pub ranges: Vec<(u64, u64)>,
+    pub missing: bool,
+    pub attr: bool,
+}
 
 /// Why an op was not applied.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +73,8 @@ pub enum ApplyError {
         path: RelPath,
         why: &'static str,
     },
+    #[error("sum {path}: {why}")]
+    BadSum { path: RelPath, why: String },
     #[error("rename {from} -> {to}: unsupported flags {flags:#x} (only RENAME_NOREPLACE and RENAME_EXCHANGE)")]
     RenameFlags {
         from: RelPath,
@@ -109,6 +130,8 @@ pub struct Applier {
     root_path: PathBuf,
     pub(crate) files: FdCache,
     pub(crate) dirty: Dirty,
+    /// Answers to `Sum` ops, for the session to send (see [`Applier::take_needs`]).
+    needs: Vec<Need>,
     /// Test-only fault injection: an op touching one of these paths fails with the errno.
     #[cfg(test)]
     pub(crate) faults: Arc<std::sync::Mutex<Vec<(RelPath, Errno)>>>,
@@ -132,6 +155,7 @@ impl Applier {
             root_path: root.to_path_buf(),
             files: FdCache::new(FD_CACHE),
             dirty: Dirty::default(),
+            needs: Vec::new(),
             #[cfg(test)]
             faults: Default::default(),
         })
@@ -152,6 +176,7 @@ impl Applier {
             root_path: self.root_path.clone(),
             files: FdCache::new(FD_CACHE),
             dirty: self.dirty.emptied(),
+            needs: Vec::new(),
             #[cfg(test)]
             faults: self.faults.clone(),
         }
@@ -161,6 +186,7 @@ impl Applier {
     /// descriptors join our cache (the oldest are evicted above the cache size).
     pub fn absorb(&mut self, other: Applier) {
         self.dirty.merge(other.dirty);
+        self.needs.extend(other.needs);
         for (path, fd) in other.files.into_entries() {
             self.files.insert(path, fd);
         }
@@ -187,6 +213,11 @@ impl Applier {
     pub fn take_dirty(&mut self) -> Dirty {
         let fresh = self.dirty.emptied();
         std::mem::replace(&mut self.dirty, fresh)
+    }
+
+    /// Answers of the `Sum` ops applied since the last call.
+    pub fn take_needs(&mut self) -> Vec<Need> {
+        std::mem::take(&mut self.needs)
     }
 
     pub fn apply(&mut self, op: &Op) -> Result<()> {
@@ -220,7 +251,93 @@ impl Applier {
                 offset,
                 len,
             } => self.fallocate(path, *mode, *offset, *len),
+            Op::Sum {
+                path,
+                job,
+                file,
+                size,
+                offset,
+                block,
+                sums,
+                attr,
+            } => {
+                let blocks = Blocks {
+                    size: *size,
+                    offset: *offset,
+                    block: *block,
+                    sums,
+                };
+                self.sum(path, *job, *file, &blocks, attr.as_ref())
+            }
         }
+    }
+
+    /// Compares the replica's file with the source's blocks; remembers an answer when
+    /// something differs. Changes nothing.
+    fn sum(
+        &mut self,
+        path: &RelPath,
+        job: u64,
+        file: [u64; 2],
+        b: &Blocks,
+        attr: Option<&Attr>,
+    ) -> Result<()> {
+        sums::check(b.size, b.offset, b.block, b.sums.len()).map_err(|why| ApplyError::BadSum {
+            path: path.clone(),
+            why,
+        })?;
+        let mut need = Need {
+            job,
+            file,
+            path: path.clone(),
+            ranges: Vec::new(),
+            missing: false,
+            attr: false,
+        };
+        let fd = match self.file_if_any(path) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::ISDIR | Errno::LOOP | Errno::NXIO) => {
+                need.missing = true;
+                add_range(&mut need.ranges, b.offset, b.size - b.offset);
+                self.needs.push(need);
+                return Ok(());
+            }
+            Err(e) => return Err(io("sum", path, e)),
+        };
+        let st = rustix::fs::fstat(&*fd).map_err(|e| io("sum", path, e))?;
+        let target_size = st.st_size as u64;
+        need.ranges = differing(&*fd, target_size, b).map_err(|e| io("sum", path, e))?;
+        // The run that ends the file also reports a longer replica's extra bytes.
+        let end = b.offset + b.sums.len() as u64 * b.block as u64;
+        if end >= b.size && target_size > b.size {
+            add_range(&mut need.ranges, b.size, target_size - b.size);
+        }
+        if let Some(a) = attr {
+            need.attr = st.st_mode & 0o7777 != a.mode
+                || st.st_uid != a.uid
+                || st.st_gid != a.gid
+                || st.st_mtime != a.mtime.sec
+                || st.st_mtime_nsec as u32 != a.mtime.nsec;
+        }
+        if !need.ranges.is_empty() || need.attr {
+            self.needs.push(need);
+        }
+        Ok(())
+    }
+
+    /// The regular file at `path` if there is one (never created).
+    fn file_if_any(&mut self, path: &RelPath) -> std::result::Result<Arc<OwnedFd>, Errno> {
+        if let Some(fd) = self.files.get(path) {
+            return Ok(fd);
+        }
+        let fd = beneath::open(&*self.root, &path.0, FILE_FLAGS, Mode::empty())?;
+        let st = rustix::fs::fstat(&fd)?;
+        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+            return Err(Errno::NXIO);
+        }
+        let fd = Arc::new(fd);
+        self.files.insert(path.clone(), fd.clone());
+        Ok(fd)
     }
 
     #[cfg(test)]
@@ -380,9 +497,7 @@ impl Applier {
         if let Some(fd) = self.files.get(path) {
             return Ok(fd);
         }
-        // O_NOFOLLOW: a symlink at the final component is never written through.
-        // O_NONBLOCK: a FIFO planted on the replica fails instead of hanging the session.
-        let flags = OFlags::WRONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC;
+        let flags = FILE_FLAGS;
         let fd = match beneath::open(&*self.root, &path.0, flags, Mode::empty()) {
             Ok(fd) => fd,
             Err(Errno::NOENT) => {

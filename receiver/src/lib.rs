@@ -5,12 +5,14 @@
 //! - [`server`]: listener and per-source sessions; [`serve`] is the whole daemon.
 //! - [`session`]: the protocol of one connection.
 //! - [`set`], [`apply`]: ordered application of records beneath a root, confined by
-//!   [`beneath`]; [`fdcache`] and [`dirty`] are its bookkeeping.
+//!   [`beneath`]; [`fdcache`] and [`dirty`] are its bookkeeping; [`compare`] answers
+//!   block checksums (mirror and verify).
 //! - [`writer`], [`state`]: durability and acknowledgements.
 
 pub mod apply;
 mod attrs;
 pub mod beneath;
+pub mod compare;
 pub mod config;
 pub mod dirty;
 pub mod fdcache;

@@ -149,6 +149,7 @@ async fn read_batches(
             epoch,
             seq,
             dirty: outcome.dirty,
+            needs: outcome.needs,
         };
         if wtx.send(applied).await.is_err() {
             return Ok(()); // the writer failed and closed the connection
@@ -286,5 +287,6 @@ fn frame_name(f: &Frame) -> &'static str {
         Frame::Ack { .. } => "Ack",
         Frame::Refused { .. } => "Refused",
         Frame::Compressed { .. } => "Compressed",
+        Frame::Need { .. } => "Need",
     }
 }

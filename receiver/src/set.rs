@@ -30,7 +30,7 @@ use std::sync::Arc;
 
 use doppel_common::wire::{Op, Record, RelPath};
 
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, Need};
 use crate::dirty::Dirty;
 
 /// Most threads applying one run of data ops, the calling thread included.
@@ -69,6 +69,8 @@ pub struct BatchOutcome {
     pub end: BatchEnd,
     /// What must be synced before `applied` may be persisted.
     pub dirty: Dirty,
+    /// Answers to the batch's `Sum` ops that found differences.
+    pub needs: Vec<Need>,
     /// Records applied now (not counting resends that were skipped).
     pub applied_now: usize,
 }
@@ -79,7 +81,8 @@ fn data_path(op: &Op) -> Option<&RelPath> {
         Op::Write { path, .. }
         | Op::Truncate { path, .. }
         | Op::CreateFile { path, .. }
-        | Op::Fallocate { path, .. } => Some(path),
+        | Op::Fallocate { path, .. }
+        | Op::Sum { path, .. } => Some(path),
         // Attributes are barriers too: the receiver cannot tell a file's from a
         // directory's, and a directory's times change with every entry made in it.
         Op::SetAttr { .. }
@@ -98,7 +101,13 @@ fn data_path(op: &Op) -> Option<&RelPath> {
 fn cost(records: &[&Record]) -> u64 {
     records
         .iter()
-        .map(|r| OP_COST + r.op.data_len() as u64)
+        .map(|r| {
+            let read = match &r.op {
+                Op::Sum { sums, block, .. } => sums.len() as u64 * *block as u64,
+                _ => 0,
+            };
+            OP_COST + r.op.data_len() as u64 + read
+        })
         .sum()
 }
 
@@ -177,6 +186,7 @@ impl SetApplier {
         BatchOutcome {
             end,
             dirty: self.applier.take_dirty(),
+            needs: self.applier.take_needs(),
             applied_now,
         }
     }

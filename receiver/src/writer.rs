@@ -15,6 +15,7 @@ use doppel_transport::{close, FrameSender};
 use quinn::VarInt;
 use tokio::sync::mpsc;
 
+use crate::apply::Need;
 use crate::dirty::Dirty;
 use crate::state::{SetState, StateStore};
 
@@ -28,6 +29,9 @@ pub enum ToWriter {
         epoch: u64,
         seq: u64,
         dirty: Dirty,
+        /// Answers to Sum ops among those records: sent at once, before the Ack that
+        /// covers them (the agent reads "an Ack without a Need" as "identical").
+        needs: Vec<Need>,
     },
     /// Commit what came before, then tell the agent why the session ends and close.
     Close { code: VarInt, reason: String },
@@ -55,7 +59,24 @@ impl Writer {
                         epoch,
                         seq,
                         dirty: d,
+                        needs,
                     } => {
+                        for n in needs {
+                            let frame = Frame::Need {
+                                set: set.clone(),
+                                job: n.job,
+                                file: n.file,
+                                path: n.path,
+                                ranges: n.ranges,
+                                missing: n.missing,
+                                attr: n.attr,
+                            };
+                            if self.tx.send(&frame).await.is_err() {
+                                // The connection is gone; the agent asks again after
+                                // the next Welcome (see the agent's mirror.rs).
+                                break;
+                            }
+                        }
                         marks.insert(set, SetState { epoch, seq });
                         dirty.merge(d);
                     }

@@ -1,0 +1,177 @@
+//! Mirror bookkeeping: which block comparisons ([`Op::Sum`](doppel_common::wire::Op::Sum))
+//! may still need an answer, per target.
+//!
+//! # How the mirror stays correct while files change
+//!
+//! A file is mirrored with ops in its set's sequence, like any change: `CreateFile`,
+//! `Truncate` to the source's size, then `Sum`s of its blocks read from the source at
+//! that moment. The receiver compares when it applies the `Sum`, so the replica is in
+//! exactly the state of the records before it, and answers `Need` with the ranges that
+//! differ. The agent then reads those ranges from the source *as they are now* and sends
+//! them as ordinary writes, numbered after everything captured so far.
+//!
+//! Live changes keep flowing meanwhile and are never overwritten by older bytes: every
+//! write captured before the mirror read the file is numbered before the mirror's ops
+//! (or, still in the ring, after them, carrying its own bytes in capture order), and
+//! mirror data is always read after the `Need` arrived, so it is never older than a write
+//! numbered before it. A block the comparison found equal is equal at the `Sum`'s place
+//! in the sequence, and later writes to it arrive as records of their own.
+//!
+//! # Answers lost with a connection
+//!
+//! The receiver sends each `Need` before the `Ack` that covers its `Sum`, on the same
+//! stream: an Ack up to `seq` settles every `Sum` up to `seq` for that target. A `Sum`
+//! the receiver applied (and persisted) in a session that broke before its Ack may have
+//! lost its answer; it is not resent, as the receiver's Welcome says it is applied. Such
+//! files are compared again ([`Tracker::welcome`]). Unapplied ones are resent anyway.
+
+use std::collections::BTreeMap;
+
+use doppel_common::event::FileId;
+
+/// What the senders hand back to the pipeline for the mirror.
+#[derive(Debug)]
+pub enum Work {
+    /// A target's answer to a `Sum`: these ranges of `file` differ.
+    Need {
+        set: usize,
+        job: u64,
+        file: FileId,
+        path: doppel_common::wire::RelPath,
+        ranges: Vec<(u64, u64)>,
+        missing: bool,
+        attr: bool,
+    },
+    /// Compare these files again (their answers may be lost, see [`Tracker::welcome`]).
+    Resum { set: usize, files: Vec<FileId> },
+}
+
+/// Outstanding comparisons of every set, by sequence number, with the targets (slots of
+/// the set's queue) that have not acknowledged them yet.
+#[derive(Debug, Default)]
+pub struct Tracker {
+    sets: Vec<BTreeMap<u64, Pending>>,
+    slots: Vec<usize>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Pending {
+    file: FileId,
+    /// Bit `i`: slot `i` has not acknowledged the record yet.
+    open: u64,
+}
+
+/// Most targets one set may have (one bit each).
+pub const MAX_TARGETS: usize = 64;
+
+impl Tracker {
+    /// `slots[s]`: how many targets set `s` has (at most [`MAX_TARGETS`]).
+    pub fn new(slots: Vec<usize>) -> Self {
+        assert!(slots.iter().all(|&n| n <= MAX_TARGETS));
+        Tracker {
+            sets: slots.iter().map(|_| BTreeMap::new()).collect(),
+            slots,
+        }
+    }
+
+    /// A comparison of `file` was queued as record `seq` of `set`.
+    pub fn sent(&mut self, set: usize, seq: u64, file: FileId) {
+        let n = self.slots[set];
+        let open = if n == MAX_TARGETS {
+            u64::MAX
+        } else {
+            (1u64 << n) - 1
+        };
+        if open != 0 {
+            self.sets[set].insert(seq, Pending { file, open });
+        }
+    }
+
+    /// Target `slot` acknowledged `set` up to `seq`: its answers up to there arrived.
+    pub fn acked(&mut self, set: usize, slot: usize, seq: u64) {
+        let bit = 1u64 << slot;
+        let map = &mut self.sets[set];
+        let done: Vec<u64> = map
+            .range(..=seq)
+            .filter_map(|(&s, p)| (p.open & bit != 0 && p.open & !bit == 0).then_some(s))
+            .collect();
+        for p in map.range_mut(..=seq).map(|(_, p)| p) {
+            p.open &= !bit;
+        }
+        for s in done {
+            map.remove(&s);
+        }
+    }
+
+    /// Target `slot` says it applied `set` up to `applied` (a new session): comparisons
+    /// up to there that it never acknowledged may have lost their answers. Returns the
+    /// files to compare again (each once), and settles those records for the slot.
+    pub fn welcome(&mut self, set: usize, slot: usize, applied: u64) -> Vec<FileId> {
+        let bit = 1u64 << slot;
+        let mut files: Vec<FileId> = self.sets[set]
+            .range(..=applied)
+            .filter(|(_, p)| p.open & bit != 0)
+            .map(|(_, p)| p.file)
+            .collect();
+        self.acked(set, slot, applied);
+        files.sort();
+        files.dedup();
+        files
+    }
+
+    /// The set starts a new sequence space (it is mirrored again from scratch).
+    pub fn reset(&mut self, set: usize) {
+        self.sets[set].clear();
+    }
+
+    /// Comparisons not yet settled by every target, over all sets.
+    pub fn pending(&self) -> usize {
+        self.sets.iter().map(|m| m.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f(ino: u64) -> FileId {
+        FileId { dev: 1, ino }
+    }
+
+    #[test]
+    fn acks_settle_and_welcomes_return_what_may_be_unanswered() {
+        let mut t = Tracker::new(vec![2]);
+        t.sent(0, 3, f(1));
+        t.sent(0, 5, f(2));
+        t.sent(0, 9, f(3));
+        assert_eq!(t.pending(), 3);
+        // Slot 0 acknowledges up to 5; slot 1 nothing yet.
+        t.acked(0, 0, 5);
+        assert_eq!(t.pending(), 3);
+        // Slot 1 reconnects having applied up to 6: records 3 and 5 may have lost their
+        // answers; 9 will be resent.
+        assert_eq!(t.welcome(0, 1, 6), vec![f(1), f(2)]);
+        assert_eq!(t.pending(), 1);
+        // Slot 0 reconnects having applied everything: 9 was never acknowledged by it.
+        assert_eq!(t.welcome(0, 0, 9), vec![f(3)]);
+        t.acked(0, 1, 9);
+        assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn a_welcome_after_every_ack_returns_nothing() {
+        let mut t = Tracker::new(vec![1, 1]);
+        t.sent(1, 1, f(7));
+        t.sent(1, 2, f(7));
+        t.acked(1, 0, 2);
+        assert_eq!(t.pending(), 0);
+        assert!(t.welcome(1, 0, 2).is_empty());
+        t.sent(1, 3, f(7));
+        t.sent(1, 4, f(7));
+        // The same file twice comes back once.
+        assert_eq!(t.welcome(1, 0, 4), vec![f(7)]);
+        t.sent(0, 1, f(8));
+        t.reset(0);
+        assert_eq!(t.pending(), 0);
+    }
+}

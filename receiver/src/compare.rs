@@ -1,0 +1,215 @@
+//! Block comparison for [`Op::Sum`](doppel_common::wire::Op::Sum): which byte ranges of
+//! the replica's file differ from the source's, given the source's block checksums.
+//!
+//! Reads only; the caller decides what the answer is for (the mirror sends the ranges,
+//! a verify reports them). Holes of the replica are not read: a block that lies wholly
+//! in one has the checksum of zeros.
+
+use std::os::fd::AsFd;
+
+use doppel_common::wire::sums::{block_sum, zero_sum};
+use rustix::fs::{seek, SeekFrom};
+use rustix::io::Errno;
+
+/// What the source said about one run of blocks.
+pub struct Blocks<'a> {
+    /// The source file's size.
+    pub size: u64,
+    pub offset: u64,
+    pub block: u32,
+    pub sums: &'a [u64],
+}
+
+/// Appends `(offset, len)` to `ranges`, merging it with the last range if they touch.
+pub fn add_range(ranges: &mut Vec<(u64, u64)>, offset: u64, len: u64) {
+    if len == 0 {
+        return;
+    }
+    if let Some(last) = ranges.last_mut() {
+        if last.0 + last.1 == offset {
+            last.1 += len;
+            return;
+        }
+    }
+    ranges.push((offset, len));
+}
+
+/// The ranges of `fd` (a regular file of `target_size` bytes) whose blocks differ from
+/// `b`. A block the replica does not have in full (it is shorter) differs.
+pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64, u64)>, Errno> {
+    let fd = fd.as_fd();
+    let block = b.block as u64;
+    let mut ranges = Vec::new();
+    let mut buf = vec![0u8; b.block as usize];
+    // Where the next data of the replica starts at or after the current block
+    // (u64::MAX: only a hole up to the end). Asked again once a block passes it.
+    let mut data_at: Option<u64> = None;
+    let sparse = rustix::fs::fstat(fd)
+        .map(|st| (st.st_blocks as u64).saturating_mul(512) < target_size)
+        .unwrap_or(false);
+    let full_zero = zero_sum(b.block as usize);
+    for (i, &want) in b.sums.iter().enumerate() {
+        let start = b.offset + i as u64 * block;
+        let len = block.min(b.size.saturating_sub(start));
+        if len == 0 {
+            break;
+        }
+        if start + len > target_size {
+            add_range(&mut ranges, start, len);
+            continue;
+        }
+        if sparse {
+            let next = match data_at {
+                Some(d) if d >= start => d,
+                _ => {
+                    let d = match seek(fd, SeekFrom::Data(start)) {
+                        Ok(d) => d,
+                        Err(Errno::NXIO) => u64::MAX,
+                        // No SEEK_DATA here: read everything.
+                        Err(_) => start,
+                    };
+                    data_at = Some(d);
+                    d
+                }
+            };
+            if next >= start + len {
+                let zero = if len == block {
+                    full_zero
+                } else {
+                    zero_sum(len as usize)
+                };
+                if zero != want {
+                    add_range(&mut ranges, start, len);
+                }
+                continue;
+            }
+        }
+        let got = read_full(fd, &mut buf[..len as usize], start)?;
+        if got < len as usize || block_sum(&buf[..got]) != want {
+            add_range(&mut ranges, start, len);
+        }
+    }
+    Ok(ranges)
+}
+
+/// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
+fn read_full(fd: std::os::fd::BorrowedFd, buf: &mut [u8], offset: u64) -> Result<usize, Errno> {
+    let mut done = 0;
+    while done < buf.len() {
+        match rustix::io::pread(fd, &mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+
+    const B: u32 = 4096;
+
+    fn sums_of(data: &[u8]) -> Vec<u64> {
+        data.chunks(B as usize).map(block_sum).collect()
+    }
+
+    fn file_with(data: &[u8]) -> (tempfile::NamedTempFile, u64) {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(data).unwrap();
+        (f, data.len() as u64)
+    }
+
+    fn diff(target: &[u8], source: &[u8]) -> Vec<(u64, u64)> {
+        let (f, n) = file_with(target);
+        let sums = sums_of(source);
+        differing(
+            f.as_file(),
+            n,
+            &Blocks {
+                size: source.len() as u64,
+                offset: 0,
+                block: B,
+                sums: &sums,
+            },
+        )
+        .unwrap()
+    }
+
+    fn pattern(n: usize) -> Vec<u8> {
+        (0..n).map(|i| (i * 7 + i / 4096) as u8).collect()
+    }
+
+    #[test]
+    fn identical_files_need_nothing() {
+        let d = pattern(10 * 4096 + 100);
+        assert_eq!(diff(&d, &d), vec![]);
+    }
+
+    #[test]
+    fn changed_blocks_are_found_and_merged() {
+        let src = pattern(10 * 4096);
+        let mut dst = src.clone();
+        dst[5] ^= 1; // block 0
+        dst[4096 + 9] ^= 1; // block 1: touches block 0's range
+        dst[7 * 4096] ^= 1; // block 7
+        assert_eq!(diff(&dst, &src), vec![(0, 8192), (7 * 4096, 4096)]);
+    }
+
+    #[test]
+    fn a_shorter_replica_needs_its_missing_tail() {
+        let src = pattern(5 * 4096 + 10);
+        let dst = src[..2 * 4096 + 3].to_vec();
+        // Block 2 is short on the replica; blocks 3, 4 and the 10-byte tail are missing.
+        assert_eq!(diff(&dst, &src), vec![(2 * 4096, 3 * 4096 + 10)]);
+    }
+
+    #[test]
+    fn holes_are_compared_without_reading_them() {
+        let (f, _) = file_with(b"");
+        let size = 64 * 4096u64;
+        f.as_file().set_len(size).unwrap();
+        f.as_file().write_at(b"x", 40 * 4096).unwrap();
+        let mut src = vec![0u8; size as usize];
+        src[40 * 4096] = b'x';
+        src[3 * 4096] = 1; // the source has data where the replica has a hole
+        let sums = sums_of(&src);
+        let got = differing(
+            f.as_file(),
+            size,
+            &Blocks {
+                size,
+                offset: 0,
+                block: B,
+                sums: &sums,
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![(3 * 4096, 4096)]);
+    }
+
+    #[test]
+    fn a_run_at_an_offset_reports_absolute_ranges() {
+        let src = pattern(8 * 4096);
+        let mut dst = src.clone();
+        dst[6 * 4096 + 1] ^= 0xff;
+        let (f, n) = file_with(&dst);
+        let sums = sums_of(&src[4 * 4096..]);
+        let got = differing(
+            f.as_file(),
+            n,
+            &Blocks {
+                size: n,
+                offset: 4 * 4096,
+                block: B,
+                sums: &sums,
+            },
+        )
+        .unwrap();
+        assert_eq!(got, vec![(6 * 4096, 4096)]);
+    }
+}
