@@ -8,6 +8,7 @@
 pub mod attrs;
 pub mod capture;
 pub mod config;
+pub mod control;
 pub mod index;
 pub mod journal;
 pub mod mapped;
@@ -19,3 +20,4 @@ pub mod rules;
 pub mod run;
 pub mod send;
 pub mod throttle;
+pub mod verify;

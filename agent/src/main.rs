@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod commands;
+
 #[derive(Parser)]
 #[command(
     name = "doppel-agent",
@@ -39,6 +41,35 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Compare the sets with every target's replica, changing nothing (unless --repair),
+    /// and list the files and byte ranges that differ.
+    #[command(
+        after_help = "Examples:\n  doppel-agent verify --config /etc/doppel/agent.toml\n  doppel-agent verify --config /etc/doppel/agent.toml --set www --json\n  doppel-agent verify --config /etc/doppel/agent.toml --repair\n\nThe running daemon does the comparison, in sequence with live changes, so replication\nlag is not reported as a difference. Progress goes to stderr (a bar on a terminal).\nExit status: 0 identical (or repaired), 1 differences found, 2 the verify could not run."
+    )]
+    Verify {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Only this set (default: every set).
+        #[arg(long)]
+        set: Option<String>,
+        /// Print progress and the report as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Send what differs (only the differing blocks, then the attributes).
+        #[arg(long)]
+        repair: bool,
+    },
+    /// Show where every set stands with every target.
+    #[command(
+        after_help = "Example:\n  doppel-agent status --config /etc/doppel/agent.toml --json"
+    )]
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and exit.
     #[command(
         after_help = "Example:\n  doppel-agent check-config --config /etc/doppel/agent.toml"
@@ -62,17 +93,35 @@ fn init_logging() {
 }
 
 fn main() -> std::process::ExitCode {
-    match real_main(Cli::parse()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+    let cli = Cli::parse();
+    let verify = matches!(cli.cmd, Cmd::Verify { .. });
+    match real_main(cli) {
+        Ok(code) => std::process::ExitCode::from(code),
         Err(e) => {
             eprintln!("doppel-agent: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(if verify { 2 } else { 1 })
         }
     }
 }
 
-fn real_main(cli: Cli) -> Result<()> {
+fn real_main(cli: Cli) -> Result<u8> {
     match cli.cmd {
+        Cmd::Verify {
+            config,
+            set,
+            json,
+            repair,
+        } => {
+            let c = doppel_agent::config::Config::load(&config)?;
+            let path = doppel_agent::control::socket_path(&c.state_dir);
+            commands::verify(&path, set, json, repair)
+        }
+        Cmd::Status { config, json } => {
+            let c = doppel_agent::config::Config::load(&config)?;
+            let path = doppel_agent::control::socket_path(&c.state_dir);
+            commands::status(&path, json)?;
+            Ok(0)
+        }
         Cmd::Keygen { out, name } => {
             let fp = doppel_transport::keygen(&out, &name)?;
             println!(
@@ -82,7 +131,7 @@ fn real_main(cli: Cli) -> Result<()> {
             );
             println!("fingerprint: {fp}");
             eprintln!("pin it in the receiver's [[source]] `fingerprint`");
-            Ok(())
+            Ok(0)
         }
         Cmd::CheckConfig { config } => {
             let c = doppel_agent::config::Config::load(&config)?;
@@ -92,13 +141,14 @@ fn real_main(cli: Cli) -> Result<()> {
                 c.sets.len(),
                 c.targets.len()
             );
-            Ok(())
+            Ok(0)
         }
         Cmd::Run { config } => {
             init_logging();
             let config = doppel_agent::config::Config::load(&config)?;
             let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(doppel_agent::run::run(config))
+            rt.block_on(doppel_agent::run::run(config))?;
+            Ok(0)
         }
     }
 }

@@ -342,6 +342,11 @@ impl SetQueue {
     }
 
     /// True once after the queue drained from a journal overflow: copy the set again.
+    /// The highest sequence every target acknowledged.
+    pub fn min_acked(&self) -> u64 {
+        self.acked.iter().copied().min().unwrap_or(0)
+    }
+
     pub fn take_resync(&mut self) -> bool {
         std::mem::take(&mut self.resync_due)
     }

@@ -375,12 +375,14 @@ impl<W: Watcher> Resolver<W> {
 
     /// The receiver found `ranges` of `file` different from the source's (its answer to
     /// the [`Op::Sum`]s of a mirror): sends them as the source has them now, then the
-    /// file's attributes (the writes changed its times on the replica).
+    /// file's attributes (the writes changed its times on the replica). With `missing`
+    /// the replica has no file there at all: it is made first.
     pub fn mirror_need(
         &mut self,
         set: usize,
         file: FileId,
         ranges: &[(u64, u64)],
+        missing: bool,
         out: &mut Vec<SetOp>,
     ) {
         let Some(loc) = self.index.location(file) else {
@@ -388,6 +390,17 @@ impl<W: Watcher> Resolver<W> {
         };
         if loc.set != set || !self.sets[set].rules.file(&loc.rel) {
             return; // moved to another set (copied there) or out of this one
+        }
+        if missing {
+            let mode = std::fs::symlink_metadata(self.index.abs(&loc))
+                .map_or(0o600, |m| m.mode() & 0o7777);
+            out.push(SetOp {
+                set,
+                op: Op::CreateFile {
+                    path: rel_path(&loc.rel),
+                    mode,
+                },
+            });
         }
         for &(offset, len) in ranges {
             self.read_range(file, &loc, offset, len, out);
@@ -417,6 +430,50 @@ impl<W: Watcher> Resolver<W> {
                 if let Some(dir) = self.parent_of(&loc) {
                     self.rescan.entry(dir).or_insert_with(monotonic_ns);
                 }
+            }
+        }
+    }
+
+    /// Verify job `job`: every replicated regular file of `sets`, as the source has it
+    /// now, compared with the replicas (see verify.rs).
+    pub fn verify(&mut self, sets: &[usize], job: u64, out: &mut Vec<SetOp>) {
+        for &set in sets {
+            let root = self.sets[set].root.clone();
+            self.verify_dir(set, &root, Path::new(""), job, out);
+        }
+    }
+
+    fn verify_dir(&self, set: usize, abs: &Path, rel: &Path, job: u64, out: &mut Vec<SetOp>) {
+        let entries = match std::fs::read_dir(abs) {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(path = %abs.display(), error = %e, "verify: cannot read directory; its files are not compared");
+                return;
+            }
+        };
+        let mut names: Vec<_> = entries
+            .filter_map(|e| e.ok())
+            .map(|e| e.file_name())
+            .collect();
+        names.sort();
+        let s = &self.sets[set];
+        for name in names {
+            let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
+            let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
+                continue;
+            };
+            if m.is_dir() && s.rules.dir(&child_rel) {
+                self.verify_dir(set, &child_abs, &child_rel, job, out);
+            } else if m.is_file() && s.rules.file(&child_rel) {
+                emit_sums(
+                    set,
+                    &child_abs,
+                    &child_rel,
+                    file_id(&m),
+                    s.mirror_block,
+                    Some(job),
+                    out,
+                );
             }
         }
     }
@@ -1266,7 +1323,7 @@ fn emit_mirror_file(
             mode: m.mode() & 0o7777,
         },
     }];
-    if emit_sums(set, abs, rel, file_id(m), block, &mut ops).is_none() {
+    if emit_sums(set, abs, rel, file_id(m), block, None, &mut ops).is_none() {
         return false;
     }
     out.append(&mut ops);
@@ -1277,18 +1334,19 @@ fn emit_mirror_file(
 /// receiver (64 MiB at the default block size) does not hold up the records behind it.
 const SUMS_PER_OP: usize = 1024;
 
-/// `Truncate` to the file's size, then its block checksums as [`Op::Sum`]s (job 0: the
-/// mirror). Holes are not read: their blocks have the checksum of zeros. Returns the
-/// size the sums were taken against, or `None` if `abs` is no longer file `id`.
+/// The file's block checksums as [`Op::Sum`]s. For the mirror (`verify` is `None`) a
+/// `Truncate` to the file's size goes first; a verify job's comparisons change nothing
+/// and also compare the attributes. Returns the size the sums were taken against, or
+/// `None` if `abs` is no longer file `id`.
 fn emit_sums(
     set: usize,
     abs: &Path,
     rel: &Path,
     id: FileId,
     block: u32,
+    verify: Option<u64>,
     out: &mut Vec<SetOp>,
 ) -> Option<u64> {
-    use doppel_common::wire::sums::{block_sum, zero_sum};
     let f = File::open(abs).ok()?;
     let m = f.metadata().ok()?;
     if file_id(&m) != id {
@@ -1299,13 +1357,49 @@ fn emit_sums(
     write_back(&f, abs, 0, 0);
     let size = m.len();
     let path = rel_path(rel);
-    out.push(SetOp {
-        set,
-        op: Op::Truncate {
-            path: path.clone(),
-            size,
-        },
-    });
+    if verify.is_none() {
+        out.push(SetOp {
+            set,
+            op: Op::Truncate {
+                path: path.clone(),
+                size,
+            },
+        });
+    }
+    let mut attr = verify.map(|_| attr_of(&m));
+    let mut emit = |offset: u64, sums: Vec<u64>| {
+        out.push(SetOp {
+            set,
+            op: Op::Sum {
+                path: path.clone(),
+                job: verify.unwrap_or(0),
+                file: [id.dev, id.ino],
+                size,
+                offset,
+                block,
+                sums,
+                attr: attr.take(),
+            },
+        })
+    };
+    // An empty file has no block; a verify still asks whether the replica has it.
+    if size == 0 {
+        if verify.is_some() {
+            emit(0, Vec::new());
+        }
+        return Some(size);
+    }
+    block_sums(&f, &m, block, emit);
+    Some(size)
+}
+
+/// Hands the checksums of `f`'s blocks to `emit` in runs of at most [`SUMS_PER_OP`],
+/// with the offset of each run. Holes are not read: their blocks have the checksum of
+/// zeros. A block cut short (the file shrank meanwhile) has the checksum of what was
+/// read; the truncate that shrank it follows.
+fn block_sums(f: &File, m: &Metadata, block: u32, mut emit: impl FnMut(u64, Vec<u64>)) {
+    use doppel_common::wire::sums::{block_sum, zero_sum};
+    let size = m.len();
     let sparse = m.blocks().saturating_mul(512) < size;
     let step = block as u64;
     let full_zero = zero_sum(block as usize);
@@ -1316,7 +1410,7 @@ fn emit_sums(
     while pos < size {
         let len = step.min(size - pos);
         if sparse && pos >= data.1 {
-            data = next_data(&f, pos, size);
+            data = next_data(f, pos, size);
         }
         let sum = if sparse && data.0 >= pos + len {
             if len == step {
@@ -1325,30 +1419,16 @@ fn emit_sums(
                 zero_sum(len as usize)
             }
         } else {
-            let n = read_full(&f, &mut buf[..len as usize], pos);
-            // Shorter: the file shrank meanwhile, and the truncate that did it follows.
+            let n = read_full(f, &mut buf[..len as usize], pos);
             block_sum(&buf[..n])
         };
         sums.push(sum);
         pos += len;
         if sums.len() == SUMS_PER_OP || pos >= size {
-            out.push(SetOp {
-                set,
-                op: Op::Sum {
-                    path: path.clone(),
-                    job: 0,
-                    file: [id.dev, id.ino],
-                    size,
-                    offset: first,
-                    block,
-                    sums: std::mem::take(&mut sums),
-                    attr: None,
-                },
-            });
+            emit(first, std::mem::take(&mut sums));
             first = pos;
         }
     }
-    Some(size)
 }
 
 /// Reads up to `buf.len()` bytes at `pos`; fewer only at the end of the file (or on an
@@ -1630,7 +1710,7 @@ mod tests {
                 dev: file[0],
                 ino: file[1],
             };
-            r.mirror_need(o.set, id, &ranges, &mut out);
+            r.mirror_need(o.set, id, &ranges, false, &mut out);
         }
         r.finish(&mut out);
         out

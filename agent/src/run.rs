@@ -12,11 +12,13 @@ use tracing::{info, warn};
 
 use crate::capture::{Capture, CaptureOptions, WatchMode};
 use crate::config::Config;
+use crate::control::{self, Reply};
 use crate::journal::Journal;
 use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
+use crate::verify::Job;
 use doppel_common::wire::Op;
 
 /// Installs watches in the kernel filter. A failure is logged: the directory's
@@ -127,7 +129,22 @@ pub async fn run(config: Config) -> Result<()> {
         reread_ranges: Default::default(),
         mirror: Mutex::new(Tracker::new(slots.clone())),
         mirror_work,
+        mirror_inflight: Default::default(),
+        jobs: Default::default(),
+        set_targets: config.sets.iter().map(|s| s.targets.clone()).collect(),
+        target_names: config.targets.iter().map(|t| t.name.clone()).collect(),
     });
+    let (verify_tx, mut verify_rx) = mpsc::unbounded_channel();
+    {
+        let path = control::socket_path(&config.state_dir);
+        let shared = shared.clone();
+        tokio::spawn(async move {
+            if let Err(e) = control::serve(path, shared, verify_tx).await {
+                warn!(error = %format!("{e:#}"), "the control socket is down: status and verify cannot reach this agent");
+            }
+        });
+    }
+    let mut next_job = 1u64;
 
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
         .context("cannot open a set root")?;
@@ -224,16 +241,30 @@ pub async fn run(config: Config) -> Result<()> {
                 push(&shared, &mut ops, &mut room).await;
             }
             Some(work) = mirror_rx.recv() => {
-                handle_mirror_work(&mut resolver, work, &mut ops);
+                let mut answers = handle_mirror_work(&mut resolver, work, &mut ops);
                 // Answers come in bursts: take what else is there before pushing.
                 while let Ok(work) = mirror_rx.try_recv() {
-                    handle_mirror_work(&mut resolver, work, &mut ops);
+                    answers += handle_mirror_work(&mut resolver, work, &mut ops);
                     if ops.iter().map(|o| o.op.data_len()).sum::<usize>() > RESOLVE_BATCH_BYTES {
                         break;
                     }
                 }
                 resolver.finish(&mut ops);
                 push(&shared, &mut ops, &mut room).await;
+                shared.mirror_inflight.fetch_sub(answers, Ordering::SeqCst);
+            }
+            Some(req) = verify_rx.recv() => {
+                let id = next_job;
+                next_job += 1;
+                let names: Vec<&str> = req.sets.iter().map(|&s| config.sets[s].name.as_str()).collect();
+                info!(job = id, sets = ?names, repair = req.repair, "verify started");
+                shared.jobs().insert(id, Job::new(req.repair, shared.sessions()));
+                resolver.verify(&req.sets, id, &mut ops);
+                push(&shared, &mut ops, &mut room).await;
+                if let Some(j) = shared.jobs().get_mut(&id) {
+                    j.seal();
+                }
+                tokio::spawn(watch_job(shared.clone(), id, req.reply));
             }
             _ = tokio::signal::ctrl_c() => break,
             _ = term.recv() => break,
@@ -273,19 +304,39 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
     }
     for SetOp { set, op } in ops.drain(..) {
         let compared = match &op {
-            Op::Sum { job: 0, file, .. } => Some(FileId {
-                dev: file[0],
-                ino: file[1],
-            }),
+            Op::Sum {
+                job,
+                file,
+                size,
+                offset,
+                block,
+                sums,
+                ..
+            } => Some((
+                *job,
+                FileId {
+                    dev: file[0],
+                    ino: file[1],
+                },
+                (sums.len() as u64 * *block as u64).min(size - offset),
+                *offset == 0,
+            )),
             _ => None,
         };
         let mut q = shared.queue(set);
-        if q.push(op) {
-            if let Some(file) = compared {
-                // Under the queue's lock: no sender can take the record, nor its Ack
-                // arrive, before it is tracked.
-                shared.tracker().sent(set, q.last_seq(), file);
+        if !q.push(op) {
+            continue;
+        }
+        match compared {
+            // Under the queue's lock: no sender can take the record, nor its Ack
+            // arrive, before it is tracked.
+            Some((0, file, ..)) => shared.tracker().sent(set, q.last_seq(), file),
+            Some((job, _, bytes, first)) => {
+                if let Some(j) = shared.jobs().get_mut(&job) {
+                    j.queued(set, q.last_seq(), bytes, first);
+                }
             }
+            None => {}
         }
     }
     shared.pushed.send_modify(|g| *g += 1);
@@ -299,23 +350,79 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
     }
 }
 
-/// A target's answer to a comparison, or a file to compare again.
-fn handle_mirror_work<W: Watcher>(resolver: &mut Resolver<W>, work: Work, ops: &mut Vec<SetOp>) {
+/// A target's answer to a comparison (of the mirror, or of a verify that repairs), or
+/// files to compare again. Returns how many answers it took (see
+/// `Shared::mirror_inflight`).
+fn handle_mirror_work<W: Watcher>(
+    resolver: &mut Resolver<W>,
+    work: Work,
+    ops: &mut Vec<SetOp>,
+) -> u64 {
     match work {
         Work::Need {
             set,
-            job: 0,
             file,
             ranges,
+            missing,
             ..
-        } => resolver.mirror_need(set, file, &ranges, ops),
-        Work::Need { job, path, .. } => {
-            warn!(job, path = %path, "answer to a verify job this agent does not run; ignored")
+        } => {
+            resolver.mirror_need(set, file, &ranges, missing, ops);
+            1
         }
         Work::Resum { set, files } => {
             for f in files {
                 resolver.resum(set, f, ops);
             }
+            0
+        }
+    }
+}
+
+/// Reports a verify job's progress to its command until every target answered all of
+/// its comparisons, then the report. A target that reconnected meanwhile may have lost
+/// answers: the job then fails and says so.
+async fn watch_job(shared: Arc<Shared>, id: u64, reply: mpsc::UnboundedSender<Reply>) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut last = None;
+    loop {
+        tick.tick().await;
+        let acked: Vec<u64> = (0..shared.queues.len())
+            .map(|s| shared.queue(s).min_acked())
+            .collect();
+        let sessions = shared.sessions();
+        let mut jobs = shared.jobs();
+        let Some(job) = jobs.get(&id) else { return };
+        if reply.is_closed() {
+            jobs.remove(&id);
+            info!(job = id, "verify cancelled: its command went away");
+            return;
+        }
+        if job.sessions != sessions {
+            jobs.remove(&id);
+            warn!(job = id, "verify failed: a target reconnected meanwhile");
+            let _ = reply.send(Reply::Error(
+                "a target reconnected during the verify, so some of its answers may be lost; run the verify again".into(),
+            ));
+            return;
+        }
+        if job.complete(|s| acked[s]) {
+            let job = jobs.remove(&id).expect("job present");
+            let report = job.report(|s| acked[s]);
+            info!(
+                job = id,
+                files = report.files,
+                bytes = report.bytes,
+                differing = report.findings.len(),
+                repaired = report.repaired,
+                "verify done"
+            );
+            let _ = reply.send(Reply::Report(report));
+            return;
+        }
+        let p = job.progress(|s| acked[s]);
+        if last != Some(p) {
+            last = Some(p);
+            let _ = reply.send(Reply::Progress(p));
         }
     }
 }

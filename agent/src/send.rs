@@ -17,7 +17,9 @@ use crate::config::Target;
 use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
 use crate::throttle::{local_minute_of_day, Throttle};
+use crate::verify::{Finding, Job};
 use doppel_common::event::FileId;
+use std::collections::HashMap;
 
 /// Largest batch put in one frame (bytes of records, approximately).
 const BATCH_BYTES: usize = 1 << 20;
@@ -45,16 +47,39 @@ pub struct Shared {
     pub mirror: Mutex<Tracker>,
     /// Answers and re-comparisons for the pipeline, which owns the files' paths.
     pub mirror_work: mpsc::UnboundedSender<Work>,
+    /// Answers handed to the pipeline whose ops are not queued yet.
+    pub mirror_inflight: std::sync::atomic::AtomicU64,
+    /// Verify jobs running, by id (lock after a queue, never before).
+    pub jobs: Mutex<HashMap<u64, Job>>,
+    /// Per set, the target (index) of each of its queue's slots.
+    pub set_targets: Vec<Vec<usize>>,
+    pub target_names: Vec<String>,
 }
 
 #[derive(Debug, Default, Clone)]
 pub struct TargetState {
     pub connected: bool,
+    /// Sessions established so far (a verify spanning a reconnect may miss answers).
+    pub sessions: u64,
+    /// Bytes of frames sent, after compression.
+    pub wire_bytes: u64,
     pub last_error: Option<(std::time::SystemTime, String)>,
     pub sent_bytes: u64,
 }
 
 impl Shared {
+    pub fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Job>> {
+        self.jobs.lock().expect("jobs lock poisoned")
+    }
+
+    /// Every target's session counter.
+    pub fn sessions(&self) -> Vec<u64> {
+        self.targets
+            .iter()
+            .map(|t| t.lock().expect("target lock").sessions)
+            .collect()
+    }
+
     pub fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
         self.mirror.lock().expect("mirror tracker lock poisoned")
     }
@@ -180,6 +205,7 @@ async fn session(
     {
         let mut st = shared.targets[index].lock().expect("target lock");
         st.connected = true;
+        st.sessions += 1;
     }
     info!(target = %target.name, address = %target.address, "connected; resuming after {:?}", cursors);
 
@@ -187,6 +213,7 @@ async fn session(
     let acks = {
         let shared = shared.clone();
         let routes = routes.to_vec();
+        let target_name = target.name.clone();
         tokio::spawn(async move {
             loop {
                 match rx.recv().await? {
@@ -210,6 +237,24 @@ async fn session(
                         let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == set) else {
                             bail!("receiver answered a comparison of unknown set {set:?}");
                         };
+                        if job != 0 {
+                            let mut jobs = shared.jobs();
+                            // Unknown: a job that ended (its command went away).
+                            let Some(j) = jobs.get_mut(&job) else {
+                                continue;
+                            };
+                            j.found(Finding {
+                                target: target_name.clone(),
+                                set: set.clone(),
+                                path: path.to_string(),
+                                ranges: ranges.clone(),
+                                missing,
+                                attr,
+                            });
+                            if !j.repair {
+                                continue;
+                            }
+                        }
                         let work = Work::Need {
                             set: r.set,
                             job,
@@ -222,6 +267,9 @@ async fn session(
                             missing,
                             attr,
                         };
+                        shared
+                            .mirror_inflight
+                            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if shared.mirror_work.send(work).is_err() {
                             return Ok(()); // the pipeline is gone: shutting down
                         }
@@ -288,10 +336,11 @@ async fn session(
                     local_minute_of_day(),
                 );
             }
-            shared.targets[index]
-                .lock()
-                .expect("target lock")
-                .sent_bytes += bytes as u64;
+            {
+                let mut st = shared.targets[index].lock().expect("target lock");
+                st.sent_bytes += bytes as u64;
+                st.wire_bytes += tx.bytes_sent() - before;
+            }
             sent = true;
         }
         if !sent {

@@ -95,6 +95,16 @@ fn frames() -> Vec<Frame> {
             to: p(b"h"),
             flags: 1,
         },
+        Op::Sum {
+            path: p(b"h"),
+            job: 3,
+            file: [1, 2],
+            size: 200_000,
+            offset: 65536,
+            block: 65536,
+            sums: vec![1, 2],
+            attr: None,
+        },
     ];
     vec![
         Frame::Hello {
@@ -121,6 +131,15 @@ fn frames() -> Vec<Frame> {
                 .collect(),
         },
         ack(u64::MAX),
+        Frame::Need {
+            set: "data".into(),
+            job: 0,
+            file: [1, 2],
+            path: p(b"h"),
+            ranges: vec![(65536, 65536)],
+            missing: false,
+            attr: true,
+        },
         Frame::Refused {
             reason: "bye".into(),
         },

@@ -325,19 +325,35 @@ impl Applier {
         Ok(())
     }
 
-    /// The regular file at `path` if there is one (never created).
+    /// The regular file at `path` if there is one (never created), opened afresh: what
+    /// a comparison reads must be what the path names now, even if something else
+    /// replaced or removed the file behind a cached descriptor (which is then dropped,
+    /// so that a repair writes where the path leads).
     fn file_if_any(&mut self, path: &RelPath) -> std::result::Result<Arc<OwnedFd>, Errno> {
-        if let Some(fd) = self.files.get(path) {
-            return Ok(fd);
+        let found = beneath::open(&*self.root, &path.0, FILE_FLAGS, Mode::empty()).and_then(|fd| {
+            let st = rustix::fs::fstat(&fd)?;
+            if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
+                return Err(Errno::NXIO);
+            }
+            Ok((fd, (st.st_dev, st.st_ino)))
+        });
+        let cached = self
+            .files
+            .get(path)
+            .and_then(|fd| rustix::fs::fstat(&*fd).ok())
+            .map(|st| (st.st_dev, st.st_ino));
+        match found {
+            Ok((fd, id)) => {
+                if cached.is_some_and(|c| c != id) {
+                    self.files.invalidate(path);
+                }
+                Ok(Arc::new(fd))
+            }
+            Err(e) => {
+                self.files.invalidate(path);
+                Err(e)
+            }
         }
-        let fd = beneath::open(&*self.root, &path.0, FILE_FLAGS, Mode::empty())?;
-        let st = rustix::fs::fstat(&fd)?;
-        if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
-            return Err(Errno::NXIO);
-        }
-        let fd = Arc::new(fd);
-        self.files.insert(path.clone(), fd.clone());
-        Ok(fd)
     }
 
     #[cfg(test)]

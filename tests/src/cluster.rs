@@ -229,6 +229,16 @@ targets = ["t"]
         }
     }
 
+    /// Runs `doppel-agent ARGS --config <this cluster's agent.toml>` to completion.
+    pub fn agent_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin_dir().join("doppel-agent"))
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("agent.toml"))
+            .output()
+            .expect("run doppel-agent")
+    }
+
     pub fn start(&mut self) -> Result<()> {
         self.start_receiver()?;
         self.start_agent()

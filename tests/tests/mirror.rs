@@ -198,3 +198,116 @@ fn writes_during_the_mirror_of_a_large_file_end_up_correct() {
     assert!(writes > 100);
     c.assert_identical(Duration::from_secs(60));
 }
+
+/// `doppel-agent status --json`, parsed.
+fn status(c: &Cluster) -> serde_json::Value {
+    let o = c.agent_command(&["status", "--json"]);
+    assert!(
+        o.status.success(),
+        "status failed: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("status is JSON")
+}
+
+/// Waits until the agent says every change is acknowledged and no comparison pends.
+fn wait_synced(c: &Cluster) -> serde_json::Value {
+    let start = Instant::now();
+    loop {
+        let s = status(c);
+        if s["synced"] == true {
+            return s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "not synced: {s}\n{}",
+            c.logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Runs `doppel-agent verify --json ARGS`: its exit status and its report.
+fn verify(c: &Cluster, args: &[&str]) -> (i32, serde_json::Value) {
+    let mut all = vec!["verify", "--json"];
+    all.extend_from_slice(args);
+    let o = c.agent_command(&all);
+    let out = String::from_utf8_lossy(&o.stdout);
+    let report = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find_map(|v| v.get("report").cloned())
+        .unwrap_or_else(|| {
+            panic!(
+                "verify printed no report: {out}\n{}\n{}",
+                String::from_utf8_lossy(&o.stderr),
+                c.logs()
+            )
+        });
+    (o.status.code().unwrap_or(-1), report)
+}
+
+fn sent_bytes(s: &serde_json::Value) -> u64 {
+    s["sets"][0]["sent_bytes"].as_u64().unwrap()
+}
+
+#[test]
+fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::new("data").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(21);
+    random_file(&c.source.join("big"), 100 * MIB, &mut rng);
+    fs::write(c.source.join("small"), b"a small file").unwrap();
+    fs::write(c.source.join("empty"), b"").unwrap();
+    c.start().unwrap();
+    c.assert_identical(Duration::from_secs(60));
+    wait_synced(&c);
+
+    let (code, r) = verify(&c, &[]);
+    assert_eq!(code, 0, "{r}");
+    assert_eq!(r["files"], 3, "{r}");
+    assert_eq!(r["findings"].as_array().unwrap().len(), 0, "{r}");
+
+    // Corruption planted on the replica: one flipped byte, one wrong mode, one lost file.
+    let off = 37 * MIB as u64 + 12_345;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(c.replica.join("big"))
+        .unwrap();
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, off).unwrap();
+    f.write_all_at(&[b[0] ^ 0x01], off).unwrap();
+    drop(f);
+    fs::set_permissions(c.replica.join("small"), fs::Permissions::from_mode(0o600)).unwrap();
+    fs::remove_file(c.replica.join("empty")).unwrap();
+
+    let (code, r) = verify(&c, &[]);
+    assert_eq!(code, 1, "{r}");
+    let findings = r["findings"].as_array().unwrap();
+    assert_eq!(findings.len(), 3, "{r}");
+    let by_path = |p: &str| findings.iter().find(|f| f["path"] == p).unwrap().clone();
+    let block = 64 * 1024;
+    assert_eq!(
+        by_path("big")["ranges"],
+        serde_json::json!([[off / block * block, block]]),
+        "{r}"
+    );
+    assert_eq!(by_path("small")["attr"], true, "{r}");
+    assert_eq!(by_path("small")["ranges"], serde_json::json!([]), "{r}");
+    assert_eq!(by_path("empty")["missing"], true, "{r}");
+    // The replica is left as it was.
+    assert!(!c.replica.join("empty").exists());
+
+    let before = sent_bytes(&wait_synced(&c));
+    let (code, r) = verify(&c, &["--repair"]);
+    assert_eq!(code, 0, "{r}");
+    c.assert_identical(Duration::from_secs(30));
+    let sent = sent_bytes(&wait_synced(&c)) - before;
+    eprintln!("repair sent {sent} data bytes");
+    assert_eq!(sent, block, "the repair sends the one differing block");
+    let (code, r) = verify(&c, &[]);
+    assert_eq!(code, 0, "{r}");
+}

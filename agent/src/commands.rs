@@ -1,0 +1,196 @@
+//! The commands that talk to the running daemon through its control socket: how they
+//! show what it answers (a table or progress bar on a terminal, plain lines or JSON
+//! otherwise).
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+use doppel_agent::control::{call, Reply, Request};
+use doppel_agent::verify::{Progress, Report};
+use indicatif::{ProgressBar, ProgressStyle};
+
+/// How often progress is printed when stderr is not a terminal.
+const PLAIN_EVERY: Duration = Duration::from_secs(2);
+
+/// `doppel-agent verify`: returns the exit status (0 identical or repaired, 1 differences).
+pub fn verify(socket: &Path, set: Option<String>, json: bool, repair: bool) -> Result<u8> {
+    let mut show = Shown::new(json);
+    let mut report = None;
+    let mut error = None;
+    call(
+        socket,
+        &Request::Verify { set, repair },
+        |reply| match reply {
+            Reply::Progress(p) => show.progress(&p),
+            Reply::Report(r) => report = Some(r),
+            Reply::Error(e) => error = Some(e),
+            Reply::Status(_) => {}
+        },
+    )?;
+    show.done();
+    if let Some(e) = error {
+        bail!("{e}");
+    }
+    let Some(r) = report else {
+        bail!("the agent ended the verify without a report; see its log");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&Reply::Report(r.clone()))?);
+    } else {
+        print_report(&r);
+    }
+    Ok(if r.findings.is_empty() || r.repaired {
+        0
+    } else {
+        1
+    })
+}
+
+fn print_report(r: &Report) {
+    for f in &r.findings {
+        let mut what = Vec::new();
+        if f.missing {
+            what.push("missing on the replica".to_string());
+        }
+        let bytes: u64 = f.ranges.iter().map(|r| r.1).sum();
+        if !f.missing && !f.ranges.is_empty() {
+            let shown: Vec<String> = f
+                .ranges
+                .iter()
+                .take(4)
+                .map(|(o, l)| format!("{o}+{l}"))
+                .collect();
+            let more = if f.ranges.len() > 4 { ", ..." } else { "" };
+            what.push(format!(
+                "{bytes} bytes differ in {} ranges ({}{more})",
+                f.ranges.len(),
+                shown.join(", ")
+            ));
+        }
+        if f.attr {
+            what.push("mode, owner or mtime differ".into());
+        }
+        println!("{}: {}/{}: {}", f.target, f.set, f.path, what.join("; "));
+    }
+    let verdict = match (r.findings.len(), r.repaired) {
+        (0, _) => "identical".to_string(),
+        (n, false) => format!("{n} differ"),
+        (n, true) => format!("{n} differed and were repaired (only the differing blocks sent)"),
+    };
+    println!(
+        "verify: {} files ({}) compared in {:.1} s: {verdict}",
+        r.files,
+        human_bytes(r.bytes),
+        r.seconds
+    );
+}
+
+/// `doppel-agent status`.
+pub fn status(socket: &Path, json: bool) -> Result<()> {
+    let mut status = None;
+    let mut error = None;
+    call(socket, &Request::Status, |reply| match reply {
+        Reply::Status(s) => status = Some(s),
+        Reply::Error(e) => error = Some(e),
+        _ => {}
+    })?;
+    if let Some(e) = error {
+        bail!("{e}");
+    }
+    let Some(s) = status else {
+        bail!("the agent sent no status; see its log");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    println!(
+        "{:<16} {:<16} {:<10} {:>10} {:>10} {:>12} {:>12}",
+        "SET", "TARGET", "STATE", "QUEUED", "ACKED", "LAG", "SENT"
+    );
+    for t in &s.sets {
+        let state = if !t.connected {
+            "down"
+        } else if t.lag_records > 0 {
+            "behind"
+        } else {
+            "in sync"
+        };
+        println!(
+            "{:<16} {:<16} {:<10} {:>10} {:>10} {:>12} {:>12}",
+            t.set,
+            t.target,
+            state,
+            t.last_seq,
+            t.acked,
+            human_bytes(t.lag_bytes),
+            human_bytes(t.sent_bytes)
+        );
+    }
+    if s.mirror_pending > 0 {
+        println!("mirror: {} comparisons pending", s.mirror_pending);
+    }
+    Ok(())
+}
+
+fn human_bytes(n: u64) -> String {
+    indicatif::HumanBytes(n).to_string()
+}
+
+/// Progress as the output allows: a bar on a terminal, a line every few seconds on a
+/// plain stderr, JSON lines on stdout with `--json`.
+struct Shown {
+    json: bool,
+    bar: Option<ProgressBar>,
+    last_line: Option<Instant>,
+}
+
+impl Shown {
+    fn new(json: bool) -> Self {
+        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+            let b = ProgressBar::new(0);
+            b.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} verify [{bar:30}] {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            b
+        });
+        Shown {
+            json,
+            bar,
+            last_line: None,
+        }
+    }
+
+    fn progress(&mut self, p: &Progress) {
+        if self.json {
+            if let Ok(s) = serde_json::to_string(&Reply::Progress(*p)) {
+                println!("{s}");
+            }
+        } else if let Some(b) = &self.bar {
+            b.set_length(p.bytes);
+            b.set_position(p.bytes_done);
+            b.set_message(format!("{}/{} files", p.files_done, p.files));
+        } else if self.last_line.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) {
+            self.last_line = Some(Instant::now());
+            eprintln!(
+                "verify: {}/{} files, {}/{}",
+                p.files_done,
+                p.files,
+                human_bytes(p.bytes_done),
+                human_bytes(p.bytes)
+            );
+        }
+    }
+
+    fn done(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}

@@ -1,0 +1,275 @@
+//! The control socket, `<state_dir>/control.sock` (mode 0600: root only): how the
+//! `doppel-agent` commands talk to the running daemon.
+//!
+//! One request per connection, a JSON line; the daemon answers with JSON lines until the
+//! request is done, then closes. Both ends are here: [`serve`] in the daemon, [`call`]
+//! in the command.
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use std::sync::Arc;
+
+use crate::send::Shared;
+use crate::verify::{Progress, Report};
+
+/// Longest request line accepted.
+const MAX_REQUEST: usize = 64 << 10;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Where every set stands with every target.
+    Status,
+    /// Compare sets (all when `set` is `None`) with every target's replica.
+    Verify {
+        set: Option<String>,
+        #[serde(default)]
+        repair: bool,
+    },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reply {
+    Status(Status),
+    Progress(Progress),
+    Report(Report),
+    Error(String),
+}
+
+/// One set towards one target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetStatus {
+    pub set: String,
+    pub target: String,
+    pub connected: bool,
+    /// Last sequence number queued, and the last one the target acknowledged.
+    pub last_seq: u64,
+    pub acked: u64,
+    pub lag_records: u64,
+    pub lag_bytes: u64,
+    /// File data sent to the target (all sets), and bytes on the wire (after compression).
+    pub sent_bytes: u64,
+    pub wire_bytes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Status {
+    pub sets: Vec<SetStatus>,
+    /// Mirror comparisons whose answers are still to come or to be acted on.
+    pub mirror_pending: u64,
+    /// Every change queued so far is acknowledged by every target and no comparison is
+    /// pending: the replicas were equal to the sources when this was taken.
+    pub synced: bool,
+}
+
+impl Shared {
+    pub fn status(&self) -> Status {
+        let mut sets = Vec::new();
+        let mut synced = true;
+        for (s, targets) in self.set_targets.iter().enumerate() {
+            for (slot, &t) in targets.iter().enumerate() {
+                let st = self.targets[t].lock().expect("target lock").clone();
+                let q = self.queue(s);
+                let (lag_records, lag_bytes) = q.lag(slot);
+                synced &= q.acked(slot) >= q.last_seq();
+                sets.push(SetStatus {
+                    set: self.set_names[s].clone(),
+                    target: self.target_names[t].clone(),
+                    connected: st.connected,
+                    last_seq: q.last_seq(),
+                    acked: q.acked(slot),
+                    lag_records,
+                    lag_bytes: lag_bytes as u64,
+                    sent_bytes: st.sent_bytes,
+                    wire_bytes: st.wire_bytes,
+                });
+            }
+        }
+        // Answers being acted on count until their ops are queued.
+        let pending = self.tracker().pending() as u64
+            + self
+                .mirror_inflight
+                .load(std::sync::atomic::Ordering::SeqCst);
+        Status {
+            sets,
+            mirror_pending: pending,
+            synced: synced && pending == 0,
+        }
+    }
+}
+
+/// A verify the daemon is asked to run: the sets (indexes) and where to send replies.
+pub struct VerifyRequest {
+    pub sets: Vec<usize>,
+    pub repair: bool,
+    pub reply: mpsc::UnboundedSender<Reply>,
+}
+
+pub fn socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join("control.sock")
+}
+
+/// Listens on `path` until the process ends; verify requests go to `requests`.
+pub async fn serve(
+    path: PathBuf,
+    shared: Arc<Shared>,
+    requests: mpsc::UnboundedSender<VerifyRequest>,
+) -> Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
+    }
+    // A socket left by an earlier run (the daemon was killed): nobody listens on it.
+    let _ = std::fs::remove_file(&path);
+    let listener = tokio::net::UnixListener::bind(&path)
+        .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("cannot restrict {} to root", path.display()))?;
+    info!(path = %path.display(), "control socket ready");
+    loop {
+        let (stream, _) = listener.accept().await?;
+        let shared = shared.clone();
+        let requests = requests.clone();
+        tokio::spawn(async move {
+            if let Err(e) = handle(stream, &shared, &requests).await {
+                warn!(error = %format!("{e:#}"), "control request failed");
+            }
+        });
+    }
+}
+
+async fn handle(
+    stream: tokio::net::UnixStream,
+    shared: &Shared,
+    requests: &mpsc::UnboundedSender<VerifyRequest>,
+) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = Vec::new();
+    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
+    reader.read_until(b'\n', &mut line).await?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    match parse(&line, &shared.set_names) {
+        Ok(Parsed::Status) => {
+            let _ = tx.send(Reply::Status(shared.status()));
+        }
+        Ok(Parsed::Verify { sets, repair }) => {
+            let _ = requests.send(VerifyRequest {
+                sets,
+                repair,
+                reply: tx,
+            });
+        }
+        Err(e) => {
+            let _ = tx.send(Reply::Error(e));
+        }
+    }
+    while let Some(reply) = rx.recv().await {
+        let mut text = serde_json::to_vec(&reply)?;
+        text.push(b'\n');
+        write.write_all(&text).await?;
+        if !matches!(reply, Reply::Progress(_)) {
+            break;
+        }
+    }
+    write.shutdown().await?;
+    Ok(())
+}
+
+/// A request checked against this daemon's sets.
+#[derive(Debug, PartialEq, Eq)]
+enum Parsed {
+    Status,
+    Verify { sets: Vec<usize>, repair: bool },
+}
+
+fn parse(line: &[u8], set_names: &[String]) -> std::result::Result<Parsed, String> {
+    let req: Request = serde_json::from_slice(line).map_err(|e| {
+        format!(
+            "malformed request: {e}; this daemon and the command must be the same doppel release"
+        )
+    })?;
+    match req {
+        Request::Status => Ok(Parsed::Status),
+        Request::Verify { set: None, repair } => Ok(Parsed::Verify {
+            sets: (0..set_names.len()).collect(),
+            repair,
+        }),
+        Request::Verify {
+            set: Some(name),
+            repair,
+        } => match set_names.iter().position(|n| *n == name) {
+            Some(i) => Ok(Parsed::Verify {
+                sets: vec![i],
+                repair,
+            }),
+            None => Err(format!(
+                "no set named {name:?}; this agent replicates {}",
+                set_names.join(", ")
+            )),
+        },
+    }
+}
+
+/// Sends `req` to the daemon listening at `path` and hands each reply to `on_reply`
+/// until the daemon is done. Errors say how to reach a daemon.
+pub fn call(path: &Path, req: &Request, mut on_reply: impl FnMut(Reply)) -> Result<()> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
+        format!(
+            "cannot reach the agent at {}: is `doppel-agent run` running with this config (and are you root)?",
+            path.display()
+        )
+    })?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut got = false;
+    for line in BufReader::new(stream).lines() {
+        let line = line.context("reading the agent's reply")?;
+        let reply: Reply = serde_json::from_str(&line)
+            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
+        got = true;
+        on_reply(reply);
+    }
+    if !got {
+        bail!("the agent closed the control connection without replying; see its log");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_name_known_sets() {
+        let names = vec!["a".to_string(), "b".to_string()];
+        assert_eq!(
+            parse(br#"{"cmd":"verify"}"#, &names),
+            Ok(Parsed::Verify {
+                sets: vec![0, 1],
+                repair: false
+            })
+        );
+        assert_eq!(
+            parse(br#"{"cmd":"verify","set":"b","repair":true}"#, &names),
+            Ok(Parsed::Verify {
+                sets: vec![1],
+                repair: true
+            })
+        );
+        assert_eq!(parse(br#"{"cmd":"status"}"#, &names), Ok(Parsed::Status));
+        let e = parse(br#"{"cmd":"verify","set":"c"}"#, &names).unwrap_err();
+        assert!(e.contains("no set named \"c\""), "{e}");
+        assert!(parse(b"garbage", &names).unwrap_err().contains("malformed"));
+        assert!(parse(br#"{"cmd":"verify","bogus":1}"#, &names).is_err());
+    }
+}
