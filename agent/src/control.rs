@@ -55,7 +55,8 @@ pub struct SetStatus {
     pub acked: u64,
     pub lag_records: u64,
     pub lag_bytes: u64,
-    /// File data sent to the target (all sets), and bytes on the wire (after compression).
+    /// File data sent to the target (all sets), and UDP bytes exchanged with it both
+    /// ways (QUIC, TLS and framing included).
     pub sent_bytes: u64,
     pub wire_bytes: u64,
 }
@@ -89,7 +90,7 @@ impl Shared {
                     lag_records,
                     lag_bytes: lag_bytes as u64,
                     sent_bytes: st.sent_bytes,
-                    wire_bytes: st.wire_bytes,
+                    wire_bytes: st.wire_bytes(),
                 });
             }
         }

@@ -39,6 +39,9 @@ pub enum Work {
         file: FileId,
         path: doppel_common::wire::RelPath,
         ranges: Vec<(u64, u64)>,
+        /// The replica's finer checksums of each range (`Frame::Need::fine`).
+        fine_block: u32,
+        fine: Vec<Vec<u64>>,
         missing: bool,
         attr: bool,
     },

@@ -239,6 +239,19 @@ impl SetQueue {
         self.mem_bytes > self.mem_limit && !self.to_journal()
     }
 
+    /// Whether the mirror may queue more file data now. Its data is read again from the
+    /// files whenever wanted, so rather than spill it to the journal or overfill memory it
+    /// waits until the targets took what is queued; half the memory bound stays free
+    /// for live changes, which must never wait.
+    pub fn mirror_room(&self) -> bool {
+        let queued = if self.to_journal() {
+            self.journal_bytes() as usize
+        } else {
+            self.mem_bytes
+        };
+        queued < self.mem_limit / 2
+    }
+
     pub fn journal_bytes(&self) -> u64 {
         self.journal.as_ref().map_or(0, |j| j.bytes())
     }

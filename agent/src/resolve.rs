@@ -66,7 +66,17 @@ pub struct Resolver<W: Watcher> {
     mapped: Mapped,
     /// Recent writes, to catch two threads' writes reported in the wrong order.
     overlaps: Overlaps,
+    /// Where [`Resolver::scan_all`] and [`Resolver::scan_set`] hand their ops as they go
+    /// (see [`Resolver::set_scan_sink`]), and whether a scan is streaming now.
+    scan_sink: Option<ScanSink>,
+    streaming: bool,
 }
+
+/// Takes a scan's ops out of the vector, in order (see [`Resolver::set_scan_sink`]).
+pub type ScanSink = Box<dyn FnMut(&mut Vec<SetOp>)>;
+
+/// A streaming scan hands its ops over every this many.
+const SCAN_FLUSH_OPS: usize = 32;
 
 /// A changed range to read once the index knows where its file went.
 #[derive(Debug, Clone, Copy)]
@@ -127,6 +137,8 @@ impl<W: Watcher> Resolver<W> {
             deferred: Vec::new(),
             mapped: Mapped::default(),
             overlaps: Overlaps::default(),
+            scan_sink: None,
+            streaming: false,
         })
     }
 
@@ -375,13 +387,16 @@ impl<W: Watcher> Resolver<W> {
 
     /// The receiver found `ranges` of `file` different from the source's (its answer to
     /// the [`Op::Sum`]s of a mirror): sends them as the source has them now, then the
-    /// file's attributes (the writes changed its times on the replica). With `missing`
-    /// the replica has no file there at all: it is made first.
+    /// file's attributes (the writes changed its times on the replica). `fine` is the
+    /// replica's finer checksums of each range (block size, sums per range; see
+    /// `Frame::Need`): only the fine blocks that differ are sent. With `missing` the
+    /// replica has no file there at all: it is made first.
     pub fn mirror_need(
         &mut self,
         set: usize,
         file: FileId,
         ranges: &[(u64, u64)],
+        fine: (u32, &[Vec<u64>]),
         missing: bool,
         out: &mut Vec<SetOp>,
     ) {
@@ -402,8 +417,22 @@ impl<W: Watcher> Resolver<W> {
                 },
             });
         }
-        for &(offset, len) in ranges {
-            self.read_range(file, &loc, offset, len, out);
+        let (fine_block, fine) = fine;
+        let usable = (512..=doppel_common::wire::sums::MAX_BLOCK).contains(&fine_block)
+            && fine.len() == ranges.len();
+        // The file whose bytes are compared must be the one the index places there.
+        let src = File::open(self.index.abs(&loc))
+            .ok()
+            .filter(|f| f.metadata().is_ok_and(|m| file_id(&m) == file));
+        for (i, &(offset, len)) in ranges.iter().enumerate() {
+            match (&src, usable && !fine[i].is_empty()) {
+                (Some(f), true) => {
+                    for (o, l) in differing_fine(f, offset, len, fine_block, &fine[i]) {
+                        self.read_range(file, &loc, o, l, out);
+                    }
+                }
+                _ => self.read_range(file, &loc, offset, len, out),
+            }
         }
         self.touch(Some(file), false);
     }
@@ -496,12 +525,36 @@ impl<W: Watcher> Resolver<W> {
         &self.index
     }
 
-    /// Watches every directory of every set and emits every file whole: the initial
-    /// copy, and the fallback when the kernel lost events it could not even record.
+    /// Makes [`Resolver::scan_all`] and [`Resolver::scan_set`] hand their ops to `sink`
+    /// as the scan goes (it must take them out of the vector, in order), so that the
+    /// targets compare the first files while the scan reads the next ones, and a large
+    /// tree's ops are never all in memory at once.
+    pub fn set_scan_sink(&mut self, sink: ScanSink) {
+        self.scan_sink = Some(sink);
+    }
+
+    /// Watches every directory of every set and mirrors every entry: the initial copy.
     pub fn scan_all(&mut self, out: &mut Vec<SetOp>) {
+        self.streaming = self.scan_sink.is_some();
+        self.rescan_all(out);
+        self.streaming = false;
+    }
+
+    /// As [`Resolver::scan_all`], never streaming: also the fallback when the kernel lost
+    /// events it could not even record, in the middle of resolving events.
+    fn rescan_all(&mut self, out: &mut Vec<SetOp>) {
         self.index.clear_nodes();
         for set in 0..self.sets.len() {
             self.scan_root(set, out);
+        }
+    }
+
+    /// During a streaming scan, hands what `out` holds to the sink once it is enough.
+    fn flush_scan(&mut self, out: &mut Vec<SetOp>) {
+        if self.streaming && out.len() >= SCAN_FLUSH_OPS {
+            if let Some(sink) = self.scan_sink.as_mut() {
+                sink(out);
+            }
         }
     }
 
@@ -512,7 +565,9 @@ impl<W: Watcher> Resolver<W> {
         for d in self.index.clear_set(set) {
             self.watcher.unwatch(d);
         }
+        self.streaming = self.scan_sink.is_some();
         self.scan_root(set, out);
+        self.streaming = false;
     }
 
     fn scan_root(&mut self, set: usize, out: &mut Vec<SetOp>) {
@@ -548,6 +603,7 @@ impl<W: Watcher> Resolver<W> {
             if self.enter(set, dir, &name, &child_abs, &child_rel, &m, out) {
                 keep.push(RelPath(name.as_bytes().to_vec()));
             }
+            self.flush_scan(out);
         }
         // Whatever else the replica has here, the source no longer has (it went while
         // no agent was watching, or with records a killed agent never delivered).
@@ -1044,7 +1100,7 @@ impl<W: Watcher> Resolver<W> {
             } => self.mapped_range(file, parent, offset, len, time, out),
             CaptureEvent::Lost { records } => {
                 warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
-                self.scan_all(out);
+                self.rescan_all(out);
             }
         }
     }
@@ -1431,6 +1487,39 @@ fn block_sums(f: &File, m: &Metadata, block: u32, mut emit: impl FnMut(u64, Vec<
     }
 }
 
+/// The parts of `[offset, offset + len)` of `f` whose blocks of `fine_block` bytes have
+/// other checksums than `theirs` (the replica's), merged into ranges. A block the file
+/// no longer has in full differs.
+fn differing_fine(
+    f: &File,
+    offset: u64,
+    len: u64,
+    fine_block: u32,
+    theirs: &[u64],
+) -> Vec<(u64, u64)> {
+    use doppel_common::wire::sums::block_sum;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![0u8; fine_block as usize];
+    let end = offset.saturating_add(len);
+    let mut pos = offset;
+    for i in 0.. {
+        if pos >= end {
+            break;
+        }
+        let n = (fine_block as u64).min(end - pos);
+        let got = read_full(f, &mut buf[..n as usize], pos);
+        let same = got as u64 == n && theirs.get(i) == Some(&block_sum(&buf[..got]));
+        if !same {
+            match out.last_mut() {
+                Some(last) if last.0 + last.1 == pos => last.1 += n,
+                _ => out.push((pos, n)),
+            }
+        }
+        pos += n;
+    }
+    out
+}
+
 /// Reads up to `buf.len()` bytes at `pos`; fewer only at the end of the file (or on an
 /// error, which the caller's next event or comparison corrects).
 fn read_full(f: &File, buf: &mut [u8], pos: u64) -> usize {
@@ -1710,10 +1799,53 @@ mod tests {
                 dev: file[0],
                 ino: file[1],
             };
-            r.mirror_need(o.set, id, &ranges, false, &mut out);
+            r.mirror_need(o.set, id, &ranges, (0, &[]), false, &mut out);
         }
         r.finish(&mut out);
         out
+    }
+
+    #[test]
+    fn block_sums_of_a_large_file_come_in_order_whatever_the_threads() {
+        use doppel_common::wire::sums::block_sum;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..(9 << 20) + 123u32)
+            .map(|i| (i * 31 % 253) as u8)
+            .collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut runs = Vec::new();
+        block_sums(&f, &f.metadata().unwrap(), 4096, |off, sums| {
+            runs.push((off, sums))
+        });
+        let want: Vec<u64> = data.chunks(4096).map(block_sum).collect();
+        let mut at = 0;
+        for (off, sums) in &runs {
+            assert_eq!(*off, at as u64 * 4096);
+            assert!(sums.len() <= SUMS_PER_OP);
+            assert_eq!(sums[..], want[at..at + sums.len()]);
+            at += sums.len();
+        }
+        assert_eq!(at, want.len());
+    }
+
+    #[test]
+    fn only_fine_blocks_that_differ_are_sent() {
+        use doppel_common::wire::sums::block_sum;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let mut theirs: Vec<u64> = data[4096..].chunks(1024).map(block_sum).collect();
+        theirs[2] ^= 1; // the replica differs in [6144, 7168)
+        theirs[3] ^= 1; // and [7168, 8192)
+        theirs.pop(); // and has no sum for the tail [9216, 10000)
+        let f = File::open(&p).unwrap();
+        assert_eq!(
+            differing_fine(&f, 4096, 10_000 - 4096, 1024, &theirs),
+            vec![(6144, 2048), (9216, 784)]
+        );
     }
 
     #[test]

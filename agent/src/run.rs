@@ -171,6 +171,12 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
 
+    {
+        // Scans hand their ops to the queues as they go (room is not waited for: the
+        // ops of a scan are mostly small comparisons, and hybrid queues spill).
+        let shared = shared.clone();
+        resolver.set_scan_sink(Box::new(move |ops| queue_ops(&shared, ops)));
+    }
     let mut ops = Vec::new();
     resolver.scan_all(&mut ops);
     info!(
@@ -188,7 +194,14 @@ pub async fn run(config: Config) -> Result<()> {
     let mut mapped_pass = tokio::time::interval(crate::mapped::PASS_INTERVAL);
     mapped_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
+        let mirror_room = (0..config.sets.len()).all(|s| shared.queue(s).mirror_room());
         tokio::select! {
+            // Acknowledgements freed room for the mirror's data: look again.
+            r = room.changed(), if !mirror_room => {
+                if r.is_err() {
+                    break;
+                }
+            }
             _ = mapped_pass.tick(), if resolver.has_mapped() => {
                 resolver.mapped_pass(&mut ops);
                 resolver.finish(&mut ops);
@@ -240,7 +253,7 @@ pub async fn run(config: Config) -> Result<()> {
                 resolver.scan_set(set, &mut ops);
                 push(&shared, &mut ops, &mut room).await;
             }
-            Some(work) = mirror_rx.recv() => {
+            Some(work) = mirror_rx.recv(), if mirror_room => {
                 let mut answers = handle_mirror_work(&mut resolver, work, &mut ops);
                 // Answers come in bursts: take what else is there before pushing.
                 while let Ok(work) = mirror_rx.try_recv() {
@@ -302,6 +315,19 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
     if ops.is_empty() {
         return;
     }
+    queue_ops(shared, ops);
+    loop {
+        room.borrow_and_update();
+        let full = (0..shared.queues.len()).any(|s| shared.queue(s).full());
+        if !full {
+            return;
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(100), room.changed()).await;
+    }
+}
+
+/// Moves ops into their set queues (tracking comparisons) and wakes the senders.
+fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
     for SetOp { set, op } in ops.drain(..) {
         let compared = match &op {
             Op::Sum {
@@ -340,14 +366,6 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
         }
     }
     shared.pushed.send_modify(|g| *g += 1);
-    loop {
-        room.borrow_and_update();
-        let full = (0..shared.queues.len()).any(|s| shared.queue(s).full());
-        if !full {
-            return;
-        }
-        let _ = tokio::time::timeout(Duration::from_millis(100), room.changed()).await;
-    }
 }
 
 /// A target's answer to a comparison (of the mirror, or of a verify that repairs), or
@@ -363,10 +381,12 @@ fn handle_mirror_work<W: Watcher>(
             set,
             file,
             ranges,
+            fine_block,
+            fine,
             missing,
             ..
         } => {
-            resolver.mirror_need(set, file, &ranges, missing, ops);
+            resolver.mirror_need(set, file, &ranges, (fine_block, &fine), missing, ops);
             1
         }
         Work::Resum { set, files } => {

@@ -61,10 +61,24 @@ pub struct TargetState {
     pub connected: bool,
     /// Sessions established so far (a verify spanning a reconnect may miss answers).
     pub sessions: u64,
-    /// Bytes of frames sent, after compression.
-    pub wire_bytes: u64,
+    /// UDP bytes of ended sessions, both ways (QUIC, TLS and framing included).
+    pub wire_bytes_ended: u64,
+    /// The current session's connection, for its byte counters.
+    pub conn: Option<quinn::Connection>,
     pub last_error: Option<(std::time::SystemTime, String)>,
     pub sent_bytes: u64,
+}
+
+impl TargetState {
+    /// UDP bytes exchanged with the target so far, both ways.
+    pub fn wire_bytes(&self) -> u64 {
+        self.wire_bytes_ended + self.conn.as_ref().map_or(0, udp_bytes)
+    }
+}
+
+fn udp_bytes(c: &quinn::Connection) -> u64 {
+    let s = c.stats();
+    s.udp_tx.bytes + s.udp_rx.bytes
 }
 
 impl Shared {
@@ -113,6 +127,9 @@ pub async fn run_target(
         {
             let mut st = shared.targets[index].lock().expect("target lock");
             st.connected = false;
+            if let Some(c) = st.conn.take() {
+                st.wire_bytes_ended += udp_bytes(&c);
+            }
             if let Err(e) = &result {
                 st.last_error = Some((std::time::SystemTime::now(), format!("{e:#}")));
             }
@@ -206,6 +223,7 @@ async fn session(
         let mut st = shared.targets[index].lock().expect("target lock");
         st.connected = true;
         st.sessions += 1;
+        st.conn = Some(conn.clone());
     }
     info!(target = %target.name, address = %target.address, "connected; resuming after {:?}", cursors);
 
@@ -231,6 +249,8 @@ async fn session(
                         file,
                         path,
                         ranges,
+                        fine_block,
+                        fine,
                         missing,
                         attr,
                     }) => {
@@ -264,6 +284,8 @@ async fn session(
                             },
                             path,
                             ranges,
+                            fine_block,
+                            fine,
                             missing,
                             attr,
                         };
@@ -339,7 +361,6 @@ async fn session(
             {
                 let mut st = shared.targets[index].lock().expect("target lock");
                 st.sent_bytes += bytes as u64;
-                st.wire_bytes += tx.bytes_sent() - before;
             }
             sent = true;
         }

@@ -318,6 +318,13 @@ pub enum Frame {
         /// Differing byte ranges `(offset, len)`, in order, not overlapping. A size
         /// difference shows as the range between the two sizes.
         ranges: Vec<(u64, u64)>,
+        /// For a mirror's comparison, a finer look at what differs: `fine[i]` holds the
+        /// checksums of `ranges[i]` on the replica in blocks of `fine_block` bytes (the
+        /// last one clipped at the range's end), so that the agent sends only the fine
+        /// blocks that differ; empty when the replica has no data there (send it all).
+        /// Either empty or as long as `ranges`.
+        fine_block: u32,
+        fine: Vec<Vec<u64>>,
         /// The replica has no regular file at `path`.
         missing: bool,
         /// Mode, owner or mtime differ (only asked for by a verify).
@@ -333,6 +340,9 @@ pub mod sums {
     pub const MIN_BLOCK: u32 = 4 << 10;
     pub const MAX_BLOCK: u32 = 16 << 20;
     pub const DEFAULT_BLOCK: u32 = 64 << 10;
+    /// Block size of a `Need`'s finer checksums: a 100-byte change costs about 1 KiB on
+    /// the wire instead of a whole block, for 8 bytes of checksum per KiB that differs.
+    pub const FINE_BLOCK: u32 = 1 << 10;
 
     /// The checksum of one block: xxh3-64. It finds accidental differences (stale or
     /// corrupted replicas), not adversarial ones: both ends are authenticated.

@@ -137,6 +137,8 @@ fn frames() -> Vec<Frame> {
             file: [1, 2],
             path: p(b"h"),
             ranges: vec![(65536, 65536)],
+            fine_block: 1024,
+            fine: vec![vec![1, 2, 3]],
             missing: false,
             attr: true,
         },

@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::beneath::{self, os, DIR_FLAGS};
-use crate::compare::{add_range, differing, Blocks};
+use crate::compare::{add_range, differing, fine_sums, Blocks};
 use crate::dirty::Dirty;
 use crate::fdcache::FdCache;
 
@@ -50,6 +50,8 @@ pub struct Need {
     pub file: [u64; 2],
     pub path: RelPath,
     pub ranges: Vec<(u64, u64)>,
+    /// See `Frame::Need::fine`.
+    pub fine: Vec<Vec<u64>>,
     pub missing: bool,
     pub attr: bool,
 }
@@ -291,6 +293,7 @@ impl Applier {
             file,
             path: path.clone(),
             ranges: Vec::new(),
+            fine: Vec::new(),
             missing: false,
             attr: false,
         };
@@ -311,6 +314,12 @@ impl Applier {
         let end = b.offset + b.sums.len() as u64 * b.block as u64;
         if end >= b.size && target_size > b.size {
             add_range(&mut need.ranges, b.size, target_size - b.size);
+        }
+        // The mirror sends what differs: a finer look saves sending whole blocks for a
+        // few changed bytes. A verify only reports.
+        if job == 0 {
+            need.fine =
+                fine_sums(&*fd, target_size, &need.ranges).map_err(|e| io("sum", path, e))?;
         }
         if let Some(a) = attr {
             need.attr = st.st_mode & 0o7777 != a.mode

@@ -7,7 +7,7 @@
 
 use std::os::fd::AsFd;
 
-use doppel_common::wire::sums::{block_sum, zero_sum};
+use doppel_common::wire::sums::{block_sum, zero_sum, FINE_BLOCK};
 use rustix::fs::{seek, SeekFrom};
 use rustix::io::Errno;
 
@@ -90,6 +90,43 @@ pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64
         }
     }
     Ok(ranges)
+}
+
+/// The replica's checksums of each range in blocks of [`FINE_BLOCK`] (see
+/// `Frame::Need::fine`): empty for a range the replica has no data in (a hole, or past
+/// its end), which the agent then sends whole.
+pub fn fine_sums(
+    fd: impl AsFd,
+    target_size: u64,
+    ranges: &[(u64, u64)],
+) -> Result<Vec<Vec<u64>>, Errno> {
+    let fd = fd.as_fd();
+    let fine = FINE_BLOCK as u64;
+    let mut buf = vec![0u8; FINE_BLOCK as usize];
+    let mut out = Vec::with_capacity(ranges.len());
+    for &(start, len) in ranges {
+        let end = start + len;
+        let has_data = end <= target_size
+            && match seek(fd, SeekFrom::Data(start)) {
+                Ok(d) => d < end,
+                Err(Errno::NXIO) => false,
+                Err(_) => true,
+            };
+        if !has_data {
+            out.push(Vec::new());
+            continue;
+        }
+        let mut sums = Vec::with_capacity(len.div_ceil(fine) as usize);
+        let mut pos = start;
+        while pos < end {
+            let n = fine.min(end - pos) as usize;
+            let got = read_full(fd, &mut buf[..n], pos)?;
+            sums.push(block_sum(&buf[..got]));
+            pos += n as u64;
+        }
+        out.push(sums);
+    }
+    Ok(out)
 }
 
 /// Reads up to `buf.len()` bytes at `offset`; fewer only at the end of the file.
@@ -190,6 +227,32 @@ mod tests {
         )
         .unwrap();
         assert_eq!(got, vec![(3 * 4096, 4096)]);
+    }
+
+    #[test]
+    fn fine_sums_cover_ranges_with_data_only() {
+        let (f, _) = file_with(b"");
+        f.as_file().set_len(64 * 4096).unwrap();
+        let data = pattern(3000);
+        f.as_file().write_at(&data, 8 * 4096).unwrap();
+        let got = fine_sums(
+            f.as_file(),
+            64 * 4096,
+            &[(0, 4096), (8 * 4096, 2500), (60 * 4096, 8192)],
+        )
+        .unwrap();
+        assert!(got[0].is_empty(), "a hole is sent whole");
+        assert_eq!(
+            got[1],
+            vec![
+                block_sum(&data[..1024]),
+                block_sum(&data[1024..2048]),
+                block_sum(&data[2048..2500])
+            ]
+        );
+        assert!(got[2].is_empty());
+        // Past the replica's end: nothing to compare with.
+        assert!(fine_sums(f.as_file(), 64 * 4096, &[(64 * 4096, 10)]).unwrap()[0].is_empty());
     }
 
     #[test]

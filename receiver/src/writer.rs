@@ -68,6 +68,8 @@ impl Writer {
                                 file: n.file,
                                 path: n.path,
                                 ranges: n.ranges,
+                                fine_block: doppel_common::wire::sums::FINE_BLOCK,
+                                fine: n.fine,
                                 missing: n.missing,
                                 attr: n.attr,
                             };

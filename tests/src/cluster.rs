@@ -239,6 +239,39 @@ targets = ["t"]
             .expect("run doppel-agent")
     }
 
+    /// The running agent's status (what `doppel-agent status --json` prints), asked on
+    /// its control socket directly: cheap enough to poll.
+    pub fn agent_status(&self) -> Result<String> {
+        use std::io::{Read, Write};
+        let sock = self.dir.path().join("agent-state/control.sock");
+        let mut s = std::os::unix::net::UnixStream::connect(&sock)
+            .with_context(|| format!("cannot reach the agent at {}", sock.display()))?;
+        s.write_all(b"{\"cmd\":\"status\"}\n")?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    }
+
+    /// Waits until the agent reports every change acknowledged and no mirror comparison
+    /// pending (`"synced":true`); returns how long that took.
+    pub fn wait_synced(&self, within: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        loop {
+            if let Ok(s) = self.agent_status() {
+                if s.contains("\"synced\":true") {
+                    return Ok(start.elapsed());
+                }
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "the agent was not synced within {within:?}:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn start(&mut self) -> Result<()> {
         self.start_receiver()?;
         self.start_agent()

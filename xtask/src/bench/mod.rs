@@ -20,6 +20,7 @@
 //!   into 16 watched files that the agent takes in with no record missing the ring:
 //!   rates are stepped up, 3 s each, until the ring overflows (`missed_ranges` or
 //!   `lost` grow) or the writer cannot go faster.
+//! - `mirror`, `resync`: the mirror against rsync (see `mirror.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -33,9 +34,20 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use doppel_tests::cluster::Cluster;
 
+mod mirror;
+
 type Figures = BTreeMap<String, f64>;
 
-const ALL: &[&str] = &["lag", "throughput", "journal", "rss", "slowdown", "events"];
+const ALL: &[&str] = &[
+    "lag",
+    "throughput",
+    "journal",
+    "rss",
+    "slowdown",
+    "events",
+    "mirror",
+    "resync",
+];
 
 pub fn run(names: &[String], json: &Path) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
@@ -59,6 +71,8 @@ pub fn run(names: &[String], json: &Path) -> Result<()> {
             "rss" => rss(&mut figures)?,
             "journal" => journal(&mut figures)?,
             "events" => events(&mut figures)?,
+            "mirror" => mirror::mirror(&mut figures)?,
+            "resync" => mirror::resync(&mut figures)?,
             other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -85,6 +99,9 @@ fn goal(name: &str) -> &'static str {
         "throughput_ratio_vs_quic" => ">= 0.7",
         "journal_write_amplification" => "<= 1.1",
         "agent_rss_beyond_queue_mib" => "<= 64",
+        "mirror_empty_time_ratio_vs_rsync" => "<= 1.0",
+        "resync_wire_bytes_ratio_vs_rsync" => "<= 1.0",
+        "resync_time_ratio_vs_rsync" => "<= 1.0",
         _ => "",
     }
 }
