@@ -12,6 +12,7 @@ pub mod control;
 pub mod index;
 pub mod journal;
 pub mod mapped;
+pub mod marks;
 pub mod mirror;
 pub mod overlap;
 pub mod queue;

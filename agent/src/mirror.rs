@@ -49,6 +49,82 @@ pub enum Work {
     Resum { set: usize, files: Vec<FileId> },
 }
 
+impl Work {
+    /// Bytes of file ranges this work may queue (0 for a re-comparison, whose data
+    /// comes back as answers).
+    pub fn bytes(&self) -> u64 {
+        match self {
+            Work::Need { ranges, .. } => ranges.iter().map(|r| r.1).sum(),
+            Work::Resum { .. } => 0,
+        }
+    }
+}
+
+/// Splits a `Need` into pieces of at most `piece` bytes of ranges, so that the mirror
+/// queues its data a little at a time (a queue or journal bound smaller than one file
+/// must not be overrun). A fine block is never split. The file is made (`missing`) by
+/// the first piece only. Other work comes back as it is.
+pub fn split(work: Work, piece: u64) -> Vec<Work> {
+    let Work::Need {
+        set,
+        job,
+        file,
+        path,
+        ranges,
+        fine_block,
+        fine,
+        missing,
+        attr,
+    } = work
+    else {
+        return vec![work];
+    };
+    let has_fine = fine.len() == ranges.len() && fine_block > 0;
+    let unit = if has_fine { fine_block as u64 } else { 1 };
+    let piece = piece.max(unit) / unit * unit;
+    // Per piece: its ranges, their fine checksums, and its bytes so far.
+    type Piece = (Vec<(u64, u64)>, Vec<Vec<u64>>, u64);
+    let mut pieces: Vec<Piece> = vec![(Vec::new(), Vec::new(), 0)];
+    for (i, &(offset, len)) in ranges.iter().enumerate() {
+        let mut done = 0;
+        while done < len {
+            let (r, f, bytes) = pieces.last_mut().expect("one piece at least");
+            let mut take = (piece - *bytes).min(len - done);
+            if take < len - done {
+                take = take / unit * unit; // a fine block is never split
+            }
+            if take == 0 {
+                pieces.push((Vec::new(), Vec::new(), 0));
+                continue;
+            }
+            r.push((offset + done, take));
+            if has_fine {
+                let a = (done / unit) as usize;
+                let b = (done + take).div_ceil(unit) as usize;
+                f.push(fine[i][a.min(fine[i].len())..b.min(fine[i].len())].to_vec());
+            }
+            *bytes += take;
+            done += take;
+        }
+    }
+    let n = pieces.len();
+    pieces
+        .into_iter()
+        .enumerate()
+        .map(|(i, (ranges, fine, _))| Work::Need {
+            set,
+            job,
+            file,
+            path: path.clone(),
+            ranges,
+            fine_block,
+            fine,
+            missing: missing && i == 0,
+            attr: attr && i + 1 == n,
+        })
+        .collect()
+}
+
 /// Outstanding comparisons of every set, by sequence number, with the targets (slots of
 /// the set's queue) that have not acknowledged them yet.
 #[derive(Debug, Default)]
@@ -159,6 +235,45 @@ mod tests {
         assert_eq!(t.welcome(0, 0, 9), vec![f(3)]);
         t.acked(0, 1, 9);
         assert_eq!(t.pending(), 0);
+    }
+
+    #[test]
+    fn needs_split_into_pieces_at_fine_block_boundaries() {
+        let need = Work::Need {
+            set: 0,
+            job: 0,
+            file: f(1),
+            path: doppel_common::wire::RelPath(b"p".to_vec()),
+            ranges: vec![(0, 3000), (10_000, 1500)],
+            fine_block: 1024,
+            fine: vec![vec![1, 2, 3], vec![4, 5]],
+            missing: true,
+            attr: false,
+        };
+        let pieces: Vec<_> = split(need, 2048)
+            .into_iter()
+            .map(|w| match w {
+                Work::Need {
+                    ranges,
+                    fine,
+                    missing,
+                    ..
+                } => (ranges, fine, missing),
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (vec![(0, 2048)], vec![vec![1, 2]], true),
+                (
+                    vec![(2048, 952), (10_000, 1024)],
+                    vec![vec![3], vec![4]],
+                    false
+                ),
+                (vec![(11_024, 476)], vec![vec![5]], false),
+            ]
+        );
     }
 
     #[test]

@@ -12,6 +12,7 @@ use doppel_common::wire::{Op, Record};
 use tracing::{info, warn};
 
 use crate::journal::{AppendError, Journal};
+use crate::marks::Marks;
 
 /// Where a set's unacknowledged records live.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -53,6 +54,8 @@ pub struct SetQueue {
     /// The journal budget was hit and records were dropped: the set must be copied
     /// again once the queue has drained (see [`SetQueue::take_resync`]).
     overflowed: bool,
+    /// What the records dropped at the budget changed (see marks.rs).
+    marks: Marks,
     resync_due: bool,
     /// Total data bytes ever pushed, and records dropped at the journal budget.
     pub pushed_bytes: u64,
@@ -111,6 +114,7 @@ impl SetQueue {
             journal,
             acked: vec![0; targets],
             overflowed: false,
+            marks: Marks::default(),
             resync_due: false,
             pushed_bytes: 0,
             dropped: 0,
@@ -142,6 +146,7 @@ impl SetQueue {
         self.mem_bytes = 0;
         self.spilled = false;
         self.overflowed = false;
+        self.marks = Marks::default();
         self.acked.iter_mut().for_each(|a| *a = 0);
         if let Some(j) = &mut self.journal {
             if let Err(e) = j.reset_at(epoch, 1) {
@@ -164,6 +169,7 @@ impl SetQueue {
     pub fn push(&mut self, op: Op) -> bool {
         if self.overflowed {
             self.dropped += 1;
+            self.marks.add(&op);
             return false;
         }
         let seq = self.next_seq;
@@ -174,9 +180,10 @@ impl SetQueue {
             match j.append(std::slice::from_ref(&r)) {
                 Ok(()) => {}
                 Err(AppendError::Full { .. }) => {
-                    warn!(seq, "journal budget reached: changes are no longer queued; the set is copied again once targets catch up");
+                    warn!(seq, "journal budget reached: changes are no longer queued, only which files they touched; those are copied again once targets catch up");
                     self.overflowed = true;
                     self.dropped += 1;
+                    self.marks.add(&r.op);
                     return false;
                 }
                 Err(e) => {
@@ -239,17 +246,25 @@ impl SetQueue {
         self.mem_bytes > self.mem_limit && !self.to_journal()
     }
 
-    /// Whether the mirror may queue more file data now. Its data is read again from the
+    /// How much file data the mirror may queue now. Its data is read again from the
     /// files whenever wanted, so rather than spill it to the journal or overfill memory it
     /// waits until the targets took what is queued; half the memory bound stays free
     /// for live changes, which must never wait.
-    pub fn mirror_room(&self) -> bool {
-        let queued = if self.to_journal() {
-            self.journal_bytes() as usize
-        } else {
-            self.mem_bytes
+    pub fn mirror_room(&self) -> usize {
+        let (queued, bound) = match &self.journal {
+            // The journal's size counts whole segments, acknowledged records included:
+            // only when nothing is unacknowledged is it known to hold nothing.
+            Some(j) if self.to_journal() => {
+                let unacked = if self.min_acked() >= self.last_seq() {
+                    0
+                } else {
+                    j.bytes() as usize
+                };
+                (unacked, self.mem_limit.min(j.budget() as usize))
+            }
+            _ => (self.mem_bytes, self.mem_limit),
         };
-        queued < self.mem_limit / 2
+        (bound / 2).saturating_sub(queued)
     }
 
     pub fn journal_bytes(&self) -> u64 {
@@ -360,8 +375,15 @@ impl SetQueue {
         self.acked.iter().copied().min().unwrap_or(0)
     }
 
-    pub fn take_resync(&mut self) -> bool {
-        std::mem::take(&mut self.resync_due)
+    /// Once targets caught up after records were dropped: what must be copied again.
+    pub fn take_resync(&mut self) -> Option<Marks> {
+        // Dropping may start when every target has acknowledged everything already,
+        // and then no acknowledgement comes to notice the end of it.
+        if self.overflowed && self.min_acked() >= self.last_seq() {
+            self.overflowed = false;
+            self.resync_due = true;
+        }
+        std::mem::take(&mut self.resync_due).then(|| std::mem::take(&mut self.marks))
     }
 
     /// fsyncs the journal if its policy says it is time; true if records became
@@ -459,6 +481,36 @@ mod tests {
         assert!(q.is_empty());
         assert_eq!(q.bytes(), 0);
         assert!(q.batch(5, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn records_dropped_at_the_journal_budget_leave_marks_for_the_resync() {
+        let d = tempfile::tempdir().unwrap();
+        let mut j = journal(d.path());
+        j.reset_at(1, 1).unwrap();
+        let mut q = SetQueue::with(QueueMode::StoreAndForward, Some(j), 1, 1, 1 << 20);
+        let big = |path: &str| Op::Write {
+            path: RelPath(path.as_bytes().to_vec()),
+            offset: 0,
+            data: vec![7; 300 << 10],
+        };
+        let mut pushed = 0;
+        while q.push(big("kept")) {
+            pushed += 1;
+        }
+        assert!(q.overflowed() && pushed > 0);
+        assert!(!q.push(big("dir/late")));
+        assert!(!q.push(Op::Remove {
+            path: RelPath(b"gone".to_vec())
+        }));
+        assert_eq!(q.take_resync(), None, "not before the targets caught up");
+        q.ack(0, q.last_seq());
+        let marks = q.take_resync().expect("a resync is due");
+        assert!(!marks.whole);
+        let entries: Vec<&[u8]> = marks.entries.iter().map(|p| p.0.as_slice()).collect();
+        assert_eq!(entries, vec![b"dir/late".as_slice(), b"kept"]);
+        assert_eq!(marks.dirs.iter().collect::<Vec<_>>(), vec![&None]);
+        assert_eq!(q.take_resync(), None, "once");
     }
 
     #[test]

@@ -22,6 +22,7 @@ use crate::attrs::{attr_of, xattrs_of};
 use crate::config::{Orphans, Set};
 use crate::index::{normalize, Index, Location};
 use crate::mapped::{Mapped, PAGE};
+use crate::marks::Marks;
 use crate::overlap::Overlaps;
 
 /// Largest data payload the resolver puts in one Write op when it reads a file.
@@ -461,6 +462,80 @@ impl<W: Watcher> Resolver<W> {
                 }
             }
         }
+    }
+
+    /// Copies again what `marks` says changed while records were dropped (see marks.rs):
+    /// each marked entry as it is now (mirrored; a directory with its subtree), then the
+    /// listing of every directory that lost entries, so that the replica drops them.
+    pub fn resync_marked(&mut self, set: usize, marks: &Marks, out: &mut Vec<SetOp>) {
+        let root = self.sets[set].root.clone();
+        let mut prune = marks.dirs.clone();
+        let mut entered: Vec<PathBuf> = Vec::new();
+        // Sorted: a directory comes before what is beneath it, which its copy covers.
+        for entry in &marks.entries {
+            let rel = entry.as_path();
+            if entered.iter().any(|d| rel.starts_with(d)) {
+                continue;
+            }
+            let abs = root.join(rel);
+            let (Some(name), Some(parent_rel)) = (rel.file_name(), rel.parent()) else {
+                continue;
+            };
+            let Ok(m) = std::fs::symlink_metadata(&abs) else {
+                // Gone: its directory's listing drops it from the replica.
+                prune.insert((!parent_rel.as_os_str().is_empty()).then(|| rel_path(parent_rel)));
+                continue;
+            };
+            let Ok(pm) = std::fs::metadata(root.join(parent_rel)) else {
+                continue;
+            };
+            let parent = file_id(&pm);
+            let known = parent_rel.as_os_str().is_empty()
+                || self.index.location(parent).is_some_and(|l| l.set == set);
+            if !known {
+                continue; // beneath an excluded or unreplicated directory
+            }
+            if self.enter(set, parent, name, &abs, rel, &m, out) && m.is_dir() {
+                entered.push(rel.to_path_buf());
+            }
+        }
+        if self.sets[set].orphans == Orphans::Delete {
+            for dir in prune {
+                self.send_listing(set, dir, out);
+            }
+        }
+    }
+
+    /// A `Prune` of directory `dir` keeping what the source has there now.
+    fn send_listing(&self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
+        let s = &self.sets[set];
+        let rel = dir.as_ref().map_or(Path::new(""), |d| d.as_path());
+        let Ok(entries) = std::fs::read_dir(s.root.join(rel)) else {
+            return; // gone itself: its own directory's listing covers it
+        };
+        let mut keep = Vec::new();
+        for e in entries.flatten() {
+            let name = e.file_name();
+            let child = rel.join(&name);
+            let Ok(m) = std::fs::symlink_metadata(e.path()) else {
+                continue;
+            };
+            use std::os::unix::fs::FileTypeExt;
+            let ft = m.file_type();
+            let replicated = if m.is_dir() {
+                s.rules.dir(&child)
+            } else {
+                s.rules.file(&child) && !ft.is_block_device() && !ft.is_char_device()
+            };
+            if replicated {
+                keep.push(RelPath(name.as_bytes().to_vec()));
+            }
+        }
+        keep.sort();
+        out.push(SetOp {
+            set,
+            op: Op::Prune { dir, keep },
+        });
     }
 
     /// Verify job `job`: every replicated regular file of `sets`, as the source has it

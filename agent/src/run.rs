@@ -145,6 +145,9 @@ pub async fn run(config: Config) -> Result<()> {
         });
     }
     let mut next_job = 1u64;
+    // Mirror work waiting for queue room: pieces of answers, and whether each is the last
+    // piece of its answer.
+    let mut backlog: std::collections::VecDeque<(Work, bool)> = Default::default();
 
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
         .context("cannot open a set root")?;
@@ -194,13 +197,30 @@ pub async fn run(config: Config) -> Result<()> {
     let mut mapped_pass = tokio::time::interval(crate::mapped::PASS_INTERVAL);
     mapped_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        let mirror_room = (0..config.sets.len()).all(|s| shared.queue(s).mirror_room());
+        let mirror_room = (0..config.sets.len())
+            .map(|s| shared.queue(s).mirror_room())
+            .min()
+            .unwrap_or(0);
         tokio::select! {
             // Acknowledgements freed room for the mirror's data: look again.
-            r = room.changed(), if !mirror_room => {
+            r = room.changed(), if mirror_room == 0 && !backlog.is_empty() => {
                 if r.is_err() {
                     break;
                 }
+            }
+            // The mirror's data, a piece at a time, as far as the queues have room.
+            _ = std::future::ready(()), if mirror_room > 0 && !backlog.is_empty() => {
+                let mut left = mirror_room as u64;
+                let mut answered = 0;
+                while left > 0 {
+                    let Some((work, last)) = backlog.pop_front() else { break };
+                    left = left.saturating_sub(work.bytes());
+                    handle_mirror_work(&mut resolver, work, &mut ops);
+                    answered += last as u64;
+                }
+                resolver.finish(&mut ops);
+                push(&shared, &mut ops, &mut room).await;
+                shared.mirror_inflight.fetch_sub(answered, Ordering::SeqCst);
             }
             _ = mapped_pass.tick(), if resolver.has_mapped() => {
                 resolver.mapped_pass(&mut ops);
@@ -214,10 +234,15 @@ pub async fn run(config: Config) -> Result<()> {
                 for s in 0..config.sets.len() {
                     let mut q = shared.queue(s);
                     durable |= q.sync_due(now);
-                    if q.take_resync() {
+                    if let Some(marks) = q.take_resync() {
                         drop(q);
-                        warn!(set = %config.sets[s].name, "copying the set again after a journal overflow");
-                        resolver.scan_set(s, &mut ops);
+                        if marks.whole {
+                            warn!(set = %config.sets[s].name, "comparing the whole set again after a journal overflow (too many changes to remember which)");
+                            resolver.scan_set(s, &mut ops);
+                        } else {
+                            warn!(set = %config.sets[s].name, entries = marks.entries.len(), directories = marks.dirs.len(), "copying again what changed while the journal was full (marked entries only)");
+                            resolver.resync_marked(s, &marks, &mut ops);
+                        }
                     }
                 }
                 if durable {
@@ -253,18 +278,13 @@ pub async fn run(config: Config) -> Result<()> {
                 resolver.scan_set(set, &mut ops);
                 push(&shared, &mut ops, &mut room).await;
             }
-            Some(work) = mirror_rx.recv(), if mirror_room => {
-                let mut answers = handle_mirror_work(&mut resolver, work, &mut ops);
-                // Answers come in bursts: take what else is there before pushing.
-                while let Ok(work) = mirror_rx.try_recv() {
-                    answers += handle_mirror_work(&mut resolver, work, &mut ops);
-                    if ops.iter().map(|o| o.op.data_len()).sum::<usize>() > RESOLVE_BATCH_BYTES {
-                        break;
-                    }
-                }
-                resolver.finish(&mut ops);
-                push(&shared, &mut ops, &mut room).await;
-                shared.mirror_inflight.fetch_sub(answers, Ordering::SeqCst);
+            Some(work) = mirror_rx.recv() => {
+                // An answer counts as in flight until its last piece is queued.
+                let answer = matches!(work, Work::Need { .. });
+                let mut pieces = crate::mirror::split(work, MIRROR_PIECE);
+                let last = pieces.pop();
+                backlog.extend(pieces.into_iter().map(|w| (w, false)));
+                backlog.extend(last.map(|w| (w, answer)));
             }
             Some(req) = verify_rx.recv() => {
                 let id = next_job;
@@ -368,14 +388,12 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
     shared.pushed.send_modify(|g| *g += 1);
 }
 
+/// Bytes of file ranges the mirror queues at a time (see `mirror::split`).
+const MIRROR_PIECE: u64 = 256 << 10;
+
 /// A target's answer to a comparison (of the mirror, or of a verify that repairs), or
-/// files to compare again. Returns how many answers it took (see
-/// `Shared::mirror_inflight`).
-fn handle_mirror_work<W: Watcher>(
-    resolver: &mut Resolver<W>,
-    work: Work,
-    ops: &mut Vec<SetOp>,
-) -> u64 {
+/// files to compare again.
+fn handle_mirror_work<W: Watcher>(resolver: &mut Resolver<W>, work: Work, ops: &mut Vec<SetOp>) {
     match work {
         Work::Need {
             set,
@@ -387,13 +405,11 @@ fn handle_mirror_work<W: Watcher>(
             ..
         } => {
             resolver.mirror_need(set, file, &ranges, (fine_block, &fine), missing, ops);
-            1
         }
         Work::Resum { set, files } => {
             for f in files {
                 resolver.resum(set, f, ops);
             }
-            0
         }
     }
 }

@@ -311,3 +311,52 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     let (code, r) = verify(&c, &[]);
     assert_eq!(code, 0, "{r}");
 }
+
+#[test]
+fn after_a_journal_overflow_only_the_marked_entries_are_copied_again() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::with_options(
+        "data",
+        doppel_tests::cluster::Options {
+            set_extra: "queue = \"store-and-forward\"".into(),
+            agent_extra: "journal_budget_mib = 1\njournal_fsync = \"never\"".into(),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(31);
+    let src = c.source.clone();
+    for d in ["a", "b", "c", "quiet"] {
+        fs::create_dir_all(src.join(d)).unwrap();
+    }
+    random_file(&src.join("quiet/big"), 16 * MIB, &mut rng);
+    fs::write(src.join("b/x"), b"renamed while the journal was full").unwrap();
+    fs::write(src.join("c/gone"), b"deleted while the journal was full").unwrap();
+    c.start().unwrap();
+    c.assert_identical(Duration::from_secs(30));
+    wait_synced(&c);
+
+    // The receiver is away and the changes outgrow the 1 MiB journal.
+    c.kill_receiver();
+    random_file(&src.join("a/hot"), 4 * MIB, &mut rng);
+    fs::rename(src.join("b/x"), src.join("b/y")).unwrap();
+    fs::remove_file(src.join("c/gone")).unwrap();
+    fs::create_dir_all(src.join("d/e")).unwrap();
+    fs::write(src.join("d/e/new"), b"made while the journal was full").unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    c.start_receiver().unwrap();
+    c.assert_identical(Duration::from_secs(60));
+    let log = c.log("agent.log");
+    assert!(
+        log.contains("journal budget reached"),
+        "the journal never overflowed, so this proves nothing\n{}",
+        c.logs()
+    );
+    assert!(
+        log.contains("marked entries only") && !log.contains("comparing the whole set"),
+        "{}",
+        c.logs()
+    );
+}

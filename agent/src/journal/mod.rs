@@ -371,6 +371,11 @@ impl Journal {
 
     /// The newest record known to be on stable storage: send no further (see the
     /// module documentation).
+    /// The disk budget, bytes.
+    pub fn budget(&self) -> u64 {
+        self.opts.budget_bytes
+    }
+
     pub fn durable_seq(&self) -> u64 {
         self.durable_seq
     }
@@ -464,6 +469,10 @@ impl Journal {
         };
         if due {
             self.sync()?;
+        } else if self.opts.fsync == FsyncPolicy::Never {
+            // Nothing is ever synced: what is written counts as durable (the policy is
+            // for journals on tmpfs, which a host crash takes away whole).
+            self.durable_seq = self.last_seq();
         }
         Ok(())
     }
