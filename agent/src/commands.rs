@@ -130,7 +130,12 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         );
     }
     if s.mirror_pending > 0 {
-        println!("mirror: {} comparisons pending", s.mirror_pending);
+        println!(
+            "mirror: {} of {} compared, {} comparisons pending",
+            human_bytes(s.mirror_compared_bytes),
+            human_bytes(s.mirror_queued_bytes),
+            s.mirror_pending
+        );
     }
     Ok(())
 }

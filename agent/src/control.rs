@@ -66,6 +66,10 @@ pub struct Status {
     pub sets: Vec<SetStatus>,
     /// Mirror comparisons whose answers are still to come or to be acted on.
     pub mirror_pending: u64,
+    /// Bytes of files queued for comparison by the mirror since the agent started, and
+    /// how many of them every target has compared (its progress).
+    pub mirror_queued_bytes: u64,
+    pub mirror_compared_bytes: u64,
     /// Every change queued so far is acknowledged by every target and no comparison is
     /// pending: the replicas were equal to the sources when this was taken.
     pub synced: bool,
@@ -95,13 +99,19 @@ impl Shared {
             }
         }
         // Answers being acted on count until their ops are queued.
-        let pending = self.tracker().pending() as u64
+        let (pending, queued, compared) = {
+            let t = self.tracker();
+            (t.pending() as u64, t.queued_bytes, t.compared_bytes)
+        };
+        let pending = pending
             + self
                 .mirror_inflight
                 .load(std::sync::atomic::Ordering::SeqCst);
         Status {
             sets,
             mirror_pending: pending,
+            mirror_queued_bytes: queued,
+            mirror_compared_bytes: compared,
             synced: synced && pending == 0,
         }
     }

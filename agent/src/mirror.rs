@@ -28,25 +28,68 @@
 use std::collections::BTreeMap;
 
 use doppel_common::event::FileId;
+use doppel_common::wire::{Frame, RelPath};
+
+/// A target's answer to a `Sum` (`Frame::Need`): these ranges of `file` differ.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Answer {
+    /// The set's index.
+    pub set: usize,
+    pub job: u64,
+    pub file: FileId,
+    pub path: RelPath,
+    pub ranges: Vec<(u64, u64)>,
+    /// The replica's finer checksums of each range (`Frame::Need::fine`).
+    pub fine_block: u32,
+    pub fine: Vec<Vec<u64>>,
+    pub missing: bool,
+    pub attr: bool,
+}
+
+impl Answer {
+    /// The answer a `Frame::Need` of set `set` (its index) carries; `None` for any other
+    /// frame.
+    pub fn from_frame(set: usize, frame: Frame) -> Option<Answer> {
+        let Frame::Need {
+            job,
+            file,
+            path,
+            ranges,
+            fine_block,
+            fine,
+            missing,
+            attr,
+            ..
+        } = frame
+        else {
+            return None;
+        };
+        Some(Answer {
+            set,
+            job,
+            file: FileId {
+                dev: file[0],
+                ino: file[1],
+            },
+            path,
+            ranges,
+            fine_block,
+            fine,
+            missing,
+            attr,
+        })
+    }
+}
 
 /// What the senders hand back to the pipeline for the mirror.
 #[derive(Debug)]
 pub enum Work {
-    /// A target's answer to a `Sum`: these ranges of `file` differ.
-    Need {
-        set: usize,
-        job: u64,
-        file: FileId,
-        path: doppel_common::wire::RelPath,
-        ranges: Vec<(u64, u64)>,
-        /// The replica's finer checksums of each range (`Frame::Need::fine`).
-        fine_block: u32,
-        fine: Vec<Vec<u64>>,
-        missing: bool,
-        attr: bool,
-    },
+    Need(Answer),
     /// Compare these files again (their answers may be lost, see [`Tracker::welcome`]).
-    Resum { set: usize, files: Vec<FileId> },
+    Resum {
+        set: usize,
+        files: Vec<FileId>,
+    },
 }
 
 impl Work {
@@ -54,7 +97,7 @@ impl Work {
     /// comes back as answers).
     pub fn bytes(&self) -> u64 {
         match self {
-            Work::Need { ranges, .. } => ranges.iter().map(|r| r.1).sum(),
+            Work::Need(a) => a.ranges.iter().map(|r| r.1).sum(),
             Work::Resum { .. } => 0,
         }
     }
@@ -65,20 +108,13 @@ impl Work {
 /// must not be overrun). A fine block is never split. The file is made (`missing`) by
 /// the first piece only. Other work comes back as it is.
 pub fn split(work: Work, piece: u64) -> Vec<Work> {
-    let Work::Need {
-        set,
-        job,
-        file,
-        path,
-        ranges,
-        fine_block,
-        fine,
-        missing,
-        attr,
-    } = work
-    else {
+    let Work::Need(a) = work else {
         return vec![work];
     };
+    if a.job == doppel_common::wire::sums::QUICK_JOB {
+        return vec![Work::Need(a)]; // one re-comparison of the file, whatever the ranges
+    }
+    let (ranges, fine, fine_block) = (&a.ranges, &a.fine, a.fine_block);
     let has_fine = fine.len() == ranges.len() && fine_block > 0;
     let unit = if has_fine { fine_block as u64 } else { 1 };
     let piece = piece.max(unit) / unit * unit;
@@ -111,16 +147,18 @@ pub fn split(work: Work, piece: u64) -> Vec<Work> {
     pieces
         .into_iter()
         .enumerate()
-        .map(|(i, (ranges, fine, _))| Work::Need {
-            set,
-            job,
-            file,
-            path: path.clone(),
-            ranges,
-            fine_block,
-            fine,
-            missing: missing && i == 0,
-            attr: attr && i + 1 == n,
+        .map(|(i, (ranges, fine, _))| {
+            Work::Need(Answer {
+                ranges,
+                fine,
+                path: a.path.clone(),
+                missing: a.missing && i == 0,
+                attr: a.attr && i + 1 == n,
+                set: a.set,
+                job: a.job,
+                file: a.file,
+                fine_block: a.fine_block,
+            })
         })
         .collect()
 }
@@ -131,11 +169,15 @@ pub fn split(work: Work, piece: u64) -> Vec<Work> {
 pub struct Tracker {
     sets: Vec<BTreeMap<u64, Pending>>,
     slots: Vec<usize>,
+    /// Bytes of files queued for comparison, and compared by every target (progress).
+    pub queued_bytes: u64,
+    pub compared_bytes: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     file: FileId,
+    bytes: u64,
     /// Bit `i`: slot `i` has not acknowledged the record yet.
     open: u64,
 }
@@ -150,11 +192,14 @@ impl Tracker {
         Tracker {
             sets: slots.iter().map(|_| BTreeMap::new()).collect(),
             slots,
+            queued_bytes: 0,
+            compared_bytes: 0,
         }
     }
 
-    /// A comparison of `file` was queued as record `seq` of `set`.
-    pub fn sent(&mut self, set: usize, seq: u64, file: FileId) {
+    /// A comparison of `bytes` of `file` was queued as record `seq` of `set`.
+    pub fn sent(&mut self, set: usize, seq: u64, file: FileId, bytes: u64) {
+        self.queued_bytes += bytes;
         let n = self.slots[set];
         let open = if n == MAX_TARGETS {
             u64::MAX
@@ -162,7 +207,7 @@ impl Tracker {
             (1u64 << n) - 1
         };
         if open != 0 {
-            self.sets[set].insert(seq, Pending { file, open });
+            self.sets[set].insert(seq, Pending { file, open, bytes });
         }
     }
 
@@ -178,7 +223,9 @@ impl Tracker {
             p.open &= !bit;
         }
         for s in done {
-            map.remove(&s);
+            if let Some(p) = map.remove(&s) {
+                self.compared_bytes += p.bytes;
+            }
         }
     }
 
@@ -220,9 +267,9 @@ mod tests {
     #[test]
     fn acks_settle_and_welcomes_return_what_may_be_unanswered() {
         let mut t = Tracker::new(vec![2]);
-        t.sent(0, 3, f(1));
-        t.sent(0, 5, f(2));
-        t.sent(0, 9, f(3));
+        t.sent(0, 3, f(1), 10);
+        t.sent(0, 5, f(2), 10);
+        t.sent(0, 9, f(3), 10);
         assert_eq!(t.pending(), 3);
         // Slot 0 acknowledges up to 5; slot 1 nothing yet.
         t.acked(0, 0, 5);
@@ -239,26 +286,21 @@ mod tests {
 
     #[test]
     fn needs_split_into_pieces_at_fine_block_boundaries() {
-        let need = Work::Need {
+        let need = Work::Need(Answer {
             set: 0,
             job: 0,
             file: f(1),
-            path: doppel_common::wire::RelPath(b"p".to_vec()),
+            path: RelPath(b"p".to_vec()),
             ranges: vec![(0, 3000), (10_000, 1500)],
             fine_block: 1024,
             fine: vec![vec![1, 2, 3], vec![4, 5]],
             missing: true,
             attr: false,
-        };
+        });
         let pieces: Vec<_> = split(need, 2048)
             .into_iter()
             .map(|w| match w {
-                Work::Need {
-                    ranges,
-                    fine,
-                    missing,
-                    ..
-                } => (ranges, fine, missing),
+                Work::Need(a) => (a.ranges, a.fine, a.missing),
                 _ => unreachable!(),
             })
             .collect();
@@ -279,16 +321,16 @@ mod tests {
     #[test]
     fn a_welcome_after_every_ack_returns_nothing() {
         let mut t = Tracker::new(vec![1, 1]);
-        t.sent(1, 1, f(7));
-        t.sent(1, 2, f(7));
+        t.sent(1, 1, f(7), 10);
+        t.sent(1, 2, f(7), 10);
         t.acked(1, 0, 2);
         assert_eq!(t.pending(), 0);
         assert!(t.welcome(1, 0, 2).is_empty());
-        t.sent(1, 3, f(7));
-        t.sent(1, 4, f(7));
+        t.sent(1, 3, f(7), 10);
+        t.sent(1, 4, f(7), 10);
         // The same file twice comes back once.
         assert_eq!(t.welcome(1, 0, 4), vec![f(7)]);
-        t.sent(0, 1, f(8));
+        t.sent(0, 1, f(8), 10);
         t.reset(0);
         assert_eq!(t.pending(), 0);
     }

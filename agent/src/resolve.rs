@@ -407,16 +407,27 @@ impl<W: Watcher> Resolver<W> {
         if loc.set != set || !self.sets[set].rules.file(&loc.rel) {
             return; // moved to another set (copied there) or out of this one
         }
+        // The answer may be older than the index: a comparison queued by an earlier agent
+        // (replayed from the journal) names an inode whose number a directory may have
+        // taken since. Never make a file where a directory is.
+        if self.index.is_dir(file) {
+            return;
+        }
         if missing {
-            let mode = std::fs::symlink_metadata(self.index.abs(&loc))
-                .map_or(0o600, |m| m.mode() & 0o7777);
-            out.push(SetOp {
-                set,
-                op: Op::CreateFile {
-                    path: rel_path(&loc.rel),
-                    mode,
-                },
-            });
+            // Made here only if the path still holds this very file; otherwise the
+            // writes below make it (or wait for the index to catch up).
+            let here = std::fs::symlink_metadata(self.index.abs(&loc))
+                .ok()
+                .filter(|m| m.is_file() && file_id(m) == file);
+            if let Some(m) = here {
+                out.push(SetOp {
+                    set,
+                    op: Op::CreateFile {
+                        path: rel_path(&loc.rel),
+                        mode: m.mode() & 0o7777,
+                    },
+                });
+            }
         }
         let (fine_block, fine) = fine;
         let usable = (512..=doppel_common::wire::sums::MAX_BLOCK).contains(&fine_block)
@@ -767,7 +778,9 @@ impl<W: Watcher> Resolver<W> {
                 .insert_born(parent, name, id, false, monotonic_ns());
             let path = rel_path(rel);
             if m.is_file() {
-                if !emit_mirror_file(set, abs, rel, m, self.sets[set].mirror_block, out) {
+                if self.sets[set].mirror_quick_check {
+                    emit_quick_check(set, rel, file_id(m), m, self.sets[set].mirror_block, out);
+                } else if !emit_mirror_file(set, abs, rel, m, self.sets[set].mirror_block, out) {
                     // Replaced or renamed while being copied: copy the directory's
                     // entries again once the events that moved them are resolved.
                     self.rescan.entry(parent).or_insert_with(monotonic_ns);
@@ -1461,6 +1474,33 @@ fn emit_mirror_file(
     true
 }
 
+/// The mirror's quick check of a file (`mirror_quick_check`): a Sum without blocks
+/// that compares size, mode, owner and mtime; a difference comes back as an answer of
+/// [`QUICK_JOB`](doppel_common::wire::sums::QUICK_JOB) and the file is then mirrored
+/// block by block ([`Resolver::resum`]).
+fn emit_quick_check(
+    set: usize,
+    rel: &Path,
+    id: FileId,
+    m: &Metadata,
+    block: u32,
+    out: &mut Vec<SetOp>,
+) {
+    out.push(SetOp {
+        set,
+        op: Op::Sum {
+            path: rel_path(rel),
+            job: doppel_common::wire::sums::QUICK_JOB,
+            file: [id.dev, id.ino],
+            size: m.len(),
+            offset: 0,
+            block,
+            sums: Vec::new(),
+            attr: Some(attr_of(m)),
+        },
+    });
+}
+
 /// Blocks per [`Op::Sum`] the agent sends: small enough that one op's comparison on the
 /// receiver (64 MiB at the default block size) does not hold up the records behind it.
 const SUMS_PER_OP: usize = 1024;
@@ -1791,6 +1831,7 @@ mod tests {
             queue: crate::queue::QueueMode::Realtime,
             mirror_block: 4096,
             orphans: Orphans::Delete,
+            mirror_quick_check: false,
         };
         Resolver::new(vec![set], watch).unwrap()
     }

@@ -19,6 +19,7 @@ use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
 use crate::verify::Job;
+use doppel_common::wire::sums::QUICK_JOB;
 use doppel_common::wire::Op;
 
 /// Installs watches in the kernel filter. A failure is logged: the directory's
@@ -280,7 +281,7 @@ pub async fn run(config: Config) -> Result<()> {
             }
             Some(work) = mirror_rx.recv() => {
                 // An answer counts as in flight until its last piece is queued.
-                let answer = matches!(work, Work::Need { .. });
+                let answer = matches!(work, Work::Need(_));
                 let mut pieces = crate::mirror::split(work, MIRROR_PIECE);
                 let last = pieces.pop();
                 backlog.extend(pieces.into_iter().map(|w| (w, false)));
@@ -376,7 +377,10 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
         match compared {
             // Under the queue's lock: no sender can take the record, nor its Ack
             // arrive, before it is tracked.
-            Some((0, file, ..)) => shared.tracker().sent(set, q.last_seq(), file),
+            // The mirror's comparisons, whose answers must not be lost.
+            Some((0 | QUICK_JOB, file, bytes, _)) => {
+                shared.tracker().sent(set, q.last_seq(), file, bytes)
+            }
             Some((job, _, bytes, first)) => {
                 if let Some(j) = shared.jobs().get_mut(&job) {
                     j.queued(set, q.last_seq(), bytes, first);
@@ -395,16 +399,11 @@ const MIRROR_PIECE: u64 = 256 << 10;
 /// files to compare again.
 fn handle_mirror_work<W: Watcher>(resolver: &mut Resolver<W>, work: Work, ops: &mut Vec<SetOp>) {
     match work {
-        Work::Need {
-            set,
-            file,
-            ranges,
-            fine_block,
-            fine,
-            missing,
-            ..
-        } => {
-            resolver.mirror_need(set, file, &ranges, (fine_block, &fine), missing, ops);
+        // A quick check found the file different: compare its blocks.
+        Work::Need(a) if a.job == QUICK_JOB => resolver.resum(a.set, a.file, ops),
+        Work::Need(a) => {
+            let fine = (a.fine_block, a.fine.as_slice());
+            resolver.mirror_need(a.set, a.file, &a.ranges, fine, a.missing, ops);
         }
         Work::Resum { set, files } => {
             for f in files {

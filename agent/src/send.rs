@@ -14,11 +14,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::config::Target;
-use crate::mirror::{Tracker, Work};
+use crate::mirror::{Answer, Tracker, Work};
 use crate::queue::SetQueue;
 use crate::throttle::{local_minute_of_day, Throttle};
 use crate::verify::{Finding, Job};
-use doppel_common::event::FileId;
+use doppel_common::wire::sums::QUICK_JOB;
 use std::collections::HashMap;
 
 /// Largest batch put in one frame (bytes of records, approximately).
@@ -243,56 +243,37 @@ async fn session(
                         shared.tracker().acked(r.set, r.slot, seq);
                         shared.acked.send_modify(|g| *g += 1);
                     }
-                    Some(Frame::Need {
-                        set,
-                        job,
-                        file,
-                        path,
-                        ranges,
-                        fine_block,
-                        fine,
-                        missing,
-                        attr,
-                    }) => {
-                        let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == set) else {
+                    Some(frame @ Frame::Need { .. }) => {
+                        let Frame::Need { set, .. } = &frame else {
+                            unreachable!("matched above")
+                        };
+                        let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == *set)
+                        else {
                             bail!("receiver answered a comparison of unknown set {set:?}");
                         };
-                        if job != 0 {
+                        let a = Answer::from_frame(r.set, frame).expect("a Need frame");
+                        if a.job != 0 && a.job != QUICK_JOB {
                             let mut jobs = shared.jobs();
                             // Unknown: a job that ended (its command went away).
-                            let Some(j) = jobs.get_mut(&job) else {
+                            let Some(j) = jobs.get_mut(&a.job) else {
                                 continue;
                             };
                             j.found(Finding {
                                 target: target_name.clone(),
-                                set: set.clone(),
-                                path: path.to_string(),
-                                ranges: ranges.clone(),
-                                missing,
-                                attr,
+                                set: shared.set_names[a.set].clone(),
+                                path: a.path.to_string(),
+                                ranges: a.ranges.clone(),
+                                missing: a.missing,
+                                attr: a.attr,
                             });
                             if !j.repair {
                                 continue;
                             }
                         }
-                        let work = Work::Need {
-                            set: r.set,
-                            job,
-                            file: FileId {
-                                dev: file[0],
-                                ino: file[1],
-                            },
-                            path,
-                            ranges,
-                            fine_block,
-                            fine,
-                            missing,
-                            attr,
-                        };
                         shared
                             .mirror_inflight
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                        if shared.mirror_work.send(work).is_err() {
+                        if shared.mirror_work.send(Work::Need(a)).is_err() {
                             return Ok(()); // the pipeline is gone: shutting down
                         }
                     }

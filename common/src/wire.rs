@@ -164,7 +164,8 @@ pub enum Op {
     ///
     /// `sums[i]` is [`sums::block_sum`] of the source's bytes at
     /// `offset + i * block`, the last block clipped at `size` (the source's size when it
-    /// was read). A file larger than [`sums::MAX_SUMS`] blocks takes several ops.
+    /// was read). A file larger than [`sums::MAX_SUMS`] blocks takes several ops. A Sum
+    /// without blocks compares the sizes only (an empty file, or a quick check).
     Sum {
         path: RelPath,
         /// Who asked: 0 for the mirror (the agent sends what differs), else a verify job.
@@ -343,6 +344,10 @@ pub mod sums {
     /// Block size of a `Need`'s finer checksums: a 100-byte change costs about 1 KiB on
     /// the wire instead of a whole block, for 8 bytes of checksum per KiB that differs.
     pub const FINE_BLOCK: u32 = 1 << 10;
+    /// The job of the mirror's quick check: a Sum without blocks, with the attributes,
+    /// so that only the size, mode, owner and mtime are compared; a file found different
+    /// is then compared block by block (see the agent's `mirror_quick_check`).
+    pub const QUICK_JOB: u64 = u64::MAX;
 
     /// The checksum of one block: xxh3-64. It finds accidental differences (stale or
     /// corrupted replicas), not adversarial ones: both ends are authenticated.

@@ -310,9 +310,13 @@ impl Applier {
         let st = rustix::fs::fstat(&*fd).map_err(|e| io("sum", path, e))?;
         let target_size = st.st_size as u64;
         need.ranges = differing(&*fd, target_size, b).map_err(|e| io("sum", path, e))?;
-        // The run that ends the file also reports a longer replica's extra bytes.
+        // The run that ends the file also reports a longer replica's extra bytes; one
+        // without blocks compares the sizes only.
         let end = b.offset + b.sums.len() as u64 * b.block as u64;
-        if end >= b.size && target_size > b.size {
+        if b.sums.is_empty() {
+            let (lo, hi) = (target_size.min(b.size), target_size.max(b.size));
+            add_range(&mut need.ranges, lo, hi - lo);
+        } else if end >= b.size && target_size > b.size {
             add_range(&mut need.ranges, b.size, target_size - b.size);
         }
         // The mirror sends what differs: a finer look saves sending whole blocks for a

@@ -263,7 +263,11 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     fs::write(c.source.join("empty"), b"").unwrap();
     c.start().unwrap();
     c.assert_identical(Duration::from_secs(60));
-    wait_synced(&c);
+    // The mirror's progress: every byte queued for comparison was compared.
+    let s = wait_synced(&c);
+    let queued = s["mirror_queued_bytes"].as_u64().unwrap();
+    assert!(queued >= 100 * MIB as u64, "{s}");
+    assert_eq!(s["mirror_compared_bytes"].as_u64().unwrap(), queued, "{s}");
 
     let (code, r) = verify(&c, &[]);
     assert_eq!(code, 0, "{r}");
@@ -359,4 +363,67 @@ fn after_a_journal_overflow_only_the_marked_entries_are_copied_again() {
         "{}",
         c.logs()
     );
+}
+
+#[test]
+fn the_quick_check_skips_files_whose_size_and_mtime_match() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::with_agent_extra("data", "mirror_quick_check = true").unwrap();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(41);
+    let (src, dst) = (c.source.clone(), c.replica.clone());
+    fs::create_dir_all(&dst).unwrap();
+    for n in ["same", "touched", "sneaky"] {
+        random_file(&src.join(n), 8 * MIB, &mut rng);
+        fs::copy(src.join(n), dst.join(n)).unwrap();
+    }
+    let stale = |n: &str, keep_mtime: bool| {
+        let f = fs::OpenOptions::new()
+            .write(true)
+            .open(dst.join(n))
+            .unwrap();
+        f.write_all_at(b"stale", 5 * MIB as u64).unwrap();
+        if keep_mtime {
+            f.set_modified(fs::metadata(src.join(n)).unwrap().modified().unwrap())
+                .unwrap();
+        }
+    };
+    // Same size and mtime: skipped, and right to be.
+    let f = fs::File::options()
+        .write(true)
+        .open(dst.join("same"))
+        .unwrap();
+    f.set_modified(fs::metadata(src.join("same")).unwrap().modified().unwrap())
+        .unwrap();
+    drop(f);
+    // Stale content with another mtime: compared and fixed.
+    stale("touched", false);
+    // Stale content behind the source's size and mtime: the documented blind spot.
+    stale("sneaky", true);
+    c.start().unwrap();
+    let s = wait_synced(&c);
+    let start = Instant::now();
+    while fs::read(dst.join("touched")).unwrap() != fs::read(src.join("touched")).unwrap() {
+        assert!(start.elapsed() < Duration::from_secs(20), "{}", c.logs());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(
+        fs::read(dst.join("same")).unwrap(),
+        fs::read(src.join("same")).unwrap()
+    );
+    assert_ne!(
+        fs::read(dst.join("sneaky")).unwrap(),
+        fs::read(src.join("sneaky")).unwrap(),
+        "the quick check compares size and mtime only"
+    );
+    // Only the touched KiB crossed.
+    assert!(sent_bytes(&wait_synced(&c)) <= 4096, "{s}");
+    // verify compares every block, and --repair fixes what the quick check missed.
+    let (code, r) = verify(&c, &[]);
+    assert_eq!(code, 1, "{r}");
+    assert_eq!(r["findings"][0]["path"], "sneaky", "{r}");
+    let (code, _) = verify(&c, &["--repair"]);
+    assert_eq!(code, 0);
+    c.assert_identical(Duration::from_secs(20));
 }

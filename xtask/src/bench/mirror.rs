@@ -9,7 +9,9 @@
 //! - `resync`: `resync_wire_bytes_ratio_vs_rsync`, `resync_time_ratio_vs_rsync` — the
 //!   same set after 1 % of its 64 KiB blocks changed in place at random offsets, to a
 //!   target holding the old version: doppel's UDP bytes both ways (QUIC, TLS, framing)
-//!   against rsync's bytes sent plus received (`--inplace --no-whole-file`).
+//!   against rsync's bytes sent plus received (`--inplace --no-whole-file`). doppel runs
+//!   twice: comparing every block (the default), and with `mirror_quick_check` (size and
+//!   mtime first, as rsync does by default): `resync_quick_check_*`.
 //!
 //! Medians of 3 runs each; every replica is checked against its source afterwards.
 
@@ -171,10 +173,10 @@ impl Drop for RsyncDaemon {
 
 /// doppel with `source` and an optional stale `replica` copied in: seconds from starting
 /// the agent until it is synced, and the UDP bytes exchanged.
-fn doppel_mirror(source: &Path, replica: Option<&Path>) -> Result<(f64, u64)> {
+fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Result<(f64, u64)> {
     let old_tmp = std::env::var_os("TMPDIR");
     std::env::set_var("TMPDIR", "/dev/shm");
-    let cluster = Cluster::new("bench");
+    let cluster = Cluster::with_agent_extra("bench", set_extra);
     match &old_tmp {
         Some(t) => std::env::set_var("TMPDIR", t),
         None => std::env::remove_var("TMPDIR"),
@@ -233,7 +235,7 @@ pub fn mirror(figures: &mut Figures) -> Result<()> {
         drop(daemon);
         check_equal(&golden, &dest)?;
         std::fs::remove_dir_all(&dest)?;
-        let (d, _) = doppel_mirror(&golden, None)?;
+        let (d, _) = doppel_mirror(&golden, None, "")?;
         eprintln!("bench: mirror round {round}: doppel {d:.2} s, rsync {r:.2} s");
         ours.push(d);
         theirs.push(r);
@@ -255,6 +257,7 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
     eprintln!("bench: resync: {changed} blocks of 64 KiB changed");
     let (mut t_ours, mut t_theirs, mut w_ours, mut w_theirs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let (mut t_quick, mut w_quick) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let dest = empty_dir(dir.path(), "rsync-dest")?;
         std::fs::remove_dir(&dest)?;
@@ -264,8 +267,13 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
         drop(daemon);
         check_equal(&new, &dest)?;
         std::fs::remove_dir_all(&dest)?;
-        let (dt, dw) = doppel_mirror(&new, Some(&old))?;
-        eprintln!("bench: resync round {round}: doppel {dt:.2} s {dw} B, rsync {rt:.2} s {rw} B");
+        let (dt, dw) = doppel_mirror(&new, Some(&old), "")?;
+        let (qt, qw) = doppel_mirror(&new, Some(&old), "mirror_quick_check = true")?;
+        eprintln!(
+            "bench: resync round {round}: doppel {dt:.2} s {dw} B, with quick check {qt:.2} s {qw} B, rsync {rt:.2} s {rw} B"
+        );
+        t_quick.push(qt);
+        w_quick.push(qw as f64);
         t_ours.push(dt);
         t_theirs.push(rt);
         w_ours.push(dw as f64);
@@ -279,6 +287,13 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
     figures.insert("resync_rsync_wire_bytes".into(), rw);
     figures.insert("resync_time_ratio_vs_rsync".into(), dt / rt);
     figures.insert("resync_wire_bytes_ratio_vs_rsync".into(), dw / rw);
+    let (qt, qw) = (median(t_quick), median(w_quick));
+    figures.insert("resync_quick_check_s".into(), qt);
+    figures.insert("resync_quick_check_time_ratio_vs_rsync".into(), qt / rt);
+    figures.insert(
+        "resync_quick_check_wire_bytes_ratio_vs_rsync".into(),
+        qw / rw,
+    );
     Ok(())
 }
 
