@@ -46,7 +46,11 @@ fn make_set(dir: &Path) -> Result<()> {
     let mut buf = vec![0u8; FILE_BYTES];
     for i in 0..FILES {
         rng.fill_bytes(&mut buf);
-        std::fs::write(dir.join(format!("f{i:03}")), &buf)?;
+        let f = std::fs::File::create(dir.join(format!("f{i:03}")))?;
+        std::io::Write::write_all(&mut &f, &buf)?;
+        // An hour old: a change made in the same second must still show in the mtime,
+        // which rsync's quick check (and doppel's, when enabled) relies on.
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(3600))?;
     }
     Ok(())
 }
