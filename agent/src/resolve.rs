@@ -559,18 +559,9 @@ impl<W: Watcher> Resolver<W> {
     }
 
     fn verify_dir(&self, set: usize, abs: &Path, rel: &Path, job: u64, out: &mut Vec<SetOp>) {
-        let entries = match std::fs::read_dir(abs) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(path = %abs.display(), error = %e, "verify: cannot read directory; its files are not compared");
-                return;
-            }
+        let Some(names) = sorted_names(abs, "verify: its files are not compared") else {
+            return;
         };
-        let mut names: Vec<_> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name())
-            .collect();
-        names.sort();
         let s = &self.sets[set];
         for name in names {
             let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
@@ -667,18 +658,10 @@ impl<W: Watcher> Resolver<W> {
     /// The watch is installed before the directory is read, so an entry created
     /// concurrently is either read here or captured by the kernel afterwards.
     fn scan_dir(&mut self, set: usize, dir: FileId, abs: &Path, rel: &Path, out: &mut Vec<SetOp>) {
-        let entries = match std::fs::read_dir(abs) {
-            Ok(e) => e,
-            Err(e) => {
-                warn!(path = %abs.display(), error = %e, "cannot read directory; its contents are not replicated until it changes");
-                return;
-            }
+        let Some(names) = sorted_names(abs, "its contents are not replicated until it changes")
+        else {
+            return;
         };
-        let mut names: Vec<_> = entries
-            .filter_map(|e| e.ok())
-            .map(|e| e.file_name())
-            .collect();
-        names.sort();
         let mut keep = Vec::new();
         for name in names {
             let child_abs = abs.join(&name);
@@ -1421,6 +1404,25 @@ fn proc_base(p: &PathArg) -> Option<PathBuf> {
         format!("/proc/{}/fd/{}", p.pid, p.dirfd)
     };
     std::fs::read_link(link).ok()
+}
+
+/// The names in directory `abs`, sorted; `None` (logged with `consequence`) if it
+/// cannot be read.
+fn sorted_names(abs: &Path, consequence: &str) -> Option<Vec<std::ffi::OsString>> {
+    match std::fs::read_dir(abs) {
+        Ok(entries) => {
+            let mut names: Vec<_> = entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name())
+                .collect();
+            names.sort();
+            Some(names)
+        }
+        Err(e) => {
+            warn!(path = %abs.display(), error = %e, "cannot read directory; {consequence}");
+            None
+        }
+    }
 }
 
 /// The entry's extended attributes (with `xattrs`) and then its mode, owner and times.
