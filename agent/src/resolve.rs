@@ -1949,6 +1949,23 @@ mod tests {
     }
 
     #[test]
+    fn an_answer_naming_what_is_now_a_directory_makes_no_file() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("dir")).unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        // An answer from before a restart whose inode number the directory took since.
+        let dir = id_of(&root.join("dir"));
+        r.mirror_need(0, dir, &[(0, 1 << 20)], (0, &[]), true, &mut out);
+        r.finish(&mut out);
+        assert!(out.is_empty(), "nothing is sent for the directory: {out:?}");
+    }
+
+    #[test]
     fn only_fine_blocks_that_differ_are_sent() {
         use doppel_common::wire::sums::block_sum;
         let d = tempfile::tempdir().unwrap();
