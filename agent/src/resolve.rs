@@ -159,6 +159,9 @@ impl<W: Watcher> Resolver<W> {
             let Some(loc) = self.index.location(d.file) else {
                 continue; // removed (or out of every set): nothing to send
             };
+            if self.index.is_dir(d.file) {
+                continue; // removed, and a directory took its inode number
+            }
             if !self.sets[loc.set].rules.file(&loc.rel) {
                 continue;
             }
@@ -372,6 +375,10 @@ impl<W: Watcher> Resolver<W> {
         len: u64,
         out: &mut Vec<SetOp>,
     ) {
+        // The file is gone and a directory took its inode number: nothing to read.
+        if self.index.is_dir(file) {
+            return;
+        }
         let abs = self.index.abs(loc);
         let now = monotonic_ns();
         if emit_range(loc.set, &abs, &loc.rel, offset, len, file, out).is_some() {
