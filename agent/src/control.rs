@@ -5,12 +5,10 @@
 //! request is done, then closes. Both ends are here: [`serve`] in the daemon, [`call`]
 //! in the command.
 
-use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
@@ -18,9 +16,6 @@ use std::sync::Arc;
 
 use crate::send::Shared;
 use crate::verify::{Progress, Report};
-
-/// Longest request line accepted.
-const MAX_REQUEST: usize = 64 << 10;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "cmd", rename_all = "kebab-case", deny_unknown_fields)]
@@ -124,9 +119,7 @@ pub struct VerifyRequest {
     pub reply: mpsc::UnboundedSender<Reply>,
 }
 
-pub fn socket_path(state_dir: &Path) -> PathBuf {
-    state_dir.join("control.sock")
-}
+pub use doppel_control::socket_path;
 
 /// Listens on `path` until the process ends; verify requests go to `requests`.
 pub async fn serve(
@@ -134,17 +127,7 @@ pub async fn serve(
     shared: Arc<Shared>,
     requests: mpsc::UnboundedSender<VerifyRequest>,
 ) -> Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create state directory {}", dir.display()))?;
-    }
-    // A socket left by an earlier run (the daemon was killed): nobody listens on it.
-    let _ = std::fs::remove_file(&path);
-    let listener = tokio::net::UnixListener::bind(&path)
-        .with_context(|| format!("cannot listen on control socket {}", path.display()))?;
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("cannot restrict {} to root", path.display()))?;
+    let listener = doppel_control::listen(&path)?;
     info!(path = %path.display(), "control socket ready");
     loop {
         let (stream, _) = listener.accept().await?;
@@ -163,12 +146,9 @@ async fn handle(
     shared: &Shared,
     requests: &mpsc::UnboundedSender<VerifyRequest>,
 ) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = Vec::new();
-    let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64);
-    reader.read_until(b'\n', &mut line).await?;
+    let (req, mut conn) = doppel_control::Conn::accept::<Request>(stream).await?;
     let (tx, mut rx) = mpsc::unbounded_channel();
-    match parse(&line, &shared.set_names) {
+    match req.and_then(|r| check(r, &shared.set_names)) {
         Ok(Parsed::Status) => {
             let _ = tx.send(Reply::Status(shared.status()));
         }
@@ -184,15 +164,12 @@ async fn handle(
         }
     }
     while let Some(reply) = rx.recv().await {
-        let mut text = serde_json::to_vec(&reply)?;
-        text.push(b'\n');
-        write.write_all(&text).await?;
+        conn.reply(&reply).await?;
         if !matches!(reply, Reply::Progress(_)) {
             break;
         }
     }
-    write.shutdown().await?;
-    Ok(())
+    conn.close().await
 }
 
 /// A request checked against this daemon's sets.
@@ -202,12 +179,7 @@ enum Parsed {
     Verify { sets: Vec<usize>, repair: bool },
 }
 
-fn parse(line: &[u8], set_names: &[String]) -> std::result::Result<Parsed, String> {
-    let req: Request = serde_json::from_slice(line).map_err(|e| {
-        format!(
-            "malformed request: {e}; this daemon and the command must be the same doppel release"
-        )
-    })?;
+fn check(req: Request, set_names: &[String]) -> std::result::Result<Parsed, String> {
     match req {
         Request::Status => Ok(Parsed::Status),
         Request::Verify { set: None, repair } => Ok(Parsed::Verify {
@@ -230,35 +202,22 @@ fn parse(line: &[u8], set_names: &[String]) -> std::result::Result<Parsed, Strin
     }
 }
 
-/// Sends `req` to the daemon listening at `path` and hands each reply to `on_reply`
-/// until the daemon is done. Errors say how to reach a daemon.
-pub fn call(path: &Path, req: &Request, mut on_reply: impl FnMut(Reply)) -> Result<()> {
-    let mut stream = std::os::unix::net::UnixStream::connect(path).with_context(|| {
-        format!(
-            "cannot reach the agent at {}: is `doppel-agent run` running with this config (and are you root)?",
-            path.display()
-        )
-    })?;
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    stream.write_all(&line)?;
-    let mut got = false;
-    for line in BufReader::new(stream).lines() {
-        let line = line.context("reading the agent's reply")?;
-        let reply: Reply = serde_json::from_str(&line)
-            .with_context(|| format!("unreadable reply from the agent: {line}"))?;
-        got = true;
-        on_reply(reply);
-    }
-    if !got {
-        bail!("the agent closed the control connection without replying; see its log");
-    }
-    Ok(())
+/// Sends `req` to the agent listening at `path` and hands each reply to `on_reply`
+/// until the daemon is done.
+pub fn call(path: &Path, req: &Request, on_reply: impl FnMut(Reply)) -> Result<()> {
+    doppel_control::call(path, "the agent", req, on_reply)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn parse(line: &[u8], names: &[String]) -> std::result::Result<Parsed, String> {
+        check(
+            serde_json::from_str(std::str::from_utf8(line).unwrap()).map_err(|e| e.to_string())?,
+            names,
+        )
+    }
 
     #[test]
     fn requests_name_known_sets() {
@@ -280,7 +239,7 @@ mod tests {
         assert_eq!(parse(br#"{"cmd":"status"}"#, &names), Ok(Parsed::Status));
         let e = parse(br#"{"cmd":"verify","set":"c"}"#, &names).unwrap_err();
         assert!(e.contains("no set named \"c\""), "{e}");
-        assert!(parse(b"garbage", &names).unwrap_err().contains("malformed"));
+        assert!(parse(b"garbage", &names).is_err());
         assert!(parse(br#"{"cmd":"verify","bogus":1}"#, &names).is_err());
     }
 }

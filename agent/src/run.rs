@@ -305,6 +305,20 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     info!("stopping");
+    // Say goodbye, so that receivers see a source that stopped, not one that died (which
+    // would look like a reason to fail over).
+    let conns: Vec<quinn::Connection> = shared
+        .targets
+        .iter()
+        .filter_map(|t| t.lock().expect("target lock").conn.clone())
+        .collect();
+    for c in &conns {
+        c.close(doppel_transport::close::SHUTDOWN, b"the agent is stopping");
+    }
+    if !conns.is_empty() {
+        // The close frames leave with the endpoint driver; give it a moment.
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
     Ok(())
 }
 

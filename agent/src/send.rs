@@ -152,6 +152,16 @@ pub async fn run_target(
     }
 }
 
+/// The receiver watches this source's health by heartbeat datagrams; each goes straight
+/// back. Datagrams skip stream flow control, so a backlog never delays an echo.
+async fn echo_heartbeats(conn: quinn::Connection) {
+    while let Ok(d) = conn.read_datagram().await {
+        if d.len() <= 64 {
+            let _ = conn.send_datagram(d);
+        }
+    }
+}
+
 async fn session(
     shared: &Arc<Shared>,
     identity: &Identity,
@@ -288,6 +298,8 @@ async fn session(
     };
     let _abort = AbortOnDrop(acks.abort_handle());
     let mut acks = acks;
+    let echo = tokio::spawn(echo_heartbeats(conn.clone()));
+    let _echo = AbortOnDrop(echo.abort_handle());
 
     let mut throttle = Throttle::new(target.bandwidth.clone());
     let mut pushed = shared.pushed.subscribe();

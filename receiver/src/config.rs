@@ -37,6 +37,57 @@ pub struct SourceConfig {
     pub root: PathBuf,
     /// Set name -> replica root, for sets that land elsewhere.
     pub sets: BTreeMap<String, PathBuf>,
+    /// Heartbeat interval and the missed beats after which the source is lost.
+    pub monitor: crate::monitor::Settings,
+    /// How this receiver takes over the source's identity (see `failover`).
+    pub failover: FailoverConfig,
+}
+
+/// `[source.failover]`: what `doppel-receiver failover` does for a source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailoverConfig {
+    /// Fail over by itself once the source is lost (the split-brain guard still runs).
+    pub auto: bool,
+    /// Interface that takes the source's addresses.
+    pub interface: Option<String>,
+    /// The source's service addresses with their prefix length.
+    pub addresses: Vec<(std::net::IpAddr, u8)>,
+    /// Hostname to take (the kernel's, for this UTS namespace).
+    pub hostname: Option<String>,
+    /// How long the split-brain guard listens for an answer to its ARP/NDP probes.
+    pub probe_wait: std::time::Duration,
+    /// Gratuitous ARP / unsolicited NA: how many, and how far apart.
+    pub announce_count: u32,
+    pub announce_interval: std::time::Duration,
+    pub services: Vec<ServiceConfig>,
+}
+
+impl Default for FailoverConfig {
+    fn default() -> FailoverConfig {
+        FailoverConfig {
+            auto: false,
+            interface: None,
+            addresses: Vec::new(),
+            hostname: None,
+            probe_wait: std::time::Duration::from_millis(200),
+            announce_count: 5,
+            announce_interval: std::time::Duration::from_millis(200),
+            services: Vec::new(),
+        }
+    }
+}
+
+/// `[[source.failover.service]]`: one pre-staged service, started in order at failover
+/// and stopped in reverse order at failback. Commands run with `sh -c`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceConfig {
+    pub name: String,
+    pub start: String,
+    pub stop: Option<String>,
+    /// Run until it exits 0 (every 50 ms) after `start`; the service is up then.
+    pub health: Option<String>,
+    /// For `start`, then for `health` to pass, and for `stop`.
+    pub timeout: std::time::Duration,
 }
 
 impl SourceConfig {
@@ -69,6 +120,35 @@ struct RawSource {
     root: PathBuf,
     #[serde(default)]
     sets: BTreeMap<String, PathBuf>,
+    heartbeat_ms: Option<u64>,
+    missed_beats: Option<u32>,
+    failover: Option<RawFailover>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailover {
+    #[serde(default)]
+    auto: bool,
+    interface: Option<String>,
+    #[serde(default)]
+    addresses: Vec<String>,
+    hostname: Option<String>,
+    probe_ms: Option<u64>,
+    announce_count: Option<u32>,
+    announce_interval_ms: Option<u64>,
+    #[serde(default)]
+    service: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    start: String,
+    stop: Option<String>,
+    health: Option<String>,
+    timeout_s: Option<u64>,
 }
 
 impl Config {
@@ -122,11 +202,20 @@ impl Config {
                     .with_context(|| format!("[[source]] {:?}: key `sets.{set}`", s.name))?;
                 sets.insert(set, abs(root));
             }
+            let what = |key: &str| format!("[[source]] {:?}: key `{key}`", s.name);
+            let monitor = monitor_settings(s.heartbeat_ms, s.missed_beats)
+                .with_context(|| what("heartbeat_ms / missed_beats"))?;
+            let failover = match s.failover {
+                None => FailoverConfig::default(),
+                Some(f) => failover_config(f).with_context(|| what("failover"))?,
+            };
             sources.push(SourceConfig {
                 name: s.name,
                 fingerprint,
                 root: abs(s.root),
                 sets,
+                monitor,
+                failover,
             });
         }
         if sources.is_empty() {
@@ -144,6 +233,88 @@ impl Config {
             sources,
         })
     }
+}
+
+fn monitor_settings(
+    heartbeat_ms: Option<u64>,
+    missed: Option<u32>,
+) -> anyhow::Result<crate::monitor::Settings> {
+    let d = crate::monitor::Settings::default();
+    let interval = heartbeat_ms.map_or(d.interval, std::time::Duration::from_millis);
+    let threshold = missed.unwrap_or(d.threshold);
+    if !(10..=60_000).contains(&interval.as_millis()) {
+        bail!("heartbeat_ms must be between 10 and 60000 (default 200)");
+    }
+    if !(2..=1000).contains(&threshold) {
+        bail!("missed_beats must be between 2 and 1000 (default 5)");
+    }
+    Ok(crate::monitor::Settings {
+        interval,
+        threshold,
+    })
+}
+
+fn failover_config(f: RawFailover) -> anyhow::Result<FailoverConfig> {
+    use std::time::Duration;
+    let d = FailoverConfig::default();
+    let mut addresses = Vec::new();
+    for a in &f.addresses {
+        addresses.push(parse_cidr(a).with_context(|| format!("addresses: {a:?}"))?);
+    }
+    if !addresses.is_empty() && f.interface.is_none() {
+        bail!("addresses are set but `interface` is not: name the interface that takes them, e.g. interface = \"eth0\"");
+    }
+    if let Some(h) = &f.hostname {
+        let ok = !h.is_empty()
+            && h.len() <= 64
+            && h.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+        if !ok {
+            bail!(
+                "hostname {h:?} is not a valid host name (letters, digits, '-', '.', at most 64)"
+            );
+        }
+    }
+    let mut names = HashSet::new();
+    let mut services = Vec::new();
+    for s in f.service {
+        if !names.insert(s.name.clone()) {
+            bail!("service {:?} appears twice", s.name);
+        }
+        services.push(ServiceConfig {
+            name: s.name,
+            start: s.start,
+            stop: s.stop,
+            health: s.health,
+            timeout: Duration::from_secs(s.timeout_s.unwrap_or(30).max(1)),
+        });
+    }
+    Ok(FailoverConfig {
+        auto: f.auto,
+        interface: f.interface,
+        addresses,
+        hostname: f.hostname,
+        probe_wait: f.probe_ms.map_or(d.probe_wait, Duration::from_millis),
+        announce_count: f.announce_count.unwrap_or(d.announce_count).max(1),
+        announce_interval: f
+            .announce_interval_ms
+            .map_or(d.announce_interval, Duration::from_millis),
+        services,
+    })
+}
+
+/// `10.0.0.5/24` or `fd00::5/64`.
+fn parse_cidr(text: &str) -> anyhow::Result<(std::net::IpAddr, u8)> {
+    let (ip, len) = text
+        .split_once('/')
+        .context("write the address with its prefix length, e.g. \"10.0.0.5/24\"")?;
+    let ip: std::net::IpAddr = ip.parse().context("not an IP address")?;
+    let len: u8 = len.parse().context("the prefix length is not a number")?;
+    let max = if ip.is_ipv4() { 32 } else { 128 };
+    if len > max {
+        bail!("prefix length {len} is longer than {max}");
+    }
+    Ok((ip, len))
 }
 
 /// Source and set names become directory and file names (replica roots, state files), so
@@ -201,6 +372,45 @@ mod tests {
         assert_eq!(s.fingerprint, FP);
         assert_eq!(s.set_root("www"), Path::new("/var/www"));
         assert_eq!(s.set_root("logs"), Path::new("/srv/doppel/web1/logs"));
+        assert_eq!(s.monitor, crate::monitor::Settings::default());
+        assert_eq!(s.failover, FailoverConfig::default());
+    }
+
+    #[test]
+    fn failover_section_parses() {
+        let c = parse(&format!(
+            r#"
+            listen = "127.0.0.1:7443"
+            cert = "c"
+            key = "k"
+            [[source]]
+            name = "web1"
+            fingerprint = "{FP}"
+            root = "/r"
+            heartbeat_ms = 100
+            missed_beats = 3
+            [source.failover]
+            auto = true
+            interface = "eth0"
+            addresses = ["10.0.0.5/24", "fd00::5/64"]
+            hostname = "web1"
+            [[source.failover.service]]
+            name = "app"
+            start = "systemctl start app"
+            health = "curl -fs http://127.0.0.1/"
+            timeout_s = 5
+            "#
+        ))
+        .unwrap();
+        let s = &c.sources[0];
+        assert_eq!(s.monitor.interval, std::time::Duration::from_millis(100));
+        assert_eq!(s.monitor.threshold, 3);
+        let f = &s.failover;
+        assert!(f.auto);
+        assert_eq!(f.addresses[0], ("10.0.0.5".parse().unwrap(), 24));
+        assert_eq!(f.addresses[1], ("fd00::5".parse().unwrap(), 64));
+        assert_eq!(f.services[0].timeout, std::time::Duration::from_secs(5));
+        assert_eq!(f.services[0].stop, None);
     }
 
     #[test]
@@ -217,6 +427,15 @@ mod tests {
             format!("{base}[[source]]\nname = \"b\"\nfingerprint = \"{FP}\"\nroot = \"/s\"\n");
         assert!(err(&twice).contains("already used"));
         let no_source = base.split("[[source]]").next().unwrap();
+        assert!(err(&format!("{base}heartbeat_ms = 1\n")).contains("heartbeat_ms"));
+        assert!(err(&format!(
+            "{base}[source.failover]\naddresses = [\"10.0.0.5\"]\ninterface = \"eth0\"\n"
+        ))
+        .contains("prefix length"));
+        assert!(err(&format!(
+            "{base}[source.failover]\naddresses = [\"10.0.0.5/24\"]\n"
+        ))
+        .contains("interface"));
         assert!(err(no_source).contains("no [[source]]"));
     }
 }

@@ -8,14 +8,19 @@
 //!   [`beneath`]; [`fdcache`] and [`dirty`] are its bookkeeping; [`compare`] answers
 //!   block checksums (mirror and verify).
 //! - [`writer`], [`state`]: durability and acknowledgements.
+//! - [`monitor`]: each source's health from heartbeats; [`failover`]: taking over a
+//!   source's identity; [`control`]: the control socket for `status` and `failover`.
 
 pub mod apply;
 mod attrs;
 pub mod beneath;
 pub mod compare;
 pub mod config;
+pub mod control;
 pub mod dirty;
+pub mod failover;
 pub mod fdcache;
+pub mod monitor;
 mod nodes;
 pub mod server;
 pub mod session;

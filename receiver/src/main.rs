@@ -44,9 +44,56 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Show each source's health (heartbeats), connection and failover state.
+    #[command(
+        after_help = "Examples:\n  doppel-receiver status --config /etc/doppel/receiver.toml\n  \
+        doppel-receiver status --config /etc/doppel/receiver.toml --json"
+    )]
+    Status {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Take over a source's identity: drain its changes, check it is really gone (split-
+    /// brain guard), take its addresses and hostname, start its services. Exit status 0
+    /// when every step succeeded, 1 when one refused or failed, 2 when it could not run.
+    #[command(after_help = "Examples:\n  \
+        doppel-receiver failover --config /etc/doppel/receiver.toml --source web1 --dry-run\n  \
+        doppel-receiver failover --config /etc/doppel/receiver.toml --source web1\n  \
+        doppel-receiver failover --config /etc/doppel/receiver.toml --source web1 --force --json")]
+    Failover {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The [[source]] name to take over.
+        #[arg(long)]
+        source: String,
+        /// Show what each step would do; only the probes of the split-brain guard run.
+        #[arg(long)]
+        dry_run: bool,
+        /// Go on although the source still answers heartbeats or its addresses still
+        /// answer probes. Only when you know it can no longer serve: fencing is then yours.
+        #[arg(long)]
+        force: bool,
+        /// The report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    if let Cmd::Status { .. } | Cmd::Failover { .. } = cli.cmd {
+        // Commands: their output is the answer; only warnings go to stderr.
+        return match commands(cli.cmd) {
+            Ok(code) => std::process::ExitCode::from(code),
+            Err(e) => {
+                eprintln!("doppel-receiver: {e:#}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -55,7 +102,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    match real_main(Cli::parse()) {
+    match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("doppel-receiver: {e:#}");
@@ -83,7 +130,111 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(config, shutdown_signal()))
         }
+        Cmd::Status { .. } | Cmd::Failover { .. } => unreachable!("handled in main"),
     }
+}
+
+fn commands(cmd: Cmd) -> anyhow::Result<u8> {
+    use doppel_receiver::control::{call, Reply, Request};
+    let (config, req, json) = match cmd {
+        Cmd::Status { config, json } => (config, Request::Status, json),
+        Cmd::Failover {
+            config,
+            source,
+            dry_run,
+            force,
+            json,
+        } => (
+            config,
+            Request::Failover {
+                source,
+                dry_run,
+                force,
+            },
+            json,
+        ),
+        _ => unreachable!("only commands reach here"),
+    };
+    let config = Config::load(&config)?;
+    let mut reply = None;
+    call(&doppel_control::socket_path(&config.state_dir), &req, |r| {
+        reply = Some(r)
+    })?;
+    match reply {
+        Some(Reply::Error(e)) => anyhow::bail!("{e}"),
+        Some(Reply::Status(s)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_status(&s);
+            }
+            Ok(0)
+        }
+        Some(Reply::Report(r)) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_report(&r);
+            }
+            Ok(if r.ok { 0 } else { 1 })
+        }
+        None => anyhow::bail!("the receiver answered nothing; see its log"),
+    }
+}
+
+fn print_status(s: &doppel_receiver::control::Status) {
+    println!(
+        "{:<16} {:<12} {:<9} {:>10} {:>8} {:<6} failed over",
+        "SOURCE", "HEALTH", "SESSION", "LAST BEAT", "RTT", "AUTO"
+    );
+    for x in &s.sources {
+        let beat = x
+            .last_beat_ms
+            .map_or("-".to_string(), |m| format!("{m} ms"));
+        let rtt = x.rtt_ms.map_or("-".to_string(), |m| format!("{m:.2} ms"));
+        let fo = x.failed_over_at_ms.map_or("no".to_string(), |t| {
+            format!("yes, {} s ago", (unix_ms().saturating_sub(t)) / 1000)
+        });
+        println!(
+            "{:<16} {:<12} {:<9} {:>10} {:>8} {:<6} {fo}",
+            x.source,
+            x.health.to_string(),
+            if x.connected { "up" } else { "down" },
+            beat,
+            rtt,
+            if x.auto_failover { "on" } else { "off" },
+        );
+        if let Some(e) = &x.last_error {
+            println!("  last error: {e}");
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn print_report(r: &doppel_receiver::failover::Report) {
+    use doppel_receiver::failover::Outcome;
+    let what = if r.dry_run { " (dry run)" } else { "" };
+    println!("{} of {}{what}", r.action, r.source);
+    for s in &r.steps {
+        let mark = match s.outcome {
+            Outcome::Done => "ok",
+            Outcome::Skipped => "skip",
+            Outcome::Would => "would",
+            Outcome::Refused => "REFUSED",
+            Outcome::Failed => "FAILED",
+        };
+        println!(
+            "  {:<10} {:<8} {:>8.1} ms  {}",
+            s.name, mark, s.ms, s.detail
+        );
+    }
+    let verdict = if r.ok { "done" } else { "NOT done" };
+    println!("{} {verdict} in {:.1} ms", r.action, r.total_ms);
 }
 
 /// Each session keeps a few files per set open; the default soft limit (1024) is low for

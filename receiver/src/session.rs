@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::apply::Applier;
 use crate::config::{check_name, SourceConfig};
+use crate::monitor::{heartbeat, Monitor};
 use crate::set::{BatchEnd, SetApplier};
 use crate::state::{SetState, StateStore};
 use crate::writer::{ToWriter, Writer};
@@ -21,11 +22,20 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 /// (and through QUIC flow control, the agent) instead of growing memory.
 const COMMIT_QUEUE: usize = 64;
 
+/// After a drain is asked for, the session stops once no frame arrived for this long:
+/// what the source had already sent is applied, nothing after it.
+const DRAIN_IDLE: Duration = Duration::from_millis(50);
+
 /// Everything a session needs besides its connection.
 pub struct SessionCtx {
     pub source: SourceConfig,
     pub store: Arc<StateStore>,
     pub fsync: bool,
+    /// Set to `Some(reason)` to drain: apply what already arrived, commit it, then end
+    /// the session with `close::FAILED_OVER` and `reason`.
+    pub drain: tokio::sync::watch::Receiver<Option<String>>,
+    /// Heartbeats land here.
+    pub monitor: Arc<std::sync::Mutex<crate::monitor::Monitor>>,
 }
 
 /// Runs one session to its end. `Ok` means it ended in an orderly way (including a
@@ -87,6 +97,10 @@ pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()
     })
     .await?;
 
+    ctx.monitor
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .connected(std::time::Instant::now());
     let (wtx, wrx) = mpsc::channel(COMMIT_QUEUE);
     let writer = Writer {
         source: ctx.source.name.clone(),
@@ -96,20 +110,93 @@ pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()
         conn: conn.clone(),
     };
     let writer = tokio::spawn(writer.run(wrx));
-    let read = read_batches(&mut rx, &mut appliers, &wtx, &ctx.source.name).await;
-    if let Err(e) = &read {
-        // The writer delivers the reason if the connection still stands.
-        let _ = wtx
-            .send(ToWriter::Close {
-                code: close::REFUSED,
-                reason: format!("{e:#}"),
-            })
-            .await;
+    let beats = tokio::spawn(heartbeats(conn.clone(), ctx.monitor.clone()));
+    let mut drain = ctx.drain.clone();
+    let read = read_batches(&mut rx, &mut appliers, &wtx, &ctx.source.name, &mut drain).await;
+    beats.abort();
+    // An agent that stops says so in its close; anything else (a timeout, a reset) may
+    // be a death, which the missed heartbeats then show.
+    let orderly = matches!(
+        conn.close_reason(),
+        Some(quinn::ConnectionError::ApplicationClosed(ref c)) if c.error_code == close::SHUTDOWN
+    );
+    ctx.monitor
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .ended(orderly);
+    match &read {
+        Err(e) => {
+            // The writer delivers the reason if the connection still stands.
+            let _ = wtx
+                .send(ToWriter::Close {
+                    code: close::REFUSED,
+                    reason: format!("{e:#}"),
+                    linger: true,
+                })
+                .await;
+        }
+        Ok(Ended::Drained(reason)) => {
+            let _ = wtx
+                .send(ToWriter::Close {
+                    code: close::FAILED_OVER,
+                    reason: reason.clone(),
+                    linger: false,
+                })
+                .await;
+        }
+        Ok(Ended::Stream) => {}
     }
     drop(wtx);
     let written = writer.await.context("the session writer panicked")?;
     conn.close(close::DONE, b"session finished");
-    read.and(written)
+    read.map(|_| ()).and(written)
+}
+
+/// Sends a heartbeat datagram every interval and counts the agent's echoes as beats
+/// (see `monitor`). Runs until aborted or the connection ends.
+async fn heartbeats(conn: quinn::Connection, monitor: Arc<std::sync::Mutex<Monitor>>) {
+    let interval = monitor
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .settings()
+        .interval;
+    let start = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seq = 0u64;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                seq += 1;
+                let b = heartbeat::encode(seq, start.elapsed());
+                if conn.send_datagram(bytes::Bytes::copy_from_slice(&b)).is_err() {
+                    return;
+                }
+            }
+            d = conn.read_datagram() => {
+                let Ok(d) = d else { return };
+                // Any datagram on this authenticated connection proves the agent alive;
+                // the echoed clock only feeds the round-trip figure.
+                let now = start.elapsed();
+                let rtt = heartbeat::decode(&d)
+                    .map(|(_, sent)| now.saturating_sub(sent))
+                    .filter(|r| *r < Duration::from_secs(60));
+                monitor
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .beat(std::time::Instant::now(), rtt);
+            }
+        }
+    }
+}
+
+/// How reading a session's frames ended without a protocol error.
+enum Ended {
+    /// The agent finished its stream, ended the session, or a batch ended it (a gap, a
+    /// failing disk: the writer was told why).
+    Stream,
+    /// A drain was asked for (failover); the reason goes to the agent.
+    Drained(String),
 }
 
 /// Reads frames until the stream ends, applying each batch and handing the result to the
@@ -120,13 +207,39 @@ async fn read_batches(
     appliers: &mut HashMap<String, Option<SetApplier>>,
     wtx: &mpsc::Sender<ToWriter>,
     source: &str,
-) -> anyhow::Result<()> {
-    while let Some(frame) = rx.recv().await? {
+    drain: &mut tokio::sync::watch::Receiver<Option<String>>,
+) -> anyhow::Result<Ended> {
+    loop {
+        // The receive is never cancelled mid-frame while the session goes on: only a
+        // drain that found the stream idle drops it, and the session ends then.
+        let frame = {
+            let recv = rx.recv();
+            tokio::pin!(recv);
+            let mut draining = drain.borrow().clone();
+            loop {
+                tokio::select! {
+                    f = &mut recv => break f?,
+                    changed = drain.changed(), if draining.is_none() => {
+                        if changed.is_err() {
+                            // The server is gone; keep reading until the connection ends.
+                            std::future::pending::<()>().await;
+                        }
+                        draining = drain.borrow().clone();
+                    }
+                    _ = tokio::time::sleep(DRAIN_IDLE), if draining.is_some() => {
+                        return Ok(Ended::Drained(draining.unwrap_or_default()));
+                    }
+                }
+            }
+        };
+        let Some(frame) = frame else {
+            return Ok(Ended::Stream);
+        };
         let (set, records) = match frame {
             Frame::Batch { set, records } => (set, records),
             Frame::Refused { reason } => {
                 tracing::info!(source, "the agent ended the session: {reason}");
-                return Ok(());
+                return Ok(Ended::Stream);
             }
             other => bail!("unexpected {} frame after Hello", frame_name(&other)),
         };
@@ -152,11 +265,12 @@ async fn read_batches(
             needs: outcome.needs,
         };
         if wtx.send(applied).await.is_err() {
-            return Ok(()); // the writer failed and closed the connection
+            return Ok(Ended::Stream); // the writer failed and closed the connection
         }
         let close = match outcome.end {
             BatchEnd::Done => continue,
             BatchEnd::Gap { expected, got } => ToWriter::Close {
+                linger: true,
                 code: close::REFUSED,
                 reason: format!(
                     "set {set:?}: expected record {expected}, got {got}: records in between are \
@@ -166,6 +280,7 @@ async fn read_batches(
             BatchEnd::Fatal { seq, err } => {
                 tracing::error!(source, set = %set, seq, "{err}");
                 ToWriter::Close {
+                    linger: true,
                     code: close::RETRY_LATER,
                     reason: format!(
                         "set {set:?}: record {seq}: {err}; the receiver cannot apply it now, \
@@ -175,9 +290,8 @@ async fn read_batches(
             }
         };
         let _ = wtx.send(close).await;
-        return Ok(());
+        return Ok(Ended::Stream);
     }
-    Ok(())
 }
 
 fn check_hello(
@@ -266,6 +380,18 @@ fn open_sets(
         );
     }
     Ok(out)
+}
+
+/// Refuses a connection before its session starts: reads the agent's stream open and
+/// Hello (briefly), answers Refused, closes.
+pub async fn refuse_connection(conn: &quinn::Connection, code: quinn::VarInt, reason: &str) {
+    match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
+        Ok(Ok((send, recv))) => {
+            let (mut tx, _rx) = FramedStream::new(send, recv).split();
+            refuse(&mut tx, conn, code, reason).await;
+        }
+        _ => conn.close(code, reason.as_bytes()),
+    }
 }
 
 async fn refuse(tx: &mut FrameSender, conn: &quinn::Connection, code: quinn::VarInt, reason: &str) {

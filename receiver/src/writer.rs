@@ -34,7 +34,13 @@ pub enum ToWriter {
         needs: Vec<Need>,
     },
     /// Commit what came before, then tell the agent why the session ends and close.
-    Close { code: VarInt, reason: String },
+    /// Without `linger` the reason goes only in the close frame and nothing waits for the
+    /// agent: a failover drains a source that is usually dead.
+    Close {
+        code: VarInt,
+        reason: String,
+        linger: bool,
+    },
 }
 
 pub struct Writer {
@@ -82,8 +88,12 @@ impl Writer {
                         marks.insert(set, SetState { epoch, seq });
                         dirty.merge(d);
                     }
-                    ToWriter::Close { code, reason } => {
-                        close = Some((code, reason));
+                    ToWriter::Close {
+                        code,
+                        reason,
+                        linger,
+                    } => {
+                        close = Some((code, reason, linger));
                         break;
                     }
                 }
@@ -95,7 +105,7 @@ impl Writer {
                         "{e:#}; the receiver will take the records again after a reconnect"
                     );
                     tracing::error!(source = %self.source, "{reason}");
-                    self.close(close::RETRY_LATER, reason).await;
+                    self.close(close::RETRY_LATER, reason, true).await;
                     return Err(e);
                 }
                 for (set, st) in marks {
@@ -111,8 +121,8 @@ impl Writer {
                     }
                 }
             }
-            if let Some((code, reason)) = close {
-                self.close(code, reason).await;
+            if let Some((code, reason, linger)) = close {
+                self.close(code, reason, linger).await;
                 return Ok(());
             }
         }
@@ -143,7 +153,11 @@ impl Writer {
         .context("commit task failed")?
     }
 
-    async fn close(&mut self, code: VarInt, reason: String) {
+    async fn close(&mut self, code: VarInt, reason: String, linger: bool) {
+        if !linger {
+            self.conn.close(code, reason.as_bytes());
+            return;
+        }
         let _ = self
             .tx
             .send(&Frame::Refused {

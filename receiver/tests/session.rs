@@ -40,6 +40,8 @@ impl Fixture {
                 fingerprint: agent.fingerprint(),
                 root: dir.path().join("replica/web1"),
                 sets: BTreeMap::from([("www".to_string(), dir.path().join("www"))]),
+                monitor: Default::default(),
+                failover: Default::default(),
             }],
         };
         let server = Server::bind(config).unwrap();

@@ -47,6 +47,8 @@ pub struct Options {
     /// (it must exec the binary in place, so that the child's pid is the binary's).
     pub agent_wrapper: Vec<OsString>,
     pub receiver_wrapper: Vec<OsString>,
+    /// Extra TOML appended to the receiver's `[[source]]` (e.g. a `[source.failover]`).
+    pub receiver_extra: String,
 }
 
 /// Runs `BIN keygen --out OUT` and returns the printed fingerprint.
@@ -123,8 +125,10 @@ state_dir = "receiver-state"
 name = "src"
 fingerprint = "{afp}"
 root = "{}"
+{}
 "#,
-                replica_root.display()
+                replica_root.display(),
+                opts.receiver_extra
             ),
         )?;
         fs::write(
@@ -237,6 +241,16 @@ targets = ["t"]
             .arg(self.dir.path().join("agent.toml"))
             .output()
             .expect("run doppel-agent")
+    }
+
+    /// Runs `doppel-receiver ARGS --config <this cluster's receiver.toml>` to completion.
+    pub fn receiver_command(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin_dir().join("doppel-receiver"))
+            .args(args)
+            .arg("--config")
+            .arg(self.dir.path().join("receiver.toml"))
+            .output()
+            .expect("run doppel-receiver")
     }
 
     /// The running agent's status (what `doppel-agent status --json` prints), asked on

@@ -5,6 +5,7 @@
 pub mod cluster;
 pub mod fsops;
 pub mod netns;
+pub mod takeover;
 pub mod tree;
 pub mod writer;
 

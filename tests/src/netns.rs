@@ -123,3 +123,115 @@ impl Drop for NetPair {
         }
     }
 }
+
+/// Several namespaces on one Ethernet segment: each has a veth whose peer is a port of a
+/// bridge living in its own "switch" namespace, so that taking one host's link down
+/// leaves the others connected. Host `i` (from 0) gets 10.78.<x>.<i+1>/24 and
+/// fd78:<x>::<i+1>/64; [`Lan::extra_v4`] and [`Lan::extra_v6`] give free addresses of the
+/// same subnets (for a service address that moves). Dropping it deletes every namespace.
+#[derive(Debug)]
+pub struct Lan {
+    pub hosts: Vec<Side>,
+    pub v6: Vec<std::net::Ipv6Addr>,
+    x: u8,
+    created: Vec<String>,
+}
+
+impl Lan {
+    pub fn create(n: usize) -> Result<Lan> {
+        let pid = std::process::id();
+        let k = NEXT.fetch_add(1, Ordering::Relaxed);
+        let x = ((pid.wrapping_mul(11).wrapping_add(k)) % 200 + 20) as u8;
+        let mut lan = Lan {
+            hosts: Vec::new(),
+            v6: Vec::new(),
+            x,
+            created: Vec::new(),
+        };
+        let sw = format!("doppel-{pid}-{k}-sw");
+        ip(&["netns", "add", &sw])?;
+        lan.created.push(sw.clone());
+        ip(&["-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        for i in 0..n {
+            let side = Side {
+                ns: format!("doppel-{pid}-{k}-h{i}"),
+                dev: format!("dpl{}h{i}{}", pid % 1_000_000, k % 100),
+                addr: Ipv4Addr::new(10, 78, x, i as u8 + 1),
+            };
+            let v6: std::net::Ipv6Addr = format!("fd78:{x}::{}", i + 1).parse()?;
+            ip(&["netns", "add", &side.ns])?;
+            lan.created.push(side.ns.clone());
+            let port = format!("p{i}");
+            ip(&[
+                "link", "add", &side.dev, "netns", &side.ns, "type", "veth", "peer", "name", &port,
+                "netns", &sw,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &port, "master", "br0", "up"])?;
+            ip(&["-n", &side.ns, "link", "set", "dev", "lo", "up"])?;
+            ip(&[
+                "-n",
+                &side.ns,
+                "addr",
+                "add",
+                &format!("{}/24", side.addr),
+                "dev",
+                &side.dev,
+            ])?;
+            ip(&[
+                "-n",
+                &side.ns,
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                &side.dev,
+                "nodad",
+            ])?;
+            ip(&["-n", &side.ns, "link", "set", "dev", &side.dev, "up"])?;
+            lan.hosts.push(side);
+            lan.v6.push(v6);
+        }
+        Ok(lan)
+    }
+
+    pub fn extra_v4(&self, host: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 78, self.x, host)
+    }
+
+    pub fn extra_v6(&self, host: u8) -> std::net::Ipv6Addr {
+        format!("fd78:{}::{host}", self.x)
+            .parse()
+            .expect("a valid IPv6 address")
+    }
+
+    /// Runs `ip ARGS` in host `i`'s namespace.
+    pub fn ip(&self, i: usize, args: &[&str]) -> Result<()> {
+        let mut a = vec!["-n", self.hosts[i].ns.as_str()];
+        a.extend_from_slice(args);
+        ip(&a)
+    }
+
+    /// The MAC address of host `i`'s interface.
+    pub fn mac(&self, i: usize) -> Result<String> {
+        let h = &self.hosts[i];
+        let o = Command::new("ip")
+            .args(["-n", &h.ns, "-br", "link", "show", "dev", &h.dev])
+            .output()?;
+        let text = String::from_utf8_lossy(&o.stdout);
+        text.split_whitespace()
+            .nth(2)
+            .map(str::to_string)
+            .with_context(|| format!("no MAC in {text:?}"))
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in self.created.drain(..) {
+            if let Err(e) = ip(&["netns", "del", &ns]) {
+                eprintln!("cleanup: {e:#}");
+            }
+        }
+    }
+}

@@ -18,3 +18,6 @@ pub const RETRY_LATER: VarInt = VarInt::from_u32(2);
 pub const SHUTDOWN: VarInt = VarInt::from_u32(3);
 /// A newer connection from the same source replaced this one.
 pub const SUPERSEDED: VarInt = VarInt::from_u32(4);
+/// The receiver took over this source's identity (failover): it accepts nothing from the
+/// source until an operator fails back. Reconnecting does not help.
+pub const FAILED_OVER: VarInt = VarInt::from_u32(5);

@@ -35,5 +35,9 @@ pub fn release() -> Result<()> {
         "doppel-agent",
         "-p",
         "doppel-receiver",
+        // The small TCP service the failover tests and benchmarks move between hosts.
+        "-p",
+        "doppel-tests",
+        "--bins",
     ])
 }
