@@ -45,16 +45,120 @@ pub fn mono_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-fn kill_pid(pid: u32) {
+pub fn kill_pid(pid: u32) {
     // SAFETY: plain kill(2).
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+pub fn service_bin() -> PathBuf {
+    bin_dir().join("doppel-test-service")
+}
+
+/// `doppel-test-service serve` on `addr` in namespace `ns`, writing to `log`, answering
+/// as `name`.
+pub fn start_service(ns: &str, addr: &str, log: &std::path::Path, name: &str) -> Result<Child> {
+    Command::new("nsenter")
+        .arg(format!("--net=/run/netns/{ns}"))
+        .arg("--")
+        .arg(service_bin())
+        .args(["serve", addr])
+        .arg(log)
+        .arg(name)
+        .stdin(Stdio::null())
+        .spawn()
+        .context("cannot start the test service")
+}
+
+/// The client: a request every 10 ms from namespace `ns`, each answer logged.
+pub struct Client {
+    child: Option<Child>,
+    pub log: PathBuf,
+}
+
+impl Client {
+    pub fn start(ns: &str, addr: &str, log: PathBuf) -> Result<Client> {
+        let out = fs::File::create(&log)?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .arg("--")
+            .arg(service_bin())
+            .args(["client", addr])
+            .stdin(Stdio::null())
+            .stdout(out)
+            .spawn()
+            .context("cannot start the client")?;
+        Ok(Client {
+            child: Some(child),
+            log,
+        })
+    }
+
+    pub fn answers(&self) -> Result<Vec<Answer>> {
+        let text = fs::read_to_string(&self.log)?;
+        Ok(text
+            .lines()
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                Some(Answer {
+                    n: f.first()?.parse().ok()?,
+                    sent_ns: f.get(1)?.parse().ok()?,
+                    done_ns: f.get(2)?.parse().ok()?,
+                    by: f.get(3)?.to_string(),
+                })
+            })
+            .collect())
+    }
+
+    /// Waits until `n` answers came from `by`.
+    pub fn wait_answers(&self, by: &str, n: usize, within: Duration) -> Result<()> {
+        let t = Instant::now();
+        while self.answers()?.iter().filter(|a| a.by == by).count() < n {
+            if t.elapsed() > within {
+                bail!("the client got fewer than {n} answers from {by} within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// The first answer from `by` that completed after `since` (monotonic ns).
+    pub fn wait_answer_from(&self, by: &str, since: u64, within: Duration) -> Result<Answer> {
+        let t = Instant::now();
+        loop {
+            if let Some(a) = self
+                .answers()?
+                .into_iter()
+                .filter(|a| a.by == by && a.done_ns >= since)
+                .min_by_key(|a| a.done_ns)
+            {
+                return Ok(a);
+            }
+            if t.elapsed() > within {
+                bail!("the client got no answer from {by} within {within:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }
 
 pub struct Stage {
     // Field order is drop order: processes first, then the namespaces they live in.
     pub cluster: Cluster,
     source_service: Option<Child>,
-    client: Option<Child>,
+    client: Option<Client>,
     pub lan: Lan,
     /// The replica and the target service's pid file.
     dir: tempfile::TempDir,
@@ -62,10 +166,6 @@ pub struct Stage {
     pub vip6: std::net::Ipv6Addr,
     pub client_log: PathBuf,
     target_pidfile: PathBuf,
-}
-
-fn service_bin() -> PathBuf {
-    bin_dir().join("doppel-test-service")
 }
 
 impl Stage {
@@ -144,28 +244,9 @@ timeout_s = 10
         )?;
         self.cluster.start()?;
         let log = self.cluster.source.join("app.log");
-        let svc = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", src.ns))
-            .arg("--")
-            .arg(service_bin())
-            .args(["serve", &format!("{}:{SERVICE_PORT}", self.vip)])
-            .arg(&log)
-            .arg("source")
-            .stdin(Stdio::null())
-            .spawn()
-            .context("cannot start the source's service")?;
-        self.source_service = Some(svc);
-        let out = fs::File::create(&self.client_log)?;
-        let client = Command::new("nsenter")
-            .arg(format!("--net=/run/netns/{}", cli.ns))
-            .arg("--")
-            .arg(service_bin())
-            .args(["client", &format!("{}:{SERVICE_PORT}", self.vip)])
-            .stdin(Stdio::null())
-            .stdout(out)
-            .spawn()
-            .context("cannot start the client")?;
-        self.client = Some(client);
+        let addr = format!("{}:{SERVICE_PORT}", self.vip);
+        self.source_service = Some(start_service(&src.ns, &addr, &log, "source")?);
+        self.client = Some(Client::start(&cli.ns, &addr, self.client_log.clone())?);
         // The client's neighbour cache learns the source's IPv6 service address too, so
         // that the unsolicited NA has an entry to move.
         // (A connection attempt to a closed port: it resolves the neighbour, the source
@@ -180,17 +261,17 @@ timeout_s = 10
         if neigh.trim().is_empty() {
             bail!("the client could not reach the source's IPv6 service address");
         }
-        let t = Instant::now();
-        while self.answers()?.len() < 20 {
-            if t.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "the client got no answers from the source's service:\n{}",
-                    self.cluster.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if let Err(e) = self
+            .client()?
+            .wait_answers("source", 20, Duration::from_secs(20))
+        {
+            bail!("{e:#}:\n{}", self.cluster.logs());
         }
         Ok(())
+    }
+
+    fn client(&self) -> Result<&Client> {
+        self.client.as_ref().context("the client is not running")
     }
 
     /// The source host dies: its link goes down first (nothing more leaves it), then
@@ -210,41 +291,14 @@ timeout_s = 10
     }
 
     pub fn answers(&self) -> Result<Vec<Answer>> {
-        let text = fs::read_to_string(&self.client_log)?;
-        Ok(text
-            .lines()
-            .filter_map(|l| {
-                let f: Vec<&str> = l.split_whitespace().collect();
-                Some(Answer {
-                    n: f.first()?.parse().ok()?,
-                    sent_ns: f.get(1)?.parse().ok()?,
-                    done_ns: f.get(2)?.parse().ok()?,
-                    by: f.get(3)?.to_string(),
-                })
-            })
-            .collect())
+        self.client()?.answers()
     }
 
     /// The first answer from the target that completed after `since` (monotonic ns).
     pub fn wait_target_answer(&self, since: u64, within: Duration) -> Result<Answer> {
-        let t = Instant::now();
-        loop {
-            if let Some(a) = self
-                .answers()?
-                .into_iter()
-                .filter(|a| a.by == "target" && a.done_ns >= since)
-                .min_by_key(|a| a.done_ns)
-            {
-                return Ok(a);
-            }
-            if t.elapsed() > within {
-                bail!(
-                    "the client got no answer from the target within {within:?}:\n{}",
-                    self.cluster.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.client()?
+            .wait_answer_from("target", since, within)
+            .map_err(|e| anyhow::anyhow!("{e:#}:\n{}", self.cluster.logs()))
     }
 
     /// Writes the source acknowledged to the client that the target's copy lacks.
@@ -325,9 +379,8 @@ timeout_s = 10
     }
 
     pub fn stop_client(&mut self) {
-        if let Some(mut c) = self.client.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+        if let Some(c) = self.client.as_mut() {
+            c.stop();
         }
     }
 }

@@ -18,6 +18,9 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     // The fidelity tests set and compare POSIX ACLs and extended attributes.
     ("setfacl", "acl"),
     ("getfattr", "attr"),
+    // The failover benchmark's baseline (VRRP), and the namespaces' tools.
+    ("keepalived", "keepalived"),
+    ("nsenter", "util-linux"),
 ];
 
 pub fn cargo_bin() -> PathBuf {

@@ -21,6 +21,8 @@
 //!   rates are stepped up, 3 s each, until the ring overflows (`missed_ranges` or
 //!   `lost` grow) or the writer cannot go faster.
 //! - `mirror`, `resync`: the mirror against rsync (see `mirror.rs`).
+//! - `failover`: failover RTO and RPO, manual and automatic, against keepalived (see
+//!   `failover.rs`).
 
 use std::collections::BTreeMap;
 use std::fs::OpenOptions;
@@ -34,6 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use doppel_tests::cluster::Cluster;
 
+mod failover;
 mod mirror;
 
 type Figures = BTreeMap<String, f64>;
@@ -47,6 +50,7 @@ const ALL: &[&str] = &[
     "events",
     "mirror",
     "resync",
+    "failover",
 ];
 
 pub fn run(names: &[String], json: &Path) -> Result<()> {
@@ -73,6 +77,7 @@ pub fn run(names: &[String], json: &Path) -> Result<()> {
             "events" => events(&mut figures)?,
             "mirror" => mirror::mirror(&mut figures)?,
             "resync" => mirror::resync(&mut figures)?,
+            "failover" => failover::failover(&mut figures)?,
             other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -102,6 +107,9 @@ fn goal(name: &str) -> &'static str {
         "mirror_empty_time_ratio_vs_rsync" => "<= 1.0",
         "resync_wire_bytes_ratio_vs_rsync" => "<= 1.0",
         "resync_time_ratio_vs_rsync" => "<= 1.0",
+        "failover_rto_ms_p50" => "<= 1000",
+        "auto_failover_rto_ms_p50" => "<= 2000",
+        "auto_failover_rto_ratio_vs_keepalived" => "<= 1.0",
         _ => "",
     }
 }
