@@ -194,7 +194,25 @@ async fn session(
     // The Hello above went out plain; the receiver's decoder reads both forms.
     tx.set_compression(target.compression_level);
     let applied = match rx.recv().await? {
-        Some(Frame::Welcome { version, applied }) if version == PROTOCOL_VERSION => applied,
+        Some(Frame::Welcome {
+            version,
+            applied,
+            resync,
+        }) if version == PROTOCOL_VERSION => {
+            let stale: Vec<&Route> = routes
+                .iter()
+                .filter(|r| resync.contains(&shared.set_names[r.set]))
+                .collect();
+            if !stale.is_empty() {
+                for r in &stale {
+                    let _ = gaps.send(r.set);
+                }
+                bail!(
+                    "the receiver asks to copy sets {resync:?} again: they were failed over to it and back, so the changes this agent still holds for them are stale"
+                );
+            }
+            applied
+        }
         Some(Frame::Welcome { version, .. }) => {
             bail!("receiver speaks protocol {version}, this agent {PROTOCOL_VERSION}: upgrade one side")
         }

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 /// Largest frame either side accepts. Bigger lengths end the stream with an error.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest path (bytes) accepted on the wire, as Linux's PATH_MAX.
@@ -292,6 +292,11 @@ pub enum Frame {
     Welcome {
         version: u32,
         applied: Vec<(String, u64)>,
+        /// Sets whose announced epoch ended with a failover and failback: the replica was
+        /// the primary copy meanwhile and the source got it back, so what the agent still
+        /// holds of that sequence space is stale. It must drop it, start a new epoch and
+        /// compare the whole set again.
+        resync: Vec<String>,
     },
     /// Agent -> receiver: records of one set, in sequence order.
     Batch { set: String, records: Vec<Record> },

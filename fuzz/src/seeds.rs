@@ -116,8 +116,9 @@ fn frames() -> Vec<Frame> {
             }],
         },
         Frame::Welcome {
-            version: 1,
+            version: 2,
             applied: vec![("data".into(), 3)],
+            resync: vec!["data".into()],
         },
         Frame::Batch {
             set: "data".into(),

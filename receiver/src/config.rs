@@ -41,6 +41,25 @@ pub struct SourceConfig {
     pub monitor: crate::monitor::Settings,
     /// How this receiver takes over the source's identity (see `failover`).
     pub failover: FailoverConfig,
+    /// Where the data goes back at failback, if configured.
+    pub failback: Option<FailbackConfig>,
+}
+
+/// `[source.failback]`: a doppel-receiver on the original source host that takes the
+/// sets back, and the identity this host's temporary agent presents to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FailbackConfig {
+    /// The source name the temporary agent announces (a `[[source]]` of the receiver
+    /// on the original source host).
+    pub name: String,
+    pub address: SocketAddr,
+    /// That receiver's certificate fingerprint.
+    pub fingerprint: String,
+    /// This host's agent certificate and key (`doppel-agent keygen`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How long the copy back may take before the failback gives up.
+    pub copy_timeout: std::time::Duration,
 }
 
 /// `[source.failover]`: what `doppel-receiver failover` does for a source.
@@ -123,6 +142,18 @@ struct RawSource {
     heartbeat_ms: Option<u64>,
     missed_beats: Option<u32>,
     failover: Option<RawFailover>,
+    failback: Option<RawFailback>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawFailback {
+    name: String,
+    address: String,
+    fingerprint: String,
+    cert: PathBuf,
+    key: PathBuf,
+    copy_timeout_s: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -209,6 +240,29 @@ impl Config {
                 None => FailoverConfig::default(),
                 Some(f) => failover_config(f).with_context(|| what("failover"))?,
             };
+            let failback = match s.failback {
+                None => None,
+                Some(f) => Some(FailbackConfig {
+                    name: {
+                        check_name(&f.name).with_context(|| what("failback.name"))?;
+                        f.name
+                    },
+                    address: f.address.parse().map_err(|_| {
+                        anyhow::anyhow!(
+                            "{}: {:?} is not an IP:port address",
+                            what("failback.address"),
+                            f.address
+                        )
+                    })?,
+                    fingerprint: doppel_transport::parse_fingerprint(&f.fingerprint)
+                        .with_context(|| what("failback.fingerprint"))?,
+                    cert: abs(f.cert),
+                    key: abs(f.key),
+                    copy_timeout: std::time::Duration::from_secs(
+                        f.copy_timeout_s.unwrap_or(3600).max(1),
+                    ),
+                }),
+            };
             sources.push(SourceConfig {
                 name: s.name,
                 fingerprint,
@@ -216,6 +270,7 @@ impl Config {
                 sets,
                 monitor,
                 failover,
+                failback,
             });
         }
         if sources.is_empty() {

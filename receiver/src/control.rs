@@ -25,6 +25,11 @@ pub enum Request {
         #[serde(default)]
         force: bool,
     },
+    Failback {
+        source: String,
+        #[serde(default)]
+        dry_run: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -117,6 +122,30 @@ pub async fn serve(
                 let reply = match req {
                     Err(e) => Reply::Error(e),
                     Ok(Request::Status) => Reply::Status(status(&slots, &state_dir)),
+                    Ok(Request::Failback { source, dry_run }) => {
+                        match slots.values().find(|s| s.source().name == source) {
+                            None => Reply::Error(format!(
+                                "no source named {source:?} in this receiver's config (it has {})",
+                                names(&slots)
+                            )),
+                            Some(slot) => {
+                                let _guard = slot.switching.lock().await;
+                                tracing::warn!(%source, dry_run, "failback requested");
+                                Reply::Report(
+                                    failover::failback::failback(
+                                        slot,
+                                        &state_dir,
+                                        slot.store(),
+                                        Options {
+                                            dry_run,
+                                            force: false,
+                                        },
+                                    )
+                                    .await,
+                                )
+                            }
+                        }
+                    }
                     Ok(Request::Failover {
                         source,
                         dry_run,

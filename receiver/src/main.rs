@@ -80,11 +80,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Give a failed-over source its data and identity back: copy what changed here
+    /// back to it (block checksums, through a temporary doppel-agent and the receiver on
+    /// the source host named in [source.failback]), stop the services, drop the
+    /// addresses, restore the hostname, accept the source again. Exit status as failover.
+    #[command(after_help = "Examples:\n  \
+        doppel-receiver failback --config /etc/doppel/receiver.toml --source web1 --dry-run\n  \
+        doppel-receiver failback --config /etc/doppel/receiver.toml --source web1")]
+    Failback {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The [[source]] name to give back.
+        #[arg(long)]
+        source: String,
+        /// Show the steps without doing them.
+        #[arg(long)]
+        dry_run: bool,
+        /// The report as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    if let Cmd::Status { .. } | Cmd::Failover { .. } = cli.cmd {
+    if let Cmd::Status { .. } | Cmd::Failover { .. } | Cmd::Failback { .. } = cli.cmd {
         // Commands: their output is the answer; only warnings go to stderr.
         return match commands(cli.cmd) {
             Ok(code) => std::process::ExitCode::from(code),
@@ -130,7 +150,9 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(config, shutdown_signal()))
         }
-        Cmd::Status { .. } | Cmd::Failover { .. } => unreachable!("handled in main"),
+        Cmd::Status { .. } | Cmd::Failover { .. } | Cmd::Failback { .. } => {
+            unreachable!("handled in main")
+        }
     }
 }
 
@@ -153,6 +175,12 @@ fn commands(cmd: Cmd) -> anyhow::Result<u8> {
             },
             json,
         ),
+        Cmd::Failback {
+            config,
+            source,
+            dry_run,
+            json,
+        } => (config, Request::Failback { source, dry_run }, json),
         _ => unreachable!("only commands reach here"),
     };
     let config = Config::load(&config)?;

@@ -38,6 +38,10 @@ impl Slot {
         &self.ctx.source
     }
 
+    pub fn store(&self) -> &crate::state::StateStore {
+        &self.ctx.store
+    }
+
     fn monitor(&self) -> std::sync::MutexGuard<'_, Monitor> {
         self.ctx.monitor.lock().unwrap_or_else(|e| e.into_inner())
     }

@@ -79,7 +79,7 @@ pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()
     let opened = tokio::task::spawn_blocking(move || open_sets(&source, &store, &sets))
         .await
         .context("opening sets panicked")?;
-    let mut appliers = match opened {
+    let appliers = match opened {
         Ok(a) => a,
         Err(e) => {
             let reason = format!("{e:#}");
@@ -87,13 +87,22 @@ pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()
             bail!("cannot start the session: {reason}");
         }
     };
+    let (mut appliers, resync) = appliers;
     let applied = appliers
         .iter()
         .map(|(name, s)| (name.clone(), s.as_ref().map_or(0, |s| s.applied)))
         .collect();
+    for set in &resync {
+        // Nothing of the stale sequence space is applied: a batch for it ends the session.
+        appliers.remove(set);
+    }
+    if !resync.is_empty() {
+        tracing::warn!(source = %ctx.source.name, sets = ?resync, "the agent still holds changes from before a failback: asking it to start those sets over");
+    }
     tx.send(&Frame::Welcome {
         version: PROTOCOL_VERSION,
         applied,
+        resync,
     })
     .await?;
 
@@ -327,17 +336,25 @@ fn check_hello(
 /// Opens every announced set's replica root and loads its mark. A set whose stored epoch
 /// differs from the announced one starts over at 0, and the new epoch is stored at once
 /// so that marks of the old sequence space can never be mistaken for the new one.
+type Opened = (HashMap<String, Option<SetApplier>>, Vec<String>);
+
+/// Also returns the sets the agent must start over (a stale epoch, see `SetState`).
 fn open_sets(
     source: &SourceConfig,
     store: &StateStore,
     sets: &[SetHello],
-) -> anyhow::Result<HashMap<String, Option<SetApplier>>> {
+) -> anyhow::Result<Opened> {
     let mut out = HashMap::new();
+    let mut resync = Vec::new();
     for s in sets {
         let root = source.set_root(&s.name);
         let applier = Applier::open(&root)?.durable(store.fsync());
         let stored = store.load(&source.name, &s.name)?;
         let applied = match stored {
+            Some(st) if st.epoch == s.epoch && st.stale => {
+                resync.push(s.name.clone());
+                st.seq
+            }
             Some(st) if st.epoch == s.epoch => st.seq,
             old => {
                 if let Some(old) = old {
@@ -355,6 +372,7 @@ fn open_sets(
                     SetState {
                         epoch: s.epoch,
                         seq: 0,
+                        stale: false,
                     },
                 )?;
                 0
@@ -379,7 +397,7 @@ fn open_sets(
             )),
         );
     }
-    Ok(out)
+    Ok((out, resync))
 }
 
 /// Refuses a connection before its session starts: reads the agent's stream open and

@@ -20,6 +20,10 @@ pub struct SetState {
     pub epoch: u64,
     /// Highest sequence number applied (and, with fsync on, durable). 0 = none.
     pub seq: u64,
+    /// The sequence space `epoch` ended with a failback: an agent still announcing it
+    /// is told to start over (see `wire::Frame::Welcome`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
 }
 
 pub struct StateStore {
@@ -54,6 +58,25 @@ impl StateStore {
 
     fn path(&self, source: &str, set: &str) -> PathBuf {
         self.dir.join(source).join(format!("{set}.state"))
+    }
+
+    /// Names of the sets of `source` that have a mark.
+    pub fn sets(&self, source: &str) -> anyhow::Result<Vec<String>> {
+        let dir = self.dir.join(source);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(e).with_context(|| format!("cannot list {}", dir.display())),
+        };
+        let mut sets = Vec::new();
+        for e in entries {
+            let name = e?.file_name();
+            if let Some(set) = name.to_str().and_then(|n| n.strip_suffix(".state")) {
+                sets.push(set.to_string());
+            }
+        }
+        sets.sort();
+        Ok(sets)
     }
 
     /// The stored mark, or `None` if this set was never seen.
@@ -114,7 +137,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let s = StateStore::open(&d.path().join("state"), true).unwrap();
         assert_eq!(s.load("web1", "www").unwrap(), None);
-        let st = SetState { epoch: 7, seq: 42 };
+        let st = SetState {
+            epoch: 7,
+            seq: 42,
+            stale: false,
+        };
         s.store("web1", "www", st).unwrap();
         s.store("web1", "www", st).unwrap();
         assert_eq!(s.load("web1", "www").unwrap(), Some(st));

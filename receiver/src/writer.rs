@@ -85,7 +85,14 @@ impl Writer {
                                 break;
                             }
                         }
-                        marks.insert(set, SetState { epoch, seq });
+                        marks.insert(
+                            set,
+                            SetState {
+                                epoch,
+                                seq,
+                                stale: false,
+                            },
+                        );
                         dirty.merge(d);
                     }
                     ToWriter::Close {

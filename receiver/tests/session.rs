@@ -42,6 +42,7 @@ impl Fixture {
                 sets: BTreeMap::from([("www".to_string(), dir.path().join("www"))]),
                 monitor: Default::default(),
                 failover: Default::default(),
+                failback: None,
             }],
         };
         let server = Server::bind(config).unwrap();
@@ -108,7 +109,9 @@ async fn timeout<F: std::future::Future>(f: F) -> F::Output {
 
 fn applied(welcome: Frame) -> BTreeMap<String, u64> {
     match welcome {
-        Frame::Welcome { version, applied } => {
+        Frame::Welcome {
+            version, applied, ..
+        } => {
             assert_eq!(version, PROTOCOL_VERSION);
             applied.into_iter().collect()
         }

@@ -166,11 +166,18 @@ pub struct Stage {
     pub vip6: std::net::Ipv6Addr,
     pub client_log: PathBuf,
     target_pidfile: PathBuf,
+    return_receiver: Option<Child>,
+    fb_agent_fp: String,
 }
 
 impl Stage {
     /// Builds the stage; `auto` turns on automatic failover. Nothing runs yet.
     pub fn new(auto: bool) -> Result<Stage> {
+        Self::with_set(auto, "")
+    }
+
+    /// As `new`, with extra TOML lines for the agent's `[[set]]`.
+    pub fn with_set(auto: bool, set_extra: &str) -> Result<Stage> {
         let lan = Lan::create(3)?;
         let vip = lan.extra_v4(100);
         let vip6 = lan.extra_v6(100);
@@ -179,6 +186,11 @@ impl Stage {
         let target_pidfile = dir.path().join("target-service.pid");
         let replica_root = dir.path().join("replica");
         let bin = service_bin();
+        // The failback: this host's temporary agent, and the receiver on the source
+        // host that takes the data back.
+        let fb_agent_fp =
+            crate::cluster::keygen("doppel-agent", &dir.path().join("fb-agent-keys"))?;
+        let return_fp = crate::cluster::keygen("doppel-receiver", &dir.path().join("return-keys"))?;
         let extra = format!(
             r#"[source.failover]
 auto = {auto}
@@ -188,9 +200,18 @@ hostname = "doppel-src-host"
 [[source.failover.service]]
 name = "app"
 start = "setsid {bin} serve {vip}:{SERVICE_PORT} {log} target {pid} </dev/null >/dev/null 2>&1 &"
+stop = "kill $(cat {pid})"
 health = "{bin} probe {vip}:{SERVICE_PORT}"
 timeout_s = 10
+[source.failback]
+name = "tgt-host"
+address = "{src_addr}:7444"
+fingerprint = "{return_fp}"
+cert = "{keys}/cert.pem"
+key = "{keys}/key.pem"
 "#,
+            src_addr = lan.hosts[SRC].addr,
+            keys = dir.path().join("fb-agent-keys").display(),
             dev = tgt.dev,
             bin = bin.display(),
             log = replica_root.join("app/app.log").display(),
@@ -206,6 +227,7 @@ timeout_s = 10
                 receiver_wrapper,
                 replica_root: Some(replica_root),
                 receiver_extra: extra,
+                set_extra: set_extra.to_string(),
                 ..Options::default()
             },
         )?;
@@ -220,7 +242,121 @@ timeout_s = 10
             vip6,
             client_log,
             target_pidfile,
+            return_receiver: None,
+            fb_agent_fp,
         })
+    }
+
+    /// The original source comes back after a failover: without its service address
+    /// (the target has it), its link up, a receiver on it ready to take the data back.
+    /// That receiver is configured to take the source's service identity back from the
+    /// target's temporary agent ("tgt-host") once the failback is done.
+    pub fn source_returns(&mut self) -> Result<()> {
+        let src = self.lan.hosts[SRC].clone();
+        self.lan.ip(
+            SRC,
+            &["addr", "del", &format!("{}/24", self.vip), "dev", &src.dev],
+        )?;
+        // (Linux drops IPv6 addresses when the link goes down, unless keep_addr_on_down.)
+        let _ = self.lan.ip(
+            SRC,
+            &["addr", "del", &format!("{}/64", self.vip6), "dev", &src.dev],
+        );
+        self.lan.ip(SRC, &["link", "set", "dev", &src.dev, "up"])?;
+        let d = self.dir.path();
+        let bin = service_bin();
+        let config = d.join("return.toml");
+        fs::write(
+            &config,
+            format!(
+                r#"listen = "{addr}:7444"
+cert = "return-keys/cert.pem"
+key = "return-keys/key.pem"
+state_dir = "return-state"
+[[source]]
+name = "tgt-host"
+fingerprint = "{fp}"
+root = "return-root"
+[source.sets]
+app = "{source}"
+[source.failover]
+interface = "{dev}"
+addresses = ["{vip}/24", "{vip6}/64"]
+[[source.failover.service]]
+name = "app"
+start = "setsid {bin} serve {vip}:{SERVICE_PORT} {log} source {pid} </dev/null >/dev/null 2>&1 &"
+health = "{bin} probe {vip}:{SERVICE_PORT}"
+"#,
+                addr = src.addr,
+                fp = self.fb_agent_fp,
+                source = self.cluster.source.display(),
+                dev = src.dev,
+                vip = self.vip,
+                vip6 = self.vip6,
+                bin = bin.display(),
+                log = self.cluster.source.join("app.log").display(),
+                pid = d.join("source-service.pid").display(),
+            ),
+        )?;
+        let log = fs::File::create(d.join("return.log"))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{}", src.ns))
+            .arg("--")
+            .arg(bin_dir().join("doppel-receiver"))
+            .args(["run", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start the source's receiver")?;
+        self.return_receiver = Some(child);
+        let sock = d.join("return-state/control.sock");
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(10) {
+                bail!(
+                    "the source's receiver did not start: {}",
+                    fs::read_to_string(d.join("return.log")).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Runs `doppel-receiver ARGS --json` against the source's receiver.
+    pub fn return_command(&self, args: &[&str]) -> (String, i32) {
+        let o = Command::new(bin_dir().join("doppel-receiver"))
+            .args(args)
+            .arg("--json")
+            .arg("--config")
+            .arg(self.dir.path().join("return.toml"))
+            .output()
+            .expect("run doppel-receiver");
+        (
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            o.status.code().unwrap_or(-1),
+        )
+    }
+
+    pub fn return_log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("return.log")).unwrap_or_default()
+    }
+
+    /// The target's temporary failback agent's log.
+    pub fn failback_agent_log(&self) -> String {
+        fs::read_to_string(
+            self.cluster
+                .dir
+                .path()
+                .join("receiver-state/src/failback-agent/agent.log"),
+        )
+        .unwrap_or_default()
     }
 
     /// Gives the source its service address, starts receiver, agent, the source's
@@ -303,7 +439,12 @@ timeout_s = 10
 
     /// Writes the source acknowledged to the client that the target's copy lacks.
     pub fn lost_writes(&self) -> Result<Vec<u64>> {
-        let on_target: BTreeSet<u64> = fs::read_to_string(self.cluster.replica.join("app.log"))
+        self.missing("source", &self.cluster.replica.join("app.log"))
+    }
+
+    /// Writes `by` acknowledged to the client that the log `file` lacks.
+    pub fn missing(&self, by: &str, file: &std::path::Path) -> Result<Vec<u64>> {
+        let has: BTreeSet<u64> = fs::read_to_string(file)
             .unwrap_or_default()
             .lines()
             .filter_map(|l| l.trim().parse().ok())
@@ -311,14 +452,30 @@ timeout_s = 10
         Ok(self
             .answers()?
             .iter()
-            .filter(|a| a.by == "source" && !on_target.contains(&a.n))
+            .filter(|a| a.by == by && !has.contains(&a.n))
             .map(|a| a.n)
             .collect())
     }
 
+    /// The first answer from `by` that completed after `since` (monotonic ns).
+    pub fn wait_answer(&self, by: &str, since: u64, within: Duration) -> Result<Answer> {
+        self.client()?
+            .wait_answer_from(by, since, within)
+            .map_err(|e| anyhow::anyhow!("{e:#}:\n{}", self.cluster.logs()))
+    }
+
     /// `doppel-receiver failover --json` with `args`; the parsed report and exit status.
     pub fn failover(&self, args: &[&str]) -> Result<(String, i32)> {
-        let mut a = vec!["failover", "--source", "src", "--json"];
+        self.receiver("failover", args)
+    }
+
+    /// `doppel-receiver failback --json` with `args`.
+    pub fn failback(&self, args: &[&str]) -> Result<(String, i32)> {
+        self.receiver("failback", args)
+    }
+
+    fn receiver(&self, cmd: &str, args: &[&str]) -> Result<(String, i32)> {
+        let mut a = vec![cmd, "--source", "src", "--json"];
         a.extend_from_slice(args);
         let o = self.cluster.receiver_command(&a);
         Ok((
@@ -399,6 +556,16 @@ impl Drop for Stage {
             kill_pid(pid);
         }
         let _ = fs::remove_file(&self.target_pidfile);
+        if let Some(mut r) = self.return_receiver.take() {
+            let _ = r.kill();
+            let _ = r.wait();
+        }
+        if let Some(pid) = fs::read_to_string(self.dir.path().join("source-service.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            kill_pid(pid);
+        }
         let _ = &self.dir;
     }
 }

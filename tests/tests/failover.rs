@@ -164,3 +164,121 @@ fn split_brain_guard_refuses_while_the_source_address_answers() {
     std::fs::write(s.cluster.source.join("after-refusal"), b"still replicating").unwrap();
     s.cluster.assert_converges(Duration::from_secs(20));
 }
+
+/// The round trip: fail over, serve and change data on the target, fail back. Every
+/// write the target acknowledged reaches the source; the target gives up the address
+/// and hostname; the source takes its identity back and replicates again (its agent
+/// starts over instead of replaying what it held from before the failover).
+#[test]
+fn failback_round_trip_loses_nothing_written_on_the_target() {
+    if !require_root() {
+        return;
+    }
+    // Store-and-forward: the agent's journal keeps its sequence space across the crash,
+    // so the restarted agent announces the epoch the failover ended.
+    let mut s = Stage::with_set(false, "queue = \"store-and-forward\"").unwrap();
+    std::fs::write(s.cluster.source.join("keep.txt"), b"kept").unwrap();
+    std::fs::write(s.cluster.source.join("old.txt"), b"deleted on the target").unwrap();
+    s.start().unwrap();
+    let hostname_before = s.receiver_hostname().unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+    s.kill_source().unwrap();
+    s.wait_health("lost", Duration::from_secs(10)).unwrap();
+    let (out, code) = s.failover(&[]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    let served = mono_ns();
+    s.wait_target_answer(served, Duration::from_secs(10))
+        .unwrap();
+    // The target serves, and someone changes files there directly too.
+    std::fs::write(
+        s.cluster.replica.join("new-on-target.txt"),
+        b"made while serving",
+    )
+    .unwrap();
+    std::fs::remove_file(s.cluster.replica.join("old.txt")).unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    s.source_returns().unwrap();
+    let (out, code) = s.failback(&["--dry-run"]).unwrap();
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("\"would\""), "{out}");
+    let (out, code) = s.failback(&[]).unwrap();
+    assert_eq!(
+        code,
+        0,
+        "{out}\n{}\n--- failback agent ---\n{}\n--- source's receiver ---\n{}",
+        s.cluster.logs(),
+        s.failback_agent_log(),
+        s.return_log()
+    );
+    for step in [
+        "copy",
+        "services",
+        "final-sync",
+        "addresses",
+        "hostname",
+        "release",
+    ] {
+        assert!(
+            out.contains(&format!("\"name\": \"{step}\"")),
+            "{step} missing: {out}"
+        );
+    }
+    eprintln!("failback report:\n{out}");
+    // Everything the target acknowledged or held is on the source now.
+    let by_target = s
+        .answers()
+        .unwrap()
+        .iter()
+        .filter(|a| a.by == "target")
+        .count();
+    let missing = s
+        .missing("target", &s.cluster.source.join("app.log"))
+        .unwrap();
+    assert!(
+        by_target >= 10,
+        "the target answered only {by_target} requests"
+    );
+    assert!(
+        missing.is_empty(),
+        "writes acknowledged by the target are missing on the source: {missing:?}"
+    );
+    let r = doppel_tests::tree::wait_equal(
+        &s.cluster.replica,
+        &s.cluster.source,
+        Duration::from_secs(10),
+    );
+    assert!(
+        r.is_ok(),
+        "the source differs from the target's copy: {r:?}"
+    );
+    assert!(!s.cluster.source.join("old.txt").exists());
+    assert_eq!(s.receiver_hostname().unwrap(), hostname_before);
+    assert_eq!(s.health(), "unknown", "the source is accepted again");
+
+    // The source takes its identity back (its receiver adopts the address and starts the
+    // service), the client follows, and replication resumes source -> target.
+    let back = mono_ns();
+    let (out, code) = s.return_command(&["failover", "--source", "tgt-host"]);
+    assert_eq!(code, 0, "{out}\n{}", s.return_log());
+    let a = s
+        .wait_answer("source", back, Duration::from_secs(10))
+        .unwrap();
+    eprintln!(
+        "the source answers again {:.0} ms after taking its identity back",
+        (a.done_ns - back) as f64 / 1e6
+    );
+    s.stop_client();
+    s.cluster.start_agent().unwrap();
+    std::fs::write(
+        s.cluster.source.join("after-failback.txt"),
+        b"replicated again",
+    )
+    .unwrap();
+    s.cluster.assert_converges(Duration::from_secs(30));
+    let log = s.cluster.log("agent.log");
+    assert!(
+        log.contains("failed over to it and back"),
+        "the agent did not start over:\n{log}"
+    );
+}

@@ -16,6 +16,7 @@
 //! the hostname before, services started) so that a failback undoes exactly that.
 
 pub mod arp;
+pub mod failback;
 pub mod identity;
 pub mod link;
 pub mod ndp;
