@@ -215,14 +215,18 @@ impl Index {
         born: u64,
     ) {
         if let Some(old) = self.nodes.remove(&id) {
-            self.children.remove(&(old.parent, old.name));
+            self.unlist(old.parent, &old.name, id);
         }
         let key = (parent, name.to_owned());
-        if let Some(prev) = self.children.insert(key, id) {
+        // The file that held the name goes first: dropping it after the insert would
+        // take the name's entry with it, leaving `id` a node no lookup finds (a later
+        // rename of it would be missed, and its writes would follow the name it left).
+        if let Some(prev) = self.children.get(&key).copied() {
             if prev != id && self.named(prev, parent, name) {
                 self.drop_subtree(prev);
             }
         }
+        self.children.insert(key, id);
         self.nodes.insert(
             id,
             Node {
@@ -272,9 +276,18 @@ impl Index {
                 }
             }
             // The entry may still be listed under its parent when called from insert.
-            self.children.remove(&(node.parent, node.name));
+            self.unlist(node.parent, &node.name, cur);
         }
         dirs
+    }
+
+    /// Takes `(parent, name)` out of the listing if it still names `id`; another file
+    /// that has the name since keeps it.
+    fn unlist(&mut self, parent: FileId, name: &OsStr, id: FileId) {
+        let key = (parent, name.to_owned());
+        if self.children.get(&key) == Some(&id) {
+            self.children.remove(&key);
+        }
     }
 
     /// Moves the entry `from` to `to` (replacing what was there). Returns the
@@ -406,6 +419,23 @@ mod tests {
         ix.exchange((id(1), OsStr::new("y")), (id(1), OsStr::new("z")));
         assert_eq!(ix.location(id(2)), Some(loc(0, "z")));
         assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+    }
+
+    #[test]
+    fn a_file_entered_over_a_known_name_keeps_that_name() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("d"), id(2), true);
+        ix.insert(id(2), OsStr::new("x"), id(3), false);
+        // Another file is found at the same name (moved over it, seen by a copy before
+        // the rename's event): the new file takes the name, the old one goes.
+        ix.insert(id(2), OsStr::new("x"), id(4), false);
+        assert_eq!(ix.lookup(&loc(0, "d/x")), Some(id(4)));
+        assert_eq!(ix.location(id(3)), None);
+        // Its later rename moves it, so no write follows it back to the old name.
+        ix.rename((id(2), OsStr::new("x")), (id(1), OsStr::new("y")));
+        assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+        assert_eq!(ix.lookup(&loc(0, "d/x")), None);
     }
 
     #[test]
