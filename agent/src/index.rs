@@ -313,15 +313,49 @@ impl Index {
         dropped
     }
 
-    /// Swaps two entries (RENAME_EXCHANGE).
+    /// Swaps two entries (RENAME_EXCHANGE). Only the names change places: each node
+    /// keeps its subtree and its other names.
     pub fn exchange(&mut self, a: (FileId, &OsStr), b: (FileId, &OsStr)) {
-        let ida = self.children.get(&(a.0, a.1.to_owned())).copied();
-        let idb = self.children.get(&(b.0, b.1.to_owned())).copied();
-        if let (Some(ida), Some(idb)) = (ida, idb) {
-            let (da, ba) = (self.is_dir(ida), self.born(ida));
-            let (db, bb) = (self.is_dir(idb), self.born(idb));
-            self.insert_born(b.0, b.1, ida, da, ba);
-            self.insert_born(a.0, a.1, idb, db, bb);
+        let (ka, kb) = ((a.0, a.1.to_owned()), (b.0, b.1.to_owned()));
+        let ida = self.children.get(&ka).copied();
+        let idb = self.children.get(&kb).copied();
+        match (ida, idb) {
+            // Two names of one file: nothing moves.
+            (Some(ida), Some(idb)) if ida == idb => {}
+            (Some(ida), Some(idb)) => {
+                self.children.insert(ka.clone(), idb);
+                self.children.insert(kb.clone(), ida);
+                self.move_name(ida, &ka, &kb);
+                self.move_name(idb, &kb, &ka);
+            }
+            (Some(id), None) => {
+                self.children.remove(&ka);
+                self.children.insert(kb.clone(), id);
+                self.move_name(id, &ka, &kb);
+            }
+            (None, Some(id)) => {
+                self.children.remove(&kb);
+                self.children.insert(ka.clone(), id);
+                self.move_name(id, &kb, &ka);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// `id`'s name `from` (its first or a further one) is `to` now; the listing is the
+    /// caller's. A node known under another name (a stale listing) stays where it is.
+    fn move_name(&mut self, id: FileId, from: &(FileId, OsString), to: &(FileId, OsString)) {
+        if let Some(names) = self.links.get_mut(&id) {
+            if let Some(n) = names.iter_mut().find(|(p, n)| *p == from.0 && *n == from.1) {
+                *n = to.clone();
+                return;
+            }
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if node.parent == from.0 && node.name == from.1 {
+                node.parent = to.0;
+                node.name = to.1.clone();
+            }
         }
     }
 
@@ -436,6 +470,39 @@ mod tests {
         ix.rename((id(2), OsStr::new("x")), (id(1), OsStr::new("y")));
         assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
         assert_eq!(ix.lookup(&loc(0, "d/x")), None);
+    }
+
+    #[test]
+    fn exchanging_directories_keeps_both_subtrees() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(2), true);
+        ix.insert(id(2), OsStr::new("f"), id(3), false);
+        ix.insert(id(1), OsStr::new("b"), id(4), true);
+        ix.insert(id(4), OsStr::new("g"), id(5), false);
+        ix.exchange((id(1), OsStr::new("a")), (id(1), OsStr::new("b")));
+        assert_eq!(ix.location(id(3)), Some(loc(0, "b/f")));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a/g")));
+        assert_eq!(ix.lookup(&loc(0, "b/f")), Some(id(3)));
+        assert_eq!(ix.lookup(&loc(0, "a/g")), Some(id(5)));
+        assert_eq!(ix.len(), 4);
+    }
+
+    #[test]
+    fn exchanging_a_further_name_keeps_the_first() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(5), false);
+        ix.insert_link(id(1), OsStr::new("b"), id(5));
+        ix.insert(id(1), OsStr::new("c"), id(6), false);
+        ix.exchange((id(1), OsStr::new("b")), (id(1), OsStr::new("c")));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a")));
+        assert_eq!(ix.lookup(&loc(0, "c")), Some(id(5)));
+        assert_eq!(ix.location(id(6)), Some(loc(0, "b")));
+        assert_eq!(ix.lookup(&loc(0, "b")), Some(id(6)));
+        // Removing the first name promotes the exchanged one.
+        ix.remove(id(1), OsStr::new("a"));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "c")));
     }
 
     #[test]
