@@ -1381,9 +1381,11 @@ fn summarize_op(op: &Op) -> String {
     }
 }
 
-/// A path the caller gave as `/proc/self/<rest>` (tar, for one, sets attributes through
-/// `/proc/self/fd/N/./name`): the caller's /proc, not ours. The magic link (`fd/N`,
-/// `cwd`, `root`) names a file or directory; what follows it is looked up from there.
+/// A path the caller gave as `/proc/self/<rest>`: the caller's /proc, not ours. The
+/// magic link (`fd/N`, `cwd`, `root`) names a file or directory; what follows it is
+/// looked up from there. Racy: the descriptor may be closed (or reused) by now, so the
+/// capture resolves the `fd/N` of attribute calls itself (tar's `chmod` through an
+/// `O_PATH` descriptor) and this serves the remaining cases.
 fn proc_self_path(pid: u32, rest: &Path) -> Option<PathBuf> {
     let mut parts = rest.components();
     let first = parts.next()?.as_os_str();
