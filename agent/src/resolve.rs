@@ -774,10 +774,14 @@ impl<W: Watcher> Resolver<W> {
                     // Replaced or renamed while being copied: copy the directory's
                     // entries again once the events that moved them are resolved.
                     self.rescan.entry(parent).or_insert_with(monotonic_ns);
+                    self.not_sent(parent, name);
+                    return false;
                 }
             } else if ft.is_symlink() {
                 let Ok(target) = std::fs::read_link(abs) else {
-                    return false; // gone already; its removal follows
+                    // Gone already: its removal or rename follows.
+                    self.not_sent(parent, name);
+                    return false;
                 };
                 out.push(SetOp {
                     set,
@@ -803,6 +807,17 @@ impl<W: Watcher> Resolver<W> {
                 .filter(|n| file_id(n) == id);
             emit_meta(set, abs, rel, now.as_ref().unwrap_or(m), true, out);
             true
+        }
+    }
+
+    /// [`Resolver::enter`] registered `name` in `parent` but could not send it (it went
+    /// between its stat and its copy). The index must not say the replica has it there:
+    /// the rename that took it away would be sent as a rename of a file the replica
+    /// lacks, which the receiver takes for a resend and skips, and the file would be
+    /// missing under its new name. Unknown, its rename copies it where it went.
+    fn not_sent(&mut self, parent: FileId, name: &OsStr) {
+        for d in self.index.remove(parent, name) {
+            self.watcher.unwatch(d);
         }
     }
 
@@ -1955,6 +1970,53 @@ mod tests {
             at += sums.len();
         }
         assert_eq!(at, want.len());
+    }
+
+    /// A file renamed between the scan's stat and its copy was not sent: its rename must
+    /// not be sent as a rename of a file the replica lacks (which the receiver takes for
+    /// a resend and skips), but copy the file where it went.
+    #[test]
+    fn a_file_renamed_while_being_entered_is_copied_where_it_went() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        std::fs::write(root.join("a"), b"data").unwrap();
+        let m = std::fs::symlink_metadata(root.join("a")).unwrap();
+        let (rid, _) = r.index.root(0);
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        // The listing's stat saw `a`; the copy finds it gone.
+        let entered = r.enter(
+            0,
+            rid,
+            OsStr::new("a"),
+            &root.join("a"),
+            Path::new("a"),
+            &m,
+            &mut out,
+        );
+        assert!(!entered, "nothing was sent for a: {out:?}");
+        assert!(out.is_empty(), "{out:?}");
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a")),
+                to: arg(&root.join("b")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o.op, Op::Rename { .. })),
+            "the replica has no a to rename: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"b")),
+            "b is copied: {out:?}"
+        );
     }
 
     #[test]
