@@ -77,13 +77,17 @@ impl Index {
     /// returns the directories dropped.
     pub fn clear_set(&mut self, set: usize) -> Vec<FileId> {
         let root = self.roots[set].0;
-        let kids: Vec<OsString> = self
-            .children
-            .range((root, OsString::new())..)
-            .take_while(|((p, _), _)| *p == root)
-            .map(|((_, n), _)| n.clone())
-            .collect();
+        let kids = self.names(root);
         kids.iter().flat_map(|n| self.remove(root, n)).collect()
+    }
+
+    /// The names the index lists in directory `dir`.
+    pub fn names(&self, dir: FileId) -> Vec<OsString> {
+        self.children
+            .range((dir, OsString::new())..)
+            .take_while(|((p, _), _)| *p == dir)
+            .map(|((_, n), _)| n.clone())
+            .collect()
     }
 
     /// When a scan registered `id` (0: a captured event did, or it is a root/unknown).

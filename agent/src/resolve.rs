@@ -525,7 +525,7 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// A `Prune` of directory `dir` keeping what the source has there now.
-    fn send_listing(&self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
+    fn send_listing(&mut self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
         let s = &self.sets[set];
         let rel = dir.as_ref().map_or(Path::new(""), |d| d.as_path());
         let Ok(entries) = std::fs::read_dir(s.root.join(rel)) else {
@@ -550,10 +550,35 @@ impl<W: Watcher> Resolver<W> {
             }
         }
         keep.sort();
+        let known = self.index.lookup(&Location {
+            set,
+            rel: rel.to_path_buf(),
+        });
+        if let Some(id) = known {
+            self.forget_pruned(id, &keep);
+        }
         out.push(SetOp {
             set,
             op: Op::Prune { dir, keep },
         });
+    }
+
+    /// A `Prune` of directory `dir` keeping only `keep` is about to be sent: the replica
+    /// drops every other name there, so the index must forget them too. Such a name is
+    /// one the source no longer has, with its event not resolved yet (a rename out of
+    /// the directory, say): still known, that rename would be sent as a rename of a file
+    /// the replica no longer has, which the receiver takes for a resend and skips, and
+    /// the file would be missing under its new name. Forgotten, its rename copies it.
+    fn forget_pruned(&mut self, dir: FileId, keep: &[RelPath]) {
+        let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|k| &k.0[..]).collect();
+        for name in self.index.names(dir) {
+            if keep.contains(name.as_bytes()) {
+                continue;
+            }
+            for d in self.index.remove(dir, &name) {
+                self.watcher.unwatch(d);
+            }
+        }
     }
 
     /// Verify job `job`: every replicated regular file of `sets`, as the source has it
@@ -684,6 +709,7 @@ impl<W: Watcher> Resolver<W> {
         // Whatever else the replica has here, the source no longer has (it went while
         // no agent was watching, or with records a killed agent never delivered).
         if self.sets[set].orphans == Orphans::Delete {
+            self.forget_pruned(dir, &keep);
             out.push(SetOp {
                 set,
                 op: Op::Prune {
@@ -2016,6 +2042,48 @@ mod tests {
             out.iter()
                 .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"b")),
             "b is copied: {out:?}"
+        );
+    }
+
+    /// A directory copied again prunes the replica to what the source has now; a file
+    /// that left it meanwhile (its rename not yet resolved) is gone from the replica, so
+    /// the rename must copy it where it went, not rename what the replica lacks.
+    #[test]
+    fn a_file_pruned_by_a_rescan_is_copied_where_it_went() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"data").unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        let dir = id_of(&root.join("d"));
+        std::fs::rename(root.join("d/f"), root.join("g")).unwrap();
+        let renamed = now(CaptureEvent::Renamed {
+            from: arg(&root.join("d/f")),
+            to: arg(&root.join("g")),
+            flags: 0,
+        });
+        // Copied again before the rename's event is resolved.
+        r.rescan.insert(dir, monotonic_ns());
+        r.finish(&mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Prune { keep, .. } if keep.is_empty())),
+            "{out:?}"
+        );
+        out.clear();
+        r.resolve(renamed, &mut out);
+        assert!(
+            !out.iter().any(|o| matches!(o.op, Op::Rename { .. })),
+            "the replica has no d/f to rename: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"g")),
+            "g is copied: {out:?}"
         );
     }
 
