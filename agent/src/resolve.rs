@@ -1077,8 +1077,11 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(parent), false);
                 if is_dir {
                     // Files may already exist in it (made before the watch): enter() scans.
-                    if let Ok(m) = std::fs::symlink_metadata(&abs) {
-                        self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                    match std::fs::symlink_metadata(&abs) {
+                        Ok(m) => {
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                        }
+                        Err(_) => self.made_elsewhere(parent, &abs),
                     }
                     return;
                 }
@@ -1368,9 +1371,27 @@ impl<W: Watcher> Resolver<W> {
             self.unresolved += 1;
             return;
         };
-        if let Ok(m) = std::fs::symlink_metadata(abs) {
-            let name = loc.rel.file_name().unwrap_or_default().to_owned();
-            self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+        match std::fs::symlink_metadata(abs) {
+            Ok(m) => {
+                let name = loc.rel.file_name().unwrap_or_default().to_owned();
+                self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+            }
+            Err(_) => self.made_elsewhere(parent, abs),
+        }
+    }
+
+    /// An entry made in directory `parent` is not at `abs`, the path its event names.
+    /// If `parent` is not at its path either, it moved (or a directory above it did)
+    /// and its rename is still to be resolved: the entry went along, and no later event
+    /// names it, so `parent` is copied again once the index has it at its new place.
+    /// Otherwise the entry itself went, and its own event follows.
+    fn made_elsewhere(&mut self, parent: FileId, abs: &Path) {
+        let here = abs
+            .parent()
+            .and_then(|p| std::fs::symlink_metadata(p).ok())
+            .map(|m| file_id(&m));
+        if here != Some(parent) {
+            self.rescan.entry(parent).or_insert_with(monotonic_ns);
         }
     }
 }
@@ -2084,6 +2105,62 @@ mod tests {
             out.iter()
                 .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"g")),
             "g is copied: {out:?}"
+        );
+    }
+
+    /// A directory made inside one that moved before the mkdir's event was resolved is
+    /// not at the path the event names: it is copied once the move is resolved, with
+    /// what was made in it meanwhile.
+    #[test]
+    fn a_directory_made_in_one_that_moved_since_is_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        std::fs::create_dir(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"data").unwrap();
+        let f = id_of(&root.join("a/b/f"));
+        let b = id_of(&root.join("a/b"));
+        let events = [
+            now(CaptureEvent::Created {
+                file: None,
+                parent: None,
+                path: arg(&root.join("a/b")),
+                is_dir: true,
+                mode: 0o755,
+            }),
+            now(CaptureEvent::Created {
+                file: Some(f),
+                parent: Some(b),
+                path: arg(&root.join("a/b/f")),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a")),
+                to: arg(&root.join("c")),
+                flags: 0,
+            }),
+        ];
+        // The source is ahead: `a` is `c` before any of these is resolved.
+        std::fs::rename(root.join("a"), root.join("c")).unwrap();
+        for e in events {
+            r.resolve(e, &mut out);
+        }
+        r.finish(&mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Mkdir { path, .. } if path.0 == b"c/b")),
+            "c/b is made: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Sum { path, .. } if path.0 == b"c/b/f")),
+            "c/b/f is copied: {out:?}"
         );
     }
 
