@@ -575,6 +575,7 @@ impl<W: Watcher> Resolver<W> {
             if keep.contains(name.as_bytes()) {
                 continue;
             }
+            debug!(name = %name.to_string_lossy(), "pruned from the replica; forgotten");
             for d in self.index.remove(dir, &name) {
                 self.watcher.unwatch(d);
             }
@@ -842,6 +843,7 @@ impl<W: Watcher> Resolver<W> {
     /// lacks, which the receiver takes for a resend and skips, and the file would be
     /// missing under its new name. Unknown, its rename copies it where it went.
     fn not_sent(&mut self, parent: FileId, name: &OsStr) {
+        debug!(name = %name.to_string_lossy(), "gone before it was copied; forgotten");
         for d in self.index.remove(parent, name) {
             self.watcher.unwatch(d);
         }
@@ -1391,6 +1393,7 @@ impl<W: Watcher> Resolver<W> {
             .and_then(|p| std::fs::symlink_metadata(p).ok())
             .map(|m| file_id(&m));
         if here != Some(parent) {
+            debug!(path = %abs.display(), "made in a directory that moved since; copying it again there");
             self.rescan.entry(parent).or_insert_with(monotonic_ns);
         }
     }
