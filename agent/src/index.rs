@@ -77,13 +77,17 @@ impl Index {
     /// returns the directories dropped.
     pub fn clear_set(&mut self, set: usize) -> Vec<FileId> {
         let root = self.roots[set].0;
-        let kids: Vec<OsString> = self
-            .children
-            .range((root, OsString::new())..)
-            .take_while(|((p, _), _)| *p == root)
-            .map(|((_, n), _)| n.clone())
-            .collect();
+        let kids = self.names(root);
         kids.iter().flat_map(|n| self.remove(root, n)).collect()
+    }
+
+    /// The names the index lists in directory `dir`.
+    pub fn names(&self, dir: FileId) -> Vec<OsString> {
+        self.children
+            .range((dir, OsString::new())..)
+            .take_while(|((p, _), _)| *p == dir)
+            .map(|((_, n), _)| n.clone())
+            .collect()
     }
 
     /// When a scan registered `id` (0: a captured event did, or it is a root/unknown).
@@ -215,14 +219,18 @@ impl Index {
         born: u64,
     ) {
         if let Some(old) = self.nodes.remove(&id) {
-            self.children.remove(&(old.parent, old.name));
+            self.unlist(old.parent, &old.name, id);
         }
         let key = (parent, name.to_owned());
-        if let Some(prev) = self.children.insert(key, id) {
+        // The file that held the name goes first: dropping it after the insert would
+        // take the name's entry with it, leaving `id` a node no lookup finds (a later
+        // rename of it would be missed, and its writes would follow the name it left).
+        if let Some(prev) = self.children.get(&key).copied() {
             if prev != id && self.named(prev, parent, name) {
                 self.drop_subtree(prev);
             }
         }
+        self.children.insert(key, id);
         self.nodes.insert(
             id,
             Node {
@@ -272,9 +280,18 @@ impl Index {
                 }
             }
             // The entry may still be listed under its parent when called from insert.
-            self.children.remove(&(node.parent, node.name));
+            self.unlist(node.parent, &node.name, cur);
         }
         dirs
+    }
+
+    /// Takes `(parent, name)` out of the listing if it still names `id`; another file
+    /// that has the name since keeps it.
+    fn unlist(&mut self, parent: FileId, name: &OsStr, id: FileId) {
+        let key = (parent, name.to_owned());
+        if self.children.get(&key) == Some(&id) {
+            self.children.remove(&key);
+        }
     }
 
     /// Moves the entry `from` to `to` (replacing what was there). Returns the
@@ -300,15 +317,49 @@ impl Index {
         dropped
     }
 
-    /// Swaps two entries (RENAME_EXCHANGE).
+    /// Swaps two entries (RENAME_EXCHANGE). Only the names change places: each node
+    /// keeps its subtree and its other names.
     pub fn exchange(&mut self, a: (FileId, &OsStr), b: (FileId, &OsStr)) {
-        let ida = self.children.get(&(a.0, a.1.to_owned())).copied();
-        let idb = self.children.get(&(b.0, b.1.to_owned())).copied();
-        if let (Some(ida), Some(idb)) = (ida, idb) {
-            let (da, ba) = (self.is_dir(ida), self.born(ida));
-            let (db, bb) = (self.is_dir(idb), self.born(idb));
-            self.insert_born(b.0, b.1, ida, da, ba);
-            self.insert_born(a.0, a.1, idb, db, bb);
+        let (ka, kb) = ((a.0, a.1.to_owned()), (b.0, b.1.to_owned()));
+        let ida = self.children.get(&ka).copied();
+        let idb = self.children.get(&kb).copied();
+        match (ida, idb) {
+            // Two names of one file: nothing moves.
+            (Some(ida), Some(idb)) if ida == idb => {}
+            (Some(ida), Some(idb)) => {
+                self.children.insert(ka.clone(), idb);
+                self.children.insert(kb.clone(), ida);
+                self.move_name(ida, &ka, &kb);
+                self.move_name(idb, &kb, &ka);
+            }
+            (Some(id), None) => {
+                self.children.remove(&ka);
+                self.children.insert(kb.clone(), id);
+                self.move_name(id, &ka, &kb);
+            }
+            (None, Some(id)) => {
+                self.children.remove(&kb);
+                self.children.insert(ka.clone(), id);
+                self.move_name(id, &kb, &ka);
+            }
+            (None, None) => {}
+        }
+    }
+
+    /// `id`'s name `from` (its first or a further one) is `to` now; the listing is the
+    /// caller's. A node known under another name (a stale listing) stays where it is.
+    fn move_name(&mut self, id: FileId, from: &(FileId, OsString), to: &(FileId, OsString)) {
+        if let Some(names) = self.links.get_mut(&id) {
+            if let Some(n) = names.iter_mut().find(|(p, n)| *p == from.0 && *n == from.1) {
+                *n = to.clone();
+                return;
+            }
+        }
+        if let Some(node) = self.nodes.get_mut(&id) {
+            if node.parent == from.0 && node.name == from.1 {
+                node.parent = to.0;
+                node.name = to.1.clone();
+            }
         }
     }
 
@@ -406,6 +457,56 @@ mod tests {
         ix.exchange((id(1), OsStr::new("y")), (id(1), OsStr::new("z")));
         assert_eq!(ix.location(id(2)), Some(loc(0, "z")));
         assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+    }
+
+    #[test]
+    fn a_file_entered_over_a_known_name_keeps_that_name() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("d"), id(2), true);
+        ix.insert(id(2), OsStr::new("x"), id(3), false);
+        // Another file is found at the same name (moved over it, seen by a copy before
+        // the rename's event): the new file takes the name, the old one goes.
+        ix.insert(id(2), OsStr::new("x"), id(4), false);
+        assert_eq!(ix.lookup(&loc(0, "d/x")), Some(id(4)));
+        assert_eq!(ix.location(id(3)), None);
+        // Its later rename moves it, so no write follows it back to the old name.
+        ix.rename((id(2), OsStr::new("x")), (id(1), OsStr::new("y")));
+        assert_eq!(ix.location(id(4)), Some(loc(0, "y")));
+        assert_eq!(ix.lookup(&loc(0, "d/x")), None);
+    }
+
+    #[test]
+    fn exchanging_directories_keeps_both_subtrees() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(2), true);
+        ix.insert(id(2), OsStr::new("f"), id(3), false);
+        ix.insert(id(1), OsStr::new("b"), id(4), true);
+        ix.insert(id(4), OsStr::new("g"), id(5), false);
+        ix.exchange((id(1), OsStr::new("a")), (id(1), OsStr::new("b")));
+        assert_eq!(ix.location(id(3)), Some(loc(0, "b/f")));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a/g")));
+        assert_eq!(ix.lookup(&loc(0, "b/f")), Some(id(3)));
+        assert_eq!(ix.lookup(&loc(0, "a/g")), Some(id(5)));
+        assert_eq!(ix.len(), 4);
+    }
+
+    #[test]
+    fn exchanging_a_further_name_keeps_the_first() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(5), false);
+        ix.insert_link(id(1), OsStr::new("b"), id(5));
+        ix.insert(id(1), OsStr::new("c"), id(6), false);
+        ix.exchange((id(1), OsStr::new("b")), (id(1), OsStr::new("c")));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "a")));
+        assert_eq!(ix.lookup(&loc(0, "c")), Some(id(5)));
+        assert_eq!(ix.location(id(6)), Some(loc(0, "b")));
+        assert_eq!(ix.lookup(&loc(0, "b")), Some(id(6)));
+        // Removing the first name promotes the exchanged one.
+        ix.remove(id(1), OsStr::new("a"));
+        assert_eq!(ix.location(id(5)), Some(loc(0, "c")));
     }
 
     #[test]

@@ -525,7 +525,7 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// A `Prune` of directory `dir` keeping what the source has there now.
-    fn send_listing(&self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
+    fn send_listing(&mut self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
         let s = &self.sets[set];
         let rel = dir.as_ref().map_or(Path::new(""), |d| d.as_path());
         let Ok(entries) = std::fs::read_dir(s.root.join(rel)) else {
@@ -550,10 +550,36 @@ impl<W: Watcher> Resolver<W> {
             }
         }
         keep.sort();
+        let known = self.index.lookup(&Location {
+            set,
+            rel: rel.to_path_buf(),
+        });
+        if let Some(id) = known {
+            self.forget_pruned(id, &keep);
+        }
         out.push(SetOp {
             set,
             op: Op::Prune { dir, keep },
         });
+    }
+
+    /// A `Prune` of directory `dir` keeping only `keep` is about to be sent: the replica
+    /// drops every other name there, so the index must forget them too. Such a name is
+    /// one the source no longer has, with its event not resolved yet (a rename out of
+    /// the directory, say): still known, that rename would be sent as a rename of a file
+    /// the replica no longer has, which the receiver takes for a resend and skips, and
+    /// the file would be missing under its new name. Forgotten, its rename copies it.
+    fn forget_pruned(&mut self, dir: FileId, keep: &[RelPath]) {
+        let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|k| &k.0[..]).collect();
+        for name in self.index.names(dir) {
+            if keep.contains(name.as_bytes()) {
+                continue;
+            }
+            debug!(name = %name.to_string_lossy(), "pruned from the replica; forgotten");
+            for d in self.index.remove(dir, &name) {
+                self.watcher.unwatch(d);
+            }
+        }
     }
 
     /// Verify job `job`: every replicated regular file of `sets`, as the source has it
@@ -684,6 +710,7 @@ impl<W: Watcher> Resolver<W> {
         // Whatever else the replica has here, the source no longer has (it went while
         // no agent was watching, or with records a killed agent never delivered).
         if self.sets[set].orphans == Orphans::Delete {
+            self.forget_pruned(dir, &keep);
             out.push(SetOp {
                 set,
                 op: Op::Prune {
@@ -774,10 +801,14 @@ impl<W: Watcher> Resolver<W> {
                     // Replaced or renamed while being copied: copy the directory's
                     // entries again once the events that moved them are resolved.
                     self.rescan.entry(parent).or_insert_with(monotonic_ns);
+                    self.not_sent(parent, name);
+                    return false;
                 }
             } else if ft.is_symlink() {
                 let Ok(target) = std::fs::read_link(abs) else {
-                    return false; // gone already; its removal follows
+                    // Gone already: its removal or rename follows.
+                    self.not_sent(parent, name);
+                    return false;
                 };
                 out.push(SetOp {
                     set,
@@ -803,6 +834,18 @@ impl<W: Watcher> Resolver<W> {
                 .filter(|n| file_id(n) == id);
             emit_meta(set, abs, rel, now.as_ref().unwrap_or(m), true, out);
             true
+        }
+    }
+
+    /// [`Resolver::enter`] registered `name` in `parent` but could not send it (it went
+    /// between its stat and its copy). The index must not say the replica has it there:
+    /// the rename that took it away would be sent as a rename of a file the replica
+    /// lacks, which the receiver takes for a resend and skips, and the file would be
+    /// missing under its new name. Unknown, its rename copies it where it went.
+    fn not_sent(&mut self, parent: FileId, name: &OsStr) {
+        debug!(name = %name.to_string_lossy(), "gone before it was copied; forgotten");
+        for d in self.index.remove(parent, name) {
+            self.watcher.unwatch(d);
         }
     }
 
@@ -1036,8 +1079,11 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(parent), false);
                 if is_dir {
                     // Files may already exist in it (made before the watch): enter() scans.
-                    if let Ok(m) = std::fs::symlink_metadata(&abs) {
-                        self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                    match std::fs::symlink_metadata(&abs) {
+                        Ok(m) => {
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                        }
+                        Err(_) => self.made_elsewhere(parent, &abs),
                     }
                     return;
                 }
@@ -1327,9 +1373,28 @@ impl<W: Watcher> Resolver<W> {
             self.unresolved += 1;
             return;
         };
-        if let Ok(m) = std::fs::symlink_metadata(abs) {
-            let name = loc.rel.file_name().unwrap_or_default().to_owned();
-            self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+        match std::fs::symlink_metadata(abs) {
+            Ok(m) => {
+                let name = loc.rel.file_name().unwrap_or_default().to_owned();
+                self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+            }
+            Err(_) => self.made_elsewhere(parent, abs),
+        }
+    }
+
+    /// An entry made in directory `parent` is not at `abs`, the path its event names.
+    /// If `parent` is not at its path either, it moved (or a directory above it did)
+    /// and its rename is still to be resolved: the entry went along, and no later event
+    /// names it, so `parent` is copied again once the index has it at its new place.
+    /// Otherwise the entry itself went, and its own event follows.
+    fn made_elsewhere(&mut self, parent: FileId, abs: &Path) {
+        let here = abs
+            .parent()
+            .and_then(|p| std::fs::symlink_metadata(p).ok())
+            .map(|m| file_id(&m));
+        if here != Some(parent) {
+            debug!(path = %abs.display(), "made in a directory that moved since; copying it again there");
+            self.rescan.entry(parent).or_insert_with(monotonic_ns);
         }
     }
 }
@@ -1381,9 +1446,11 @@ fn summarize_op(op: &Op) -> String {
     }
 }
 
-/// A path the caller gave as `/proc/self/<rest>` (tar, for one, sets attributes through
-/// `/proc/self/fd/N/./name`): the caller's /proc, not ours. The magic link (`fd/N`,
-/// `cwd`, `root`) names a file or directory; what follows it is looked up from there.
+/// A path the caller gave as `/proc/self/<rest>`: the caller's /proc, not ours. The
+/// magic link (`fd/N`, `cwd`, `root`) names a file or directory; what follows it is
+/// looked up from there. Racy: the descriptor may be closed (or reused) by now, so the
+/// capture resolves the `fd/N` of attribute calls itself (tar's `chmod` through an
+/// `O_PATH` descriptor) and this serves the remaining cases.
 fn proc_self_path(pid: u32, rest: &Path) -> Option<PathBuf> {
     let mut parts = rest.components();
     let first = parts.next()?.as_os_str();
@@ -1953,6 +2020,151 @@ mod tests {
             at += sums.len();
         }
         assert_eq!(at, want.len());
+    }
+
+    /// A file renamed between the scan's stat and its copy was not sent: its rename must
+    /// not be sent as a rename of a file the replica lacks (which the receiver takes for
+    /// a resend and skips), but copy the file where it went.
+    #[test]
+    fn a_file_renamed_while_being_entered_is_copied_where_it_went() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        std::fs::write(root.join("a"), b"data").unwrap();
+        let m = std::fs::symlink_metadata(root.join("a")).unwrap();
+        let (rid, _) = r.index.root(0);
+        std::fs::rename(root.join("a"), root.join("b")).unwrap();
+        // The listing's stat saw `a`; the copy finds it gone.
+        let entered = r.enter(
+            0,
+            rid,
+            OsStr::new("a"),
+            &root.join("a"),
+            Path::new("a"),
+            &m,
+            &mut out,
+        );
+        assert!(!entered, "nothing was sent for a: {out:?}");
+        assert!(out.is_empty(), "{out:?}");
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a")),
+                to: arg(&root.join("b")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o.op, Op::Rename { .. })),
+            "the replica has no a to rename: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"b")),
+            "b is copied: {out:?}"
+        );
+    }
+
+    /// A directory copied again prunes the replica to what the source has now; a file
+    /// that left it meanwhile (its rename not yet resolved) is gone from the replica, so
+    /// the rename must copy it where it went, not rename what the replica lacks.
+    #[test]
+    fn a_file_pruned_by_a_rescan_is_copied_where_it_went() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("d")).unwrap();
+        std::fs::write(root.join("d/f"), b"data").unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        let dir = id_of(&root.join("d"));
+        std::fs::rename(root.join("d/f"), root.join("g")).unwrap();
+        let renamed = now(CaptureEvent::Renamed {
+            from: arg(&root.join("d/f")),
+            to: arg(&root.join("g")),
+            flags: 0,
+        });
+        // Copied again before the rename's event is resolved.
+        r.rescan.insert(dir, monotonic_ns());
+        r.finish(&mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Prune { keep, .. } if keep.is_empty())),
+            "{out:?}"
+        );
+        out.clear();
+        r.resolve(renamed, &mut out);
+        assert!(
+            !out.iter().any(|o| matches!(o.op, Op::Rename { .. })),
+            "the replica has no d/f to rename: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::CreateFile { path, .. } if path.0 == b"g")),
+            "g is copied: {out:?}"
+        );
+    }
+
+    /// A directory made inside one that moved before the mkdir's event was resolved is
+    /// not at the path the event names: it is copied once the move is resolved, with
+    /// what was made in it meanwhile.
+    #[test]
+    fn a_directory_made_in_one_that_moved_since_is_copied() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        std::fs::create_dir(root.join("a/b")).unwrap();
+        std::fs::write(root.join("a/b/f"), b"data").unwrap();
+        let f = id_of(&root.join("a/b/f"));
+        let b = id_of(&root.join("a/b"));
+        let events = [
+            now(CaptureEvent::Created {
+                file: None,
+                parent: None,
+                path: arg(&root.join("a/b")),
+                is_dir: true,
+                mode: 0o755,
+            }),
+            now(CaptureEvent::Created {
+                file: Some(f),
+                parent: Some(b),
+                path: arg(&root.join("a/b/f")),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a")),
+                to: arg(&root.join("c")),
+                flags: 0,
+            }),
+        ];
+        // The source is ahead: `a` is `c` before any of these is resolved.
+        std::fs::rename(root.join("a"), root.join("c")).unwrap();
+        for e in events {
+            r.resolve(e, &mut out);
+        }
+        r.finish(&mut out);
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Mkdir { path, .. } if path.0 == b"c/b")),
+            "c/b is made: {out:?}"
+        );
+        assert!(
+            out.iter()
+                .any(|o| matches!(&o.op, Op::Sum { path, .. } if path.0 == b"c/b/f")),
+            "c/b/f is copied: {out:?}"
+        );
     }
 
     #[test]

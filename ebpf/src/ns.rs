@@ -5,6 +5,8 @@
 //! data: the file's directory must be CONTENTS-watched. Path-based events cannot be
 //! resolved cheaply in the kernel, so an absolute path is always reported (user space
 //! decides), and a relative one only when its base directory (dirfd or cwd) is watched.
+//! Attribute calls through `/proc/self/fd/N` are the exception: they are reported as
+//! the fd-based calls they are (see `proc_fd_path`).
 
 use aya_ebpf::helpers::{
     bpf_get_current_pid_tgid,
@@ -479,9 +481,96 @@ pub fn on_attr(regs: u64, nr: u64) {
     };
     if fd_itself {
         attr_fd(dirfd as u64, flags);
-    } else {
-        attr_path(dirfd, path, flags);
+        return;
     }
+    match proc_fd_path(path) {
+        Some((fd, 0)) => attr_fd(fd, flags),
+        Some((fd, rest)) => attr_path(fd as i32, rest, flags),
+        None => attr_path(dirfd, path, flags),
+    }
+}
+
+/// Reads up to `N` bytes of the user string at `addr` (NUL-terminated, zero-padded).
+#[inline(always)]
+fn user_bytes<const N: usize>(addr: u64) -> Option<[u8; N]> {
+    let mut buf = [0u8; N];
+    // SAFETY: the destination is the local buffer, of the size given.
+    let r = unsafe {
+        bpf_probe_read_user_str(
+            buf.as_mut_ptr() as *mut core::ffi::c_void,
+            N as u32,
+            addr as *const core::ffi::c_void,
+        )
+    };
+    (r > 0).then_some(buf)
+}
+
+/// A path through the caller's own descriptor table, `/proc/self/fd/N` or
+/// `/proc/thread-self/fd/N` (optionally followed by `/rest`): (N, 0) when it names fd
+/// N's file itself, (N, address of `rest`) when it goes on from fd N's directory.
+///
+/// tar and glibc set attributes this way (`chmod("/proc/self/fd/5")` on an `O_PATH`
+/// descriptor, closed right after): user space could only read the link from
+/// `/proc/PID/fd/N` later, by which time the descriptor is closed or names another
+/// file, and the change was lost or applied to the wrong entry. Which file the
+/// descriptor names is certain only now, while the syscall returns.
+///
+/// Compared a word at a time: a byte loop with a flag per prefix made the verifier
+/// walk too many states.
+#[inline(always)]
+fn proc_fd_path(path: u64) -> Option<(u64, u64)> {
+    const PROC_SE: u64 = u64::from_le_bytes(*b"/proc/se");
+    const LF_FD: u64 = u64::from_le_bytes(*b"lf/fd/\0\0");
+    const PROC_TH: u64 = u64::from_le_bytes(*b"/proc/th");
+    const READ_SEL: u64 = u64::from_le_bytes(*b"read-sel");
+    const F_FD: u64 = u64::from_le_bytes(*b"f/fd/\0\0\0");
+    const SIX: u64 = (1 << 48) - 1;
+    const FIVE: u64 = (1 << 40) - 1;
+    if path == 0 {
+        return None;
+    }
+    // The string read ends with its NUL inside the buffer: 24 bytes hold the longer
+    // prefix (21).
+    let head = user_bytes::<24>(path)?;
+    let word = |i: usize| {
+        u64::from_le_bytes([
+            head[i],
+            head[i + 1],
+            head[i + 2],
+            head[i + 3],
+            head[i + 4],
+            head[i + 5],
+            head[i + 6],
+            head[i + 7],
+        ])
+    };
+    let (w0, w1) = (word(0), word(8));
+    let start: u64 = if w0 == PROC_SE && w1 & SIX == LF_FD {
+        14
+    } else if w0 == PROC_TH && w1 == READ_SEL && word(16) & FIVE == F_FD {
+        21
+    } else {
+        return None;
+    };
+    // Up to ten digits, then the NUL or a '/' (11 characters and the read's NUL).
+    let digits = user_bytes::<12>(path + start)?;
+    let mut fd: u64 = 0;
+    let mut n: u64 = 0;
+    for &c in digits.iter() {
+        if !c.is_ascii_digit() {
+            if n == 0 || fd > i32::MAX as u64 {
+                return None;
+            }
+            return match c {
+                0 => Some((fd, 0)),
+                b'/' => Some((fd, path + start + n + 1)),
+                _ => None,
+            };
+        }
+        fd = fd * 10 + (c - b'0') as u64;
+        n += 1;
+    }
+    None
 }
 
 /// truncate, mkdir(at), unlink(at), rmdir, rename(at/at2), link(at), symlink(at),

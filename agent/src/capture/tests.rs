@@ -626,3 +626,48 @@ fn capture_overhead() {
         (watched / base - 1.0) * 100.0
     );
 }
+
+/// An attribute change through `/proc/self/fd/N` (tar's way: `chmod` of an `O_PATH`
+/// descriptor it closes right after) names the descriptor's file itself, found while
+/// the call returns; user space could only guess it from `/proc` later. With more
+/// path after the number, the path goes on from the descriptor's directory.
+#[test]
+fn capture_attr_changes_through_proc_self_fd() {
+    let Some((cap, mut rx)) = start() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = fid(dir.path());
+    cap.watch_dir(d, WatchMode::Contents).unwrap();
+    let pipe = dir.path().join("pipe");
+    let c = std::ffi::CString::new(pipe.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let pipe = fid(&pipe);
+    py(
+        dir.path(),
+        r#"
+fd = os.open('pipe', os.O_PATH | os.O_NOFOLLOW)
+os.chmod(f'/proc/self/fd/{fd}', 0o640)
+os.close(fd)
+dfd = os.open('.', os.O_PATH | os.O_DIRECTORY)
+os.chmod(f'/proc/thread-self/fd/{dfd}/./pipe', 0o600)
+os.close(dfd)
+os.mkdir('marker')
+"#,
+    );
+    let events = collect(&mut rx, in_dirs(vec![d]), |got| {
+        got.iter()
+            .any(|e| matches!(e, CaptureEvent::Created { path, .. } if path.path == b"marker"))
+    });
+    assert!(
+        events.iter().any(|e| matches!(e,
+            CaptureEvent::AttrChanged { file: Some(f), parent: Some(p), path: None, .. }
+                if *f == pipe && *p == d)),
+        "no fd-based change of the pipe in {events:#?}"
+    );
+    assert!(
+        events.iter().any(|e| matches!(e,
+            CaptureEvent::AttrChanged { file: None, path: Some(a), .. }
+                if a.path == b"./pipe" && a.base == Some(d) && a.dirfd >= 0)),
+        "no change of ./pipe relative to the descriptor's directory in {events:#?}"
+    );
+}
