@@ -7,6 +7,7 @@
 
 pub mod attrs;
 pub mod capture;
+pub mod check;
 pub mod config;
 pub mod control;
 pub mod index;

@@ -70,6 +70,19 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Preflight: kernel features (BTF, tracefs, BPF permission), the configuration,
+    /// keys, set roots, and each target (reachable, certificate pinned both ways). Every
+    /// failed item comes with what to do. Exit status 0 when all pass, 1 otherwise.
+    #[command(
+        after_help = "Examples:\n  doppel-agent check --config /etc/doppel/agent.toml\n  doppel-agent check --config /etc/doppel/agent.toml --json"
+    )]
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+        /// One JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a configuration file and exit.
     #[command(
         after_help = "Example:\n  doppel-agent check-config --config /etc/doppel/agent.toml"
@@ -132,6 +145,22 @@ fn real_main(cli: Cli) -> Result<u8> {
             println!("fingerprint: {fp}");
             eprintln!("pin it in the receiver's [[source]] `fingerprint`");
             Ok(0)
+        }
+        Cmd::Check { config, json } => {
+            let rt = tokio::runtime::Runtime::new()?;
+            let items = rt.block_on(doppel_agent::check::run(&config));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&items)?);
+            } else {
+                for i in &items {
+                    let mark = if i.ok { "ok  " } else { "FAIL" };
+                    println!("{mark} {:<16} {}", i.item, i.detail);
+                    if let Some(fix) = &i.fix {
+                        println!("     {:<16} fix: {fix}", "");
+                    }
+                }
+            }
+            Ok(if items.iter().all(|i| i.ok) { 0 } else { 1 })
         }
         Cmd::CheckConfig { config } => {
             let c = doppel_agent::config::Config::load(&config)?;

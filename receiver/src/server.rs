@@ -239,6 +239,13 @@ async fn handle(incoming: quinn::Incoming, slots: Arc<HashMap<String, Arc<Slot>>
         return;
     };
     let source = slot.ctx.source.name.clone();
+    let stream = match session::accept_stream(&conn).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::info!(%source, %remote, "connection without a session: {e:#}");
+            return;
+        }
+    };
     let old = slot
         .current
         .lock()
@@ -257,11 +264,11 @@ async fn handle(incoming: quinn::Incoming, slots: Arc<HashMap<String, Arc<Slot>>
     }
     if slot.fenced() {
         tracing::warn!(%source, %remote, "refused: the source is failed over to this receiver");
-        session::refuse_connection(&conn, close::FAILED_OVER, &slot.fence_reason()).await;
+        session::refuse_connection(&conn, stream, close::FAILED_OVER, &slot.fence_reason()).await;
         return;
     }
     tracing::info!(%source, %remote, "session started");
-    match session::run(conn.clone(), &slot.ctx).await {
+    match session::run(conn.clone(), stream, &slot.ctx).await {
         Ok(()) => tracing::info!(%source, %remote, "session ended"),
         Err(e) => tracing::warn!(%source, %remote, "session ended: {e:#}"),
     }

@@ -40,11 +40,8 @@ pub struct SessionCtx {
 
 /// Runs one session to its end. `Ok` means it ended in an orderly way (including a
 /// refusal that was delivered); `Err` carries what went wrong for the log.
-pub async fn run(conn: quinn::Connection, ctx: &SessionCtx) -> anyhow::Result<()> {
-    let (send, recv) = tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
-        .await
-        .context("the agent opened no stream within 10 s")?
-        .context("the agent closed the connection before opening its stream")?;
+pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> anyhow::Result<()> {
+    let (send, recv) = stream;
     let (mut tx, mut rx) = FramedStream::new(send, recv).split();
 
     let hello = tokio::time::timeout(HELLO_TIMEOUT, rx.recv())
@@ -402,14 +399,26 @@ fn open_sets(
 
 /// Refuses a connection before its session starts: reads the agent's stream open and
 /// Hello (briefly), answers Refused, closes.
-pub async fn refuse_connection(conn: &quinn::Connection, code: quinn::VarInt, reason: &str) {
-    match tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi()).await {
-        Ok(Ok((send, recv))) => {
-            let (mut tx, _rx) = FramedStream::new(send, recv).split();
-            refuse(&mut tx, conn, code, reason).await;
-        }
-        _ => conn.close(code, reason.as_bytes()),
-    }
+pub async fn refuse_connection(
+    conn: &quinn::Connection,
+    (send, recv): Stream,
+    code: quinn::VarInt,
+    reason: &str,
+) {
+    let (mut tx, _rx) = FramedStream::new(send, recv).split();
+    refuse(&mut tx, conn, code, reason).await;
+}
+
+/// The agent's one bidirectional stream.
+pub type Stream = (quinn::SendStream, quinn::RecvStream);
+
+/// Waits for the agent to open its stream. A connection that opens none (a preflight
+/// check only proving the handshake) ends here without touching the running session.
+pub async fn accept_stream(conn: &quinn::Connection) -> anyhow::Result<Stream> {
+    tokio::time::timeout(HELLO_TIMEOUT, conn.accept_bi())
+        .await
+        .context("the agent opened no stream within 10 s")?
+        .context("the agent closed the connection before opening its stream")
 }
 
 async fn refuse(tx: &mut FrameSender, conn: &quinn::Connection, code: quinn::VarInt, reason: &str) {

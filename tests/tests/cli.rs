@@ -85,8 +85,14 @@ targets = ["nope"]
 #[test]
 fn every_command_has_help_with_an_example() {
     for (bin, cmds) in [
-        ("doppel-agent", &["keygen", "run", "check-config"][..]),
-        ("doppel-receiver", &["keygen", "run"][..]),
+        (
+            "doppel-agent",
+            &["keygen", "run", "check-config", "check", "verify", "status"][..],
+        ),
+        (
+            "doppel-receiver",
+            &["keygen", "run", "status", "failover", "failback"][..],
+        ),
     ] {
         for cmd in cmds {
             let (ok, text) = run(bin, &[cmd, "--help"]);
@@ -97,4 +103,99 @@ fn every_command_has_help_with_an_example() {
             );
         }
     }
+}
+
+/// `doppel-agent check`: every item passes on a working setup without disturbing the
+/// running agent's session; then each planted fault is named with its fix.
+#[test]
+fn check_passes_and_then_names_each_fault_with_its_fix() {
+    if !doppel_tests::require_root() {
+        return;
+    }
+    use doppel_tests::cluster::Cluster;
+    let mut c = Cluster::new("data").unwrap();
+    c.start().unwrap();
+    c.wait_synced(std::time::Duration::from_secs(20)).unwrap();
+    let before = c.log_lines("receiver.log", "session started").len();
+    assert_eq!(before, 1);
+    let o = c.agent_command(&["check"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(o.status.success(), "{text}");
+    for item in [
+        "config",
+        "privileges",
+        "btf",
+        "tracefs",
+        "bpf",
+        "state_dir",
+        "set data",
+        "keys",
+        "target t",
+    ] {
+        assert!(
+            text.contains(&format!("ok   {item}")),
+            "{item} not ok:\n{text}"
+        );
+    }
+    // The handshake-only probe did not replace the running session.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        c.log_lines("receiver.log", "session started").len(),
+        before,
+        "{}",
+        c.logs()
+    );
+    assert!(c
+        .log_lines("receiver.log", "replaces the running session")
+        .is_empty());
+
+    // tracefs unmounted (in a private mount namespace, so nothing else notices).
+    let config = c.dir.path().join("agent.toml");
+    let o = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg(format!(
+            "umount -l /sys/kernel/tracing 2>/dev/null; umount -l /sys/kernel/debug/tracing 2>/dev/null; exec {} check --config {}",
+            bin_dir().join("doppel-agent").display(),
+            config.display()
+        ))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(text.contains("FAIL tracefs"), "{text}");
+    assert!(
+        text.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
+        "{text}"
+    );
+
+    // The receiver is gone: the target fails, with what to check.
+    c.kill_receiver();
+    let o = c.agent_command(&["check", "--json"]);
+    let items: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let t = items
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["item"] == "target t")
+        .unwrap();
+    assert_eq!(t["ok"], false, "{items}");
+    assert!(
+        t["fix"].as_str().unwrap().contains("doppel-receiver runs"),
+        "{items}"
+    );
+    assert_eq!(o.status.code(), Some(1));
+
+    // A planted config error: the file, the key, the fix.
+    std::fs::write(
+        &config,
+        std::fs::read_to_string(&config).unwrap() + "colour = \"blue\"\n",
+    )
+    .unwrap();
+    let o = c.agent_command(&["check"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(o.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("FAIL config") && text.contains("colour"),
+        "{text}"
+    );
 }
