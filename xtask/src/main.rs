@@ -4,6 +4,7 @@ mod bench;
 mod compile;
 mod demo;
 mod fuzz;
+mod install;
 mod setup;
 mod test;
 
@@ -32,6 +33,16 @@ enum Cmd {
     Test {
         /// Only tests whose name contains this.
         filter: Option<String>,
+    },
+    /// Install the release binaries, the systemd units and example configurations.
+    /// Nothing is enabled: configure, `doppel-agent check`, then `systemctl enable --now`.
+    Install {
+        /// Binaries go to PREFIX/bin.
+        #[arg(long, default_value = "/usr/local")]
+        prefix: std::path::PathBuf,
+        /// Stage everything under this directory instead of / (for packaging).
+        #[arg(long)]
+        destdir: Option<std::path::PathBuf>,
     },
     /// Fuzz every decoder (wire frames, capture records, journal records, paths).
     Fuzz {
@@ -64,6 +75,7 @@ fn main() {
         Cmd::Test { filter } => test::run(filter.as_deref()),
         Cmd::Bench { names, json } => bench::run(&names, &json),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
+        Cmd::Install { prefix, destdir } => install::run(&prefix, destdir.as_deref()),
         Cmd::BenchSink { keys, client_fp } => bench::sink(&keys, &client_fp),
     };
     if let Err(e) = r {
