@@ -47,6 +47,9 @@ pub struct AgentConfig {
     pub targets: Vec<TargetConfig>,
     #[serde(default, rename = "set")]
     pub sets: Vec<SetConfig>,
+    /// `[log]`: format and level (see doppel-control's `log`).
+    #[serde(default)]
+    pub log: doppel_control::log::LogConfig,
 }
 
 fn default_queue_mib() -> usize {
@@ -181,6 +184,7 @@ pub struct Config {
     pub journal: JournalOptions,
     pub targets: Vec<Target>,
     pub sets: Vec<Set>,
+    pub log: doppel_control::log::LogConfig,
 }
 
 #[derive(Debug, Clone)]
@@ -409,6 +413,7 @@ impl AgentConfig {
             },
             targets,
             sets,
+            log: self.log,
         })
     }
 }

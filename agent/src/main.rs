@@ -93,18 +93,6 @@ enum Cmd {
     },
 }
 
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let verify = matches!(cli.cmd, Cmd::Verify { .. });
@@ -173,8 +161,8 @@ fn real_main(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Cmd::Run { config } => {
-            init_logging();
             let config = doppel_agent::config::Config::load(&config)?;
+            doppel_control::log::init(&config.log)?;
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(doppel_agent::run::run(config))?;
             Ok(0)

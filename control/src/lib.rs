@@ -1,6 +1,9 @@
-//! The local control socket: one JSON-line request per connection, answered by JSON
-//! lines until the daemon closes (see README.md). [`listen`] and [`Conn`] are the
-//! daemon's side, [`call`] is the command's.
+//! What both daemons offer an operator locally: the control socket (one JSON-line
+//! request per connection, answered by JSON lines until the daemon closes; see
+//! README.md), where [`listen`] and [`Conn`] are the daemon's side and [`call`] is the
+//! command's; and [`log`], their logging setup.
+
+pub mod log;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -24,6 +24,7 @@ pub struct Config {
     /// off trades crash safety of the replica for latency; see README.md.
     pub fsync: bool,
     pub sources: Vec<SourceConfig>,
+    pub log: doppel_control::log::LogConfig,
 }
 
 /// One agent allowed to connect.
@@ -129,6 +130,8 @@ struct RawConfig {
     fsync: Option<bool>,
     #[serde(default)]
     source: Vec<RawSource>,
+    #[serde(default)]
+    log: doppel_control::log::LogConfig,
 }
 
 #[derive(Deserialize)]
@@ -286,6 +289,7 @@ impl Config {
             state_dir: abs(raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into())),
             fsync: raw.fsync.unwrap_or(true),
             sources,
+            log: raw.log,
         })
     }
 }

@@ -1,6 +1,5 @@
 //! `doppel-receiver`: the target-host daemon.
 
-use std::io::IsTerminal;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -114,14 +113,6 @@ fn main() -> std::process::ExitCode {
             }
         };
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
     match real_main(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -146,6 +137,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config } => {
             let config = Config::load(&config)?;
+            doppel_control::log::init(&config.log)?;
             raise_fd_limit();
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(config, shutdown_signal()))

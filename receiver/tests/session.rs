@@ -35,6 +35,7 @@ impl Fixture {
             key: keys.join("key.pem"),
             state_dir: dir.path().join("state"),
             fsync: true,
+            log: Default::default(),
             sources: vec![SourceConfig {
                 name: "web1".into(),
                 fingerprint: agent.fingerprint(),

@@ -199,3 +199,43 @@ fn check_passes_and_then_names_each_fault_with_its_fix() {
         "{text}"
     );
 }
+
+/// `[log] format = "json"`: every line the daemon logs is one JSON object; a bad level
+/// is refused at start, naming the key.
+#[test]
+fn logs_are_json_lines_when_configured() {
+    let d = tempfile::tempdir().unwrap();
+    let afp = doppel_tests::cluster::keygen("doppel-agent", &d.path().join("a")).unwrap();
+    doppel_tests::cluster::keygen("doppel-receiver", &d.path().join("r")).unwrap();
+    let config = d.path().join("receiver.toml");
+    let text = |level: &str| {
+        format!(
+            "listen = \"127.0.0.1:{}\"\ncert = \"r/cert.pem\"\nkey = \"r/key.pem\"\nstate_dir = \"state\"\n\
+             [log]\nformat = \"json\"\nlevel = \"{level}\"\n\
+             [[source]]\nname = \"s\"\nfingerprint = \"{afp}\"\nroot = \"replica\"\n",
+            doppel_tests::cluster::free_port()
+        )
+    };
+    std::fs::write(&config, text("info")).unwrap();
+    let mut child = Command::new(bin_dir().join("doppel-receiver"))
+        .args(["run", "--config"])
+        .arg(&config)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufRead::lines(std::io::BufReader::new(child.stderr.take().unwrap()));
+    let first = lines.next().unwrap().unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&first).unwrap_or_else(|e| panic!("not JSON ({e}): {first}"));
+    assert_eq!(v["level"], "INFO", "{first}");
+    assert!(v["fields"]["message"].as_str().is_some(), "{first}");
+
+    std::fs::write(&config, text("inof")).unwrap();
+    let (ok, out) = run(
+        "doppel-receiver",
+        &["run", "--config", config.to_str().unwrap()],
+    );
+    assert!(!ok && out.contains("[log] level"), "{out}");
+}
