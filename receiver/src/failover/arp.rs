@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::link::{owned, wait_readable, Link};
+use super::link::{owned, probe_round, wait_readable, Link};
 
 const ETH_P_ARP: u16 = 0x0806;
 const OP_REQUEST: u16 = 1;
@@ -200,37 +200,24 @@ pub fn probe(link: Link, addrs: &[Ipv4Addr], wait: Duration) -> Result<Vec<(Ipv4
         return Ok(Vec::new());
     }
     let sock = Socket::open(link)?;
-    let start = Instant::now();
-    let deadline = start + wait;
-    let second = start + wait / 3;
-    let mut sent_second = false;
-    for &a in addrs {
-        sock.send(&Arp::probe(link.mac, a))?;
-    }
-    let mut found: Vec<(Ipv4Addr, [u8; 6])> = Vec::new();
-    loop {
-        let until = if sent_second { deadline } else { second };
-        match sock.recv(until)? {
-            Some(p) => {
-                if let Some(&a) = addrs.iter().find(|&&a| p.claims(a, link.mac)) {
-                    if !found.iter().any(|(f, _)| *f == a) {
-                        found.push((a, p.sha));
-                    }
-                }
+    probe_round(
+        addrs,
+        wait,
+        || {
+            for &a in addrs {
+                sock.send(&Arp::probe(link.mac, a))?;
             }
-            None if !sent_second => {
-                // A probe can be lost; one more halfway through the wait.
-                for &a in addrs {
-                    sock.send(&Arp::probe(link.mac, a))?;
-                }
-                sent_second = true;
-            }
-            None => return Ok(found),
-        }
-        if found.len() == addrs.len() {
-            return Ok(found);
-        }
-    }
+            Ok(())
+        },
+        |until| {
+            Ok(sock.recv(until)?.map(|p| {
+                addrs
+                    .iter()
+                    .find(|&&a| p.claims(a, link.mac))
+                    .map(|&a| (a, p.sha))
+            }))
+        },
+    )
 }
 
 #[cfg(test)]

@@ -110,6 +110,41 @@ pub fn wait_readable(fd: &OwnedFd, deadline: Instant) -> Result<bool> {
     }
 }
 
+/// One split-brain probe round, the same for ARP and NDP: `send_all` probes every
+/// address at once and again a third of the way through `wait` (a probe can be lost);
+/// `recv` waits until a deadline for the next packet and says which address it shows
+/// taken, by which MAC (`Ok(None)` at the deadline, `Ok(Some(None))` for an unrelated
+/// packet). Returns the addresses someone answered for, once all did or `wait` is over.
+pub fn probe_round<A: Copy + PartialEq>(
+    addrs: &[A],
+    wait: std::time::Duration,
+    mut send_all: impl FnMut() -> Result<()>,
+    mut recv: impl FnMut(Instant) -> Result<Option<Option<(A, [u8; 6])>>>,
+) -> Result<Vec<(A, [u8; 6])>> {
+    let start = Instant::now();
+    let (second, deadline) = (start + wait / 3, start + wait);
+    send_all()?;
+    let mut sent_second = false;
+    let mut found: Vec<(A, [u8; 6])> = Vec::new();
+    while found.len() < addrs.len() {
+        let until = if sent_second { deadline } else { second };
+        match recv(until)? {
+            Some(Some((a, mac))) => {
+                if addrs.contains(&a) && !found.iter().any(|(f, _)| *f == a) {
+                    found.push((a, mac));
+                }
+            }
+            Some(None) => {}
+            None if !sent_second => {
+                send_all()?;
+                sent_second = true;
+            }
+            None => break,
+        }
+    }
+    Ok(found)
+}
+
 /// Wraps a raw descriptor returned by `socket(2)`.
 pub fn owned(fd: libc::c_int, what: &str) -> Result<OwnedFd> {
     if fd < 0 {

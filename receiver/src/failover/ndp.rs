@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use super::link::{owned, wait_readable, Link};
+use super::link::{owned, probe_round, wait_readable, Link};
 
 const NS: u8 = 135;
 const NA: u8 = 136;
@@ -204,42 +204,23 @@ pub fn probe(link: Link, addrs: &[Ipv6Addr], wait: Duration) -> Result<Vec<(Ipv6
         return Ok(Vec::new());
     }
     let sock = Socket::open(link, None)?;
-    let start = Instant::now();
-    let second = start + wait / 3;
-    let deadline = start + wait;
-    let send_all = || -> Result<()> {
-        for &a in addrs {
-            sock.send(solicited_node(a), &solicitation(link.mac, a))?;
-        }
-        Ok(())
-    };
-    send_all()?;
-    let mut sent_second = false;
-    let mut found: Vec<(Ipv6Addr, [u8; 6])> = Vec::new();
-    loop {
-        let until = if sent_second { deadline } else { second };
-        match sock.recv(until)? {
-            Some(b) => {
-                if let Some((target, mac)) = parse_advertisement(&b) {
-                    let mac = mac.unwrap_or([0; 6]);
-                    if addrs.contains(&target)
-                        && mac != link.mac
-                        && !found.iter().any(|(f, _)| *f == target)
-                    {
-                        found.push((target, mac));
-                    }
-                }
+    probe_round(
+        addrs,
+        wait,
+        || {
+            for &a in addrs {
+                sock.send(solicited_node(a), &solicitation(link.mac, a))?;
             }
-            None if !sent_second => {
-                send_all()?;
-                sent_second = true;
-            }
-            None => return Ok(found),
-        }
-        if found.len() == addrs.len() {
-            return Ok(found);
-        }
-    }
+            Ok(())
+        },
+        |until| {
+            Ok(sock.recv(until)?.map(|b| {
+                parse_advertisement(&b)
+                    .map(|(target, mac)| (target, mac.unwrap_or([0; 6])))
+                    .filter(|(_, mac)| *mac != link.mac)
+            }))
+        },
+    )
 }
 
 #[cfg(test)]
