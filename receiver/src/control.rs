@@ -122,40 +122,28 @@ pub async fn serve(
                 let reply = match req {
                     Err(e) => Reply::Error(e),
                     Ok(Request::Status) => Reply::Status(status(&slots, &state_dir)),
-                    Ok(Request::Failback { source, dry_run }) => {
-                        match slots.values().find(|s| s.source().name == source) {
-                            None => Reply::Error(format!(
-                                "no source named {source:?} in this receiver's config (it has {})",
-                                names(&slots)
-                            )),
-                            Some(slot) => {
-                                let _guard = slot.switching.lock().await;
-                                tracing::warn!(%source, dry_run, "failback requested");
-                                Reply::Report(
-                                    failover::failback::failback(
-                                        slot,
-                                        &state_dir,
-                                        slot.store(),
-                                        Options {
-                                            dry_run,
-                                            force: false,
-                                        },
-                                    )
+                    Ok(Request::Failback { source, dry_run }) => match slot(&slots, &source) {
+                        Err(e) => e,
+                        Ok(slot) => {
+                            let _guard = slot.switching.lock().await;
+                            tracing::warn!(%source, dry_run, "failback requested");
+                            let opts = Options {
+                                dry_run,
+                                force: false,
+                            };
+                            Reply::Report(
+                                failover::failback::failback(slot, &state_dir, slot.store(), opts)
                                     .await,
-                                )
-                            }
+                            )
                         }
-                    }
+                    },
                     Ok(Request::Failover {
                         source,
                         dry_run,
                         force,
-                    }) => match slots.values().find(|s| s.source().name == source) {
-                        None => Reply::Error(format!(
-                            "no source named {source:?} in this receiver's config (it has {})",
-                            names(&slots)
-                        )),
-                        Some(slot) => {
+                    }) => match slot(&slots, &source) {
+                        Err(e) => e,
+                        Ok(slot) => {
                             let _guard = slot.switching.lock().await;
                             tracing::warn!(%source, dry_run, force, "failover requested");
                             Reply::Report(
@@ -175,10 +163,19 @@ pub async fn serve(
     }
 }
 
-fn names(slots: &HashMap<String, Arc<Slot>>) -> String {
-    let mut n: Vec<&str> = slots.values().map(|s| s.source().name.as_str()).collect();
-    n.sort();
-    n.join(", ")
+/// The slot of the source named `name`, or the error reply naming the configured ones.
+fn slot<'a>(slots: &'a HashMap<String, Arc<Slot>>, name: &str) -> Result<&'a Arc<Slot>, Reply> {
+    slots
+        .values()
+        .find(|s| s.source().name == name)
+        .ok_or_else(|| {
+            let mut n: Vec<&str> = slots.values().map(|s| s.source().name.as_str()).collect();
+            n.sort();
+            Reply::Error(format!(
+                "no source named {name:?} in this receiver's config (it has {})",
+                n.join(", ")
+            ))
+        })
 }
 
 /// Sends `req` to the receiver listening at `path`.
