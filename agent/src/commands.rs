@@ -4,10 +4,10 @@
 
 use std::io::IsTerminal;
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Result};
-use doppel_agent::control::{call, Reply, Request};
+use doppel_agent::control::{call, Reply, Request, State, Status};
 use doppel_agent::verify::{Progress, Report};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -106,38 +106,117 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string(&s)?);
         return Ok(());
     }
-    println!(
-        "{:<16} {:<16} {:<10} {:>10} {:>10} {:>12} {:>12}",
-        "SET", "TARGET", "STATE", "QUEUED", "ACKED", "LAG", "SENT"
+    print!("{}", status_table(&s, SystemTime::now()));
+    Ok(())
+}
+
+/// `status` for a person: one row per set and target, then what needs attention.
+fn status_table(s: &Status, now: SystemTime) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "source {}: up {}, {}",
+        s.source,
+        humantime::format_duration(Duration::from_secs(s.uptime_seconds)),
+        if s.synced {
+            "all replicas in sync"
+        } else {
+            "replicating"
+        }
+    );
+    let _ = writeln!(
+        out,
+        "{:<14} {:<14} {:<13} {:<16} {:>8} {:>10} {:>10} {:>10} {:>11} {:>8}",
+        "SET", "TARGET", "STATE", "QUEUE", "LAG", "LAG DATA", "MEMORY", "JOURNAL", "RATE", "MIRROR"
     );
     for t in &s.sets {
-        let state = if !t.connected {
-            "down"
-        } else if t.lag_records > 0 {
-            "behind"
-        } else {
-            "in sync"
-        };
-        println!(
-            "{:<16} {:<16} {:<10} {:>10} {:>10} {:>12} {:>12}",
+        let queue = format!(
+            "{}{}",
+            serde_json::to_value(t.queue)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default(),
+            if t.spilled { " (spilled)" } else { "" }
+        );
+        let _ = writeln!(
+            out,
+            "{:<14} {:<14} {:<13} {:<16} {:>8} {:>10} {:>10} {:>10} {:>11} {:>8}",
             t.set,
             t.target,
-            state,
-            t.last_seq,
-            t.acked,
+            t.state.as_str(),
+            queue,
+            format!("{:.1}s", t.lag_seconds),
             human_bytes(t.lag_bytes),
-            human_bytes(t.sent_bytes)
+            human_bytes(t.memory_bytes),
+            human_bytes(t.journal_bytes),
+            format!("{}/s", human_bytes(t.bytes_per_sec as u64)),
+            t.mirror_pending
+        );
+    }
+    for t in s
+        .sets
+        .iter()
+        .filter(|t| !t.reason.is_empty() && t.state != State::Mirroring)
+    {
+        let _ = writeln!(
+            out,
+            "{} -> {}: {}: {}",
+            t.set,
+            t.target,
+            t.state.as_str(),
+            t.reason
+        );
+    }
+    let mut shown = Vec::new();
+    for t in &s.sets {
+        let Some(e) = &t.last_error else { continue };
+        if shown.contains(&&t.target) {
+            continue;
+        }
+        shown.push(&t.target);
+        let ago = now
+            .duration_since(UNIX_EPOCH + Duration::from_millis(e.unix_ms))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "last error with {} ({} ago, {}; {} of {} sessions failed): {}",
+            t.target,
+            humantime::format_duration(Duration::from_secs(ago.as_secs())),
+            e.at,
+            t.failures,
+            t.sessions + t.failures,
+            e.message
+        );
+    }
+    let c = &s.capture;
+    if c.missed_ranges > 0 || c.lost > 0 {
+        let _ = writeln!(
+            out,
+            "capture: {} changes re-read from files because the ring was full, {} lost",
+            c.missed_ranges, c.lost
         );
     }
     if s.mirror_pending > 0 {
-        println!(
+        let _ = writeln!(
+            out,
             "mirror: {} of {} compared, {} comparisons pending",
             human_bytes(s.mirror_compared_bytes),
             human_bytes(s.mirror_queued_bytes),
             s.mirror_pending
         );
     }
-    Ok(())
+    for v in &s.verifies {
+        let _ = writeln!(
+            out,
+            "verify: {}/{} files, {} of {}",
+            v.files_done,
+            v.files,
+            human_bytes(v.bytes_done),
+            human_bytes(v.bytes)
+        );
+    }
+    out
 }
 
 fn human_bytes(n: u64) -> String {

@@ -47,9 +47,24 @@ pub struct AgentConfig {
     pub targets: Vec<TargetConfig>,
     #[serde(default, rename = "set")]
     pub sets: Vec<SetConfig>,
+    /// A connected set whose oldest unacknowledged change is this old is shown as
+    /// `degraded` by `status` (and in metrics).
+    #[serde(default = "default_degraded_lag_s")]
+    pub degraded_lag_s: u64,
+    /// A receiver's config on this host, whose replica roots no set may contain (the
+    /// agent would replicate the replica). Default: /etc/doppel/receiver.toml if present;
+    /// "" for no check.
+    pub local_receiver_config: Option<PathBuf>,
     /// `[log]`: format and level (see doppel-control's `log`).
     #[serde(default)]
     pub log: doppel_control::log::LogConfig,
+    /// `[metrics]`: `listen = "127.0.0.1:9750"` serves Prometheus metrics.
+    #[serde(default)]
+    pub metrics: doppel_control::metrics::MetricsConfig,
+}
+
+fn default_degraded_lag_s() -> u64 {
+    30
 }
 
 fn default_queue_mib() -> usize {
@@ -185,6 +200,8 @@ pub struct Config {
     pub targets: Vec<Target>,
     pub sets: Vec<Set>,
     pub log: doppel_control::log::LogConfig,
+    pub metrics: doppel_control::metrics::MetricsConfig,
+    pub degraded_lag: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +244,32 @@ impl Config {
         raw.validate(base)
             .map_err(|e| anyhow::anyhow!("{}: {e:#}", path.display()))
     }
+}
+
+const DEFAULT_RECEIVER_CONFIG: &str = "/etc/doppel/receiver.toml";
+
+/// The replica roots a receiver config names (`[[source]] root` and `sets` values), made
+/// absolute against the file's directory and with symlinks resolved where they exist;
+/// each with the file it came from.
+fn local_replica_roots(path: &Path) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let value: toml::Value = toml::from_str(&text)
+        .map_err(|e| anyhow::anyhow!("{}: {}", path.display(), e.to_string().trim_end()))?;
+    let base = path.parent().unwrap_or(Path::new("/"));
+    let mut roots = Vec::new();
+    let sources = value.get("source").and_then(|s| s.as_array());
+    for src in sources.into_iter().flatten() {
+        let root = src.get("root").and_then(|r| r.as_str());
+        let sets = src.get("sets").and_then(|s| s.as_table());
+        let set_roots = sets.into_iter().flatten().filter_map(|(_, v)| v.as_str());
+        for r in root.into_iter().chain(set_roots) {
+            let p = base.join(r);
+            let p = std::fs::canonicalize(&p).unwrap_or(p);
+            roots.push((p, path.to_path_buf()));
+        }
+    }
+    Ok(roots)
 }
 
 fn valid_name(s: &str) -> bool {
@@ -311,6 +354,17 @@ impl AgentConfig {
                 },
             });
         }
+        let replicas = match &self.local_receiver_config {
+            // Explicitly none (the temporary agent of a failback mirrors replica roots).
+            Some(p) if p.as_os_str().is_empty() => Vec::new(),
+            Some(p) => local_replica_roots(&base.join(p)).context("key `local_receiver_config`")?,
+            None if Path::new(DEFAULT_RECEIVER_CONFIG).exists() => {
+                // Only a hint: a receiver config this agent cannot parse is the
+                // receiver's problem, and must not stop replication here.
+                local_replica_roots(Path::new(DEFAULT_RECEIVER_CONFIG)).unwrap_or_default()
+            }
+            None => Vec::new(),
+        };
         let mut sets: Vec<Set> = Vec::new();
         let mut set_names = HashSet::new();
         for (i, s) in self.sets.iter().enumerate() {
@@ -340,6 +394,16 @@ impl AgentConfig {
                         root.display(),
                         other.name,
                         other.root.display()
+                    );
+                }
+            }
+            for (replica, file) in &replicas {
+                if replica.starts_with(&root) || root.starts_with(replica) {
+                    bail!(
+                        "key `{key}.root`: {} overlaps {}, a replica root of the local receiver ({}): the agent would replicate what it receives; move one of them, or set `local_receiver_config`",
+                        root.display(),
+                        replica.display(),
+                        file.display()
                     );
                 }
             }
@@ -414,6 +478,8 @@ impl AgentConfig {
             targets,
             sets,
             log: self.log,
+            metrics: self.metrics,
+            degraded_lag: std::time::Duration::from_secs(self.degraded_lag_s.max(1)),
         })
     }
 }
@@ -563,5 +629,41 @@ limit = 500000
         );
         let e = parse(&text).unwrap_err().to_string();
         assert!(e.contains("overlaps"), "{e}");
+    }
+
+    #[test]
+    fn a_set_containing_a_local_replica_root_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_str().unwrap();
+        std::fs::create_dir_all(dir.path().join("replica/web2")).unwrap();
+        let receiver = dir.path().join("receiver.toml");
+        std::fs::write(
+            &receiver,
+            "listen = \"[::]:7443\"\n[[source]]\nname = \"web2\"\nroot = \"replica/web2\"\n",
+        )
+        .unwrap();
+        let text = format!(
+            "local_receiver_config = \"{}\"\n{}",
+            receiver.display(),
+            good(root)
+        );
+        let e = format!("{:#}", parse(&text).unwrap_err());
+        assert!(e.contains("replica root of the local receiver"), "{e}");
+        assert!(e.contains("key `set[0].root`"), "{e}");
+
+        // A receiver elsewhere is fine; a named config that is missing is not.
+        let elsewhere = tempfile::tempdir().unwrap();
+        let text = format!(
+            "local_receiver_config = \"{}\"\n{}",
+            receiver.display(),
+            good(elsewhere.path().to_str().unwrap())
+        );
+        parse(&text).unwrap();
+        let text = format!(
+            "local_receiver_config = \"/nonexistent/receiver.toml\"\n{}",
+            good(root)
+        );
+        let e = format!("{:#}", parse(&text).unwrap_err());
+        assert!(e.contains("local_receiver_config"), "{e}");
     }
 }

@@ -5,6 +5,7 @@
 //! -> [`queue`] (per set, until acknowledged) -> [`send`] (QUIC to each target).
 //! [`run`] wires them; [`config`] and [`rules`] describe what to replicate.
 
+pub mod age;
 pub mod attrs;
 pub mod capture;
 pub mod check;
@@ -14,9 +15,11 @@ pub mod index;
 pub mod journal;
 pub mod mapped;
 pub mod marks;
+pub mod metrics;
 pub mod mirror;
 pub mod overlap;
 pub mod queue;
+pub mod rate;
 pub mod resolve;
 pub mod rules;
 pub mod run;

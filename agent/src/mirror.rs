@@ -250,6 +250,15 @@ impl Tracker {
         self.sets[set].clear();
     }
 
+    /// Comparisons of `set` that target `slot` has not acknowledged.
+    pub fn pending_for(&self, set: usize, slot: usize) -> usize {
+        let bit = 1u64 << slot;
+        self.sets[set]
+            .values()
+            .filter(|p| p.open & bit != 0)
+            .count()
+    }
+
     /// Comparisons not yet settled by every target, over all sets.
     pub fn pending(&self) -> usize {
         self.sets.iter().map(|m| m.len()).sum()

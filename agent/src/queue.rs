@@ -7,15 +7,18 @@
 //! waits while the memory bound is exceeded.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
 use doppel_common::wire::{Op, Record};
 use tracing::{info, warn};
 
+use crate::age::PushTimes;
 use crate::journal::{AppendError, Journal};
 use crate::marks::Marks;
+use crate::rate::Rate;
 
 /// Where a set's unacknowledged records live.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum QueueMode {
     /// Memory only, bounded: above the bound the pipeline waits (the kernel meanwhile
@@ -60,6 +63,11 @@ pub struct SetQueue {
     /// Total data bytes ever pushed, and records dropped at the journal budget.
     pub pushed_bytes: u64,
     pub dropped: u64,
+    /// When records were pushed, for lag in seconds.
+    times: PushTimes,
+    /// Per target: file data handed to its session, and its rate.
+    sent: Vec<u64>,
+    rates: Vec<Rate>,
 }
 
 /// A target needs records this queue no longer holds (its state was reset, or it is
@@ -118,6 +126,9 @@ impl SetQueue {
             resync_due: false,
             pushed_bytes: 0,
             dropped: 0,
+            times: PushTimes::default(),
+            sent: vec![0; targets],
+            rates: vec![Rate::default(); targets],
         };
         if let Some(j) = &mut q.journal {
             if !resume || j.is_empty() {
@@ -126,6 +137,8 @@ impl SetQueue {
                     q.journal = None;
                 }
             } else {
+                // Their push times died with the last process: count from now.
+                q.times.pushed(j.first_seq(), Instant::now());
                 info!(
                     epoch,
                     first = j.first_seq(),
@@ -148,6 +161,7 @@ impl SetQueue {
         self.overflowed = false;
         self.marks = Marks::default();
         self.acked.iter_mut().for_each(|a| *a = 0);
+        self.times.clear();
         if let Some(j) = &mut self.journal {
             if let Err(e) = j.reset_at(epoch, 1) {
                 warn!(error = %e, "cannot reset the journal; records stay in memory");
@@ -198,6 +212,7 @@ impl SetQueue {
             self.mem.push_back(r);
         }
         self.pushed_bytes += data_len;
+        self.times.pushed(seq, Instant::now());
         self.next_seq += 1;
         if self.mode == QueueMode::Hybrid && !self.spilled && self.mem_bytes > self.mem_limit {
             self.spill("the memory queue is full");
@@ -350,6 +365,7 @@ impl SetQueue {
             self.acked[target] = seq;
         }
         let low = self.acked.iter().copied().min().unwrap_or(0);
+        self.times.trim(low);
         while self.mem.front().is_some_and(|r| r.seq <= low) {
             let r = self.mem.pop_front().expect("front exists");
             self.mem_bytes -= record_size(&r);
@@ -413,6 +429,35 @@ impl SetQueue {
 
     pub fn spilled(&self) -> bool {
         self.spilled
+    }
+
+    /// How long the oldest record `target` has not acknowledged has waited (zero when
+    /// it has them all).
+    pub fn lag_age(&self, target: usize, now: Instant) -> Duration {
+        self.times
+            .age(self.acked[target], self.last_seq(), now)
+            .unwrap_or_default()
+    }
+
+    /// How long record `seq` has waited, if still known (before it is acknowledged by
+    /// every target).
+    pub fn waited(&self, seq: u64, now: Instant) -> Option<Duration> {
+        self.times.age(seq.checked_sub(1)?, self.last_seq(), now)
+    }
+
+    /// `bytes` of file data were handed to `target`'s session.
+    pub fn sent(&mut self, target: usize, bytes: u64, now: Instant) {
+        self.sent[target] += bytes;
+        self.rates[target].note(now, self.sent[target]);
+    }
+
+    /// File data handed to `target`'s session so far, and per second lately.
+    pub fn sent_bytes(&self, target: usize) -> u64 {
+        self.sent[target]
+    }
+
+    pub fn throughput(&self, target: usize, now: Instant) -> f64 {
+        self.rates[target].per_sec(now, self.sent[target])
     }
 
     /// Records and bytes (approximate) `target` has not acknowledged yet.

@@ -110,6 +110,23 @@ pub async fn run(config: Config) -> Result<()> {
             slots[s] += 1;
         }
     }
+    let ack_latency_family = doppel_control::metrics::latency_histograms();
+    let ack_latency = config
+        .sets
+        .iter()
+        .map(|set| {
+            set.targets
+                .iter()
+                .map(|&t| {
+                    let l = doppel_control::metrics::labels([
+                        ("set", &set.name),
+                        ("target", &config.targets[t].name),
+                    ]);
+                    ack_latency_family.get_or_create(&l).clone()
+                })
+                .collect()
+        })
+        .collect();
     let shared = Arc::new(Shared {
         source: config.name.clone(),
         set_names: config.sets.iter().map(|s| s.name.clone()).collect(),
@@ -134,7 +151,22 @@ pub async fn run(config: Config) -> Result<()> {
         jobs: Default::default(),
         set_targets: config.sets.iter().map(|s| s.targets.clone()).collect(),
         target_names: config.targets.iter().map(|t| t.name.clone()).collect(),
+        ack_latency,
+        ack_latency_family,
+        capture_stats: {
+            let capture = capture.clone();
+            Box::new(move || capture.stats())
+        },
+        scanning: std::sync::atomic::AtomicBool::new(true),
+        degraded_lag: config.degraded_lag,
+        started: std::time::SystemTime::now(),
     });
+    if let Some(addr) = config.metrics.listen {
+        let listener = doppel_control::metrics::bind(addr)?;
+        let shared = shared.clone();
+        let render = Arc::new(move || crate::metrics::render(&shared));
+        tokio::spawn(doppel_control::metrics::serve(listener, render));
+    }
     let (verify_tx, mut verify_rx) = mpsc::unbounded_channel();
     {
         let path = control::socket_path(&config.state_dir);
@@ -191,6 +223,7 @@ pub async fn run(config: Config) -> Result<()> {
     );
     let mut room = shared.acked.subscribe();
     push(&shared, &mut ops, &mut room).await;
+    shared.scanning.store(false, Ordering::SeqCst);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Journal fsyncs (records are sent once durable) and resyncs after a journal overflow.

@@ -13,12 +13,14 @@ use doppel_transport::{FramedStream, Identity};
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
+use crate::capture::CaptureStats;
 use crate::config::Target;
 use crate::mirror::{Answer, Tracker, Work};
 use crate::queue::SetQueue;
 use crate::throttle::{local_minute_of_day, Throttle};
 use crate::verify::{Finding, Job};
 use doppel_common::wire::sums::QUICK_JOB;
+use doppel_control::metrics::{Histogram, Histograms};
 use std::collections::HashMap;
 
 /// Largest batch put in one frame (bytes of records, approximately).
@@ -54,6 +56,16 @@ pub struct Shared {
     /// Per set, the target (index) of each of its queue's slots.
     pub set_targets: Vec<Vec<usize>>,
     pub target_names: Vec<String>,
+    /// Per set and slot: seconds from queueing a record to its acknowledgement.
+    pub ack_latency: Vec<Vec<Histogram>>,
+    pub ack_latency_family: Histograms,
+    /// The capture's counters, read when status or metrics ask.
+    pub capture_stats: Box<dyn Fn() -> CaptureStats + Send + Sync>,
+    /// The initial scan still runs: sets are being mirrored.
+    pub scanning: std::sync::atomic::AtomicBool,
+    /// Lag at which a connected set is shown as degraded.
+    pub degraded_lag: Duration,
+    pub started: std::time::SystemTime,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -67,6 +79,11 @@ pub struct TargetState {
     pub conn: Option<quinn::Connection>,
     pub last_error: Option<(std::time::SystemTime, String)>,
     pub sent_bytes: u64,
+    /// Sessions that ended in an error.
+    pub failures: u64,
+    /// The receiver ended the last session because it took over this source (failed
+    /// over); cleared by the next session.
+    pub failed_over: bool,
 }
 
 impl TargetState {
@@ -132,6 +149,7 @@ pub async fn run_target(
             }
             if let Err(e) = &result {
                 st.last_error = Some((std::time::SystemTime::now(), format!("{e:#}")));
+                st.failures += 1;
             }
         }
         if started.elapsed() > Duration::from_secs(10) {
@@ -173,6 +191,32 @@ async fn session(
     let conn = doppel_transport::connect(identity, target.address, &target.fingerprint)
         .await
         .with_context(|| format!("cannot connect to {}", target.address))?;
+    let result = stream_sets(shared, index, target, routes, gaps, &conn).await;
+    if result.is_err() {
+        // A refusal arrives as a frame just before the connection's close code.
+        let reason = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
+        if let Ok(quinn::ConnectionError::ApplicationClosed(c)) = reason {
+            if c.error_code == doppel_transport::close::FAILED_OVER {
+                shared.targets[index]
+                    .lock()
+                    .expect("target lock")
+                    .failed_over = true;
+            }
+        }
+    }
+    result
+}
+
+/// The session on an established connection: Hello, Welcome, then batches out and
+/// acknowledgements in until something fails.
+async fn stream_sets(
+    shared: &Arc<Shared>,
+    index: usize,
+    target: &Target,
+    routes: &[Route],
+    gaps: &mpsc::UnboundedSender<usize>,
+    conn: &quinn::Connection,
+) -> Result<()> {
     let (send, recv) = conn.open_bi().await.context("cannot open a stream")?;
     let (mut tx, mut rx) = FramedStream::new(send, recv).split();
 
@@ -250,6 +294,7 @@ async fn session(
     {
         let mut st = shared.targets[index].lock().expect("target lock");
         st.connected = true;
+        st.failed_over = false;
         st.sessions += 1;
         st.conn = Some(conn.clone());
     }
@@ -267,7 +312,13 @@ async fn session(
                         let Some(r) = routes.iter().find(|r| shared.set_names[r.set] == set) else {
                             bail!("receiver acknowledged unknown set {set:?}");
                         };
-                        shared.queue(r.set).ack(r.slot, seq);
+                        {
+                            let mut q = shared.queue(r.set);
+                            if let Some(w) = q.waited(seq, Instant::now()) {
+                                shared.ack_latency[r.set][r.slot].observe(w.as_secs_f64());
+                            }
+                            q.ack(r.slot, seq);
+                        }
                         shared.tracker().acked(r.set, r.slot, seq);
                         shared.acked.send_modify(|g| *g += 1);
                     }
@@ -369,10 +420,13 @@ async fn session(
                     local_minute_of_day(),
                 );
             }
-            {
-                let mut st = shared.targets[index].lock().expect("target lock");
-                st.sent_bytes += bytes as u64;
-            }
+            shared
+                .queue(r.set)
+                .sent(r.slot, bytes as u64, Instant::now());
+            shared.targets[index]
+                .lock()
+                .expect("target lock")
+                .sent_bytes += bytes as u64;
             sent = true;
         }
         if !sent {

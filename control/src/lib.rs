@@ -4,6 +4,7 @@
 //! command's; and [`log`], their logging setup.
 
 pub mod log;
+pub mod metrics;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};

@@ -25,6 +25,8 @@ pub struct Config {
     pub fsync: bool,
     pub sources: Vec<SourceConfig>,
     pub log: doppel_control::log::LogConfig,
+    /// `[metrics] listen = "127.0.0.1:9751"` serves Prometheus metrics.
+    pub metrics: doppel_control::metrics::MetricsConfig,
 }
 
 /// One agent allowed to connect.
@@ -132,6 +134,8 @@ struct RawConfig {
     source: Vec<RawSource>,
     #[serde(default)]
     log: doppel_control::log::LogConfig,
+    #[serde(default)]
+    metrics: doppel_control::metrics::MetricsConfig,
 }
 
 #[derive(Deserialize)]
@@ -276,6 +280,8 @@ impl Config {
                 failback,
             });
         }
+        let state_dir = abs(raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into()));
+        check_roots(&sources, &state_dir)?;
         if sources.is_empty() {
             bail!(
                 "no [[source]] is configured, so every agent would be refused; add one with \
@@ -286,12 +292,43 @@ impl Config {
             listen,
             cert: abs(raw.cert),
             key: abs(raw.key),
-            state_dir: abs(raw.state_dir.unwrap_or_else(|| DEFAULT_STATE_DIR.into())),
+            state_dir,
             fsync: raw.fsync.unwrap_or(true),
             sources,
             log: raw.log,
+            metrics: raw.metrics,
         })
     }
+}
+
+/// Replica roots of different sources must not contain each other (two agents would
+/// write the same files), and the state directory must be outside all of them (a
+/// replica could overwrite it).
+fn check_roots(sources: &[SourceConfig], state_dir: &Path) -> anyhow::Result<()> {
+    let mut roots: Vec<(&str, PathBuf)> = Vec::new();
+    for s in sources {
+        roots.push((&s.name, s.root.clone()));
+        roots.extend(s.sets.values().map(|p| (s.name.as_str(), p.clone())));
+    }
+    for (i, (a, ra)) in roots.iter().enumerate() {
+        if state_dir.starts_with(ra) || ra.starts_with(state_dir) {
+            bail!(
+                "key `state_dir`: {} overlaps the replica root {} of source {a:?}; put the state directory outside every replica root",
+                state_dir.display(),
+                ra.display()
+            );
+        }
+        for (b, rb) in &roots[i + 1..] {
+            if a != b && (ra.starts_with(rb) || rb.starts_with(ra)) {
+                bail!(
+                    "[[source]] {b:?}: its replica root {} overlaps {} of source {a:?}; give each source its own directory",
+                    rb.display(),
+                    ra.display()
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn monitor_settings(
@@ -496,5 +533,11 @@ mod tests {
         ))
         .contains("interface"));
         assert!(err(no_source).contains("no [[source]]"));
+        let fp2 = "bb".repeat(32);
+        let nested =
+            format!("{base}[[source]]\nname = \"b\"\nfingerprint = \"{fp2}\"\nroot = \"/r/b\"\n");
+        assert!(err(&nested).contains("overlaps /r of source \"a\""));
+        let state_inside = base.replace("key = \"k\"\n", "key = \"k\"\nstate_dir = \"/r/state\"\n");
+        assert!(err(&state_inside).contains("key `state_dir`"));
     }
 }

@@ -10,6 +10,7 @@ use std::time::SystemTime;
 use serde::{Deserialize, Serialize};
 use tokio::net::UnixListener;
 
+use crate::counters::Counters;
 use crate::failover::{self, Options, Report};
 use crate::monitor::Health;
 use crate::server::Slot;
@@ -53,8 +54,27 @@ pub struct SourceStatus {
     pub auto_failover: bool,
     /// Unix time (ms) of the failover, while failed over.
     pub failed_over_at_ms: Option<u64>,
+    /// The newest error: of a session, of applying a batch, or of an automatic failover.
     pub last_error: Option<String>,
     pub last_error_at_ms: Option<u64>,
+    /// Since the receiver started.
+    pub sessions: u64,
+    pub session_errors: u64,
+    pub records_applied: u64,
+    pub data_bytes_applied: u64,
+    pub apply_errors: u64,
+    pub heartbeats_sent: u64,
+    pub heartbeats_answered: u64,
+    /// Where each of the source's sets stands (from the state files).
+    pub sets: Vec<SetApplied>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SetApplied {
+    pub set: String,
+    pub epoch: u64,
+    /// Highest record applied (and durable with fsync on).
+    pub applied: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -67,18 +87,38 @@ fn unix_ms(t: SystemTime) -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
-fn status(slots: &HashMap<String, Arc<Slot>>, state_dir: &std::path::Path) -> Status {
+pub fn status(slots: &HashMap<String, Arc<Slot>>, state_dir: &std::path::Path) -> Status {
     let mut sources: Vec<SourceStatus> = slots
         .values()
         .map(|slot| {
             let src = slot.source();
             let (health, since) = slot.health();
             let (rtt, connected) = slot.beat_info();
-            let err = slot
+            let failover_err = slot
                 .last_error
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
+            let c = &slot.ctx().counters;
+            let err = match (failover_err, c.last_error()) {
+                (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
+                (a, b) => a.or(b),
+            };
+            let store = slot.store();
+            let sets = store
+                .sets(&src.name)
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|set| {
+                    let st = store.load(&src.name, &set).ok().flatten()?;
+                    Some(SetApplied {
+                        set,
+                        epoch: st.epoch,
+                        applied: st.seq,
+                    })
+                })
+                .collect();
+            let n = Counters::get;
             let record = failover::Record::load(state_dir, &src.name).ok().flatten();
             SourceStatus {
                 source: src.name.clone(),
@@ -92,6 +132,14 @@ fn status(slots: &HashMap<String, Arc<Slot>>, state_dir: &std::path::Path) -> St
                 failed_over_at_ms: record.map(|r| r.at_ms),
                 last_error_at_ms: err.as_ref().map(|(t, _)| unix_ms(*t)),
                 last_error: err.map(|(_, e)| e),
+                sessions: n(&c.sessions),
+                session_errors: n(&c.session_errors),
+                records_applied: n(&c.records_applied),
+                data_bytes_applied: n(&c.data_bytes_applied),
+                apply_errors: n(&c.apply_errors),
+                heartbeats_sent: n(&c.heartbeats_sent),
+                heartbeats_answered: n(&c.heartbeats_answered),
+                sets,
             }
         })
         .collect();

@@ -224,8 +224,27 @@ fn print_status(s: &doppel_receiver::control::Status) {
             rtt,
             if x.auto_failover { "on" } else { "off" },
         );
+        println!(
+            "  applied {} records ({} bytes of data) in {} sessions; {} apply errors, {} failed sessions; heartbeats {} sent, {} answered",
+            x.records_applied,
+            x.data_bytes_applied,
+            x.sessions,
+            x.apply_errors,
+            x.session_errors,
+            x.heartbeats_sent,
+            x.heartbeats_answered
+        );
+        for a in &x.sets {
+            println!(
+                "  set {}: applied up to record {} of epoch {:x}",
+                a.set, a.applied, a.epoch
+            );
+        }
         if let Some(e) = &x.last_error {
-            println!("  last error: {e}");
+            let ago = x.last_error_at_ms.map_or(String::new(), |t| {
+                format!(" ({} s ago)", unix_ms().saturating_sub(t) / 1000)
+            });
+            println!("  last error{ago}: {e}");
         }
     }
 }

@@ -34,6 +34,17 @@ pub enum Health {
     FailedOver,
 }
 
+impl Health {
+    pub const ALL: [Health; 6] = [
+        Health::Unknown,
+        Health::Alive,
+        Health::Suspect,
+        Health::Lost,
+        Health::Stopped,
+        Health::FailedOver,
+    ];
+}
+
 impl std::fmt::Display for Health {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {

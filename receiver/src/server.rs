@@ -9,7 +9,10 @@ use std::time::Duration;
 use doppel_transport::{close, peer_fingerprint, server_endpoint, Identity};
 use tokio::task::JoinSet;
 
+use doppel_control::metrics::{labels, Histograms};
+
 use crate::config::{Config, SourceConfig};
+use crate::counters::Counters;
 use crate::monitor::{Health, Monitor};
 use crate::session::{self, SessionCtx};
 use crate::state::StateStore;
@@ -40,6 +43,10 @@ impl Slot {
 
     pub fn store(&self) -> &crate::state::StateStore {
         &self.ctx.store
+    }
+
+    pub fn ctx(&self) -> &SessionCtx {
+        &self.ctx
     }
 
     fn monitor(&self) -> std::sync::MutexGuard<'_, Monitor> {
@@ -116,6 +123,10 @@ pub struct Server {
     endpoint: quinn::Endpoint,
     slots: Arc<HashMap<String, Arc<Slot>>>,
     state_dir: std::path::PathBuf,
+    /// The metrics endpoint, bound at start (`[metrics] listen`).
+    metrics: Option<tokio::net::TcpListener>,
+    /// Heartbeat round-trip times, by source.
+    rtt: Histograms,
 }
 
 impl Server {
@@ -130,6 +141,12 @@ impl Server {
             .map(|s| s.fingerprint.clone())
             .collect();
         let endpoint = server_endpoint(config.listen, &id, allowed)?;
+        let metrics = config
+            .metrics
+            .listen
+            .map(doppel_control::metrics::bind)
+            .transpose()?;
+        let rtt = doppel_control::metrics::latency_histograms();
         let mut slots = HashMap::new();
         for source in config.sources {
             let record = crate::failover::Record::load(&config.state_dir, &source.name)?;
@@ -142,6 +159,10 @@ impl Server {
                     fsync: config.fsync,
                     drain,
                     monitor: Arc::new(Mutex::new(monitor)),
+                    counters: Arc::new(Counters::new(
+                        rtt.get_or_create(&labels([("source", &source.name)]))
+                            .clone(),
+                    )),
                 },
                 running: tokio::sync::Mutex::new(()),
                 current: Mutex::new(None),
@@ -164,6 +185,8 @@ impl Server {
             endpoint,
             slots: Arc::new(slots),
             state_dir: config.state_dir,
+            metrics,
+            rtt,
         })
     }
 
@@ -188,6 +211,11 @@ impl Server {
         ));
         for slot in self.slots.values() {
             background.spawn(watch_source(slot.clone(), self.state_dir.clone()));
+        }
+        if let Some(listener) = self.metrics {
+            let (slots, state_dir, rtt) = (self.slots.clone(), self.state_dir.clone(), self.rtt);
+            let render = Arc::new(move || crate::metrics::render(&slots, &state_dir, &rtt));
+            background.spawn(doppel_control::metrics::serve(listener, render));
         }
         loop {
             tokio::select! {
@@ -270,7 +298,11 @@ async fn handle(incoming: quinn::Incoming, slots: Arc<HashMap<String, Arc<Slot>>
     tracing::info!(%source, %remote, "session started");
     match session::run(conn.clone(), stream, &slot.ctx).await {
         Ok(()) => tracing::info!(%source, %remote, "session ended"),
-        Err(e) => tracing::warn!(%source, %remote, "session ended: {e:#}"),
+        Err(e) => {
+            tracing::warn!(%source, %remote, "session ended: {e:#}");
+            Counters::add(&slot.ctx.counters.session_errors, 1);
+            slot.ctx.counters.error(format!("{e:#}"));
+        }
     }
 
     let mut cur = slot.current.lock().unwrap_or_else(|e| e.into_inner());

@@ -11,6 +11,7 @@ use tokio::sync::mpsc;
 
 use crate::apply::Applier;
 use crate::config::{check_name, SourceConfig};
+use crate::counters::Counters;
 use crate::monitor::{heartbeat, Monitor};
 use crate::set::{BatchEnd, SetApplier};
 use crate::state::{SetState, StateStore};
@@ -36,6 +37,7 @@ pub struct SessionCtx {
     pub drain: tokio::sync::watch::Receiver<Option<String>>,
     /// Heartbeats land here.
     pub monitor: Arc<std::sync::Mutex<crate::monitor::Monitor>>,
+    pub counters: Arc<Counters>,
 }
 
 /// Runs one session to its end. `Ok` means it ended in an orderly way (including a
@@ -116,9 +118,22 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
         conn: conn.clone(),
     };
     let writer = tokio::spawn(writer.run(wrx));
-    let beats = tokio::spawn(heartbeats(conn.clone(), ctx.monitor.clone()));
+    Counters::add(&ctx.counters.sessions, 1);
+    let beats = tokio::spawn(heartbeats(
+        conn.clone(),
+        ctx.monitor.clone(),
+        ctx.counters.clone(),
+    ));
     let mut drain = ctx.drain.clone();
-    let read = read_batches(&mut rx, &mut appliers, &wtx, &ctx.source.name, &mut drain).await;
+    let read = read_batches(
+        &mut rx,
+        &mut appliers,
+        &wtx,
+        &ctx.source.name,
+        &mut drain,
+        &ctx.counters,
+    )
+    .await;
     beats.abort();
     // An agent that stops says so in its close; anything else (a timeout, a reset) may
     // be a death, which the missed heartbeats then show.
@@ -160,7 +175,11 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
 
 /// Sends a heartbeat datagram every interval and counts the agent's echoes as beats
 /// (see `monitor`). Runs until aborted or the connection ends.
-async fn heartbeats(conn: quinn::Connection, monitor: Arc<std::sync::Mutex<Monitor>>) {
+async fn heartbeats(
+    conn: quinn::Connection,
+    monitor: Arc<std::sync::Mutex<Monitor>>,
+    counters: Arc<Counters>,
+) {
     let interval = monitor
         .lock()
         .unwrap_or_else(|e| e.into_inner())
@@ -178,6 +197,7 @@ async fn heartbeats(conn: quinn::Connection, monitor: Arc<std::sync::Mutex<Monit
                 if conn.send_datagram(bytes::Bytes::copy_from_slice(&b)).is_err() {
                     return;
                 }
+                Counters::add(&counters.heartbeats_sent, 1);
             }
             d = conn.read_datagram() => {
                 let Ok(d) = d else { return };
@@ -187,6 +207,10 @@ async fn heartbeats(conn: quinn::Connection, monitor: Arc<std::sync::Mutex<Monit
                 let rtt = heartbeat::decode(&d)
                     .map(|(_, sent)| now.saturating_sub(sent))
                     .filter(|r| *r < Duration::from_secs(60));
+                Counters::add(&counters.heartbeats_answered, 1);
+                if let Some(r) = rtt {
+                    counters.rtt.observe(r.as_secs_f64());
+                }
                 monitor
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
@@ -214,6 +238,7 @@ async fn read_batches(
     wtx: &mpsc::Sender<ToWriter>,
     source: &str,
     drain: &mut tokio::sync::watch::Receiver<Option<String>>,
+    counters: &Counters,
 ) -> anyhow::Result<Ended> {
     loop {
         // The receive is never cancelled mid-frame while the session goes on: only a
@@ -255,13 +280,18 @@ async fn read_batches(
         let mut applier = slot
             .take()
             .expect("set applier is put back after every batch");
-        let (applier, outcome) = tokio::task::spawn_blocking(move || {
+        let before = applier.applied;
+        let (applier, outcome, records) = tokio::task::spawn_blocking(move || {
             let outcome = applier.apply_batch(&records);
-            (applier, outcome)
+            (applier, outcome, records)
         })
         .await
         .context("applying a batch panicked")?;
         let (epoch, seq) = (applier.epoch, applier.applied);
+        let fresh = records.iter().filter(|r| r.seq > before && r.seq <= seq);
+        let (n, bytes) = fresh.fold((0, 0), |(n, b), r| (n + 1, b + r.op.data_len() as u64));
+        Counters::add(&counters.records_applied, n);
+        Counters::add(&counters.data_bytes_applied, bytes);
         *slot = Some(applier);
         let applied = ToWriter::Applied {
             set: set.clone(),
@@ -285,6 +315,8 @@ async fn read_batches(
             },
             BatchEnd::Fatal { seq, err } => {
                 tracing::error!(source, set = %set, seq, "{err}");
+                Counters::add(&counters.apply_errors, 1);
+                counters.error(format!("set {set:?}: record {seq}: {err}"));
                 ToWriter::Close {
                     linger: true,
                     code: close::RETRY_LATER,

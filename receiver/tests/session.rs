@@ -36,6 +36,7 @@ impl Fixture {
             state_dir: dir.path().join("state"),
             fsync: true,
             log: Default::default(),
+            metrics: Default::default(),
             sources: vec![SourceConfig {
                 name: "web1".into(),
                 fingerprint: agent.fingerprint(),

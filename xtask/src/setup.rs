@@ -99,6 +99,10 @@ fn missing_packages() -> Vec<&'static str> {
     if !llvm_ok() {
         pkgs.push("llvm-22-dev");
     }
+    // The metrics test parses the endpoint with the Prometheus project's own parser.
+    if !ok(Command::new("/usr/bin/python3").args(["-c", "import prometheus_client"])) {
+        pkgs.push("python3-prometheus-client");
+    }
     pkgs
 }
 

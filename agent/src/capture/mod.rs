@@ -94,7 +94,7 @@ impl Default for CaptureOptions {
 }
 
 /// Sums of the program's per-CPU counters since load.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CaptureStats {
     /// Records written into the ring.
     pub events: u64,

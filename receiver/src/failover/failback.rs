@@ -307,7 +307,8 @@ impl Agent {
         let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut config = format!(
-            "name = {}\ncert = {}\nkey = {}\nstate_dir = {}\n\n[[target]]\nname = \"origin\"\naddress = \"{}\"\nfingerprint = \"{}\"\n",
+            // Its sets are this receiver's replica roots, on purpose: no overlap check.
+            "name = {}\ncert = {}\nkey = {}\nstate_dir = {}\nlocal_receiver_config = \"\"\n\n[[target]]\nname = \"origin\"\naddress = \"{}\"\nfingerprint = \"{}\"\n",
             toml::Value::String(fb.name.clone()),
             toml_str(&fb.cert),
             toml_str(&fb.key),
