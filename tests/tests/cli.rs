@@ -82,6 +82,59 @@ targets = ["nope"]
     assert!(text.contains("colour"), "names the unknown key: {text}");
 }
 
+/// A set whose root holds a local receiver's replica would replicate what it receives
+/// (and a receiver on the same host is common: two-way pairs, failback).
+#[test]
+fn a_set_containing_a_local_replica_root_is_refused_with_the_fix() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(d.path().join("replica/web2")).unwrap();
+    let receiver = d.path().join("receiver.toml");
+    std::fs::write(
+        &receiver,
+        format!(
+            "listen = \"[::]:7443\"\ncert = \"c.pem\"\nkey = \"k.pem\"\n[[source]]\nname = \"web2\"\nfingerprint = \"{}\"\nroot = \"replica/web2\"\n",
+            "cd".repeat(32)
+        ),
+    )
+    .unwrap();
+    let cfg = d.path().join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"name = "web1"
+cert = "c.pem"
+key = "k.pem"
+local_receiver_config = "receiver.toml"
+[[target]]
+name = "t"
+address = "127.0.0.1:7443"
+fingerprint = "{}"
+[[set]]
+name = "data"
+root = "{}"
+targets = ["t"]
+"#,
+            "ab".repeat(32),
+            d.path().display()
+        ),
+    )
+    .unwrap();
+    let (ok, text) = run(
+        "doppel-agent",
+        &["check-config", "--config", cfg.to_str().unwrap()],
+    );
+    assert!(!ok, "{text}");
+    assert!(
+        text.contains(cfg.to_str().unwrap()),
+        "names the file: {text}"
+    );
+    assert!(text.contains("key `set[0].root`"), "names the key: {text}");
+    assert!(
+        text.contains("a replica root of the local receiver") && text.contains("move one of them"),
+        "says what is wrong and the fix: {text}"
+    );
+}
+
 #[test]
 fn every_command_has_help_with_an_example() {
     for (bin, cmds) in [
