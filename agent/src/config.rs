@@ -181,6 +181,9 @@ pub enum Orphans {
     Delete,
     /// Left alone (files written on the target, or by an older configuration).
     Keep,
+    /// Moved to `.doppel-orphans/<mirror start, Unix seconds>/` at the root of the
+    /// replica, for an operator to inspect (see `wire::Op::PruneAside`).
+    MoveAside,
 }
 
 fn default_include() -> Vec<String> {
@@ -407,7 +410,11 @@ impl AgentConfig {
                     );
                 }
             }
-            let rules = Rules::new(&s.include, &s.exclude)
+            // Where receivers move orphans aside: a source entry of that name would
+            // collide with it.
+            let mut exclude = s.exclude.clone();
+            exclude.push(doppel_common::wire::ORPHANS_DIR.to_string());
+            let rules = Rules::new(&s.include, &exclude)
                 .with_context(|| format!("key `{key}.include`/`{key}.exclude`"))?;
             if s.targets.is_empty() {
                 bail!("key `{key}.targets`: empty; name at least one [[target]]");

@@ -49,7 +49,7 @@ impl Marks {
                 // RENAME_EXCHANGE puts another entry at `from`.
                 self.entries.insert(from.clone());
             }
-            Op::Prune { dir, .. } => {
+            Op::Prune { dir, .. } | Op::PruneAside { dir, .. } => {
                 self.dirs.insert(dir.clone());
             }
             Op::Link { to: path, .. }

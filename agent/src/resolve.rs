@@ -71,6 +71,14 @@ pub struct Resolver<W: Watcher> {
     /// (see [`Resolver::set_scan_sink`]), and whether a scan is streaming now.
     scan_sink: Option<ScanSink>,
     streaming: bool,
+    /// When the running scan started (Unix seconds): where its orphans are moved aside.
+    orphan_batch: u64,
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Takes a scan's ops out of the vector, in order (see [`Resolver::set_scan_sink`]).
@@ -139,6 +147,7 @@ impl<W: Watcher> Resolver<W> {
             mapped: Mapped::default(),
             overlaps: Overlaps::default(),
             scan_sink: None,
+            orphan_batch: 0,
             streaming: false,
         })
     }
@@ -517,7 +526,7 @@ impl<W: Watcher> Resolver<W> {
                 entered.push(rel.to_path_buf());
             }
         }
-        if self.sets[set].orphans == Orphans::Delete {
+        if self.sets[set].orphans != Orphans::Keep {
             for dir in prune {
                 self.send_listing(set, dir, out);
             }
@@ -559,8 +568,21 @@ impl<W: Watcher> Resolver<W> {
         }
         out.push(SetOp {
             set,
-            op: Op::Prune { dir, keep },
+            op: self.prune_op(set, dir, keep),
         });
+    }
+
+    /// The op that makes the replica's directory `dir` hold only `keep`, per the set's
+    /// `orphans` (not called for `keep`).
+    fn prune_op(&self, set: usize, dir: Option<RelPath>, keep: Vec<RelPath>) -> Op {
+        match self.sets[set].orphans {
+            Orphans::MoveAside => Op::PruneAside {
+                dir,
+                keep,
+                batch: self.orphan_batch,
+            },
+            _ => Op::Prune { dir, keep },
+        }
     }
 
     /// A `Prune` of directory `dir` keeping only `keep` is about to be sent: the replica
@@ -645,6 +667,7 @@ impl<W: Watcher> Resolver<W> {
 
     /// Watches every directory of every set and mirrors every entry: the initial copy.
     pub fn scan_all(&mut self, out: &mut Vec<SetOp>) {
+        self.orphan_batch = unix_seconds();
         self.streaming = self.scan_sink.is_some();
         self.rescan_all(out);
         self.streaming = false;
@@ -676,6 +699,7 @@ impl<W: Watcher> Resolver<W> {
             self.watcher.unwatch(d);
         }
         self.streaming = self.scan_sink.is_some();
+        self.orphan_batch = unix_seconds();
         self.scan_root(set, out);
         self.streaming = false;
     }
@@ -709,15 +733,14 @@ impl<W: Watcher> Resolver<W> {
         }
         // Whatever else the replica has here, the source no longer has (it went while
         // no agent was watching, or with records a killed agent never delivered).
-        if self.sets[set].orphans == Orphans::Delete {
+        if self.sets[set].orphans != Orphans::Keep {
             self.forget_pruned(dir, &keep);
-            out.push(SetOp {
+            let op = self.prune_op(
                 set,
-                op: Op::Prune {
-                    dir: (!rel.as_os_str().is_empty()).then(|| rel_path(rel)),
-                    keep,
-                },
-            });
+                (!rel.as_os_str().is_empty()).then(|| rel_path(rel)),
+                keep,
+            );
+            out.push(SetOp { set, op });
         }
         // Renamed while being read: entries listed under the old path were not found,
         // and those made before the watch have no event of their own. Read it again

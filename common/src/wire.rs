@@ -179,7 +179,19 @@ pub enum Op {
         /// With `Some`, mode, owner and mtime are compared too (verify).
         attr: Option<Attr>,
     },
+    /// As [`Op::Prune`], but what the source does not have is moved, not deleted, to
+    /// `<replica root>/`[`ORPHANS_DIR`]`/<batch>/<dir>/` (`batch`: the mirror's start,
+    /// Unix seconds), where an operator can look at it and remove it.
+    PruneAside {
+        dir: Option<RelPath>,
+        keep: Vec<RelPath>,
+        batch: u64,
+    },
 }
+
+/// Where [`Op::PruneAside`] puts orphans, at the root of each set's replica. Neither
+/// prune ever touches it, and agents do not replicate a source entry of that name.
+pub const ORPHANS_DIR: &str = ".doppel-orphans";
 
 /// Seconds and nanoseconds since the epoch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -245,7 +257,7 @@ impl Op {
             | Op::Fallocate { path, .. }
             | Op::Sum { path, .. } => [Some(path), None],
             Op::Rename { from, to, .. } | Op::Link { from, to } => [Some(from), Some(to)],
-            Op::Prune { dir, .. } => [dir.as_ref(), None],
+            Op::Prune { dir, .. } | Op::PruneAside { dir, .. } => [dir.as_ref(), None],
         };
         pair.into_iter().flatten()
     }

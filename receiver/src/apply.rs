@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::Context;
-use doppel_common::wire::{sums, Attr, Op, PathError, RelPath};
+use doppel_common::wire::{sums, Attr, Op, PathError, RelPath, ORPHANS_DIR};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
@@ -241,7 +241,8 @@ impl Applier {
             Op::Remove { path } => self.remove(path),
             Op::Rmdir { path } => self.rmdir(path),
             Op::Rename { from, to, flags } => self.rename(from, to, *flags),
-            Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep),
+            Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep, None),
+            Op::PruneAside { dir, keep, batch } => self.prune(dir.as_ref(), keep, Some(*batch)),
             Op::SetAttr { path, attr } => self.set_attr(path, attr),
             Op::SetXattrs { path, xattrs } => self.set_xattrs(path, xattrs),
             Op::Link { from, to } => self.link(from, to),
@@ -380,7 +381,9 @@ impl Applier {
         })
     }
 
-    fn prune(&mut self, dir: Option<&RelPath>, keep: &[RelPath]) -> Result<()> {
+    /// Removes the entries of `dir` not in `keep`, or with `aside` moves them beneath
+    /// `ORPHANS_DIR/<aside>/<dir>/`.
+    fn prune(&mut self, dir: Option<&RelPath>, keep: &[RelPath], aside: Option<u64>) -> Result<()> {
         let shown = dir.cloned().unwrap_or_else(|| RelPath(b".".to_vec()));
         for k in keep {
             k.validate_name().map_err(|err| ApplyError::BadPath {
@@ -400,7 +403,8 @@ impl Applier {
         for entry in listing {
             let entry = entry.map_err(|e| io("prune", &shown, e))?;
             let n = entry.file_name().to_bytes();
-            if n != b"." && n != b".." && !keep.contains(n) {
+            let quarantine = dir.is_none() && n == ORPHANS_DIR.as_bytes();
+            if n != b"." && n != b".." && !keep.contains(n) && !quarantine {
                 doomed.push(n.to_vec());
             }
         }
@@ -410,6 +414,10 @@ impl Applier {
                 None => RelPath(n.clone()),
             };
             self.files.invalidate(&full);
+            if let Some(batch) = aside {
+                self.move_aside(&fd, dir, &n, batch, &full)?;
+                continue;
+            }
             match remove_tree(fd.as_fd(), &n, 0) {
                 // Not a directory: unlink it.
                 Err(Errno::NOTDIR) => rustix::fs::unlinkat(&*fd, os(&n), AtFlags::empty())
@@ -420,6 +428,48 @@ impl Applier {
             }
             self.dirty.dir(&fd);
         }
+        Ok(())
+    }
+
+    /// Moves entry `name` of `dir` (open as `fd`) to `ORPHANS_DIR/<batch>/<dir>/`, under
+    /// a numbered name if an earlier orphan of this batch has its name.
+    fn move_aside(
+        &mut self,
+        fd: &Arc<OwnedFd>,
+        dir: Option<&RelPath>,
+        name: &[u8],
+        batch: u64,
+        full: &RelPath,
+    ) -> Result<()> {
+        let mut into = format!("{ORPHANS_DIR}/{batch}").into_bytes();
+        if let Some(d) = dir {
+            into.push(b'/');
+            into.extend_from_slice(&d.0);
+        }
+        let shown = RelPath(into.clone());
+        let to = self
+            .dir(Some(&into), true)
+            .map_err(|e| io("move aside", &shown, e))?;
+        for n in 0u32.. {
+            let dest = match n {
+                0 => name.to_vec(),
+                n => [name, format!(".{n}").as_bytes()].concat(),
+            };
+            match rustix::fs::renameat_with(
+                &**fd,
+                os(name),
+                &*to,
+                os(&dest),
+                RenameFlags::NOREPLACE,
+            ) {
+                Ok(()) => break,
+                Err(Errno::EXIST) if n < 1000 => continue,
+                Err(Errno::NOENT) => return Ok(()), // gone meanwhile
+                Err(e) => return Err(io("move aside", full, e)),
+            }
+        }
+        self.dirty.dir(fd);
+        self.dirty.dir(&to);
         Ok(())
     }
 
@@ -1071,6 +1121,54 @@ mod tests {
         .unwrap();
         let e = a.apply(&write("fifo", 0, b"x")).unwrap_err();
         assert!(!e.is_fatal(), "{e}");
+    }
+
+    #[test]
+    fn prune_aside_moves_orphans_under_their_batch_and_never_touches_the_quarantine() {
+        let (d, mut a) = setup();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        for f in ["a", "d/x", "d/y"] {
+            a.apply(&Op::Write {
+                path: p(f),
+                offset: 0,
+                data: f.as_bytes().to_vec(),
+            })
+            .unwrap();
+        }
+        // A symlink orphan is moved as a link: what it points to stays put.
+        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        let aside = |dir: Option<&str>, keep: &[&str], batch| Op::PruneAside {
+            dir: dir.map(p),
+            keep: keep.iter().map(|k| p(k)).collect(),
+            batch,
+        };
+        a.apply(&aside(Some("d"), &["x"], 7)).unwrap();
+        a.apply(&aside(None, &["d"], 7)).unwrap();
+        let q = a.root().join(ORPHANS_DIR).join("7");
+        assert_eq!(std::fs::read(q.join("d/y")).unwrap(), b"d/y");
+        assert_eq!(std::fs::read(q.join("a")).unwrap(), b"a");
+        assert!(std::fs::symlink_metadata(q.join("link"))
+            .unwrap()
+            .is_symlink());
+        assert!(outside.exists());
+        assert!(!a.root().join("a").exists() && a.root().join("d/x").exists());
+        // The same name again in the same batch: numbered, not overwritten.
+        a.apply(&Op::Write {
+            path: p("a"),
+            offset: 0,
+            data: b"again".to_vec(),
+        })
+        .unwrap();
+        a.apply(&aside(None, &["d"], 7)).unwrap();
+        assert_eq!(std::fs::read(q.join("a.1")).unwrap(), b"again");
+        // A plain prune at the root leaves the quarantine alone too.
+        a.apply(&Op::Prune {
+            dir: None,
+            keep: vec![],
+        })
+        .unwrap();
+        assert!(q.join("a").exists() && !a.root().join("d").exists());
     }
 
     #[test]

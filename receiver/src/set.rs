@@ -94,7 +94,8 @@ fn data_path(op: &Op) -> Option<&RelPath> {
         | Op::Remove { .. }
         | Op::Rmdir { .. }
         | Op::Rename { .. }
-        | Op::Prune { .. } => None,
+        | Op::Prune { .. }
+        | Op::PruneAside { .. } => None,
     }
 }
 

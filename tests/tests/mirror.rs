@@ -150,6 +150,89 @@ fn orphans_are_kept_when_configured() {
     );
 }
 
+/// `orphans = "move-aside"`: what only the replica has goes to
+/// `.doppel-orphans/<mirror start>/`, intact and at its relative path, and stays there
+/// through later mirrors; the rest of the replica is an exact copy.
+#[test]
+fn orphans_are_moved_aside_when_configured() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::with_agent_extra("data", "orphans = \"move-aside\"").unwrap();
+    fs::create_dir_all(c.replica.join("olddir/deeper")).unwrap();
+    fs::create_dir_all(c.replica.join("d")).unwrap();
+    fs::create_dir_all(c.source.join("d")).unwrap();
+    fs::write(c.replica.join("orphan"), b"written on the target").unwrap();
+    fs::write(c.replica.join("olddir/deeper/x"), b"old x").unwrap();
+    fs::write(c.replica.join("d/stale"), b"stale in a kept dir").unwrap();
+    fs::write(c.source.join("a"), b"from the source").unwrap();
+    fs::write(c.source.join("d/keep"), b"kept").unwrap();
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    c.start().unwrap();
+    c.wait_synced(Duration::from_secs(20)).unwrap();
+
+    let aside = c.replica.join(".doppel-orphans");
+    let batches: Vec<_> = fs::read_dir(&aside)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(batches.len(), 1, "{batches:?}");
+    let batch = &batches[0];
+    let stamp: u64 = batch
+        .file_name()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        stamp >= before && stamp <= before + 30,
+        "{stamp} vs {before}"
+    );
+    assert_eq!(
+        fs::read(batch.join("orphan")).unwrap(),
+        b"written on the target"
+    );
+    assert_eq!(fs::read(batch.join("olddir/deeper/x")).unwrap(), b"old x");
+    assert_eq!(
+        fs::read(batch.join("d/stale")).unwrap(),
+        b"stale in a kept dir"
+    );
+    for gone in ["orphan", "olddir", "d/stale"] {
+        assert!(
+            !c.replica.join(gone).exists(),
+            "{gone} is still in the replica"
+        );
+    }
+    assert_eq!(fs::read(c.replica.join("d/keep")).unwrap(), b"kept");
+
+    // A later mirror (agent restart) keeps the earlier batch and moves new orphans to
+    // a batch of its own; the source's own `.doppel-orphans`, if any, is not replicated.
+    c.kill_agent();
+    fs::write(c.replica.join("orphan2"), b"second").unwrap();
+    fs::create_dir_all(c.source.join(".doppel-orphans")).unwrap();
+    fs::write(c.source.join(".doppel-orphans/mine"), b"source-side").unwrap();
+    std::thread::sleep(Duration::from_millis(1100)); // a new second: a new batch
+    c.start_agent().unwrap();
+    c.wait_synced(Duration::from_secs(20)).unwrap();
+    let mut batches: Vec<_> = fs::read_dir(&aside)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    batches.sort();
+    assert_eq!(batches.len(), 2, "{batches:?}");
+    assert_eq!(
+        fs::read(batches[0].join("orphan")).unwrap(),
+        b"written on the target"
+    );
+    assert_eq!(fs::read(batches[1].join("orphan2")).unwrap(), b"second");
+    assert!(!aside.join("mine").exists());
+    assert_eq!(fs::read(c.replica.join("a")).unwrap(), b"from the source");
+}
+
 #[test]
 fn writes_during_the_mirror_of_a_large_file_end_up_correct() {
     if !require_root() {
