@@ -6,7 +6,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use doppel_agent::control::{call, Reply, Request, State, Status};
 use doppel_agent::verify::{Progress, Report};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -89,6 +89,99 @@ fn print_report(r: &Report) {
 
 /// `doppel-agent status`.
 pub fn status(socket: &Path, json: bool) -> Result<()> {
+    let s = fetch_status(socket)?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+        return Ok(());
+    }
+    print!("{}", status_table(&s, SystemTime::now()));
+    Ok(())
+}
+
+/// `doppel-agent status --watch`: follows the mirror (and verifies) until every change
+/// is acknowledged and nothing is left to compare, then shows the table. A bar on a
+/// terminal; a line every few seconds on a plain stderr; every status as a JSON line
+/// with `--json`.
+pub fn watch(socket: &Path, json: bool) -> Result<()> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(
+                "{spinner} mirror [{bar:30}] {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    });
+    let mut last: Option<(Instant, u64)> = None;
+    let mut printed: Option<Instant> = None;
+    loop {
+        let s = fetch_status(socket)?;
+        let summary = state_summary(&s);
+        if json {
+            println!("{}", serde_json::to_string(&s)?);
+        } else if let Some(b) = &bar {
+            b.set_length(s.mirror_queued_bytes);
+            b.set_position(s.mirror_compared_bytes);
+            b.set_message(format!(
+                "{}/{} files, {summary}",
+                s.mirror_compared_files, s.mirror_queued_files
+            ));
+        } else if printed.is_none_or(|t| t.elapsed() >= PLAIN_EVERY) || s.synced {
+            let now = Instant::now();
+            let rate = last.map_or(0.0, |(t, b)| {
+                s.mirror_compared_bytes.saturating_sub(b) as f64
+                    / now.duration_since(t).as_secs_f64().max(1e-3)
+            });
+            let left = s
+                .mirror_queued_bytes
+                .saturating_sub(s.mirror_compared_bytes);
+            let eta = if rate > 0.0 {
+                format!("{:.0} s", left as f64 / rate)
+            } else {
+                "-".into()
+            };
+            eprintln!(
+                "mirror: {}/{} files, {} of {}, {}/s, ETA {eta}; {summary}",
+                s.mirror_compared_files,
+                s.mirror_queued_files,
+                human_bytes(s.mirror_compared_bytes),
+                human_bytes(s.mirror_queued_bytes),
+                human_bytes(rate as u64)
+            );
+            last = Some((now, s.mirror_compared_bytes));
+            printed = Some(now);
+        }
+        if s.synced {
+            if let Some(b) = &bar {
+                b.finish_and_clear();
+            }
+            if !json {
+                print!("{}", status_table(&s, SystemTime::now()));
+            }
+            return Ok(());
+        }
+        std::thread::sleep(WATCH_EVERY);
+    }
+}
+
+/// How often `--watch` asks the daemon.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// "2 protected, 1 mirroring".
+fn state_summary(s: &Status) -> String {
+    let mut parts = Vec::new();
+    for st in State::ALL {
+        let n = s.sets.iter().filter(|t| t.state == st).count();
+        if n > 0 {
+            parts.push(format!("{n} {}", st.as_str()));
+        }
+    }
+    parts.join(", ")
+}
+
+fn fetch_status(socket: &Path) -> Result<Status> {
     let mut status = None;
     let mut error = None;
     call(socket, &Request::Status, |reply| match reply {
@@ -99,15 +192,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
     if let Some(e) = error {
         bail!("{e}");
     }
-    let Some(s) = status else {
-        bail!("the agent sent no status; see its log");
-    };
-    if json {
-        println!("{}", serde_json::to_string(&s)?);
-        return Ok(());
-    }
-    print!("{}", status_table(&s, SystemTime::now()));
-    Ok(())
+    status.context("the agent sent no status; see its log")
 }
 
 /// `status` for a person: one row per set and target, then what needs attention.

@@ -202,6 +202,8 @@ pub struct Status {
     /// how many of them every target has compared (its progress).
     pub mirror_queued_bytes: u64,
     pub mirror_compared_bytes: u64,
+    pub mirror_queued_files: u64,
+    pub mirror_compared_files: u64,
     /// Verifies running now.
     pub verifies: Vec<Progress>,
     /// Every change queued so far is acknowledged by every target and no comparison is
@@ -267,9 +269,10 @@ impl Shared {
             }
         }
         // Answers being acted on count until their ops are queued.
-        let (pending, queued, compared) = {
+        let (pending, queued, compared, files) = {
             let t = self.tracker();
-            (t.pending() as u64, t.queued_bytes, t.compared_bytes)
+            let files = (t.queued_files, t.compared_files);
+            (t.pending() as u64, t.queued_bytes, t.compared_bytes, files)
         };
         let pending = pending + self.mirror_inflight.load(Ordering::SeqCst);
         let verifies = self
@@ -284,6 +287,8 @@ impl Shared {
             mirror_pending: pending,
             mirror_queued_bytes: queued,
             mirror_compared_bytes: compared,
+            mirror_queued_files: files.0,
+            mirror_compared_files: files.1,
             verifies,
             synced: synced && pending == 0 && !scanning,
             uptime_seconds: self.started.elapsed().unwrap_or_default().as_secs(),

@@ -59,9 +59,10 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
-    /// Show where every set stands with every target.
+    /// Show where every set stands with every target: state, queue, lag, rate, mirror
+    /// progress, last error. See agent/README.md for the columns.
     #[command(
-        after_help = "Example:\n  doppel-agent status --config /etc/doppel/agent.toml --json"
+        after_help = "Examples:\n  doppel-agent status --config /etc/doppel/agent.toml\n  doppel-agent status --config /etc/doppel/agent.toml --json\n  doppel-agent status --config /etc/doppel/agent.toml --watch"
     )]
     Status {
         #[arg(long, short)]
@@ -69,6 +70,10 @@ enum Cmd {
         /// JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Follow the mirror and verify progress (a bar on a terminal) until every change
+        /// is acknowledged, then show the table. With --json, one status per line.
+        #[arg(long)]
+        watch: bool,
     },
     /// Preflight: kernel features (BTF, tracefs, BPF permission), the configuration,
     /// keys, set roots, and each target (reachable, certificate pinned both ways). Every
@@ -117,10 +122,18 @@ fn real_main(cli: Cli) -> Result<u8> {
             let path = doppel_agent::control::socket_path(&c.state_dir);
             commands::verify(&path, set, json, repair)
         }
-        Cmd::Status { config, json } => {
+        Cmd::Status {
+            config,
+            json,
+            watch,
+        } => {
             let c = doppel_agent::config::Config::load(&config)?;
             let path = doppel_agent::control::socket_path(&c.state_dir);
-            commands::status(&path, json)?;
+            if watch {
+                commands::watch(&path, json)?;
+            } else {
+                commands::status(&path, json)?;
+            }
             Ok(0)
         }
         Cmd::Keygen { out, name } => {

@@ -172,12 +172,17 @@ pub struct Tracker {
     /// Bytes of files queued for comparison, and compared by every target (progress).
     pub queued_bytes: u64,
     pub compared_bytes: u64,
+    /// Files queued for comparison, and compared by every target (their first piece
+    /// counts for the file).
+    pub queued_files: u64,
+    pub compared_files: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Pending {
     file: FileId,
     bytes: u64,
+    first: bool,
     /// Bit `i`: slot `i` has not acknowledged the record yet.
     open: u64,
 }
@@ -194,12 +199,16 @@ impl Tracker {
             slots,
             queued_bytes: 0,
             compared_bytes: 0,
+            queued_files: 0,
+            compared_files: 0,
         }
     }
 
-    /// A comparison of `bytes` of `file` was queued as record `seq` of `set`.
-    pub fn sent(&mut self, set: usize, seq: u64, file: FileId, bytes: u64) {
+    /// A comparison of `bytes` of `file` was queued as record `seq` of `set`; `first`
+    /// when it is the file's first piece.
+    pub fn sent(&mut self, set: usize, seq: u64, file: FileId, bytes: u64, first: bool) {
         self.queued_bytes += bytes;
+        self.queued_files += first as u64;
         let n = self.slots[set];
         let open = if n == MAX_TARGETS {
             u64::MAX
@@ -207,7 +216,15 @@ impl Tracker {
             (1u64 << n) - 1
         };
         if open != 0 {
-            self.sets[set].insert(seq, Pending { file, open, bytes });
+            self.sets[set].insert(
+                seq,
+                Pending {
+                    file,
+                    open,
+                    bytes,
+                    first,
+                },
+            );
         }
     }
 
@@ -225,6 +242,7 @@ impl Tracker {
         for s in done {
             if let Some(p) = map.remove(&s) {
                 self.compared_bytes += p.bytes;
+                self.compared_files += p.first as u64;
             }
         }
     }
@@ -276,9 +294,9 @@ mod tests {
     #[test]
     fn acks_settle_and_welcomes_return_what_may_be_unanswered() {
         let mut t = Tracker::new(vec![2]);
-        t.sent(0, 3, f(1), 10);
-        t.sent(0, 5, f(2), 10);
-        t.sent(0, 9, f(3), 10);
+        t.sent(0, 3, f(1), 10, true);
+        t.sent(0, 5, f(2), 10, true);
+        t.sent(0, 9, f(3), 10, true);
         assert_eq!(t.pending(), 3);
         // Slot 0 acknowledges up to 5; slot 1 nothing yet.
         t.acked(0, 0, 5);
@@ -330,16 +348,16 @@ mod tests {
     #[test]
     fn a_welcome_after_every_ack_returns_nothing() {
         let mut t = Tracker::new(vec![1, 1]);
-        t.sent(1, 1, f(7), 10);
-        t.sent(1, 2, f(7), 10);
+        t.sent(1, 1, f(7), 10, true);
+        t.sent(1, 2, f(7), 10, true);
         t.acked(1, 0, 2);
         assert_eq!(t.pending(), 0);
         assert!(t.welcome(1, 0, 2).is_empty());
-        t.sent(1, 3, f(7), 10);
-        t.sent(1, 4, f(7), 10);
+        t.sent(1, 3, f(7), 10, true);
+        t.sent(1, 4, f(7), 10, true);
         // The same file twice comes back once.
         assert_eq!(t.welcome(1, 0, 4), vec![f(7)]);
-        t.sent(0, 1, f(8), 10);
+        t.sent(0, 1, f(8), 10, true);
         t.reset(0);
         assert_eq!(t.pending(), 0);
     }

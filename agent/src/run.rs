@@ -425,8 +425,8 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
             // Under the queue's lock: no sender can take the record, nor its Ack
             // arrive, before it is tracked.
             // The mirror's comparisons, whose answers must not be lost.
-            Some((0 | QUICK_JOB, file, bytes, _)) => {
-                shared.tracker().sent(set, q.last_seq(), file, bytes)
+            Some((0 | QUICK_JOB, file, bytes, first)) => {
+                shared.tracker().sent(set, q.last_seq(), file, bytes, first)
             }
             Some((job, _, bytes, first)) => {
                 if let Some(j) = shared.jobs().get_mut(&job) {

@@ -331,3 +331,49 @@ fn metrics_parse_as_prometheus_text_and_count_the_bytes_replicated() {
         st["acked"].as_u64().unwrap() as f64
     );
 }
+
+/// `status --watch` follows the initial mirror: progress lines (files, bytes, rate,
+/// ETA) while it runs, the table once every file is compared and acknowledged, and the
+/// replica is then complete. `--json` gives one status per line.
+#[test]
+fn status_watch_follows_the_mirror_until_it_is_done() {
+    if !doppel_tests::require_root() {
+        return;
+    }
+    let mut c = Cluster::with_options(
+        "data",
+        Options {
+            // ~3 s of mirror, so that progress is seen while it runs.
+            agent_target_extra: "bandwidth_limit = 4000000".into(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    for i in 0..24u64 {
+        std::fs::write(c.source.join(format!("f{i:02}")), noise(512 << 10, i + 7)).unwrap();
+    }
+    c.start().unwrap();
+    let o = c.agent_command(&["status", "--watch"]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).to_string(),
+        String::from_utf8_lossy(&o.stderr).to_string(),
+    );
+    assert!(o.status.success(), "{out}{err}");
+    let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("mirror: ")).collect();
+    assert!(lines.len() >= 2, "progress lines while mirroring: {err}");
+    assert!(lines.iter().any(|l| l.contains("ETA")), "{err}");
+    assert!(
+        lines.last().unwrap().starts_with("mirror: 24/24 files"),
+        "{err}"
+    );
+    assert!(out.contains("protected"), "the table at the end: {out}");
+    c.assert_identical(Duration::from_secs(1));
+
+    // JSON lines: each a whole status; the last one synced with every file compared.
+    let o = c.agent_command(&["status", "--watch", "--json"]);
+    let text = String::from_utf8_lossy(&o.stdout).to_string();
+    let last: serde_json::Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+    assert_eq!(last["synced"], true, "{text}");
+    assert_eq!(last["mirror_compared_files"], 24, "{text}");
+    assert_eq!(last["mirror_queued_files"], 24, "{text}");
+}
