@@ -8,7 +8,7 @@ use doppel_common::abi::{
     KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, KIND_WRITEBACK, NS_RECORD_SIZE, O_CREAT, O_TRUNC,
     PATH_CAP, WRITEBACK_END,
 };
-use doppel_common::event::{CaptureEvent, FileId, PathArg};
+use doppel_common::event::{CaptureEvent, Captured, FileId, PathArg};
 
 /// Why a record could not be decoded. Means the agent and the loaded program disagree
 /// about the ABI (or memory corruption): the caller logs it and counts it.
@@ -249,9 +249,106 @@ pub fn missed_to_event(key: &MissedKey, range: &MissedRange) -> CaptureEvent {
     }
 }
 
+/// Appends `fresh` missed-range events to `held`, a batch the consumer has not taken
+/// yet. A file that already has a missed range waiting there gets one event, the union,
+/// at the end: while the agent is behind, a write storm on a big file costs one re-read
+/// of it per batch the consumer takes, not one per drain period (the kernel's range is
+/// per file and drain generation, so a random-write storm makes each one the whole file).
+/// Moving the re-read later is safe: it reads the file as it is then, as a later drain
+/// would have.
+pub fn coalesce_missed(held: &mut Vec<Captured>, fresh: Vec<Captured>) {
+    if held.is_empty() {
+        held.extend(fresh);
+        return;
+    }
+    let mut union: std::collections::HashMap<FileId, (u64, u64, u64)> = fresh
+        .iter()
+        .filter_map(|c| match c.event {
+            CaptureEvent::Dirty {
+                file,
+                parent: None,
+                offset,
+                len,
+            } => Some((file, (offset, offset.saturating_add(len), c.time))),
+            _ => None,
+        })
+        .collect();
+    held.retain(|c| match c.event {
+        CaptureEvent::Dirty {
+            file,
+            parent: None,
+            offset,
+            len,
+        } => match union.get_mut(&file) {
+            Some((start, end, _)) => {
+                *start = (*start).min(offset);
+                *end = (*end).max(offset.saturating_add(len));
+                false
+            }
+            None => true,
+        },
+        _ => true,
+    });
+    for c in fresh {
+        match c.event {
+            CaptureEvent::Dirty {
+                file, parent: None, ..
+            } => {
+                if let Some((start, end, time)) = union.remove(&file) {
+                    held.push(Captured {
+                        time,
+                        event: CaptureEvent::Dirty {
+                            file,
+                            parent: None,
+                            offset: start,
+                            len: end - start,
+                        },
+                    });
+                }
+            }
+            _ => held.push(c),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn missed(file: u64, offset: u64, len: u64, time: u64) -> Captured {
+        Captured {
+            time,
+            event: CaptureEvent::Dirty {
+                file: FileId { dev: 1, ino: file },
+                parent: None,
+                offset,
+                len,
+            },
+        }
+    }
+
+    #[test]
+    fn missed_ranges_of_a_held_batch_merge_into_one_at_the_end() {
+        let other = Captured {
+            time: 2,
+            event: CaptureEvent::Lost { records: 1 },
+        };
+        let mut held = vec![missed(7, 100, 10, 1), other.clone(), missed(8, 0, 5, 1)];
+        coalesce_missed(&mut held, vec![missed(7, 0, 50, 3), missed(9, 4, 4, 3)]);
+        assert_eq!(
+            held,
+            vec![
+                other.clone(),
+                missed(8, 0, 5, 1),
+                missed(7, 0, 110, 3),
+                missed(9, 4, 4, 3)
+            ]
+        );
+        // Nothing held: appended as they are.
+        let mut empty = Vec::new();
+        coalesce_missed(&mut empty, vec![missed(7, 0, 1, 5), missed(7, 9, 1, 5)]);
+        assert_eq!(empty.len(), 2);
+    }
     use doppel_common::abi::Header;
     use doppel_common::abi::WRITEBACK_BEGIN;
 

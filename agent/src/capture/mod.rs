@@ -528,8 +528,10 @@ impl Reader {
     /// widened by a running program, so they are left for the next round; an entry of an
     /// older generation can no longer change (a program run lasts microseconds, not a
     /// drain period), so reading and deleting it loses nothing.
-    fn drain_missed(&mut self, out: &mut Vec<Captured>) {
+    fn drain_missed(&mut self, held: &mut Vec<Captured>) {
         let time = monotonic_ns();
+        let mut fresh = Vec::new();
+        let out = &mut fresh;
         let keys: Vec<PodMissedKey> = self.missed.keys().filter_map(|k| k.ok()).collect();
         for key in keys {
             if key.0.gen >= self.gen {
@@ -562,6 +564,7 @@ impl Reader {
             });
             self.lost_seen = lost;
         }
+        decode::coalesce_missed(held, fresh);
     }
 }
 
