@@ -11,7 +11,9 @@
 //!   target holding the old version: doppel's UDP bytes both ways (QUIC, TLS, framing)
 //!   against rsync's bytes sent plus received (`--inplace --no-whole-file`). doppel runs
 //!   twice: comparing every block (the default), and with `mirror_quick_check` (size and
-//!   mtime first, as rsync does by default): `resync_quick_check_*`.
+//!   mtime first, as rsync does by default): `resync_quick_check_*`. rsync also runs
+//!   with `--checksum` (reading every byte of both sides, as doppel's default does):
+//!   `resync_time_ratio_vs_rsync_checksum`.
 //!
 //! Medians of 3 runs each; every replica is checked against its source afterwards.
 
@@ -262,7 +264,21 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
     let (mut t_ours, mut t_theirs, mut w_ours, mut w_theirs) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut t_quick, mut w_quick) = (Vec::new(), Vec::new());
+    let mut t_checksum = Vec::new();
     for round in 0..ROUNDS {
+        // rsync reading every byte of both sides (--checksum), as doppel's default does:
+        // the like-for-like baseline of `resync_s` (plain rsync trusts size and mtime,
+        // like doppel's quick check).
+        let dest = empty_dir(dir.path(), "rsync-dest")?;
+        std::fs::remove_dir(&dest)?;
+        copy_tree(&old, &dest)?;
+        let daemon = RsyncDaemon::start(&dest)?;
+        let (ct, _) = daemon.push(&new, &["--inplace", "--no-whole-file", "--checksum"])?;
+        drop(daemon);
+        check_equal(&new, &dest)?;
+        std::fs::remove_dir_all(&dest)?;
+        t_checksum.push(ct);
+
         let dest = empty_dir(dir.path(), "rsync-dest")?;
         std::fs::remove_dir(&dest)?;
         copy_tree(&old, &dest)?;
@@ -274,7 +290,8 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
         let (dt, dw) = doppel_mirror(&new, Some(&old), "")?;
         let (qt, qw) = doppel_mirror(&new, Some(&old), "mirror_quick_check = true")?;
         eprintln!(
-            "bench: resync round {round}: doppel {dt:.2} s {dw} B, with quick check {qt:.2} s {qw} B, rsync {rt:.2} s {rw} B"
+            "bench: resync round {round}: doppel {dt:.2} s {dw} B, with quick check {qt:.2} s {qw} B, rsync {rt:.2} s {rw} B, rsync --checksum {:.2} s",
+            t_checksum[round]
         );
         t_quick.push(qt);
         w_quick.push(qw as f64);
@@ -291,6 +308,9 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
     figures.insert("resync_rsync_wire_bytes".into(), rw);
     figures.insert("resync_time_ratio_vs_rsync".into(), dt / rt);
     figures.insert("resync_wire_bytes_ratio_vs_rsync".into(), dw / rw);
+    let ct = median(t_checksum);
+    figures.insert("resync_rsync_checksum_s".into(), ct);
+    figures.insert("resync_time_ratio_vs_rsync_checksum".into(), dt / ct);
     let (qt, qw) = (median(t_quick), median(w_quick));
     figures.insert("resync_quick_check_s".into(), qt);
     figures.insert("resync_quick_check_time_ratio_vs_rsync".into(), qt / rt);
