@@ -1806,7 +1806,6 @@ fn emit_range(
     let path = rel_path(rel);
     let end = offset.saturating_add(len).min(size);
     let mut pos = offset;
-    let mut buf = vec![0u8; READ_CHUNK];
     while pos < end {
         let (data, hole) = if sparse {
             next_data(&f, pos, end)
@@ -1827,17 +1826,20 @@ fn emit_range(
         pos = data;
         while pos < hole {
             let want = ((hole - pos).min(READ_CHUNK as u64)) as usize;
-            let n = match f.read_at(&mut buf[..want], pos) {
+            // Read straight into the op's buffer, uninitialised: no zeroing, no copy
+            // (this is the mirror's and every re-read's data path).
+            let mut data = Vec::with_capacity(want);
+            let n = match rustix::io::pread(&f, rustix::buffer::spare_capacity(&mut data), pos) {
                 // Shrank meanwhile: the truncate that did it follows.
                 Ok(0) => return Some(size),
                 Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(rustix::io::Errno::INTR) => continue,
                 Err(e) => {
                     warn!(path = %abs.display(), error = %e, "cannot read changed range");
                     return Some(size);
                 }
             };
-            emit_chunk(set, &path, pos, &buf[..n], out);
+            out.push(write_op(set, &path, pos, data));
             pos += n as u64;
         }
     }
@@ -1866,18 +1868,6 @@ fn next_data(f: &File, pos: u64, end: u64) -> (u64, u64) {
         _ => end,
     };
     (data, hole)
-}
-
-/// One read chunk as a Write op.
-fn emit_chunk(set: usize, path: &RelPath, at: u64, data: &[u8], out: &mut Vec<SetOp>) {
-    out.push(SetOp {
-        set,
-        op: Op::Write {
-            path: path.clone(),
-            offset: at,
-            data: data.to_vec(),
-        },
-    })
 }
 
 #[cfg(test)]
