@@ -70,6 +70,15 @@ pub struct SetQueue {
     rates: Vec<Rate>,
 }
 
+/// A batch encoded for the wire (see [`SetQueue::encoded_batch`]).
+pub struct EncodedBatch {
+    /// The Batch frame with its length prefix, uncompressed.
+    pub frame: Vec<u8>,
+    /// Sequence of its last record, and the file data it carries.
+    pub last: u64,
+    pub data_bytes: u64,
+}
+
 /// A target needs records this queue no longer holds (its state was reset, or it is
 /// ahead of us): the set must start a new epoch and be copied again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,6 +325,37 @@ impl SetQueue {
 
     /// Records after `after`, in order, at most about `max_bytes` (at least one).
     pub fn batch(&self, after: u64, max_bytes: usize) -> Result<Vec<Record>, Gap> {
+        self.with_batch(after, max_bytes, |rs| {
+            rs.iter().map(|r| (*r).clone()).collect()
+        })
+    }
+
+    /// As [`SetQueue::batch`], encoded as `set`'s Batch frame (plain: see
+    /// `wire::compress_frame`) straight from the queue, without copying the records;
+    /// `None` when there is nothing to send.
+    pub fn encoded_batch(
+        &self,
+        set: &str,
+        after: u64,
+        max_bytes: usize,
+    ) -> Result<Option<EncodedBatch>, Gap> {
+        self.with_batch(after, max_bytes, |rs| {
+            let last = rs.last()?.seq;
+            Some(EncodedBatch {
+                frame: doppel_common::wire::encode_batch(set, rs),
+                last,
+                data_bytes: rs.iter().map(|r| r.op.data_len() as u64).sum(),
+            })
+        })
+    }
+
+    /// Hands the records after `after` (see [`SetQueue::batch`]) to `f`, borrowed.
+    fn with_batch<R>(
+        &self,
+        after: u64,
+        max_bytes: usize,
+        f: impl FnOnce(&[&Record]) -> R,
+    ) -> Result<R, Gap> {
         let first = self.first_held();
         if after + 1 < first || after > self.last_seq() {
             return Err(Gap {
@@ -328,7 +368,7 @@ impl SetQueue {
                 // Only what is on disk: a record a target applied must never be lost
                 // by a host crash and its sequence number reused for another op.
                 if after >= j.durable_seq() {
-                    return Ok(Vec::new());
+                    return Ok(f(&[]));
                 }
                 let mut records = j.read_after(after, max_bytes).map_err(|e| {
                     warn!(error = %e, "cannot read the journal");
@@ -338,11 +378,12 @@ impl SetQueue {
                     }
                 })?;
                 records.retain(|r| r.seq <= j.durable_seq());
-                return Ok(records);
+                let refs: Vec<&Record> = records.iter().collect();
+                return Ok(f(&refs));
             }
         }
         let Some(front) = self.mem.front() else {
-            return Ok(Vec::new());
+            return Ok(f(&[]));
         };
         let skip = (after + 1).saturating_sub(front.seq) as usize;
         let mut out = Vec::new();
@@ -352,9 +393,9 @@ impl SetQueue {
                 break;
             }
             size += record_size(r);
-            out.push(r.clone());
+            out.push(r);
         }
-        Ok(out)
+        Ok(f(&out))
     }
 
     /// Records that `target` has applied everything up to `seq`; drops what every

@@ -384,18 +384,18 @@ async fn stream_sets(
                         shared.set_names[r.set]
                     );
                 }
-                q.batch(cursors[i], BATCH_BYTES)
+                q.encoded_batch(&shared.set_names[r.set], cursors[i], BATCH_BYTES)
             };
-            let records = match batch {
-                Ok(b) if b.is_empty() => continue,
-                Ok(b) => b,
+            let batch = match batch {
+                Ok(None) => continue,
+                Ok(Some(b)) => b,
                 Err(gap) => {
                     let _ = gaps.send(r.set);
                     bail!("queue gap {gap:?}");
                 }
             };
-            cursors[i] = records.last().map_or(cursors[i], |r| r.seq);
-            let bytes: usize = records.iter().map(|r| r.op.data_len()).sum();
+            cursors[i] = batch.last;
+            let bytes = batch.data_bytes as usize;
             if !throttle.is_unlimited() {
                 // Wait off the debt of what was sent before; this batch's own (compressed)
                 // size is taken once it is sent, as the bucket may go into debt.
@@ -408,11 +408,7 @@ async fn stream_sets(
                 }
             }
             let before = tx.bytes_sent();
-            tx.send(&Frame::Batch {
-                set: shared.set_names[r.set].clone(),
-                records,
-            })
-            .await?;
+            tx.send_encoded_batch(batch.frame).await?;
             if !throttle.is_unlimited() {
                 throttle.spend(
                     tx.bytes_sent() - before,

@@ -5,7 +5,7 @@
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use doppel_common::wire::{encode_frame_compressed, Frame, FrameDecoder};
+use doppel_common::wire::{compress_frame, encode_frame_compressed, Frame, FrameDecoder};
 
 /// Most received pieces taken from quinn per read. quinn keeps what arrived as one piece
 /// per packet (about 1.2 kB); taking many per call saves a lock and a wake-up per packet.
@@ -67,7 +67,17 @@ impl FrameSender {
     pub async fn send(&mut self, f: &Frame) -> anyhow::Result<()> {
         // One buffer with the length prefix; handing it to quinn as a chunk avoids copying
         // it again. Level 0 is exactly encode_frame.
-        let bytes = encode_frame_compressed(f, self.compression);
+        self.write(encode_frame_compressed(f, self.compression))
+            .await
+    }
+
+    /// Sends a Batch frame already encoded (`wire::encode_batch`), compressed as the
+    /// stream's level says.
+    pub async fn send_encoded_batch(&mut self, frame: Vec<u8>) -> anyhow::Result<()> {
+        self.write(compress_frame(frame, self.compression)).await
+    }
+
+    async fn write(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
         let len = bytes.len() as u64;
         self.send
             .write_chunk(Bytes::from(bytes))
