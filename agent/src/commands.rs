@@ -103,17 +103,7 @@ pub fn status(socket: &Path, json: bool) -> Result<()> {
 /// terminal; a line every few seconds on a plain stderr; every status as a JSON line
 /// with `--json`.
 pub fn watch(socket: &Path, json: bool) -> Result<()> {
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-        let b = ProgressBar::new(0);
-        b.set_style(
-            ProgressStyle::with_template(
-                "{spinner} mirror [{bar:30}] {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        b
-    });
+    let bar = terminal_bar("mirror", json);
     let mut last: Option<(Instant, u64)> = None;
     let mut printed: Option<Instant> = None;
     loop {
@@ -164,6 +154,21 @@ pub fn watch(socket: &Path, json: bool) -> Result<()> {
         }
         std::thread::sleep(WATCH_EVERY);
     }
+}
+
+/// A progress bar of bytes named `what`, when stderr is a terminal and not `json`.
+fn terminal_bar(what: &str, json: bool) -> Option<ProgressBar> {
+    (!json && std::io::stderr().is_terminal()).then(|| {
+        let b = ProgressBar::new(0);
+        b.set_style(
+            ProgressStyle::with_template(&format!(
+                "{{spinner}} {what} [{{bar:30}}] {{bytes}}/{{total_bytes}} {{msg}} {{bytes_per_sec}} ETA {{eta}}"
+            ))
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
+        b
+    })
 }
 
 /// How often `--watch` asks the daemon.
@@ -318,17 +323,7 @@ struct Shown {
 
 impl Shown {
     fn new(json: bool) -> Self {
-        let bar = (!json && std::io::stderr().is_terminal()).then(|| {
-            let b = ProgressBar::new(0);
-            b.set_style(
-                ProgressStyle::with_template(
-                    "{spinner} verify [{bar:30}] {bytes}/{total_bytes} {msg} {bytes_per_sec} ETA {eta}",
-                )
-                .expect("valid template")
-                .progress_chars("=> "),
-            );
-            b
-        });
+        let bar = terminal_bar("verify", json);
         Shown {
             json,
             bar,
