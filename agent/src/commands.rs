@@ -223,10 +223,7 @@ fn status_table(s: &Status, now: SystemTime) -> String {
     for t in &s.sets {
         let queue = format!(
             "{}{}",
-            serde_json::to_value(t.queue)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default(),
+            t.queue.as_str(),
             if t.spilled { " (spilled)" } else { "" }
         );
         let _ = writeln!(

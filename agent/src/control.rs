@@ -220,6 +220,9 @@ impl Shared {
         let mut sets = Vec::new();
         let mut synced = true;
         let mut min_acked = Vec::new();
+        let target_sent: Vec<u64> = (0..self.targets.len())
+            .map(|t| self.target_sent_bytes(t))
+            .collect();
         for (s, targets) in self.set_targets.iter().enumerate() {
             let q = self.queue(s);
             min_acked.push(q.min_acked());
@@ -260,7 +263,7 @@ impl Shared {
                     mirror_pending,
                     dropped_records: q.dropped,
                     overflowed: q.overflowed(),
-                    sent_bytes: st.sent_bytes,
+                    sent_bytes: target_sent[t],
                     wire_bytes: st.wire_bytes(),
                     sessions: st.sessions,
                     failures: st.failures,

@@ -34,6 +34,15 @@ pub enum QueueMode {
 }
 
 impl QueueMode {
+    /// As the config writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueueMode::Realtime => "realtime",
+            QueueMode::StoreAndForward => "store-and-forward",
+            QueueMode::Hybrid => "hybrid",
+        }
+    }
+
     pub fn uses_journal(self) -> bool {
         self != QueueMode::Realtime
     }
@@ -532,6 +541,17 @@ mod tests {
             path: RelPath(b"f".to_vec()),
             offset: n as u64,
             data: vec![n; 100],
+        }
+    }
+
+    #[test]
+    fn mode_names_are_the_config_s() {
+        for m in [
+            QueueMode::Realtime,
+            QueueMode::StoreAndForward,
+            QueueMode::Hybrid,
+        ] {
+            assert_eq!(serde_json::to_value(m).unwrap(), m.as_str());
         }
     }
 

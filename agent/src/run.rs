@@ -530,6 +530,7 @@ async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
                 let Some(slot) = set.targets.iter().position(|&x| x == t) else {
                     continue;
                 };
+                let sent_bytes = shared.target_sent_bytes(t);
                 let q = shared.queue(s);
                 let (lag_records, lag_bytes) = q.lag(slot);
                 info!(
@@ -546,7 +547,7 @@ async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
                     journal_written_bytes = q.journal_written_bytes(),
                     pushed_bytes = q.pushed_bytes,
                     dropped = q.dropped,
-                    sent_bytes = st.sent_bytes,
+                    sent_bytes,
                     captured_events = stats.events,
                     missed_ranges = stats.missed_ranges,
                     lost = stats.lost,

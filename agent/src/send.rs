@@ -78,7 +78,6 @@ pub struct TargetState {
     /// The current session's connection, for its byte counters.
     pub conn: Option<quinn::Connection>,
     pub last_error: Option<(std::time::SystemTime, String)>,
-    pub sent_bytes: u64,
     /// Sessions that ended in an error.
     pub failures: u64,
     /// The receiver ended the last session because it took over this source (failed
@@ -109,6 +108,18 @@ impl Shared {
             .iter()
             .map(|t| t.lock().expect("target lock").sessions)
             .collect()
+    }
+
+    /// File data handed to target `t`'s sessions, all sets (each set's queue counts its
+    /// own). Takes the queues' locks one at a time: call it holding none.
+    pub fn target_sent_bytes(&self, t: usize) -> u64 {
+        let mut sum = 0;
+        for (s, targets) in self.set_targets.iter().enumerate() {
+            if let Some(slot) = targets.iter().position(|&x| x == t) {
+                sum += self.queue(s).sent_bytes(slot);
+            }
+        }
+        sum
     }
 
     pub fn tracker(&self) -> std::sync::MutexGuard<'_, Tracker> {
@@ -419,10 +430,6 @@ async fn stream_sets(
             shared
                 .queue(r.set)
                 .sent(r.slot, bytes as u64, Instant::now());
-            shared.targets[index]
-                .lock()
-                .expect("target lock")
-                .sent_bytes += bytes as u64;
             sent = true;
         }
         if !sent {

@@ -94,16 +94,8 @@ pub fn status(slots: &HashMap<String, Arc<Slot>>, state_dir: &std::path::Path) -
             let src = slot.source();
             let (health, since) = slot.health();
             let (rtt, connected) = slot.beat_info();
-            let failover_err = slot
-                .last_error
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
             let c = &slot.ctx().counters;
-            let err = match (failover_err, c.last_error()) {
-                (Some(a), Some(b)) => Some(if a.0 >= b.0 { a } else { b }),
-                (a, b) => a.or(b),
-            };
+            let err = c.last_error();
             let store = slot.store();
             let sets = store
                 .sets(&src.name)

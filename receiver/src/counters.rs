@@ -21,6 +21,7 @@ pub struct Counters {
     pub heartbeats_answered: AtomicU64,
     /// Heartbeat round-trip times, seconds.
     pub rtt: Histogram,
+    /// The newest error: of a session, of applying a batch, or of an automatic failover.
     pub last_error: Mutex<Option<(SystemTime, String)>>,
 }
 

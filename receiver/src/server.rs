@@ -32,8 +32,6 @@ pub struct Slot {
     fence: tokio::sync::watch::Sender<Option<String>>,
     /// Serialises failovers and failbacks of this source.
     pub(crate) switching: tokio::sync::Mutex<()>,
-    /// Last automatic failover attempt that did not succeed, for status.
-    pub(crate) last_error: Mutex<Option<(std::time::SystemTime, String)>>,
 }
 
 impl Slot {
@@ -168,7 +166,6 @@ impl Server {
                 current: Mutex::new(None),
                 fence,
                 switching: tokio::sync::Mutex::new(()),
-                last_error: Mutex::new(None),
             };
             if record.is_some() {
                 tracing::warn!(source = %source.name, "this receiver has taken over the source (failover); its changes are refused until a failback");
@@ -353,8 +350,9 @@ async fn watch_source(slot: Arc<Slot>, state_dir: std::path::PathBuf) {
                     .rfind(|s| !matches!(s.outcome, crate::failover::Outcome::Done))
                     .map_or(String::new(), |s| format!("{}: {}", s.name, s.detail));
                 tracing::error!(%source, "automatic failover did not complete: {why}");
-                *slot.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some((std::time::SystemTime::now(), why));
+                slot.ctx
+                    .counters
+                    .error(format!("automatic failover: {why}"));
             }
         }
     }
