@@ -72,7 +72,7 @@ fn default_queue_mib() -> usize {
 }
 
 fn default_ring_kib() -> usize {
-    32 << 10
+    8 << 10
 }
 
 fn default_state_dir() -> PathBuf {

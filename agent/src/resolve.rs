@@ -1635,6 +1635,20 @@ fn emit_sums(
                 size,
             },
         });
+        // The checksums of a hole and of written zeros are the same, so the comparison
+        // cannot see a replica that has data where the source has a hole: punch the
+        // source's holes first (a no-op where the replica has one too).
+        for (offset, len) in holes(&f, &m) {
+            out.push(SetOp {
+                set,
+                op: Op::Fallocate {
+                    path: path.clone(),
+                    mode: falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
+                    offset,
+                    len,
+                },
+            });
+        }
     }
     let mut attr = verify.map(|_| attr_of(&m));
     let mut emit = |offset: u64, sums: Vec<u64>| {
@@ -1799,10 +1813,7 @@ fn emit_range(
         return None;
     }
     let size = m.len();
-    // Only a file with fewer blocks than bytes can have holes. Asking anyway is not
-    // free: on tmpfs SEEK_HOLE walks the page cache to the next hole, which for a
-    // file without one is its end (quadratic for a file appended in chunks).
-    let sparse = m.blocks().saturating_mul(512) < size;
+    let sparse = may_have_holes(&f, &m);
     let path = rel_path(rel);
     let end = offset.saturating_add(len).min(size);
     let mut pos = offset;
@@ -1850,6 +1861,40 @@ fn emit_range(
         });
     }
     Some(size)
+}
+
+/// Whether `f` may have holes, so that its extents are worth asking for (SEEK_DATA).
+/// Asking is not free on tmpfs: SEEK_HOLE walks the page cache to the next hole, which
+/// for a file without one is its end (quadratic for a file appended in chunks). But
+/// tmpfs counts exactly the pages it holds, so there a file with as many blocks as
+/// bytes has none. Other filesystems count more than data in `st_blocks` (ext4 counts
+/// its extent-tree and xattr blocks), so a file with a hole can show as many blocks as
+/// bytes: always ask there.
+fn may_have_holes(f: &File, m: &Metadata) -> bool {
+    const TMPFS_MAGIC: u64 = 0x0102_1994;
+    m.blocks().saturating_mul(512) < m.len()
+        || rustix::fs::fstatfs(f).map_or(true, |s| s.f_type as u64 != TMPFS_MAGIC)
+}
+
+/// The holes of `f` as (offset, len), in order.
+fn holes(f: &File, m: &Metadata) -> Vec<(u64, u64)> {
+    let size = m.len();
+    let mut out = Vec::new();
+    if !may_have_holes(f, m) {
+        return out;
+    }
+    let mut pos = 0;
+    while pos < size {
+        let (data, hole) = next_data(f, pos, size);
+        if data > pos {
+            out.push((pos, data - pos));
+        }
+        if hole <= pos {
+            break;
+        }
+        pos = hole;
+    }
+    out
 }
 
 /// The next data extent at or after `pos`, clipped to `end`: (start, end). A

@@ -102,3 +102,42 @@ fn a_full_ring_loses_nothing() {
         c.log("agent.log")
     );
 }
+
+/// Namespace changes (creates, renames, deletes, new directories) cannot be remembered
+/// as ranges: when the ring is full they are lost, counted, and the agent rescans the
+/// set. The rescan runs while the storm goes on and must still leave the replica equal
+/// to the source: nothing the source deleted or renamed away may survive on the replica.
+#[test]
+fn lost_namespace_changes_are_recovered_by_a_rescan() {
+    if !require_root() {
+        return;
+    }
+    let mut c = Cluster::with_options(
+        "tree",
+        Options {
+            agent_extra: "capture_ring_kib = 16".into(),
+            ..Options::default()
+        },
+    )
+    .unwrap();
+    c.start().unwrap();
+    let stats = doppel_tests::writer::run(&c.source, 200, 20_000, 11).unwrap();
+    eprintln!("{} ops, {} bytes written", stats.ops, stats.bytes);
+    let took = c.assert_converges(Duration::from_secs(60));
+    eprintln!("converged {took:?} after the last change");
+    c.assert_identical(Duration::from_secs(20));
+    let deadline = Instant::now() + Duration::from_secs(12);
+    let mut lost = 0;
+    while Instant::now() < deadline {
+        lost = max_counter(&c, "lost");
+        if lost > 0 {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    assert!(
+        lost > 0,
+        "no change was lost, so the rescan path was not exercised; agent log:\n{}",
+        c.log("agent.log")
+    );
+}

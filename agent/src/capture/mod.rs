@@ -263,13 +263,13 @@ impl Capture {
             .context("cannot locate the kernel structure fields the capture program reads")?;
         let (uring_globals, uring) = btf::uring_globals(&btf);
         let (mmap_globals, mmap) = btf::mmap_globals(&btf);
-        let ring = ring_size(opts.ring_bytes)?;
+        let ring_bytes = ring_size(opts.ring_bytes)?;
 
         let mut loader = EbpfLoader::new();
         for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
-        loader.map_max_entries(abi::MAP_RING, ring);
+        loader.map_max_entries(abi::MAP_RING, ring_bytes);
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
 
         let prog: &mut RawTracePoint = ebpf
@@ -321,6 +321,7 @@ impl Capture {
             tx,
             gen: 0,
             lost_seen: 0,
+            lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
         };
         let mut capture = Capture {
@@ -440,6 +441,55 @@ fn kernel_key(dir: FileId) -> Result<PodFileId> {
     Ok(PodFileId(KFileId { dev, ino: dir.ino }))
 }
 
+/// When to report records the kernel lost (and the agent answers with a rescan).
+///
+/// The rescan must come after every record the ring held when the loss was seen: a
+/// record still unread then is older than the rescan's listing, and applied after it,
+/// it could bring back on the replica what the lost change removed (the create of a
+/// file whose unlink was lost, say). Records are read in the order they were reserved,
+/// so the report waits until the ring has been empty once, or until a whole ring's
+/// worth of bytes has been read since.
+#[derive(Debug)]
+struct LostMarker {
+    ring_bytes: u64,
+    /// Lost records not reported yet.
+    records: u64,
+    /// Bytes still to read before the report is due.
+    wait: u64,
+}
+
+impl LostMarker {
+    fn new(ring_bytes: u64) -> Self {
+        LostMarker {
+            ring_bytes,
+            records: 0,
+            wait: 0,
+        }
+    }
+
+    /// The kernel counted `records` more lost records.
+    fn seen(&mut self, records: u64) {
+        self.records += records;
+        self.wait = self.ring_bytes;
+    }
+
+    /// One record of `len` bytes was read (the ring also holds an 8-byte header per
+    /// record, and rounds each to 8 bytes).
+    fn consumed(&mut self, len: usize) {
+        let used = (len as u64 + 8).next_multiple_of(8);
+        self.wait = self.wait.saturating_sub(used);
+    }
+
+    fn ring_empty(&mut self) {
+        self.wait = 0;
+    }
+
+    /// The records to report now, if the report is due.
+    fn due(&mut self) -> Option<u64> {
+        (self.records > 0 && self.wait == 0).then(|| std::mem::take(&mut self.records))
+    }
+}
+
 /// The reader thread's state.
 struct Reader {
     ring: RingBuf<MapData>,
@@ -452,6 +502,8 @@ struct Reader {
     /// Current missed-range generation (what the program tags new entries with).
     gen: u64,
     lost_seen: u64,
+    /// Losses seen but not reported yet (see [`LostMarker`]).
+    lost: LostMarker,
     bad_records: u64,
 }
 
@@ -494,7 +546,11 @@ impl Reader {
     fn read_ring(&mut self, out: &mut Vec<Captured>) {
         let mut events = Vec::new();
         while out.len() < BATCH_MAX {
-            let Some(item) = self.ring.next() else { break };
+            let Some(item) = self.ring.next() else {
+                self.lost.ring_empty();
+                break;
+            };
+            self.lost.consumed(item.len());
             let time = decode::record_time(&item);
             let r = decode::decode_record(&item, &mut events);
             out.extend(events.drain(..).map(|event| Captured { time, event }));
@@ -509,6 +565,12 @@ impl Reader {
                     );
                 }
             }
+        }
+        if let Some(records) = self.lost.due() {
+            out.push(Captured {
+                time: monotonic_ns(),
+                event: CaptureEvent::Lost { records },
+            });
         }
     }
 
@@ -556,12 +618,7 @@ impl Reader {
         }
         let lost = self.shared.stat(STAT_LOST);
         if lost > self.lost_seen {
-            out.push(Captured {
-                time,
-                event: CaptureEvent::Lost {
-                    records: lost - self.lost_seen,
-                },
-            });
+            self.lost.seen(lost - self.lost_seen);
             self.lost_seen = lost;
         }
         decode::coalesce_missed(held, fresh);

@@ -671,3 +671,29 @@ os.mkdir('marker')
         "no change of ./pipe relative to the descriptor's directory in {events:#?}"
     );
 }
+
+#[test]
+fn a_loss_is_reported_only_after_what_the_ring_held_when_it_was_seen() {
+    let mut m = LostMarker::new(4096);
+    assert_eq!(m.due(), None, "nothing lost, nothing to report");
+    m.seen(3);
+    assert_eq!(m.due(), None, "the ring may still hold older records");
+    // 4096 bytes of ring: 62 records of 56 bytes (64 with the header) are 3968 bytes.
+    for _ in 0..62 {
+        m.consumed(56);
+    }
+    assert_eq!(m.due(), None, "128 bytes of the ring may still be older");
+    m.consumed(60); // 68 -> 72 bytes with header and rounding
+    assert_eq!(m.due(), None);
+    m.consumed(50); // 58 -> 64: a whole ring's worth read since
+    assert_eq!(m.due(), Some(3));
+    assert_eq!(m.due(), None, "reported once");
+
+    // An empty ring holds nothing older: due at once, and losses seen meanwhile add up.
+    m.seen(2);
+    m.seen(5);
+    m.consumed(8);
+    assert_eq!(m.due(), None);
+    m.ring_empty();
+    assert_eq!(m.due(), Some(7));
+}
