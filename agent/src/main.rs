@@ -98,7 +98,21 @@ enum Cmd {
     },
 }
 
+/// glibc gives every thread that allocates its own arena (up to 8 per core) and keeps
+/// each at its high-water mark. The agent's large, short-lived buffers (ranges read
+/// from files, batches, frames) are made on one thread and freed on another, so under a
+/// write storm the arenas together held about twice what was live at the peak. Two
+/// arenas keep the contention low and measured 20 MiB less at the storm's peak.
+fn limit_malloc_arenas() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets a tunable; called before any thread is started.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
 fn main() -> std::process::ExitCode {
+    limit_malloc_arenas();
     let cli = Cli::parse();
     let verify = matches!(cli.cmd, Cmd::Verify { .. });
     match real_main(cli) {

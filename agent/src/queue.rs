@@ -96,6 +96,25 @@ pub struct Gap {
     pub first_held: u64,
 }
 
+/// What `r` holds on the heap, as the allocator counts it: each buffer rounded up to
+/// malloc's 16-byte chunks plus its header. The record itself lives in the queue's
+/// deque, counted by capacity in [`SetQueue::bytes`]. Many small records (a random
+/// write storm) cost far more than their data: the memory bound must see that.
+fn held_bytes(r: &Record) -> usize {
+    fn chunk(n: usize) -> usize {
+        if n == 0 {
+            0
+        } else {
+            (n + 8).next_multiple_of(16).max(32)
+        }
+    }
+    let sums = match &r.op {
+        Op::Sum { sums, .. } => chunk(sums.len() * 8),
+        _ => 0,
+    };
+    chunk(r.op.data_len()) + sums + r.op.paths().map(|p| chunk(p.0.len())).sum::<usize>()
+}
+
 pub fn record_size(r: &Record) -> usize {
     let sums = match &r.op {
         Op::Sum { sums, .. } => sums.len() * 8,
@@ -226,13 +245,13 @@ impl SetQueue {
                 }
             }
         } else {
-            self.mem_bytes += record_size(&r);
+            self.mem_bytes += held_bytes(&r);
             self.mem.push_back(r);
         }
         self.pushed_bytes += data_len;
         self.times.pushed(seq, Instant::now());
         self.next_seq += 1;
-        if self.mode == QueueMode::Hybrid && !self.spilled && self.mem_bytes > self.mem_limit {
+        if self.mode == QueueMode::Hybrid && !self.spilled && self.bytes() > self.mem_limit {
             self.spill("the memory queue is full");
         }
         true
@@ -262,21 +281,22 @@ impl SetQueue {
                 self.mem.push_front(r);
                 return;
             }
-            self.mem_bytes -= record_size(&r);
+            self.mem_bytes -= held_bytes(&r);
         }
+        self.mem.shrink_to_fit();
         info!(records = count, why, "spilled the queue to the journal");
         self.spilled = true;
     }
 
-    /// Bytes held in memory (approximate, including per-record overhead).
+    /// Bytes held in memory: the records' buffers and the deque that holds them.
     pub fn bytes(&self) -> usize {
-        self.mem_bytes
+        self.mem_bytes + self.mem.capacity() * std::mem::size_of::<Record>()
     }
 
     /// Whether the pipeline must wait for acks before pushing more (memory over its
     /// bound and nowhere to spill).
     pub fn full(&self) -> bool {
-        self.mem_bytes > self.mem_limit && !self.to_journal()
+        !self.mem.is_empty() && self.bytes() > self.mem_limit && !self.to_journal()
     }
 
     /// How much file data the mirror may queue now. Its data is read again from the
@@ -295,7 +315,7 @@ impl SetQueue {
                 };
                 (unacked, self.mem_limit.min(j.budget() as usize))
             }
-            _ => (self.mem_bytes, self.mem_limit),
+            _ => (self.bytes(), self.mem_limit),
         };
         (bound / 2).saturating_sub(queued)
     }
@@ -418,7 +438,11 @@ impl SetQueue {
         self.times.trim(low);
         while self.mem.front().is_some_and(|r| r.seq <= low) {
             let r = self.mem.pop_front().expect("front exists");
-            self.mem_bytes -= record_size(&r);
+            self.mem_bytes -= held_bytes(&r);
+        }
+        // A burst grew the deque; give most of it back once the targets caught up.
+        if self.mem.capacity() > 4096 && self.mem.len() < self.mem.capacity() / 8 {
+            self.mem.shrink_to(self.mem.len() * 2);
         }
         if let Some(j) = &mut self.journal {
             if let Err(e) = j.trim(low) {
@@ -581,11 +605,12 @@ mod tests {
         q.ack(1, 2);
         assert_eq!(q.len(), 3);
         assert_eq!(seqs(&q.batch(2, usize::MAX).unwrap()), vec![3, 4, 5]);
-        assert_eq!(q.lag(1), (3, q.bytes()));
+        assert_eq!(q.lag(1).0, 3);
+        assert!(q.lag(1).1 > 0);
         q.ack(1, 5);
         q.ack(0, 5);
         assert!(q.is_empty());
-        assert_eq!(q.bytes(), 0);
+        assert_eq!(q.mem_bytes, 0, "no record buffer is held");
         assert!(q.batch(5, 10).unwrap().is_empty());
     }
 
@@ -685,7 +710,7 @@ mod tests {
     #[test]
     fn hybrid_spills_when_memory_is_full_and_comes_back() {
         let d = tempfile::tempdir().unwrap();
-        let mut q = SetQueue::with(QueueMode::Hybrid, Some(journal(d.path())), 5, 1, 1000);
+        let mut q = SetQueue::with(QueueMode::Hybrid, Some(journal(d.path())), 5, 1, 2000);
         for i in 0..4 {
             q.push(w(i));
         }
@@ -695,9 +720,9 @@ mod tests {
         }
         assert!(
             q.spilled(),
-            "over 1000 bytes of records spill to the journal"
+            "over 2000 bytes of records (buffers and deque slots) spill to the journal"
         );
-        assert_eq!(q.bytes(), 0);
+        assert_eq!(q.bytes(), 0, "spilled: nothing in memory, the deque freed");
         assert!(!q.full(), "a spilled queue never makes the pipeline wait");
         let all: Vec<u64> = (1..=20).collect();
         let mut got = Vec::new();
@@ -716,6 +741,32 @@ mod tests {
         q.spill("test");
         q.push(w(2));
         assert_eq!(seqs(&q.batch(20, usize::MAX).unwrap()), vec![21, 22]);
+    }
+
+    #[test]
+    fn the_memory_bound_counts_what_small_records_really_cost() {
+        let mut q = SetQueue::with(QueueMode::Realtime, None, 1, 1, 1 << 20);
+        let mut n = 0u64;
+        while !q.full() {
+            q.push(Op::Write {
+                path: RelPath(b"f".to_vec()),
+                offset: n,
+                data: vec![1],
+            });
+            n += 1;
+        }
+        // A 160-byte record in the deque plus two 32-byte allocations: about 4800
+        // records fit in 1 MiB (counting their data alone, 500000 would).
+        assert!(
+            (3000..6000).contains(&n),
+            "{n} one-byte records filled 1 MiB"
+        );
+        q.ack(0, n);
+        assert!(
+            q.bytes() < 4096 * std::mem::size_of::<Record>(),
+            "the deque shrinks once drained: {} bytes",
+            q.bytes()
+        );
     }
 
     #[test]

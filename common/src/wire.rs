@@ -485,12 +485,12 @@ pub fn compress_frame(plain: Vec<u8>, level: i32) -> Vec<u8> {
         return plain;
     }
     let sample = &raw[..raw.len().min(COMPRESS_SAMPLE)];
-    match zstd::bulk::compress(sample, level) {
+    match zstd_compress(sample, level) {
         // Shrinks by less than 10 %: compressed.len() > 0.9 * sample.len().
         Ok(c) if c.len() * 10 <= sample.len() * 9 => {}
         _ => return plain,
     }
-    let data = match zstd::bulk::compress(raw, level) {
+    let data = match zstd_compress(raw, level) {
         Ok(d) if d.len() < raw.len() => d,
         _ => return plain,
     };
@@ -505,6 +505,38 @@ pub fn compress_frame(plain: Vec<u8>, level: i32) -> Vec<u8> {
     }
 }
 
+thread_local! {
+    /// One zstd context per thread and level, kept: making one per frame cost more
+    /// than a tenth of the compression itself (allocating and zeroing its tables).
+    static COMPRESSOR: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
+    static DECOMPRESSOR: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with(|c| {
+        let mut c = c.borrow_mut();
+        let c = match &mut *c {
+            Some((l, c)) if *l == level => c,
+            slot => &mut slot.insert((level, zstd::bulk::Compressor::new(level)?)).1,
+        };
+        c.compress(data)
+    })
+}
+
+/// As `zstd::bulk::decompress`: fails rather than produce more than `capacity` bytes.
+fn zstd_decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with(|d| {
+        let mut d = d.borrow_mut();
+        let d = match &mut *d {
+            Some(d) => d,
+            slot => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress(data, capacity)
+    })
+}
+
 /// The frame inside a [`Frame::Compressed`]. Untrusted input: the declared size is
 /// bounded before anything is allocated, decompression cannot write past it, and a
 /// compressed frame inside another is refused (no recursion, no amplification chains).
@@ -515,7 +547,7 @@ fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
     }
     // bulk::decompress fails rather than grow past `raw_len`, so a bomb costs at most
     // MAX_FRAME bytes of memory.
-    let raw = zstd::bulk::decompress(data, raw_len)
+    let raw = zstd_decompress(data, raw_len)
         .map_err(|e| WireError::Malformed(format!("compressed frame: {e}")))?;
     if raw.len() != raw_len {
         return Err(WireError::Malformed(format!(

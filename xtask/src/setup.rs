@@ -32,9 +32,18 @@ pub fn cargo_bin() -> PathBuf {
 }
 
 /// PATH with cargo's bin directory first (where bpf-linker is installed).
+/// PATH with cargo's bin directory (bpf-linker) on it. Left as it is when it already
+/// has it: build scripts rerun when PATH changes (the agent's looks for bpf-linker
+/// there), so a PATH that differed from the shell's rebuilt half the workspace on
+/// every `cargo xtask` run.
 pub fn path_env() -> String {
     let old = std::env::var("PATH").unwrap_or_default();
-    format!("{}:{old}", cargo_bin().display())
+    let bin = cargo_bin();
+    if std::env::split_paths(&old).any(|p| p == bin) {
+        old
+    } else {
+        format!("{}:{old}", bin.display())
+    }
 }
 
 fn ok(cmd: &mut Command) -> bool {
