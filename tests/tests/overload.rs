@@ -22,21 +22,39 @@ fn max_counter(c: &Cluster, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-#[test]
-fn a_full_ring_loses_nothing() {
-    if !require_root() {
-        return;
+/// The largest `key=N` once one above zero shows up, waiting for status lines (they
+/// come every 5 s) to cover the whole run; 0 if none does within 12 s.
+fn wait_counter(c: &Cluster, key: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let n = max_counter(c, key);
+        if n > 0 || Instant::now() >= deadline {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(500));
     }
+}
+
+/// A cluster whose agent captures into a 16 KiB ring: four data records fill it.
+fn tiny_ring(set: &str) -> Cluster {
     let mut c = Cluster::with_options(
-        "data",
+        set,
         Options {
-            // 16 KiB: four data records fill it.
             agent_extra: "capture_ring_kib = 16".into(),
             ..Options::default()
         },
     )
     .unwrap();
     c.start().unwrap();
+    c
+}
+
+#[test]
+fn a_full_ring_loses_nothing() {
+    if !require_root() {
+        return;
+    }
+    let c = tiny_ring("data");
 
     // 64 files, random 4 KiB-aligned and unaligned pwrites as fast as one core goes,
     // for two seconds: several hundred thousand writes.
@@ -84,16 +102,7 @@ fn a_full_ring_loses_nothing() {
     let took = c.assert_converges(Duration::from_secs(60));
     eprintln!("converged {took:?} after the last write");
     c.assert_identical(Duration::from_secs(20));
-    // The status line comes every 5 s: wait for one that includes the whole run.
-    let deadline = Instant::now() + Duration::from_secs(12);
-    let mut missed = 0;
-    while Instant::now() < deadline {
-        missed = max_counter(&c, "missed_ranges");
-        if missed > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let missed = wait_counter(&c, "missed_ranges");
     let lost = max_counter(&c, "lost");
     eprintln!("missed_ranges={missed} lost={lost}");
     assert!(
@@ -112,29 +121,13 @@ fn lost_namespace_changes_are_recovered_by_a_rescan() {
     if !require_root() {
         return;
     }
-    let mut c = Cluster::with_options(
-        "tree",
-        Options {
-            agent_extra: "capture_ring_kib = 16".into(),
-            ..Options::default()
-        },
-    )
-    .unwrap();
-    c.start().unwrap();
+    let c = tiny_ring("tree");
     let stats = doppel_tests::writer::run(&c.source, 200, 20_000, 11).unwrap();
     eprintln!("{} ops, {} bytes written", stats.ops, stats.bytes);
     let took = c.assert_converges(Duration::from_secs(60));
     eprintln!("converged {took:?} after the last change");
     c.assert_identical(Duration::from_secs(20));
-    let deadline = Instant::now() + Duration::from_secs(12);
-    let mut lost = 0;
-    while Instant::now() < deadline {
-        lost = max_counter(&c, "lost");
-        if lost > 0 {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    let lost = wait_counter(&c, "lost");
     assert!(
         lost > 0,
         "no change was lost, so the rescan path was not exercised; agent log:\n{}",
