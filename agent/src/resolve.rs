@@ -1639,15 +1639,7 @@ fn emit_sums(
         // cannot see a replica that has data where the source has a hole: punch the
         // source's holes first (a no-op where the replica has one too).
         for (offset, len) in holes(&f, &m) {
-            out.push(SetOp {
-                set,
-                op: Op::Fallocate {
-                    path: path.clone(),
-                    mode: falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
-                    offset,
-                    len,
-                },
-            });
+            out.push(punch(set, &path, offset, len));
         }
     }
     let mut attr = verify.map(|_| attr_of(&m));
@@ -1824,15 +1816,7 @@ fn emit_range(
             (pos, end)
         };
         if data > pos {
-            out.push(SetOp {
-                set,
-                op: Op::Fallocate {
-                    path: path.clone(),
-                    mode: falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
-                    offset: pos,
-                    len: data - pos,
-                },
-            });
+            out.push(punch(set, &path, pos, data - pos));
         }
         pos = data;
         while pos < hole {
@@ -1861,6 +1845,20 @@ fn emit_range(
         });
     }
     Some(size)
+}
+
+/// The op that makes `[offset, offset + len)` of the replica's file a hole, its size
+/// unchanged.
+fn punch(set: usize, path: &RelPath, offset: u64, len: u64) -> SetOp {
+    SetOp {
+        set,
+        op: Op::Fallocate {
+            path: path.clone(),
+            mode: falloc::PUNCH_HOLE | falloc::KEEP_SIZE,
+            offset,
+            len,
+        },
+    }
 }
 
 /// Whether `f` may have holes, so that its extents are worth asking for (SEEK_DATA).

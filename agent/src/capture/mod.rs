@@ -320,7 +320,6 @@ impl Capture {
             paused: paused.clone(),
             tx,
             gen: 0,
-            lost_seen: 0,
             lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
         };
@@ -452,6 +451,8 @@ fn kernel_key(dir: FileId) -> Result<PodFileId> {
 #[derive(Debug)]
 struct LostMarker {
     ring_bytes: u64,
+    /// The kernel's lost-record counter when last read.
+    counter: u64,
     /// Lost records not reported yet.
     records: u64,
     /// Bytes still to read before the report is due.
@@ -462,15 +463,19 @@ impl LostMarker {
     fn new(ring_bytes: u64) -> Self {
         LostMarker {
             ring_bytes,
+            counter: 0,
             records: 0,
             wait: 0,
         }
     }
 
-    /// The kernel counted `records` more lost records.
-    fn seen(&mut self, records: u64) {
-        self.records += records;
-        self.wait = self.ring_bytes;
+    /// The kernel's lost-record counter reads `counter` now.
+    fn counted(&mut self, counter: u64) {
+        if counter > self.counter {
+            self.records += counter - self.counter;
+            self.counter = counter;
+            self.wait = self.ring_bytes;
+        }
     }
 
     /// One record of `len` bytes was read (the ring also holds an 8-byte header per
@@ -501,8 +506,7 @@ struct Reader {
     tx: mpsc::Sender<Vec<Captured>>,
     /// Current missed-range generation (what the program tags new entries with).
     gen: u64,
-    lost_seen: u64,
-    /// Losses seen but not reported yet (see [`LostMarker`]).
+    /// Losses counted by the kernel and not reported yet (see [`LostMarker`]).
     lost: LostMarker,
     bad_records: u64,
 }
@@ -616,11 +620,7 @@ impl Reader {
         if let Err(e) = self.control.set(CONTROL_MISSED_GEN, self.gen, 0) {
             warn!("cannot advance the missed-range generation: {e}");
         }
-        let lost = self.shared.stat(STAT_LOST);
-        if lost > self.lost_seen {
-            self.lost.seen(lost - self.lost_seen);
-            self.lost_seen = lost;
-        }
+        self.lost.counted(self.shared.stat(STAT_LOST));
         decode::coalesce_missed(held, fresh);
     }
 }

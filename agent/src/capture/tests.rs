@@ -676,7 +676,9 @@ os.mkdir('marker')
 fn a_loss_is_reported_only_after_what_the_ring_held_when_it_was_seen() {
     let mut m = LostMarker::new(4096);
     assert_eq!(m.due(), None, "nothing lost, nothing to report");
-    m.seen(3);
+    m.counted(0);
+    assert_eq!(m.due(), None, "a counter that did not move is no loss");
+    m.counted(3);
     assert_eq!(m.due(), None, "the ring may still hold older records");
     // 4096 bytes of ring: 62 records of 56 bytes (64 with the header) are 3968 bytes.
     for _ in 0..62 {
@@ -690,8 +692,8 @@ fn a_loss_is_reported_only_after_what_the_ring_held_when_it_was_seen() {
     assert_eq!(m.due(), None, "reported once");
 
     // An empty ring holds nothing older: due at once, and losses seen meanwhile add up.
-    m.seen(2);
-    m.seen(5);
+    m.counted(5);
+    m.counted(10);
     m.consumed(8);
     assert_eq!(m.due(), None);
     m.ring_empty();
