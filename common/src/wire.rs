@@ -418,11 +418,34 @@ pub enum WireError {
     Malformed(String),
 }
 
+/// Appends the postcard encoding of `value` to `out`.
+///
+/// postcard's own `to_extend` pushes byte strings one byte at a time; this copies them
+/// whole, which is most of the cost of encoding a batch of file data.
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) {
+    struct Append<'a>(&'a mut Vec<u8>);
+    impl postcard::ser_flavors::Flavor for Append<'_> {
+        type Output = ();
+        fn try_push(&mut self, b: u8) -> postcard::Result<()> {
+            self.0.push(b);
+            Ok(())
+        }
+        fn try_extend(&mut self, b: &[u8]) -> postcard::Result<()> {
+            self.0.extend_from_slice(b);
+            Ok(())
+        }
+        fn finalize(self) -> postcard::Result<()> {
+            Ok(())
+        }
+    }
+    // Writing into a Vec cannot fail; the size is bounded by what we put in it.
+    postcard::serialize_with_flavor(value, Append(out)).expect("postcard encoding into a Vec")
+}
+
 /// Encodes a frame with its length prefix.
 pub fn encode_frame(frame: &Frame) -> Vec<u8> {
     let mut out = vec![0u8; 4];
-    // Writing into a Vec cannot fail; the frame size is bounded by what we put in it.
-    out = postcard::to_extend(frame, out).expect("postcard encoding into a Vec");
+    encode_into(frame, &mut out);
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_le_bytes());
     out
@@ -464,9 +487,12 @@ pub fn encode_batch(set: &str, records: &[&Record]) -> Vec<u8> {
             v.end()
         }
     }
-    let mut out = vec![0u8; 4];
-    out =
-        postcard::to_extend(&BatchRef { set, records }, out).expect("postcard encoding into a Vec");
+    // Sized for the data up front: growing by doubling would copy a megabyte batch's
+    // data once more on the way.
+    let data: usize = records.iter().map(|r| r.op.data_len()).sum();
+    let mut out = Vec::with_capacity(4 + set.len() + data + records.len() * 64);
+    out.extend_from_slice(&[0; 4]);
+    encode_into(&BatchRef { set, records }, &mut out);
     let len = (out.len() - 4) as u32;
     out[..4].copy_from_slice(&len.to_le_bytes());
     out
@@ -575,6 +601,10 @@ fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
 #[derive(Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Where the first byte not yet decoded is in `buf`. Decoded frames are not cut off
+    /// the front one by one: a read of many packets holds several frames, and moving
+    /// the rest down after each would copy it again for every frame.
+    start: usize,
 }
 
 impl FrameDecoder {
@@ -583,30 +613,41 @@ impl FrameDecoder {
     }
 
     pub fn push(&mut self, bytes: &[u8]) {
+        // Reclaim the decoded front once it is at least half the buffer, so that each
+        // byte is moved at most about once however the reads fall.
+        if self.start > 0 && self.start * 2 >= self.buf.len() {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// Bytes received but not yet decoded into a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len()
+        self.buf.len() - self.start
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. A
     /// [`Frame::Compressed`] is unwrapped: what comes out is its inner frame.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        if self.buf.len() < 4 {
+        let rest = &self.buf[self.start..];
+        if rest.len() < 4 {
             return Ok(None);
         }
-        let len = u32::from_le_bytes([self.buf[0], self.buf[1], self.buf[2], self.buf[3]]) as usize;
+        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
         if len > MAX_FRAME {
             return Err(WireError::TooLarge(len));
         }
-        if self.buf.len() < 4 + len {
+        if rest.len() < 4 + len {
             return Ok(None);
         }
-        let frame: Frame = postcard::from_bytes(&self.buf[4..4 + len])
+        let frame: Frame = postcard::from_bytes(&rest[4..4 + len])
             .map_err(|e| WireError::Malformed(e.to_string()))?;
-        self.buf.drain(..4 + len);
+        self.start += 4 + len;
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
         match frame {
             Frame::Compressed { raw_len, data } => decompress_frame(raw_len, &data).map(Some),
             frame => Ok(Some(frame)),

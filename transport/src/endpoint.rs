@@ -34,6 +34,15 @@ const STREAM_WINDOW: u32 = 16 << 20;
 const CONNECTION_WINDOW: u32 = 32 << 20;
 const SEND_WINDOW: u64 = 16 << 20;
 
+/// The largest UDP payload either side accepts and probes for. QUIC starts at 1200
+/// bytes and MTU discovery climbs from there as far as the path allows: 1452 on
+/// Ethernet, about 9000 with jumbo frames, 64 KiB on loopback. Every datagram costs a
+/// header, an AEAD call and a trip through both QUIC stacks, so bulk copies on fat
+/// paths take far less CPU per byte (a 1 GiB mirror over loopback: 2.9 s at 1200 bytes,
+/// 1.8 s at 64 KiB). quinn's defaults stop at Ethernet's 1500. The value is the most a
+/// single IPv6 datagram can carry; IPv4 allows 20 bytes more.
+const MAX_DATAGRAM: u16 = 65_487;
+
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
@@ -43,7 +52,18 @@ fn transport_config() -> Arc<TransportConfig> {
     t.stream_receive_window(VarInt::from_u32(STREAM_WINDOW));
     t.receive_window(VarInt::from_u32(CONNECTION_WINDOW));
     t.send_window(SEND_WINDOW);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(MAX_DATAGRAM);
+    t.mtu_discovery_config(Some(mtu));
     Arc::new(t)
+}
+
+/// Tells peers this endpoint takes datagrams up to [`MAX_DATAGRAM`]: a sender's MTU
+/// discovery never climbs past what the receiving side advertised.
+fn accept_large_datagrams(config: &mut quinn::EndpointConfig) {
+    config
+        .max_udp_payload_size(MAX_DATAGRAM)
+        .expect("MAX_DATAGRAM is within QUIC's 1200..=65527");
 }
 
 fn normalise(fps: Vec<String>) -> anyhow::Result<Vec<String>> {
@@ -71,16 +91,17 @@ pub fn server_endpoint(
     let crypto = QuicServerConfig::try_from(tls).context("cannot build the QUIC TLS config")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport_config());
-    let socket = std::net::UdpSocket::bind(listen).with_context(|| {
+    let socket = crate::socket::bind(listen).with_context(|| {
         format!(
             "cannot listen on UDP {listen}; is another receiver running, or is the address wrong?"
         )
     })?;
     let (reset, cid) = restart_keys(id);
     let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset));
+    accept_large_datagrams(&mut endpoint);
     endpoint
         .cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
-    quinn::Endpoint::new(
+    quinn::Endpoint::new_with_abstract_socket(
         endpoint,
         Some(config),
         socket,
@@ -135,8 +156,17 @@ pub async fn connect(
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
     // The connection keeps the endpoint's driver alive; the handle itself can go.
-    let endpoint = quinn::Endpoint::client(bind)
-        .with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
+    let socket =
+        crate::socket::bind(bind).with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
+    let mut endpoint_config = quinn::EndpointConfig::default();
+    accept_large_datagrams(&mut endpoint_config);
+    let endpoint = quinn::Endpoint::new_with_abstract_socket(
+        endpoint_config,
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .with_context(|| format!("cannot start a QUIC endpoint on UDP {bind}"))?;
     let connecting = endpoint
         .connect_with(config, addr, SERVER_NAME)
         .with_context(|| format!("cannot start a QUIC connection to {addr}"))?;

@@ -10,11 +10,14 @@
 //! - [`endpoint`]: QUIC endpoints with the transport settings doppel needs.
 //! - [`framed`]: [`wire::Frame`](doppel_common::wire::Frame)s over a bidirectional stream.
 //! - [`close`]: application close codes both sides agree on.
+//! - `socket`: the UDP socket under both endpoints (buffer sizes, GSO sends the
+//!   kernel accepts).
 
 pub mod close;
 pub mod endpoint;
 pub mod framed;
 pub mod keys;
+mod socket;
 pub mod verify;
 
 pub use endpoint::{connect, peer_fingerprint, server_endpoint, ALPN};

@@ -90,8 +90,7 @@ pub struct TooLarge {
 pub fn encode_record(record: &Record, out: &mut Vec<u8>) -> Result<usize, TooLarge> {
     let start = out.len();
     out.extend_from_slice(&[0; HEADER_LEN]);
-    // Serializing a `Record` into a Vec has no failure mode (as in `wire::encode_frame`).
-    *out = postcard::to_extend(record, std::mem::take(out)).expect("postcard encoding into a Vec");
+    doppel_common::wire::encode_into(record, out);
     let len = out.len() - start - HEADER_LEN;
     if len > MAX_PAYLOAD {
         out.truncate(start);

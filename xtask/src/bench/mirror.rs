@@ -177,9 +177,31 @@ impl Drop for RsyncDaemon {
     }
 }
 
-/// doppel with `source` and an optional stale `replica` copied in: seconds from starting
-/// the agent until it is synced, and the UDP bytes exchanged.
-fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Result<(f64, u64)> {
+/// CPU seconds (user and system) process `pid` has used so far.
+fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
+    let pid = pid.context("the process is not running")?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let after = &stat[stat.rfind(')').context("malformed /proc/PID/stat")? + 2..];
+    let f: Vec<&str> = after.split(' ').collect();
+    let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks / hz)
+}
+
+/// What one doppel mirror took.
+struct MirrorRun {
+    /// From starting the agent until it is synced.
+    secs: f64,
+    /// UDP bytes exchanged.
+    wire: u64,
+    /// CPU seconds of the agent and of the receiver until then.
+    agent_cpu: f64,
+    receiver_cpu: f64,
+}
+
+/// doppel with `source` and an optional stale `replica` copied in.
+fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Result<MirrorRun> {
     let old_tmp = std::env::var_os("TMPDIR");
     std::env::set_var("TMPDIR", "/dev/shm");
     let cluster = Cluster::with_agent_extra("bench", set_extra);
@@ -195,12 +217,18 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
         copy_tree(r, &c.replica)?;
     }
     c.start_receiver()?;
+    let receiver_idle = cpu_seconds(c.receiver_pid())?;
     let t = Instant::now();
     c.start_agent()?;
     let started = t.elapsed().as_secs_f64();
     c.wait_synced(Duration::from_secs(300))?;
     let secs = t.elapsed().as_secs_f64();
-    eprintln!("bench: agent capturing after {started:.2} s, synced after {secs:.2} s");
+    let agent_cpu = cpu_seconds(c.agent_pid())?;
+    let receiver_cpu = cpu_seconds(c.receiver_pid())? - receiver_idle;
+    eprintln!(
+        "bench: agent capturing after {started:.2} s, synced after {secs:.2} s \
+         (CPU: agent {agent_cpu:.2} s, receiver {receiver_cpu:.2} s)"
+    );
     if std::env::var_os("DOPPEL_BENCH_LOGS").is_some() {
         eprintln!("{}", c.log("agent.log"));
     }
@@ -212,7 +240,12 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
             &d[..d.len().min(5)]
         );
     }
-    Ok((secs, wire))
+    Ok(MirrorRun {
+        secs,
+        wire,
+        agent_cpu,
+        receiver_cpu,
+    })
 }
 
 fn json_u64(text: &str, key: &str) -> Result<u64> {
@@ -234,6 +267,7 @@ pub fn mirror(figures: &mut Figures) -> Result<()> {
     let golden = dir.path().join("golden");
     make_set(&golden)?;
     let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+    let (mut agent_cpu, mut receiver_cpu) = (Vec::new(), Vec::new());
     for round in 0..ROUNDS {
         let dest = empty_dir(dir.path(), "rsync-dest")?;
         let daemon = RsyncDaemon::start(&dest)?;
@@ -241,8 +275,11 @@ pub fn mirror(figures: &mut Figures) -> Result<()> {
         drop(daemon);
         check_equal(&golden, &dest)?;
         std::fs::remove_dir_all(&dest)?;
-        let (d, _) = doppel_mirror(&golden, None, "")?;
+        let run = doppel_mirror(&golden, None, "")?;
+        let d = run.secs;
         eprintln!("bench: mirror round {round}: doppel {d:.2} s, rsync {r:.2} s");
+        agent_cpu.push(run.agent_cpu);
+        receiver_cpu.push(run.receiver_cpu);
         ours.push(d);
         theirs.push(r);
     }
@@ -250,6 +287,8 @@ pub fn mirror(figures: &mut Figures) -> Result<()> {
     figures.insert("mirror_empty_s".into(), d);
     figures.insert("mirror_empty_rsync_s".into(), r);
     figures.insert("mirror_empty_time_ratio_vs_rsync".into(), d / r);
+    figures.insert("mirror_empty_agent_cpu_s".into(), median(agent_cpu));
+    figures.insert("mirror_empty_receiver_cpu_s".into(), median(receiver_cpu));
     Ok(())
 }
 
@@ -287,8 +326,9 @@ pub fn resync(figures: &mut Figures) -> Result<()> {
         drop(daemon);
         check_equal(&new, &dest)?;
         std::fs::remove_dir_all(&dest)?;
-        let (dt, dw) = doppel_mirror(&new, Some(&old), "")?;
-        let (qt, qw) = doppel_mirror(&new, Some(&old), "mirror_quick_check = true")?;
+        let full = doppel_mirror(&new, Some(&old), "")?;
+        let quick = doppel_mirror(&new, Some(&old), "mirror_quick_check = true")?;
+        let (dt, dw, qt, qw) = (full.secs, full.wire, quick.secs, quick.wire);
         eprintln!(
             "bench: resync round {round}: doppel {dt:.2} s {dw} B, with quick check {qt:.2} s {qw} B, rsync {rt:.2} s {rw} B, rsync --checksum {:.2} s",
             t_checksum[round]
