@@ -18,6 +18,7 @@ pub mod marks;
 pub mod metrics;
 pub mod mirror;
 pub mod overlap;
+pub mod pacing;
 pub mod queue;
 pub mod rate;
 pub mod resolve;

@@ -24,6 +24,7 @@ use crate::index::{normalize, Index, Location};
 use crate::mapped::{Mapped, PAGE};
 use crate::marks::Marks;
 use crate::overlap::Overlaps;
+use crate::pacing::RescanPacing;
 
 /// Largest data payload the resolver puts in one Write op when it reads a file.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -67,6 +68,8 @@ pub struct Resolver<W: Watcher> {
     mapped: Mapped,
     /// Recent writes, to catch two threads' writes reported in the wrong order.
     overlaps: Overlaps,
+    /// Full rescans after lost records, at most one in a while.
+    pacing: RescanPacing,
     /// Where [`Resolver::scan_all`] and [`Resolver::scan_set`] hand their ops as they go
     /// (see [`Resolver::set_scan_sink`]), and whether a scan is streaming now.
     scan_sink: Option<ScanSink>,
@@ -146,6 +149,7 @@ impl<W: Watcher> Resolver<W> {
             deferred: Vec::new(),
             mapped: Mapped::default(),
             overlaps: Overlaps::default(),
+            pacing: RescanPacing::default(),
             scan_sink: None,
             orphan_batch: 0,
             streaming: false,
@@ -680,6 +684,29 @@ impl<W: Watcher> Resolver<W> {
         for set in 0..self.sets.len() {
             self.scan_root(set, out);
         }
+    }
+
+    /// Runs the full rescan owed for lost records, once pacing allows (called on a timer,
+    /// as no event may come to trigger it).
+    /// True if it ran.
+    pub fn rescan_if_due(&mut self, out: &mut Vec<SetOp>) -> bool {
+        if !self.pacing.due(std::time::Instant::now()) {
+            return false;
+        }
+        warn!("rescanning every set for the change records the kernel lost meanwhile");
+        self.paced_rescan(out);
+        true
+    }
+
+    /// Losses whose rescan was deferred by pacing (each was answered later, none skipped).
+    pub fn rescans_deferred(&self) -> u64 {
+        self.pacing.deferred()
+    }
+
+    fn paced_rescan(&mut self, out: &mut Vec<SetOp>) {
+        let started = std::time::Instant::now();
+        self.rescan_all(out);
+        self.pacing.done(started, std::time::Instant::now());
     }
 
     /// During a streaming scan, hands what `out` holds to the sink once it is enough.
@@ -1246,8 +1273,12 @@ impl<W: Watcher> Resolver<W> {
                 len,
             } => self.mapped_range(file, parent, offset, len, time, out),
             CaptureEvent::Lost { records } => {
-                warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
-                self.rescan_all(out);
+                if self.pacing.lost(std::time::Instant::now()) {
+                    warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
+                    self.paced_rescan(out);
+                } else {
+                    warn!(records, "the kernel lost change records again, soon after a rescan; rescanning every set once more in a while (see pacing.rs)");
+                }
             }
         }
     }
@@ -1639,7 +1670,7 @@ fn emit_sums(
         // cannot see a replica that has data where the source has a hole: punch the
         // source's holes first (a no-op where the replica has one too).
         for (offset, len) in holes(&f, &m) {
-            out.push(punch(set, &path, offset, len));
+            punch(set, &path, offset, len, size, out);
         }
     }
     let mut attr = verify.map(|_| attr_of(&m));
@@ -1816,7 +1847,7 @@ fn emit_range(
             (pos, end)
         };
         if data > pos {
-            out.push(punch(set, &path, pos, data - pos));
+            punch(set, &path, pos, data - pos, size, out);
         }
         pos = data;
         while pos < hole {
@@ -1838,7 +1869,8 @@ fn emit_range(
             pos += n as u64;
         }
     }
-    if offset.saturating_add(len) >= size {
+    let cut_at_size = matches!(out.last(), Some(SetOp { op: Op::Truncate { path: p, size: s }, .. }) if *p == path && *s == size);
+    if offset.saturating_add(len) >= size && !cut_at_size {
         out.push(SetOp {
             set,
             op: Op::Truncate { path, size },
@@ -1847,10 +1879,28 @@ fn emit_range(
     Some(size)
 }
 
-/// The op that makes `[offset, offset + len)` of the replica's file a hole, its size
-/// unchanged.
-fn punch(set: usize, path: &RelPath, offset: u64, len: u64) -> SetOp {
-    SetOp {
+/// The ops that make `[offset, offset + len)` of the replica's file a hole, its size
+/// `size` unchanged.
+///
+/// A hole that runs to the end of the file is made by cutting the file at its start
+/// and extending it again, not by a punch: a punch cannot free a block it only partly
+/// covers, and ext4 counts the block holding the end of file as partly covered even
+/// then, so it zeroes that block and keeps it as data. (Two truncates to absolute sizes
+/// also stay right when a receiver applies them again after a crash.)
+fn punch(set: usize, path: &RelPath, offset: u64, len: u64, size: u64, out: &mut Vec<SetOp>) {
+    if offset < size && offset.saturating_add(len) >= size {
+        for size in [offset, size] {
+            out.push(SetOp {
+                set,
+                op: Op::Truncate {
+                    path: path.clone(),
+                    size,
+                },
+            });
+        }
+        return;
+    }
+    out.push(SetOp {
         set,
         op: Op::Fallocate {
             path: path.clone(),
@@ -1858,7 +1908,7 @@ fn punch(set: usize, path: &RelPath, offset: u64, len: u64) -> SetOp {
             offset,
             len,
         },
-    }
+    });
 }
 
 /// Whether `f` may have holes, so that its extents are worth asking for (SEEK_DATA).
@@ -2296,6 +2346,39 @@ mod tests {
             .iter()
             .any(|o| o.paths().any(|p| p.0.ends_with(b".tmp"))));
         assert!(w.0.borrow().contains(&id_of(&d.path().join("sub"))));
+    }
+
+    #[test]
+    fn a_hole_to_the_end_of_file_is_made_by_truncates_not_a_punch() {
+        let d = tempfile::tempdir().unwrap();
+        let path = d.path().join("f");
+        let f = File::create(&path).unwrap();
+        f.write_all_at(&[7; 4096], 0).unwrap();
+        f.write_all_at(&[1; 100], 8192).unwrap();
+        f.set_len(6814 + 8192).unwrap(); // data, hole, data, hole to the end
+        let id = id_of(&path);
+        let mut out = Vec::new();
+        emit_range(0, &path, Path::new("f"), 0, 6814 + 8192, id, &mut out).unwrap();
+        let ops: Vec<String> = out
+            .iter()
+            .map(|o| match &o.op {
+                Op::Write { offset, data, .. } => format!("write {offset}+{}", data.len()),
+                Op::Fallocate { offset, len, .. } => format!("punch {offset}+{len}"),
+                Op::Truncate { size, .. } => format!("truncate {size}"),
+                op => format!("{op:?}"),
+            })
+            .collect();
+        // ext4 would keep the block holding end of file as zeroed data after a punch.
+        assert_eq!(
+            ops,
+            [
+                "write 0+4096",
+                "punch 4096+4096",
+                "write 8192+4096", // data is read as the filesystem's blocks hold it
+                "truncate 12288",
+                "truncate 15006"
+            ]
+        );
     }
 
     #[test]

@@ -145,6 +145,7 @@ pub async fn run(config: Config) -> Result<()> {
             .collect(),
         mapped_hot_pages: Default::default(),
         reread_ranges: Default::default(),
+        rescans_deferred: Default::default(),
         mirror: Mutex::new(Tracker::new(slots.clone())),
         mirror_work,
         mirror_inflight: Default::default(),
@@ -281,6 +282,9 @@ pub async fn run(config: Config) -> Result<()> {
                 }
                 if durable {
                     shared.pushed.send_modify(|g| *g += 1);
+                }
+                if resolver.rescan_if_due(&mut ops) {
+                    resolver.finish(&mut ops);
                 }
                 push(&shared, &mut ops, &mut room).await;
             }
@@ -516,6 +520,9 @@ fn publish<W: Watcher>(shared: &Shared, resolver: &Resolver<W>) {
     shared
         .reread_ranges
         .store(resolver.reread_ranges, Ordering::Relaxed);
+    shared
+        .rescans_deferred
+        .store(resolver.rescans_deferred(), Ordering::Relaxed);
 }
 
 /// Logs a status line per target every few seconds.
@@ -553,6 +560,7 @@ async fn report(shared: Arc<Shared>, capture: Arc<Capture>, config: Config) {
                     lost = stats.lost,
                     mapped_hot_pages = shared.mapped_hot_pages.load(Ordering::Relaxed),
                     reread_ranges = shared.reread_ranges.load(Ordering::Relaxed),
+                    rescans_deferred = shared.rescans_deferred.load(Ordering::Relaxed),
                     "status"
                 );
             }

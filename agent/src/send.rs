@@ -45,6 +45,8 @@ pub struct Shared {
     pub mapped_hot_pages: std::sync::atomic::AtomicU64,
     /// Ranges read again because an event may have carried older bytes (overlap.rs).
     pub reread_ranges: std::sync::atomic::AtomicU64,
+    /// Losses of capture records whose full rescan was deferred (pacing.rs), for status.
+    pub rescans_deferred: std::sync::atomic::AtomicU64,
     /// Block comparisons that may still need an answer (lock after a queue, never before).
     pub mirror: Mutex<Tracker>,
     /// Answers and re-comparisons for the pipeline, which owns the files' paths.
