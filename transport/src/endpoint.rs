@@ -43,6 +43,17 @@ const SEND_WINDOW: u64 = 16 << 20;
 /// single IPv6 datagram can carry; IPv4 allows 20 bytes more.
 const MAX_DATAGRAM: u16 = 65_487;
 
+/// Which transport settings an endpoint gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tuning {
+    /// doppel's: wide flow-control windows, keep-alives, datagrams up to 64 KiB, large
+    /// socket buffers. What the agent and the receiver use.
+    Doppel,
+    /// quinn's own defaults on a plain socket (TLS and pinning as always): the
+    /// baseline benchmarks compare doppel with.
+    QuinnDefaults,
+}
+
 fn transport_config() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.keep_alive_interval(Some(KEEP_ALIVE));
@@ -77,6 +88,16 @@ pub fn server_endpoint(
     id: &Identity,
     allowed: Vec<String>,
 ) -> anyhow::Result<quinn::Endpoint> {
+    server_endpoint_tuned(listen, id, allowed, Tuning::Doppel)
+}
+
+/// [`server_endpoint`] with the given [`Tuning`].
+pub fn server_endpoint_tuned(
+    listen: SocketAddr,
+    id: &Identity,
+    allowed: Vec<String>,
+    tuning: Tuning,
+) -> anyhow::Result<quinn::Endpoint> {
     let allowed = normalise(allowed).context("invalid fingerprint in the allowed client list")?;
     let mut tls = rustls::ServerConfig::builder_with_provider(crate::crypto_provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -90,15 +111,19 @@ pub fn server_endpoint(
     tls.max_early_data_size = 0;
     let crypto = QuicServerConfig::try_from(tls).context("cannot build the QUIC TLS config")?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    config.transport_config(transport_config());
-    let socket = crate::socket::bind(listen).with_context(|| {
+    if tuning == Tuning::Doppel {
+        config.transport_config(transport_config());
+    }
+    let socket = crate::socket::bind(listen, tuning).with_context(|| {
         format!(
             "cannot listen on UDP {listen}; is another receiver running, or is the address wrong?"
         )
     })?;
     let (reset, cid) = restart_keys(id);
     let mut endpoint = quinn::EndpointConfig::new(Arc::new(reset));
-    accept_large_datagrams(&mut endpoint);
+    if tuning == Tuning::Doppel {
+        accept_large_datagrams(&mut endpoint);
+    }
     endpoint
         .cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid)));
     quinn::Endpoint::new_with_abstract_socket(
@@ -136,6 +161,16 @@ pub async fn connect(
     addr: SocketAddr,
     server_fp: &str,
 ) -> anyhow::Result<quinn::Connection> {
+    connect_tuned(id, addr, server_fp, Tuning::Doppel).await
+}
+
+/// [`connect`] with the given [`Tuning`].
+pub async fn connect_tuned(
+    id: &Identity,
+    addr: SocketAddr,
+    server_fp: &str,
+    tuning: Tuning,
+) -> anyhow::Result<quinn::Connection> {
     let server_fp = parse_fingerprint(server_fp).context("invalid receiver fingerprint")?;
     let verifier = Arc::new(PinnedServerVerifier::new(server_fp));
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
@@ -148,7 +183,9 @@ pub async fn connect(
     tls.alpn_protocols = vec![ALPN.to_vec()];
     let crypto = QuicClientConfig::try_from(tls).context("cannot build the QUIC TLS config")?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
-    config.transport_config(transport_config());
+    if tuning == Tuning::Doppel {
+        config.transport_config(transport_config());
+    }
 
     let bind: SocketAddr = if addr.is_ipv4() {
         (Ipv4Addr::UNSPECIFIED, 0).into()
@@ -156,10 +193,12 @@ pub async fn connect(
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
     // The connection keeps the endpoint's driver alive; the handle itself can go.
-    let socket =
-        crate::socket::bind(bind).with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
+    let socket = crate::socket::bind(bind, tuning)
+        .with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
     let mut endpoint_config = quinn::EndpointConfig::default();
-    accept_large_datagrams(&mut endpoint_config);
+    if tuning == Tuning::Doppel {
+        accept_large_datagrams(&mut endpoint_config);
+    }
     let endpoint = quinn::Endpoint::new_with_abstract_socket(
         endpoint_config,
         None,

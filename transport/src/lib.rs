@@ -20,7 +20,9 @@ pub mod keys;
 mod socket;
 pub mod verify;
 
-pub use endpoint::{connect, peer_fingerprint, server_endpoint, ALPN};
+pub use endpoint::{
+    connect, connect_tuned, peer_fingerprint, server_endpoint, server_endpoint_tuned, Tuning, ALPN,
+};
 pub use framed::{FrameReceiver, FrameSender, FramedStream};
 pub use keys::{fingerprint, keygen, parse_fingerprint, Identity};
 

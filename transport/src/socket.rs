@@ -17,6 +17,8 @@ use std::task::{Context, Poll};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, Runtime, UdpPoller};
 
+use crate::endpoint::Tuning;
+
 /// Kernel socket buffer each way. Linux's default (208 KiB) holds about 150 full-size
 /// datagrams: a receiver that is off the CPU for a millisecond while a bulk copy
 /// arrives at a gigabyte a second drops the rest, and every drop halves the congestion
@@ -32,10 +34,14 @@ const MAX_GSO_SEGMENTS: usize = 64;
 
 /// A UDP socket on `addr` with [`SOCKET_BUFFER`] each way, ready for a quinn endpoint.
 /// As root the size is forced past `net.core.{r,w}mem_max`; otherwise the kernel caps it
-/// there, which still works, only with more drops under load.
-pub(crate) fn bind(addr: SocketAddr) -> io::Result<Arc<dyn AsyncUdpSocket>> {
+/// there, which still works, only with more drops under load. With
+/// [`Tuning::QuinnDefaults`], the plain socket quinn would make.
+pub(crate) fn bind(addr: SocketAddr, tuning: Tuning) -> io::Result<Arc<dyn AsyncUdpSocket>> {
     use rustix::net::sockopt;
     let socket = std::net::UdpSocket::bind(addr)?;
+    if tuning == Tuning::QuinnDefaults {
+        return quinn::TokioRuntime.wrap_udp_socket(socket);
+    }
     if sockopt::set_socket_recv_buffer_size_force(&socket, SOCKET_BUFFER).is_err() {
         sockopt::set_socket_recv_buffer_size(&socket, SOCKET_BUFFER)?;
     }

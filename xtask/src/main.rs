@@ -63,6 +63,9 @@ enum Cmd {
     BenchSink {
         keys: std::path::PathBuf,
         client_fp: String,
+        /// Use quinn's default transport settings instead of doppel's.
+        #[arg(long)]
+        quinn_defaults: bool,
     },
 }
 
@@ -76,7 +79,11 @@ fn main() {
         Cmd::Bench { names, json } => bench::run(&names, &json),
         Cmd::Fuzz { seconds } => fuzz::run(seconds),
         Cmd::Install { prefix, destdir } => install::run(&prefix, destdir.as_deref()),
-        Cmd::BenchSink { keys, client_fp } => bench::sink(&keys, &client_fp),
+        Cmd::BenchSink {
+            keys,
+            client_fp,
+            quinn_defaults,
+        } => bench::sink(&keys, &client_fp, quinn_defaults),
     };
     if let Err(e) = r {
         eprintln!("xtask: {e:#}");

@@ -6,8 +6,11 @@
 //!   bytes are readable on the target, 1,000 writes/s for 20 s over loopback.
 //! - `throughput`: `throughput_mb_s`, `quic_baseline_mb_s`, `throughput_ratio_vs_quic` —
 //!   2 GiB of 1 MiB sequential writes replicated end to end (until the replica holds
-//!   every byte), against a plain quinn bulk transfer of the same bytes with the same
-//!   mutual-TLS configuration, on loopback in the same run.
+//!   every byte), against a plain quinn bulk transfer of the same bytes (quinn's default
+//!   transport settings, doppel's mutual TLS), on loopback in the same run. Also against
+//!   quinn with doppel's own transport settings (64 KiB datagrams on loopback, wide
+//!   windows), which no file IO slows: `quic_tuned_baseline_mb_s`,
+//!   `throughput_ratio_vs_tuned_quic`.
 //! - `journal`: `journal_write_amplification` — bytes the agent wrote to its journal
 //!   per byte of file data replicated, store-and-forward mode, 128 MiB in 64 KiB writes
 //!   (read from the agent's status line).
@@ -278,14 +281,15 @@ const THROUGHPUT_BYTES: u64 = 2 << 30;
 /// stream to its end, prints the byte count. Runs as its own process (`xtask
 /// bench-sink`), as doppel-receiver does, so both sides of both measurements get a
 /// process and a runtime of their own.
-pub fn sink(keys: &Path, client_fp: &str) -> Result<()> {
+pub fn sink(keys: &Path, client_fp: &str, quinn_defaults: bool) -> Result<()> {
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async {
         let id = doppel_transport::Identity::load(&keys.join("cert.pem"), &keys.join("key.pem"))?;
-        let ep = doppel_transport::server_endpoint(
+        let ep = doppel_transport::server_endpoint_tuned(
             "127.0.0.1:0".parse()?,
             &id,
             vec![client_fp.to_string()],
+            tuning(quinn_defaults),
         )?;
         println!("listening {}", ep.local_addr()?.port());
         let conn = ep.accept().await.context("no connection")?.await?;
@@ -301,9 +305,18 @@ pub fn sink(keys: &Path, client_fp: &str) -> Result<()> {
     })
 }
 
+fn tuning(quinn_defaults: bool) -> doppel_transport::Tuning {
+    if quinn_defaults {
+        doppel_transport::Tuning::QuinnDefaults
+    } else {
+        doppel_transport::Tuning::Doppel
+    }
+}
+
 /// Plain quinn: one stream, `bytes` written in 1 MiB pieces to a sink process that
-/// reads and drops them, with the same endpoint and TLS configuration doppel uses.
-fn quic_baseline(bytes: u64) -> Result<f64> {
+/// reads and drops them, with doppel's TLS configuration and either quinn's default
+/// transport settings or doppel's.
+fn quic_baseline(bytes: u64, quinn_defaults: bool) -> Result<f64> {
     use std::io::BufRead;
     let dir = tempfile::tempdir()?;
     let keys = |name: &str| -> Result<doppel_transport::Identity> {
@@ -316,6 +329,7 @@ fn quic_baseline(bytes: u64) -> Result<f64> {
         .arg("bench-sink")
         .arg(dir.path().join("server"))
         .arg(client.fingerprint())
+        .args(quinn_defaults.then_some("--quinn-defaults"))
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let mut out = std::io::BufReader::new(child.stdout.take().context("sink stdout")?);
@@ -329,7 +343,13 @@ fn quic_baseline(bytes: u64) -> Result<f64> {
     let rt = tokio::runtime::Runtime::new()?;
     let secs = rt.block_on(async {
         let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-        let conn = doppel_transport::connect(&client, addr, &server.fingerprint()).await?;
+        let conn = doppel_transport::connect_tuned(
+            &client,
+            addr,
+            &server.fingerprint(),
+            tuning(quinn_defaults),
+        )
+        .await?;
         let buf = bytes::Bytes::from(vec![0x5au8; 1 << 20]);
         let t = Instant::now();
         let mut s = conn.open_uni().await?;
@@ -398,9 +418,11 @@ fn replicate_bulk(bytes: u64) -> Result<f64> {
 /// quinn baseline touches no disk at all. The same run on disk is reported beside it.
 fn throughput(figures: &mut Figures) -> Result<()> {
     let (mut doppel, mut quic, mut disk) = (Vec::new(), Vec::new(), Vec::new());
+    let mut tuned = Vec::new();
     let old_tmp = std::env::var_os("TMPDIR");
     for round in 0..3 {
-        quic.push(quic_baseline(THROUGHPUT_BYTES)?);
+        quic.push(quic_baseline(THROUGHPUT_BYTES, true)?);
+        tuned.push(quic_baseline(THROUGHPUT_BYTES, false)?);
         std::env::set_var("TMPDIR", "/dev/shm");
         let on_tmpfs = replicate_bulk(THROUGHPUT_BYTES);
         match &old_tmp {
@@ -410,11 +432,13 @@ fn throughput(figures: &mut Figures) -> Result<()> {
         doppel.push(on_tmpfs?);
         disk.push(replicate_bulk(THROUGHPUT_BYTES)?);
         eprintln!(
-            "bench: round {round}: doppel {:.0} MB/s (tmpfs), {:.0} MB/s (disk); plain quinn {:.0} MB/s",
-            doppel[round], disk[round], quic[round]
+            "bench: round {round}: doppel {:.0} MB/s (tmpfs), {:.0} MB/s (disk); plain quinn {:.0} MB/s, with doppel's settings {:.0} MB/s",
+            doppel[round], disk[round], quic[round], tuned[round]
         );
     }
-    let (d, q) = (median(doppel), median(quic));
+    let (d, q, t) = (median(doppel), median(quic), median(tuned));
+    figures.insert("quic_tuned_baseline_mb_s".into(), t);
+    figures.insert("throughput_ratio_vs_tuned_quic".into(), d / t);
     figures.insert("throughput_mb_s".into(), d);
     figures.insert("throughput_disk_mb_s".into(), median(disk));
     figures.insert("quic_baseline_mb_s".into(), q);
