@@ -248,8 +248,11 @@ fn slowdown(figures: &mut Figures) -> Result<()> {
         c.start_agent()?;
         // Let the agent's initial activity settle.
         std::thread::sleep(Duration::from_millis(300));
-        agent_w.push(write_loop(&c.source)?);
+        // Unwatched first: after the watched loop, the agent and the receiver spend
+        // seconds replicating its 400 MB, on the same two cores as the writer, and an
+        // unwatched loop run then measures that work instead of the filter's cost.
         agent_u.push(write_loop(&unwatched)?);
+        agent_w.push(write_loop(&c.source)?);
         // The replica must have received the watched loop's writes.
         doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(30))
             .map_err(|d| anyhow::anyhow!("replica did not converge in round {round}: {d:?}"))?;
