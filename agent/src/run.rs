@@ -400,7 +400,13 @@ async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<
 
 /// Moves ops into their set queues (tracking comparisons) and wakes the senders.
 fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
-    for SetOp { set, op } in ops.drain(..) {
+    for SetOp { set, mut op } in ops.drain(..) {
+        // Writes joined from many small ones grew by doubling: give the slack back
+        // before the queue holds them (its bound counts data, and glibc shrinks a
+        // block in place).
+        if let Op::Write { data, .. } = &mut op {
+            data.shrink_to_fit();
+        }
         let compared = match &op {
             Op::Sum {
                 job,
