@@ -12,7 +12,7 @@ use doppel_common::abi::{
 
 use crate::{
     kernel::{arg, fd_file, file_parent, in_compat_syscall, linked_inode, off, regular_inode, rk},
-    maps::{bump, contents_watched, ignored, output, record_missed, scratch},
+    maps::{bump, contents_watched, ignored, output, record_missed, scratch, send_chunk, Chunk},
     syscalls,
 };
 
@@ -208,8 +208,29 @@ pub fn on_write(regs: u64, nr: u64, written: u64) {
             break;
         }
         let mut n = written - done;
-        if n > CHUNK_SIZE as u64 {
+        if n >= CHUNK_SIZE as u64 {
             n = CHUNK_SIZE as u64;
+            // SAFETY: `rec` is the scratch record, its header set above.
+            let record = unsafe {
+                (*rec).offset = offset + done;
+                (*rec).len = n;
+                *rec
+            };
+            match send_chunk(&record, buf + done) {
+                Chunk::Sent => {
+                    bump(STAT_EVENTS, 1);
+                    bump(STAT_DATA_BYTES, n);
+                    continue;
+                }
+                Chunk::RingFull => {
+                    record_missed(&fid, offset + done, offset + written);
+                    return;
+                }
+                Chunk::Unreadable => {
+                    emit_dirty(s, rec, tgid, &fid, &parent, offset + done, written - done);
+                    return;
+                }
+            }
         }
         // SAFETY: as above; `n <= CHUNK_SIZE` keeps the copy inside the scratch buffer.
         let r = unsafe {
