@@ -1893,6 +1893,7 @@ fn emit_range(
             pos += n as u64;
         }
     }
+    // A hole running to the end already ended with this truncate (see `punch`).
     let cut_at_size = matches!(out.last(), Some(SetOp { op: Op::Truncate { path: p, size: s }, .. }) if *p == path && *s == size);
     if offset.saturating_add(len) >= size && !cut_at_size {
         out.push(SetOp {
@@ -2393,12 +2394,14 @@ mod tests {
             })
             .collect();
         // ext4 would keep the block holding end of file as zeroed data after a punch.
+        // (Data is read as the filesystem's blocks hold it: 4 KiB here, on tmpfs and
+        // on ext4 alike.)
         assert_eq!(
             ops,
             [
                 "write 0+4096",
                 "punch 4096+4096",
-                "write 8192+4096", // data is read as the filesystem's blocks hold it
+                "write 8192+4096",
                 "truncate 12288",
                 "truncate 15006"
             ]
