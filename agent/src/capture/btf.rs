@@ -35,7 +35,8 @@ const KIND_ENUM64: u32 = 19;
 
 #[derive(Debug, Clone)]
 struct Member {
-    name: String,
+    /// Offset of the name in the string section.
+    name: u32,
     type_id: u32,
     /// Offset in bits from the start of the enclosing struct/union.
     bit_offset: u32,
@@ -45,7 +46,6 @@ struct Member {
 enum Type {
     /// Struct or union.
     Composite {
-        name: String,
         size: u32,
         members: Vec<Member>,
     },
@@ -56,12 +56,16 @@ enum Type {
     Other,
 }
 
-/// Parsed vmlinux BTF, reduced to what offset lookups need.
+/// Parsed vmlinux BTF, reduced to what offset lookups need. Names stay offsets into
+/// the string section until asked for: vmlinux has hundreds of thousands of members
+/// and enumerators, and making a String of each was most of the agent's start-up.
 pub struct Btf {
     types: Vec<Type>,
     by_name: HashMap<String, u32>,
-    /// Enumerators of every enum (C gives them one global namespace).
-    enumerators: HashMap<String, i64>,
+    /// Enumerators of every enum (C gives them one global namespace), as (name offset,
+    /// value), in BTF order.
+    enumerators: Vec<(u32, i64)>,
+    strings: Vec<u8>,
 }
 
 fn u16_at(d: &[u8], at: usize) -> Result<u16> {
@@ -74,12 +78,13 @@ fn u32_at(d: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-fn str_at(strings: &[u8], off: u32) -> Result<String> {
+/// The NUL-terminated string at `off` (without its NUL).
+fn bytes_at(strings: &[u8], off: u32) -> Result<&[u8]> {
     let s = strings
         .get(off as usize..)
         .context("BTF string offset out of range")?;
     let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
-    Ok(String::from_utf8_lossy(&s[..end]).into_owned())
+    Ok(&s[..end])
 }
 
 impl Btf {
@@ -117,7 +122,7 @@ impl Btf {
         // Type ids start at 1; id 0 is void.
         let mut types = vec![Type::Other];
         let mut by_name = HashMap::new();
-        let mut enumerators = HashMap::new();
+        let mut enumerators = Vec::new();
         let mut at = 0usize;
         while at < tsec.len() {
             let name_off = u32_at(tsec, at)?;
@@ -144,22 +149,30 @@ impl Btf {
                         let m_type = u32_at(tsec, at + 4)?;
                         let m_off = u32_at(tsec, at + 8)?;
                         at += 12;
+                        bytes_at(strings, m_name)?;
                         members.push(Member {
-                            name: str_at(strings, m_name)?,
+                            name: m_name,
                             type_id: m_type,
                             // With kind_flag, the top 8 bits hold a bitfield size.
                             bit_offset: if kind_flag { m_off & 0xff_ffff } else { m_off },
                         });
                     }
+                    let name = bytes_at(strings, name_off)?;
+                    if !name.is_empty() {
+                        // Keep the first complete definition of a name.
+                        by_name
+                            .entry(String::from_utf8_lossy(name).into_owned())
+                            .or_insert(types.len() as u32);
+                    }
                     Type::Composite {
-                        name: str_at(strings, name_off)?,
                         size: size_or_type,
                         members,
                     }
                 }
                 KIND_ENUM => {
                     for _ in 0..vlen {
-                        let name = str_at(strings, u32_at(tsec, at)?)?;
+                        let name = u32_at(tsec, at)?;
+                        bytes_at(strings, name)?;
                         let value = u32_at(tsec, at + 4)?;
                         // Signedness is in kind_flag; a negative value never names an op.
                         let value = if kind_flag {
@@ -167,19 +180,18 @@ impl Btf {
                         } else {
                             i64::from(value)
                         };
-                        enumerators.entry(name).or_insert(value);
+                        enumerators.push((name, value));
                         at += 8;
                     }
                     Type::Sized(size_or_type)
                 }
                 KIND_ENUM64 => {
                     for _ in 0..vlen {
-                        let name = str_at(strings, u32_at(tsec, at)?)?;
+                        let name = u32_at(tsec, at)?;
+                        bytes_at(strings, name)?;
                         let lo = u32_at(tsec, at + 4)?;
                         let hi = u32_at(tsec, at + 8)?;
-                        enumerators
-                            .entry(name)
-                            .or_insert((u64::from(hi) << 32 | u64::from(lo)) as i64);
+                        enumerators.push((name, (u64::from(hi) << 32 | u64::from(lo)) as i64));
                         at += 12;
                     }
                     Type::Sized(size_or_type)
@@ -203,26 +215,28 @@ impl Btf {
                 KIND_FLOAT => Type::Sized(size_or_type),
                 other => bail!("unknown BTF kind {other}"),
             };
-            if let Type::Composite { name, .. } = &ty {
-                if !name.is_empty() {
-                    // Keep the first complete definition of a name.
-                    by_name.entry(name.clone()).or_insert(types.len() as u32);
-                }
-            }
             types.push(ty);
         }
         Ok(Self {
             types,
             by_name,
             enumerators,
+            strings: strings.to_vec(),
         })
     }
 
-    /// Value of the enumerator `name` (e.g. `IORING_OP_WRITE`).
+    /// The name at string offset `off` (checked when parsed).
+    fn name(&self, off: u32) -> &[u8] {
+        bytes_at(&self.strings, off).unwrap_or_default()
+    }
+
+    /// Value of the enumerator `name` (e.g. `IORING_OP_WRITE`); the first one of that
+    /// name if several enums define it.
     pub fn enum_value(&self, name: &str) -> Result<i64> {
         self.enumerators
-            .get(name)
-            .copied()
+            .iter()
+            .find(|(off, _)| self.name(*off) == name.as_bytes())
+            .map(|(_, value)| *value)
             .with_context(|| format!("enumerator {name} is not in the kernel's BTF"))
     }
 
@@ -254,11 +268,11 @@ impl Btf {
             return None;
         };
         for m in members {
-            if m.name == name {
+            if self.name(m.name) == name.as_bytes() {
                 return Some((u64::from(m.bit_offset / 8), m.type_id));
             }
         }
-        for m in members.iter().filter(|m| m.name.is_empty()) {
+        for m in members.iter().filter(|m| self.name(m.name).is_empty()) {
             if let Some((off, ty)) = self.find_member(m.type_id, name, depth + 1) {
                 return Some((u64::from(m.bit_offset / 8) + off, ty));
             }
