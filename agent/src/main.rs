@@ -190,6 +190,12 @@ fn real_main(cli: Cli) -> Result<u8> {
         Cmd::Run { config } => {
             let config = doppel_agent::config::Config::load(&config)?;
             doppel_control::log::init(&config.log)?;
+            tracing::info!(
+                version = env!("CARGO_PKG_VERSION"),
+                sets = config.sets.len(),
+                targets = config.targets.len(),
+                "doppel-agent starting"
+            );
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(doppel_agent::run::run(config))?;
             Ok(0)

@@ -4,17 +4,23 @@
 //! # How the mirror stays correct while files change
 //!
 //! A file is mirrored with ops in its set's sequence, like any change: `CreateFile`,
-//! `Truncate` to the source's size, then `Sum`s of its blocks read from the source at
-//! that moment. The receiver compares when it applies the `Sum`, so the replica is in
-//! exactly the state of the records before it, and answers `Need` with the ranges that
-//! differ. The agent then reads those ranges from the source *as they are now* and sends
-//! them as ordinary writes, numbered after everything captured so far.
+//! `Truncate` to the source's size, then a layout question (a `Sum` of
+//! [`LAYOUT_JOB`](doppel_common::wire::sums::LAYOUT_JOB), without blocks). The receiver
+//! answers it when it applies it, so the replica is in exactly the state of the records
+//! before it: a `Need` with the blocks in which the replica has no data at all (holes, or
+//! past its end). The agent sends those as they are now, without checksums (nothing there
+//! could match), and for the other blocks queues `Sum`s read from the source at that
+//! moment ([`Work::CompareRest`]). The receiver compares each when it applies it and
+//! answers `Need` with the ranges that differ. The agent then reads those ranges from the
+//! source *as they are now* and sends them as ordinary writes, numbered after everything
+//! captured so far. A mirror to an empty target thus reads each source byte once.
 //!
 //! Live changes keep flowing meanwhile and are never overwritten by older bytes: every
 //! write captured before the mirror read the file is numbered before the mirror's ops
 //! (or, still in the ring, after them, carrying its own bytes in capture order), and
 //! mirror data is always read after the `Need` arrived, so it is never older than a write
-//! numbered before it. A block the comparison found equal is equal at the `Sum`'s place
+//! numbered before it. The same holds for the `Sum`s a layout answer leads to: they are
+//! read after the answer arrived and numbered after what was captured before that. A block the comparison found equal is equal at the `Sum`'s place
 //! in the sequence, and later writes to it arrive as records of their own.
 //!
 //! # Answers lost with a connection
@@ -90,6 +96,13 @@ pub enum Work {
         set: usize,
         files: Vec<FileId>,
     },
+    /// Compare the blocks of `file` outside `sent` (which a layout answer said the
+    /// replica has no data in, and which are sent whole).
+    CompareRest {
+        set: usize,
+        file: FileId,
+        sent: Vec<(u64, u64)>,
+    },
 }
 
 impl Work {
@@ -98,7 +111,7 @@ impl Work {
     pub fn bytes(&self) -> u64 {
         match self {
             Work::Need(a) => a.ranges.iter().map(|r| r.1).sum(),
-            Work::Resum { .. } => 0,
+            Work::Resum { .. } | Work::CompareRest { .. } => 0,
         }
     }
 }
@@ -106,13 +119,37 @@ impl Work {
 /// Splits a `Need` into pieces of at most `piece` bytes of ranges, so that the mirror
 /// queues its data a little at a time (a queue or journal bound smaller than one file
 /// must not be overrun). A fine block is never split. The file is made (`missing`) by
-/// the first piece only. Other work comes back as it is.
+/// the first piece only. A layout answer becomes its data-less ranges, sent whole in
+/// pieces, then a [`Work::CompareRest`] of the rest. Other work comes back as it is.
 pub fn split(work: Work, piece: u64) -> Vec<Work> {
     let Work::Need(a) = work else {
         return vec![work];
     };
     if a.job == doppel_common::wire::sums::QUICK_JOB {
         return vec![Work::Need(a)]; // one re-comparison of the file, whatever the ranges
+    }
+    if a.job == doppel_common::wire::sums::LAYOUT_JOB {
+        // Where the replica has no data: sent whole, in pieces like any answer (no fine
+        // checksums: nothing there could match). Then the rest is compared.
+        let rest = Work::CompareRest {
+            set: a.set,
+            file: a.file,
+            sent: a.ranges.clone(),
+        };
+        let whole = Answer {
+            job: 0,
+            fine: Vec::new(),
+            fine_block: 0,
+            attr: false,
+            ..a
+        };
+        let mut pieces = if whole.ranges.is_empty() && !whole.missing {
+            Vec::new()
+        } else {
+            split(Work::Need(whole), piece)
+        };
+        pieces.push(rest);
+        return pieces;
     }
     let (ranges, fine, fine_block) = (&a.ranges, &a.fine, a.fine_block);
     let has_fine = fine.len() == ranges.len() && fine_block > 0;

@@ -495,6 +495,69 @@ impl<W: Watcher> Resolver<W> {
         }
     }
 
+    /// The rest of the replica's answer to a file's layout question
+    /// ([`LAYOUT_JOB`](doppel_common::wire::sums::LAYOUT_JOB)): the blocks in `sent` had no
+    /// data there and go whole (through [`Resolver::mirror_need`]); the others are
+    /// compared now, with checksums read now and numbered after everything captured so
+    /// far (the same ordering as a scan's; see mirror.rs).
+    pub fn compare_rest(
+        &mut self,
+        set: usize,
+        file: FileId,
+        sent: &[(u64, u64)],
+        out: &mut Vec<SetOp>,
+    ) {
+        let Some(loc) = self.index.location(file) else {
+            return; // removed since: its removal was sent
+        };
+        if loc.set != set || !self.sets[set].rules.file(&loc.rel) || self.index.is_dir(file) {
+            return;
+        }
+        let abs = self.index.abs(&loc);
+        let found = File::open(&abs).ok().and_then(|f| {
+            let m = f.metadata().ok()?;
+            (m.is_file() && file_id(&m) == file).then_some((f, m))
+        });
+        let Some((f, m)) = found else {
+            // Replaced or moved meanwhile: read the directory again once the events
+            // are resolved, as a resum does.
+            if let Some(dir) = self.parent_of(&loc) {
+                self.rescan.entry(dir).or_insert_with(monotonic_ns);
+            }
+            return;
+        };
+        let block = self.sets[set].mirror_block;
+        let size = m.len();
+        let path = rel_path(&loc.rel);
+        let covered = |offset: u64| {
+            let end = (offset + block as u64).min(size);
+            let i = sent.partition_point(|&(o, l)| o + l <= offset);
+            sent.get(i)
+                .is_some_and(|&(o, l)| o <= offset && end <= o + l)
+        };
+        block_sums(
+            &f,
+            &m,
+            block,
+            |offset| !covered(offset),
+            |offset, sums| {
+                out.push(SetOp {
+                    set,
+                    op: Op::Sum {
+                        path: path.clone(),
+                        job: 0,
+                        file: [file.dev, file.ino],
+                        size,
+                        offset,
+                        block,
+                        sums,
+                        attr: None,
+                    },
+                })
+            },
+        );
+    }
+
     /// Copies again what `marks` says changed while records were dropped (see marks.rs):
     /// each marked entry as it is now (mirrored; a directory with its subtree), then the
     /// listing of every directory that lost entries, so that the replica drops them.
@@ -1720,15 +1783,41 @@ fn emit_sums(
         }
         return Some(size);
     }
-    block_sums(&f, &m, block, emit);
+    if verify.is_none() {
+        // The mirror first asks where the replica has no data: those blocks are sent
+        // without reading them twice, and the rest is compared once the answer is here
+        // (`Resolver::compare_rest`).
+        out.push(SetOp {
+            set,
+            op: Op::Sum {
+                path,
+                job: doppel_common::wire::sums::LAYOUT_JOB,
+                file: [id.dev, id.ino],
+                size,
+                offset: 0,
+                block,
+                sums: Vec::new(),
+                attr: None,
+            },
+        });
+        return Some(size);
+    }
+    block_sums(&f, &m, block, |_| true, emit);
     Some(size)
 }
 
 /// Hands the checksums of `f`'s blocks to `emit` in runs of at most [`SUMS_PER_OP`],
-/// with the offset of each run. Holes are not read: their blocks have the checksum of
-/// zeros. A block cut short (the file shrank meanwhile) has the checksum of what was
-/// read; the truncate that shrank it follows.
-fn block_sums(f: &File, m: &Metadata, block: u32, mut emit: impl FnMut(u64, Vec<u64>)) {
+/// with the offset of each run; only the blocks `wanted` says (by offset), which breaks
+/// runs. Holes are not read: their blocks have the checksum of zeros. A block cut short
+/// (the file shrank meanwhile) has the checksum of what was read; the truncate that
+/// shrank it follows.
+fn block_sums(
+    f: &File,
+    m: &Metadata,
+    block: u32,
+    wanted: impl Fn(u64) -> bool,
+    mut emit: impl FnMut(u64, Vec<u64>),
+) {
     use doppel_common::wire::sums::{block_sum, zero_sum};
     let size = m.len();
     let sparse = m.blocks().saturating_mul(512) < size;
@@ -1740,6 +1829,14 @@ fn block_sums(f: &File, m: &Metadata, block: u32, mut emit: impl FnMut(u64, Vec<
     let mut data = (0u64, 0u64);
     while pos < size {
         let len = step.min(size - pos);
+        if !wanted(pos) {
+            if !sums.is_empty() {
+                emit(first, std::mem::take(&mut sums));
+            }
+            pos += len;
+            first = pos;
+            continue;
+        }
         if sparse && pos >= data.1 {
             data = next_data(f, pos, size);
         }
@@ -1755,7 +1852,7 @@ fn block_sums(f: &File, m: &Metadata, block: u32, mut emit: impl FnMut(u64, Vec<
         };
         sums.push(sum);
         pos += len;
-        if sums.len() == SUMS_PER_OP || pos >= size {
+        if sums.len() == SUMS_PER_OP || (pos >= size && !sums.is_empty()) {
             emit(first, std::mem::take(&mut sums));
             first = pos;
         }
@@ -2100,6 +2197,7 @@ mod tests {
         let mut out = Vec::new();
         for o in ops {
             let Op::Sum {
+                job,
                 file,
                 size,
                 offset,
@@ -2110,6 +2208,19 @@ mod tests {
             else {
                 continue;
             };
+            if *job == doppel_common::wire::sums::LAYOUT_JOB {
+                // No data anywhere: all of it is sent, nothing is left to compare.
+                let id = FileId {
+                    dev: file[0],
+                    ino: file[1],
+                };
+                let all = [(*offset, size - offset)];
+                r.mirror_need(o.set, id, &all, (0, &[]), false, &mut out);
+                let mut rest = Vec::new();
+                r.compare_rest(o.set, id, &all, &mut rest);
+                assert!(rest.is_empty(), "nothing left to compare: {rest:?}");
+                continue;
+            }
             let mut ranges = Vec::new();
             for (i, &sum) in sums.iter().enumerate() {
                 let start = offset + i as u64 * *block as u64;
@@ -2139,9 +2250,13 @@ mod tests {
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let mut runs = Vec::new();
-        block_sums(&f, &f.metadata().unwrap(), 4096, |off, sums| {
-            runs.push((off, sums))
-        });
+        block_sums(
+            &f,
+            &f.metadata().unwrap(),
+            4096,
+            |_| true,
+            |off, sums| runs.push((off, sums)),
+        );
         let want: Vec<u64> = data.chunks(4096).map(block_sum).collect();
         let mut at = 0;
         for (off, sums) in &runs {

@@ -19,7 +19,7 @@ use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
 use crate::verify::Job;
-use doppel_common::wire::sums::QUICK_JOB;
+use doppel_common::wire::sums::{is_mirror_job, LAYOUT_JOB, QUICK_JOB};
 use doppel_common::wire::Op;
 
 /// Installs watches in the kernel filter. A failure is logged: the directory's
@@ -89,11 +89,14 @@ pub async fn run(config: Config) -> Result<()> {
             config.key.display()
         )
     })?);
+    // Overlaps the crypto library's start-up with loading the capture program.
+    let warm = std::thread::spawn(doppel_transport::warm_up);
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
         ..CaptureOptions::default()
     })?;
     let capture = Arc::new(capture);
+    let _ = warm.join();
     ignore_local_receivers(&capture);
 
     let (pushed, _) = watch::channel(0u64);
@@ -250,8 +253,14 @@ pub async fn run(config: Config) -> Result<()> {
                 while left > 0 {
                     let Some((work, last)) = backlog.pop_front() else { break };
                     left = left.saturating_sub(work.bytes());
+                    let compares = matches!(work, Work::CompareRest { .. } | Work::Resum { .. });
                     handle_mirror_work(&mut resolver, work, &mut ops);
                     answered += last as u64;
+                    // A file's comparisons go out before the next file is read, so
+                    // that the target compares while this side reads.
+                    if compares {
+                        break;
+                    }
                 }
                 resolver.finish(&mut ops);
                 push(&shared, &mut ops, &mut room).await;
@@ -416,15 +425,27 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
                 block,
                 sums,
                 ..
-            } => Some((
-                *job,
-                FileId {
-                    dev: file[0],
-                    ino: file[1],
-                },
-                (sums.len() as u64 * *block as u64).min(size - offset),
-                *offset == 0,
-            )),
+            } => {
+                // Progress counts a mirrored file and its bytes at its layout question;
+                // the comparisons its answer leads to count nothing more.
+                let (bytes, first) = match *job {
+                    LAYOUT_JOB => (size - offset, true),
+                    0 => (0, false),
+                    _ => (
+                        (sums.len() as u64 * *block as u64).min(size - offset),
+                        *offset == 0,
+                    ),
+                };
+                Some((
+                    *job,
+                    FileId {
+                        dev: file[0],
+                        ino: file[1],
+                    },
+                    bytes,
+                    first,
+                ))
+            }
             _ => None,
         };
         let mut q = shared.queue(set);
@@ -435,7 +456,7 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
             // Under the queue's lock: no sender can take the record, nor its Ack
             // arrive, before it is tracked.
             // The mirror's comparisons, whose answers must not be lost.
-            Some((0 | QUICK_JOB, file, bytes, first)) => {
+            Some((job, file, bytes, first)) if is_mirror_job(job) => {
                 shared.tracker().sent(set, q.last_seq(), file, bytes, first)
             }
             Some((job, _, bytes, first)) => {
@@ -467,6 +488,7 @@ fn handle_mirror_work<W: Watcher>(resolver: &mut Resolver<W>, work: Work, ops: &
                 resolver.resum(set, f, ops);
             }
         }
+        Work::CompareRest { set, file, sent } => resolver.compare_rest(set, file, &sent, ops),
     }
 }
 

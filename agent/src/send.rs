@@ -19,7 +19,7 @@ use crate::mirror::{Answer, Tracker, Work};
 use crate::queue::SetQueue;
 use crate::throttle::{local_minute_of_day, Throttle};
 use crate::verify::{Finding, Job};
-use doppel_common::wire::sums::QUICK_JOB;
+use doppel_common::wire::sums::is_mirror_job;
 use doppel_control::metrics::{Histogram, Histograms};
 use std::collections::HashMap;
 
@@ -344,7 +344,7 @@ async fn stream_sets(
                             bail!("receiver answered a comparison of unknown set {set:?}");
                         };
                         let a = Answer::from_frame(r.set, frame).expect("a Need frame");
-                        if a.job != 0 && a.job != QUICK_JOB {
+                        if !is_mirror_job(a.job) {
                             let mut jobs = shared.jobs();
                             // Unknown: a job that ended (its command went away).
                             let Some(j) = jobs.get_mut(&a.job) else {

@@ -327,7 +327,8 @@ pub enum Frame {
     },
     /// Receiver -> agent, the answer to an [`Op::Sum`] that found differences: sent
     /// before the Ack that covers the Sum's record, so an Ack without a Need before it
-    /// means "identical".
+    /// means "identical". A Sum of [`sums::LAYOUT_JOB`] is always answered, and its
+    /// `ranges` are where the replica has no data (see there).
     Need {
         set: String,
         job: u64,
@@ -365,6 +366,16 @@ pub mod sums {
     /// so that only the size, mode, owner and mtime are compared; a file found different
     /// is then compared block by block (see the agent's `mirror_quick_check`).
     pub const QUICK_JOB: u64 = u64::MAX;
+    /// The job of the mirror's first look at a file: a Sum without blocks that asks
+    /// where the replica has no data at all (a hole, or past its end), in whole blocks of
+    /// the Sum's size. The target always answers it; those ranges are then sent without
+    /// any checksum (nothing there could match), and only the rest is compared block by
+    /// block. A mirror to an empty target thus reads each source byte once, not twice.
+    pub const LAYOUT_JOB: u64 = u64::MAX - 1;
+    /// Whether `job` belongs to the mirror (its answers are acted on), not to a verify.
+    pub fn is_mirror_job(job: u64) -> bool {
+        job == 0 || job == QUICK_JOB || job == LAYOUT_JOB
+    }
 
     /// The checksum of one block: xxh3-64. It finds accidental differences (stale or
     /// corrupted replicas), not adversarial ones: both ends are authenticated.

@@ -16,7 +16,7 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags, RenameFlags};
 use rustix::io::Errno;
 
 use crate::beneath::{self, os, DIR_FLAGS};
-use crate::compare::{add_range, differing, fine_sums, Blocks};
+use crate::compare::{add_range, dataless, differing, fine_sums, Blocks};
 use crate::dirty::Dirty;
 use crate::fdcache::FdCache;
 
@@ -310,6 +310,18 @@ impl Applier {
         };
         let st = rustix::fs::fstat(&*fd).map_err(|e| io("sum", path, e))?;
         let target_size = st.st_size as u64;
+        if job == sums::LAYOUT_JOB {
+            if !b.sums.is_empty() {
+                return Err(ApplyError::BadSum {
+                    path: path.clone(),
+                    why: "a layout question carries no checksums".into(),
+                });
+            }
+            need.ranges = dataless(&*fd, target_size, b.offset, b.size, b.block)
+                .map_err(|e| io("sum", path, e))?;
+            self.needs.push(need); // always answered, even when it is empty
+            return Ok(());
+        }
         need.ranges = differing(&*fd, target_size, b).map_err(|e| io("sum", path, e))?;
         // The run that ends the file also reports a longer replica's extra bytes; one
         // without blocks compares the sizes only.

@@ -92,6 +92,61 @@ pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64
     Ok(ranges)
 }
 
+/// The blocks of `[offset, size)` of the source's file (`block` bytes each, the last one
+/// clipped at `size`) in which the replica's file `fd` of `target_size` bytes has no data
+/// at all: wholly in a hole, or past its end. Merged into ranges; the answer to a
+/// [`LAYOUT_JOB`](doppel_common::wire::sums::LAYOUT_JOB) Sum. `offset` is a multiple of
+/// `block`. Found with `SEEK_DATA`/`SEEK_HOLE`, two calls per extent: nothing is read.
+pub fn dataless(
+    fd: impl AsFd,
+    target_size: u64,
+    offset: u64,
+    size: u64,
+    block: u32,
+) -> Result<Vec<(u64, u64)>, Errno> {
+    let fd = fd.as_fd();
+    let block = block as u64;
+    // A file with as many blocks as bytes has no hole (on ext4 the extent tree counts
+    // too, so a sparse file may pass for a dense one: it is then compared, never wrong).
+    let sparse = rustix::fs::fstat(fd)
+        .map(|st| (st.st_blocks as u64).saturating_mul(512) < target_size)
+        .unwrap_or(true);
+    let mut ranges = Vec::new();
+    let mut pos = offset;
+    while pos < size {
+        // Where the replica's next data is, at or after `pos` (`size`: none before it).
+        let data = if pos >= target_size {
+            size
+        } else if !sparse {
+            pos
+        } else {
+            match seek(fd, SeekFrom::Data(pos)) {
+                Ok(d) if d < target_size => d.min(size),
+                Ok(_) | Err(Errno::NXIO) => size,
+                // No SEEK_DATA here: take it all for data.
+                Err(_) => pos,
+            }
+        };
+        let free_end = if data >= size {
+            size
+        } else {
+            data / block * block
+        };
+        add_range(&mut ranges, pos, free_end - pos);
+        if data >= size {
+            break;
+        }
+        // The data runs to the next hole (the end of the file is one).
+        let hole = if sparse {
+            seek(fd, SeekFrom::Hole(data)).unwrap_or(target_size)
+        } else {
+            target_size
+        };
+        pos = hole.div_ceil(block).max(data / block + 1) * block;
+    }
+    Ok(ranges)
+}
+
 /// The replica's checksums of each range in blocks of [`FINE_BLOCK`] (see
 /// `Frame::Need::fine`): empty for a range the replica has no data in (a hole, or past
 /// its end), which the agent then sends whole.
@@ -253,6 +308,48 @@ mod tests {
         assert!(got[2].is_empty());
         // Past the replica's end: nothing to compare with.
         assert!(fine_sums(f.as_file(), 64 * 4096, &[(64 * 4096, 10)]).unwrap()[0].is_empty());
+    }
+
+    #[test]
+    fn dataless_blocks_are_holes_and_the_tail_past_the_replica() {
+        let (f, _) = file_with(b"");
+        // Replica: 20 blocks and 100 bytes; data in block 3 (partly) and blocks 9-10.
+        let target = 20 * 4096 + 100;
+        f.as_file().set_len(target).unwrap();
+        f.as_file().write_at(b"x", 3 * 4096 + 7).unwrap();
+        f.as_file().write_at(&[1u8; 8192], 9 * 4096).unwrap();
+        let size = 30 * 4096 + 5; // the source is longer
+        let got = dataless(f.as_file(), target, 0, size, B).unwrap();
+        // tmpfs allocates whole pages; other filesystems may round data up to their own
+        // block size, which only ever shrinks what is data-less.
+        assert_eq!(
+            got,
+            vec![
+                (0, 3 * 4096),
+                (4 * 4096, 5 * 4096),
+                (11 * 4096, size - 11 * 4096)
+            ]
+        );
+        // From an offset, and a source that ends inside the replica's data.
+        assert_eq!(
+            dataless(f.as_file(), target, 4 * 4096, 9 * 4096 + 10, B).unwrap(),
+            vec![(4 * 4096, 5 * 4096)]
+        );
+    }
+
+    #[test]
+    fn a_dense_replica_has_no_dataless_block_but_its_missing_tail() {
+        let d = pattern(5 * 4096 + 10);
+        let (f, n) = file_with(&d);
+        assert_eq!(dataless(f.as_file(), n, 0, n, B).unwrap(), vec![]);
+        // The source is longer: the replica's last, partial block still holds data.
+        assert_eq!(
+            dataless(f.as_file(), n, 0, 8 * 4096, B).unwrap(),
+            vec![(6 * 4096, 2 * 4096)]
+        );
+        // An empty replica: everything.
+        let (e, _) = file_with(b"");
+        assert_eq!(dataless(e.as_file(), 0, 0, n, B).unwrap(), vec![(0, n)]);
     }
 
     #[test]

@@ -138,6 +138,7 @@ impl Server {
             .iter()
             .map(|s| s.fingerprint.clone())
             .collect();
+        doppel_transport::warm_up();
         let endpoint = server_endpoint(config.listen, &id, allowed)?;
         let metrics = config
             .metrics

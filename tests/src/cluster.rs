@@ -198,10 +198,31 @@ targets = ["t"]
             .with_context(|| format!("cannot start {bin}"))
     }
 
+    /// Starts the receiver and waits until it listens (or exits: a test that expects it
+    /// to refuse its configuration then reads why from its log).
     pub fn start_receiver(&mut self) -> Result<()> {
+        let log = self.dir.path().join("receiver.log");
+        let before = fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
         let c = self.spawn("doppel-receiver", "receiver.toml", "receiver.log")?;
         self.receiver = Some(c);
-        Ok(())
+        let start = Instant::now();
+        loop {
+            let text = fs::read_to_string(&log).unwrap_or_default();
+            let listening = text
+                .get(before..)
+                .is_some_and(|t| t.contains("receiver listening"));
+            let exited = self
+                .receiver
+                .as_mut()
+                .is_some_and(|c| c.try_wait().ok().flatten().is_some());
+            if listening || exited {
+                return Ok(());
+            }
+            if start.elapsed() > Duration::from_secs(30) {
+                bail!("doppel-receiver did not listen within 30 s; its log:\n{text}");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Starts the agent and waits until its initial scan is done and capture is live.

@@ -148,7 +148,7 @@ pub fn server_endpoint_tuned(
 /// that restarted then recognises the connection ids it issued before, answers the
 /// agents' packets for connections it no longer has with a reset the agents can verify,
 /// and they reconnect at once instead of waiting out the idle timeout.
-fn restart_keys(id: &Identity) -> (ring::hmac::Key, u64) {
+fn restart_keys(id: &Identity) -> (aws_lc_rs::hmac::Key, u64) {
     use sha2::Digest;
     let derive = |label: &[u8]| {
         let mut h = sha2::Sha256::new();
@@ -159,7 +159,10 @@ fn restart_keys(id: &Identity) -> (ring::hmac::Key, u64) {
     let reset = derive(b"doppel stateless reset key v1\0");
     let cid = derive(b"doppel connection id key v1\0");
     let cid = u64::from_le_bytes(cid[..8].try_into().expect("32-byte digest"));
-    (ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &reset), cid)
+    (
+        aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, &reset),
+        cid,
+    )
 }
 
 /// Connects to the receiver at `addr`, presenting `id` and accepting only a server whose

@@ -186,6 +186,13 @@ fn cpu_seconds(pid: Option<u32>) -> Result<f64> {
     let f: Vec<&str> = after.split(' ').collect();
     let ticks: f64 = f[11].parse::<f64>()? + f[12].parse::<f64>()?;
     let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    if std::env::var_os("DOPPEL_BENCH_LOGS").is_some() {
+        eprintln!(
+            "bench: pid {pid}: user {} s, system {} s",
+            f[11].parse::<f64>()? / hz,
+            f[12].parse::<f64>()? / hz
+        );
+    }
     Ok(ticks / hz)
 }
 
@@ -231,6 +238,7 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
     );
     if std::env::var_os("DOPPEL_BENCH_LOGS").is_some() {
         eprintln!("{}", c.log("agent.log"));
+        eprintln!("{}", c.log("receiver.log"));
     }
     let status = c.agent_status()?;
     let wire = json_u64(&status, "wire_bytes")?;
