@@ -90,12 +90,12 @@ mod tests {
         m.add(&Op::Write {
             path: p("a/f"),
             offset: 0,
-            data: vec![1],
+            data: vec![1].into(),
         });
         m.add(&Op::Write {
             path: p("a/f"),
             offset: 9,
-            data: vec![1],
+            data: vec![1].into(),
         });
         m.add(&Op::Remove { path: p("top") });
         m.add(&Op::Rename {

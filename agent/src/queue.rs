@@ -81,8 +81,9 @@ pub struct SetQueue {
 
 /// A batch encoded for the wire (see [`SetQueue::encoded_batch`]).
 pub struct EncodedBatch {
-    /// The Batch frame with its length prefix, uncompressed.
-    pub frame: Vec<u8>,
+    /// The Batch frame with its length prefix, uncompressed, in pieces
+    /// (`wire::encode_batch_pieces`: large writes' data is not copied).
+    pub frame: Vec<bytes::Bytes>,
     /// Sequence of its last record, and the file data it carries.
     pub last: u64,
     pub data_bytes: u64,
@@ -371,7 +372,7 @@ impl SetQueue {
         self.with_batch(after, max_bytes, |rs| {
             let last = rs.last()?.seq;
             Some(EncodedBatch {
-                frame: doppel_common::wire::encode_batch(set, rs),
+                frame: doppel_common::wire::encode_batch_pieces(set, rs),
                 last,
                 data_bytes: rs.iter().map(|r| r.op.data_len() as u64).sum(),
             })
@@ -564,7 +565,7 @@ mod tests {
         Op::Write {
             path: RelPath(b"f".to_vec()),
             offset: n as u64,
-            data: vec![n; 100],
+            data: vec![n; 100].into(),
         }
     }
 
@@ -623,7 +624,7 @@ mod tests {
         let big = |path: &str| Op::Write {
             path: RelPath(path.as_bytes().to_vec()),
             offset: 0,
-            data: vec![7; 300 << 10],
+            data: vec![7; 300 << 10].into(),
         };
         let mut pushed = 0;
         while q.push(big("kept")) {
@@ -751,7 +752,7 @@ mod tests {
             q.push(Op::Write {
                 path: RelPath(b"f".to_vec()),
                 offset: n,
-                data: vec![1],
+                data: vec![1].into(),
             });
             n += 1;
         }

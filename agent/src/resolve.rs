@@ -1559,13 +1559,20 @@ fn push_write(out: &mut Vec<SetOp>, set: usize, path: RelPath, offset: u64, data
             && *last_offset + last_data.len() as u64 == offset
             && last_data.len() + data.len() <= READ_CHUNK
         {
-            last_data.extend_from_slice(&data);
+            // Back to the vector it was made from (not a copy: nothing else holds it).
+            let mut joined = Vec::from(std::mem::take(last_data));
+            joined.extend_from_slice(&data);
+            *last_data = joined.into();
             return;
         }
     }
     out.push(SetOp {
         set,
-        op: Op::Write { path, offset, data },
+        op: Op::Write {
+            path,
+            offset,
+            data: data.into(),
+        },
     });
 }
 
@@ -1575,7 +1582,7 @@ fn write_op(set: usize, path: &RelPath, offset: u64, data: Vec<u8>) -> SetOp {
         op: Op::Write {
             path: path.clone(),
             offset,
-            data,
+            data: data.into(),
         },
     }
 }
@@ -2187,7 +2194,10 @@ mod tests {
                 _ => None,
             })
             .collect();
-        assert_eq!(writes, vec![(RelPath(b"q".to_vec()), b"XXXX".to_vec())]);
+        assert_eq!(
+            writes,
+            vec![(RelPath(b"q".to_vec()), bytes::Bytes::from_static(b"XXXX"))]
+        );
     }
 
     /// Answers the mirror's comparisons in `ops` as a receiver with an empty (all-hole)
@@ -2603,7 +2613,7 @@ mod tests {
         assert!(ops.contains(&Op::Write {
             path: RelPath(b"a/f".to_vec()),
             offset: 0,
-            data: b"x".to_vec()
+            data: bytes::Bytes::from_static(b"x")
         }));
         assert!(!ops.iter().any(|o| matches!(o, Op::Write { offset: 3, .. })));
         std::fs::rename(root.join("a"), root.join("b")).unwrap();
@@ -2654,7 +2664,7 @@ mod tests {
             &mut out,
         );
         let sent = answer(&mut r, &out);
-        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data == b"x")), "{out:?} {sent:?}");
+        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data[..] == b"x"[..])), "{out:?} {sent:?}");
     }
 
     #[test]
@@ -2684,7 +2694,7 @@ mod tests {
         };
         r.resolve(now(mkdir), &mut out);
         let sent = answer(&mut r, &out);
-        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"n/g" && data == b"new contents")), "{out:?}");
+        assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"n/g" && data[..] == b"new contents"[..])), "{out:?}");
         out.clear();
         // Older events, captured in "a" (watched) before the scan, now arrive.
         r.resolve(

@@ -414,7 +414,9 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
         // before the queue holds them (its bound counts data, and glibc shrinks a
         // block in place).
         if let Op::Write { data, .. } = &mut op {
-            data.shrink_to_fit();
+            let mut v = Vec::from(std::mem::take(data));
+            v.shrink_to_fit();
+            *data = v.into();
         }
         let compared = match &op {
             Op::Sum {

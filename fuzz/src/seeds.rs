@@ -72,7 +72,7 @@ fn frames() -> Vec<Frame> {
         Op::Write {
             path: p(b"dir/f"),
             offset: 4096,
-            data: b"hello".to_vec(),
+            data: b"hello".to_vec().into(),
         },
         Op::Truncate {
             path: p(b"dir/f"),
@@ -161,7 +161,7 @@ fn wire() -> Vec<(&'static str, Vec<u8>)> {
                 op: Op::Write {
                     path: p(path),
                     offset: u64::MAX - 1,
-                    data: vec![0xaa; 3],
+                    data: vec![0xaa; 3].into(),
                 },
             })
             .collect(),

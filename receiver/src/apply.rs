@@ -829,7 +829,7 @@ mod tests {
         Op::Write {
             path: p(path),
             offset,
-            data: data.to_vec(),
+            data: data.to_vec().into(),
         }
     }
 
@@ -1144,7 +1144,7 @@ mod tests {
             a.apply(&Op::Write {
                 path: p(f),
                 offset: 0,
-                data: f.as_bytes().to_vec(),
+                data: f.as_bytes().to_vec().into(),
             })
             .unwrap();
         }
@@ -1169,7 +1169,7 @@ mod tests {
         a.apply(&Op::Write {
             path: p("a"),
             offset: 0,
-            data: b"again".to_vec(),
+            data: b"again".to_vec().into(),
         })
         .unwrap();
         a.apply(&aside(None, &["d"], 7)).unwrap();
@@ -1193,7 +1193,7 @@ mod tests {
             a.apply(&Op::Write {
                 path: p(f),
                 offset: 0,
-                data: b"data".to_vec(),
+                data: b"data".to_vec().into(),
             })
             .unwrap();
         }

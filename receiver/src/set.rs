@@ -363,7 +363,7 @@ mod tests {
             op: Op::Write {
                 path: RelPath(b"f".to_vec()),
                 offset: 0,
-                data: data.to_vec(),
+                data: data.to_vec().into(),
             },
         }
     }
@@ -400,7 +400,7 @@ mod tests {
             op: Op::Write {
                 path: p(path),
                 offset,
-                data: data.to_vec(),
+                data: data.to_vec().into(),
             },
         }
     }

@@ -129,7 +129,7 @@ fn write(path: &str, offset: u64, data: &[u8]) -> Op {
     Op::Write {
         path: RelPath(path.as_bytes().to_vec()),
         offset,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     }
 }
 

@@ -55,7 +55,7 @@ fn write(path: impl AsRef<[u8]>, offset: u64, data: &[u8]) -> Op {
     Op::Write {
         path: rel(path),
         offset,
-        data: data.to_vec(),
+        data: data.to_vec().into(),
     }
 }
 

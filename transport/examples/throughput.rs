@@ -67,7 +67,7 @@ async fn main() -> anyhow::Result<()> {
                 op: Op::Write {
                     path: RelPath(b"bench/file".to_vec()),
                     offset: ((i * 4 + j) << 18) as u64,
-                    data: chunk[..1 << 18].to_vec(),
+                    data: chunk[..1 << 18].to_vec().into(),
                 },
             })
             .collect();

@@ -5,7 +5,10 @@
 
 use anyhow::{bail, Context};
 use bytes::Bytes;
-use doppel_common::wire::{compress_frame, encode_frame_compressed, Frame, FrameDecoder};
+use doppel_common::wire::{
+    compress_frame, encode_frame_compressed, sample_compresses, Frame, FrameDecoder,
+    COMPRESS_SAMPLE,
+};
 
 /// Most received pieces taken from quinn per read. quinn keeps what arrived as one piece
 /// per packet (about 1.2 kB); taking many per call saves a lock and a wake-up per packet.
@@ -71,10 +74,22 @@ impl FrameSender {
             .await
     }
 
-    /// Sends a Batch frame already encoded (`wire::encode_batch`), compressed as the
-    /// stream's level says.
-    pub async fn send_encoded_batch(&mut self, frame: Vec<u8>) -> anyhow::Result<()> {
-        self.write(compress_frame(frame, self.compression)).await
+    /// Sends a Batch frame already encoded, in pieces (`wire::encode_batch_pieces`),
+    /// compressed as the stream's level says. Uncompressed, the pieces go to quinn as
+    /// they are: the data they share with the queue is not copied again.
+    pub async fn send_encoded_batch(&mut self, mut pieces: Vec<Bytes>) -> anyhow::Result<()> {
+        if self.compression > 0 && worth_compressing(&pieces, self.compression) {
+            return self
+                .write(compress_frame(pieces.concat(), self.compression))
+                .await;
+        }
+        let len: u64 = pieces.iter().map(|p| p.len() as u64).sum();
+        self.send
+            .write_all_chunks(&mut pieces)
+            .await
+            .context("cannot send to the peer")?;
+        self.sent += len;
+        Ok(())
     }
 
     async fn write(&mut self, bytes: Vec<u8>) -> anyhow::Result<()> {
@@ -141,4 +156,19 @@ impl FrameReceiver {
             }
         }
     }
+}
+
+/// Whether a frame in `pieces` passes [`compress_frame`]'s sample test, asked before its
+/// pieces are joined for it: most file data does not compress, and is then sent without
+/// being copied into one buffer first.
+fn worth_compressing(pieces: &[Bytes], level: i32) -> bool {
+    let mut sample = Vec::with_capacity(COMPRESS_SAMPLE + 4);
+    for p in pieces {
+        let take = (COMPRESS_SAMPLE + 4 - sample.len()).min(p.len());
+        sample.extend_from_slice(&p[..take]);
+        if sample.len() == COMPRESS_SAMPLE + 4 {
+            break;
+        }
+    }
+    sample.len() > 4 && sample_compresses(&sample[4..], level)
 }

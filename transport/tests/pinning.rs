@@ -73,7 +73,7 @@ async fn pinned_pair_exchanges_frames() {
             op: Op::Write {
                 path: RelPath(b"a/b".to_vec()),
                 offset: 0,
-                data: vec![7; 1 << 20],
+                data: vec![7; 1 << 20].into(),
             },
         }],
     };

@@ -175,7 +175,7 @@ mod tests {
             op: Op::Write {
                 path: RelPath(b"dir/file".to_vec()),
                 offset: seq * 7,
-                data: vec![seq as u8; n],
+                data: vec![seq as u8; n].into(),
             },
         }
     }

@@ -25,7 +25,7 @@ fn rec(seq: u64, n: usize) -> Record {
         op: Op::Write {
             path: RelPath(format!("d/f{}", seq % 7).into_bytes()),
             offset: seq * 100,
-            data: vec![seq as u8; n],
+            data: vec![seq as u8; n].into(),
         },
     }
 }
