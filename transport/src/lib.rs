@@ -26,10 +26,11 @@ pub use endpoint::{
 pub use framed::{FrameReceiver, FrameSender, FramedStream};
 pub use keys::{fingerprint, keygen, parse_fingerprint, Identity};
 
-/// Seeds the crypto library's random generator now. aws-lc does it on first use, which
-/// takes tens of milliseconds (45 ms measured here): a daemon calls this while it starts
-/// (on a thread of its own where there is other start-up work to overlap), so that its
-/// first handshake does not wait for it.
+/// Seeds the crypto library's random generator now, not in the first handshake. aws-lc
+/// does it on first use: 60 µs as this workspace builds it (OS entropy only, see
+/// `.cargo/config.toml`), 45 ms of CPU-jitter timing in aws-lc's default build. A daemon
+/// calls this while it starts (the agent on a thread of its own, overlapping other
+/// start-up work).
 pub fn warm_up() {
     let mut seed = [0u8; 16];
     let _ = aws_lc_rs::rand::fill(&mut seed);

@@ -141,6 +141,7 @@ impl RsyncDaemon {
 
     /// `rsync -a --stats ARGS src/ rsync://.../m/`: seconds, and bytes sent plus received.
     fn push(&self, src: &Path, args: &[&str]) -> Result<(f64, u64)> {
+        settle();
         let t = Instant::now();
         let out = Command::new("rsync")
             .args(["-a", "--stats"])
@@ -224,6 +225,10 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
         copy_tree(r, &c.replica)?;
     }
     c.start_receiver()?;
+    // Let the kernel finish freeing the previous run's capture program and maps (RCU
+    // callbacks, a 32 MiB ring) and write back the copies just made, so that this run
+    // is not timed on a machine still busy with the last one; rsync gets the same pause.
+    settle();
     let receiver_idle = cpu_seconds(c.receiver_pid())?;
     let t = Instant::now();
     c.start_agent()?;
@@ -254,6 +259,11 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
         agent_cpu,
         receiver_cpu,
     })
+}
+
+/// The pause before each timed run (see `doppel_mirror`).
+fn settle() {
+    std::thread::sleep(std::time::Duration::from_millis(500));
 }
 
 fn json_u64(text: &str, key: &str) -> Result<u64> {
