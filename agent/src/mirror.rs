@@ -20,8 +20,9 @@
 //! (or, still in the ring, after them, carrying its own bytes in capture order), and
 //! mirror data is always read after the `Need` arrived, so it is never older than a write
 //! numbered before it. The same holds for the `Sum`s a layout answer leads to: they are
-//! read after the answer arrived and numbered after what was captured before that. A block the comparison found equal is equal at the `Sum`'s place
-//! in the sequence, and later writes to it arrive as records of their own.
+//! read after the answer arrived and numbered after what was captured before that. A
+//! block the comparison found equal is equal at the `Sum`'s place in the sequence, and
+//! later writes to it arrive as records of their own.
 //!
 //! # Answers lost with a connection
 //!

@@ -414,6 +414,7 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
         // before the queue holds them (its bound counts data, and glibc shrinks a
         // block in place).
         if let Op::Write { data, .. } = &mut op {
+            // Back to the vector it was made from (not a copy: nothing else holds it yet).
             let mut v = Vec::from(std::mem::take(data));
             v.shrink_to_fit();
             *data = v.into();
