@@ -1773,7 +1773,8 @@ fn emit_sums(
             set,
             op: Op::Sum {
                 path: path.clone(),
-                job: verify.unwrap_or(0),
+                // The mirror's only Sum here is its layout question (see below).
+                job: verify.unwrap_or(doppel_common::wire::sums::LAYOUT_JOB),
                 file: [id.dev, id.ino],
                 size,
                 offset,
@@ -1794,19 +1795,7 @@ fn emit_sums(
         // The mirror first asks where the replica has no data: those blocks are sent
         // without reading them twice, and the rest is compared once the answer is here
         // (`Resolver::compare_rest`).
-        out.push(SetOp {
-            set,
-            op: Op::Sum {
-                path,
-                job: doppel_common::wire::sums::LAYOUT_JOB,
-                file: [id.dev, id.ino],
-                size,
-                offset: 0,
-                block,
-                sums: Vec::new(),
-                attr: None,
-            },
-        });
+        emit(0, Vec::new());
         return Some(size);
     }
     block_sums(&f, &m, block, |_| true, emit);

@@ -89,14 +89,12 @@ pub async fn run(config: Config) -> Result<()> {
             config.key.display()
         )
     })?);
-    // Overlaps the crypto library's start-up with loading the capture program.
-    let warm = std::thread::spawn(doppel_transport::warm_up);
+    doppel_transport::warm_up();
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
         ..CaptureOptions::default()
     })?;
     let capture = Arc::new(capture);
-    let _ = warm.join();
     ignore_local_receivers(&capture);
 
     let (pushed, _) = watch::channel(0u64);

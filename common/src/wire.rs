@@ -352,12 +352,9 @@ pub enum Frame {
     },
 }
 
-/// Block checksums, as [`Op::Sum`] carries them.
 /// Serde for [`Op::Write`]'s data, a [`Bytes`] so that a sender hands queued data to the
 /// transport without copying it ([`encode_batch_pieces`]). Encoded as a byte string (as
-/// `serde_bytes` encodes a `Vec<u8>`, so the wire format is the same); decoded without a
-/// copy when the buffer it comes from is a [`Bytes`] ([`shared::decode_in`], as for an
-/// unpacked compressed frame), and as a copy otherwise.
+/// `serde_bytes` encodes a `Vec<u8>`, so the wire format is the same); decoded as a copy.
 ///
 /// The frame decoder copies on purpose: data kept as views of per-frame receive buffers
 /// made the receiver slower, not faster (1.5 CPU-s per GiB instead of 1.1 in the mirror
@@ -365,25 +362,6 @@ pub enum Frame {
 pub mod shared {
     use bytes::Bytes;
     use serde::de::{Error, SeqAccess, Visitor};
-    use std::cell::RefCell;
-
-    thread_local! {
-        /// The buffer the frame being decoded on this thread is in, if any.
-        static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
-    }
-
-    /// Runs `decode` (a postcard decode of a slice of `frame`) so that the byte strings
-    /// it borrows from `frame` come out as views of it.
-    pub fn decode_in<R>(frame: &Bytes, decode: impl FnOnce() -> R) -> R {
-        struct Reset(Option<Bytes>);
-        impl Drop for Reset {
-            fn drop(&mut self) {
-                FRAME.with(|f| *f.borrow_mut() = self.0.take());
-            }
-        }
-        let _reset = Reset(FRAME.with(|f| f.borrow_mut().replace(frame.clone())));
-        decode()
-    }
 
     pub fn serialize<S: serde::Serializer>(data: &Bytes, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(data)
@@ -402,13 +380,6 @@ pub mod shared {
             f.write_str("a byte string")
         }
 
-        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
-            Ok(FRAME.with(|f| match &*f.borrow() {
-                Some(frame) if within(frame, v) => frame.slice_ref(v),
-                _ => Bytes::copy_from_slice(v),
-            }))
-        }
-
         fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
             Ok(Bytes::copy_from_slice(v))
         }
@@ -425,14 +396,9 @@ pub mod shared {
             Ok(Bytes::from(v))
         }
     }
-
-    /// Whether `part` lies inside `whole`'s memory (`Bytes::slice_ref` panics otherwise).
-    fn within(whole: &[u8], part: &[u8]) -> bool {
-        let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
-        p >= w && p + part.len() <= w + whole.len()
-    }
 }
 
+/// Block checksums, as [`Op::Sum`] carries them.
 pub mod sums {
     /// Most blocks one [`super::Op::Sum`] may carry (64 KiB of checksums).
     pub const MAX_SUMS: usize = 8192;
@@ -744,8 +710,7 @@ fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
             raw.len()
         )));
     }
-    let raw = Bytes::from(raw);
-    let (frame, rest): (Frame, _) = shared::decode_in(&raw, || postcard::take_from_bytes(&raw))
+    let (frame, rest): (Frame, _) = postcard::take_from_bytes(&raw)
         .map_err(|e| WireError::Malformed(format!("compressed frame: {e}")))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed(format!(
@@ -896,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn writes_decoded_from_a_shared_buffer_point_into_it() {
+    fn large_writes_round_trip_in_packet_sized_pieces() {
         let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let write = |seq: u64, data: &[u8]| Record {
             seq,
@@ -924,20 +889,7 @@ mod tests {
             }
         }
         assert_eq!(out, frames);
-        let at = |r: &Record| match &r.op {
-            Op::Write { data, .. } => (data.as_ptr() as usize, data.len()),
-            _ => unreachable!(),
-        };
-        // Decoded from a Bytes, data points into it; from a plain slice (a journal), it
-        // is a copy, and equal.
-        let frame = Bytes::from(bytes[4..].to_vec());
-        let f: Frame = shared::decode_in(&frame, || postcard::from_bytes(&frame)).unwrap();
-        let Frame::Batch { records, .. } = &f else {
-            unreachable!()
-        };
-        let (a, n) = at(&records[0]);
-        let base = frame.as_ptr() as usize;
-        assert!(a > base && a + n <= base + frame.len());
+        // Decoded from a plain slice (a journal), the same.
         let plain: Frame = postcard::from_bytes(&bytes[4..]).unwrap();
         assert_eq!(plain, frames[0]);
     }

@@ -28,9 +28,8 @@ pub use keys::{fingerprint, keygen, parse_fingerprint, Identity};
 
 /// Seeds the crypto library's random generator now, not in the first handshake. aws-lc
 /// does it on first use: 60 µs as this workspace builds it (OS entropy only, see
-/// `.cargo/config.toml`), 45 ms of CPU-jitter timing in aws-lc's default build. A daemon
-/// calls this while it starts (the agent on a thread of its own, overlapping other
-/// start-up work).
+/// `.cargo/config.toml`), 45 ms of CPU-jitter timing in aws-lc's default build. Each
+/// daemon calls this as it starts.
 pub fn warm_up() {
     let mut seed = [0u8; 16];
     let _ = aws_lc_rs::rand::fill(&mut seed);
