@@ -1204,7 +1204,11 @@ impl<W: Watcher> Resolver<W> {
                     },
                 };
                 self.index.insert(parent, &name, id, false);
-                self.touch(Some(id), false);
+                // With its extended attributes: the kernel gives a new file some without
+                // any setxattr (the access ACL inherited from its directory's default
+                // ACL, security labels). The replica's file inherits nothing reliably:
+                // the directory's own xattrs are sent after this batch's creations.
+                self.touch(Some(id), true);
                 out.push(SetOp {
                     set: loc.set,
                     op: Op::CreateFile {
@@ -2359,6 +2363,45 @@ mod tests {
     /// A directory made inside one that moved before the mkdir's event was resolved is
     /// not at the path the event names: it is copied once the move is resolved, with
     /// what was made in it meanwhile.
+    #[test]
+    fn a_created_file_carries_the_extended_attributes_it_was_born_with() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        let f = root.join("f");
+        std::fs::write(&f, b"x").unwrap();
+        // Stands for what the kernel sets at creation without a setxattr call (an ACL
+        // inherited from the directory's default ACL): no attribute event follows.
+        rustix::fs::lsetxattr(&f, "user.born", b"yes", rustix::fs::XattrFlags::empty()).unwrap();
+        r.resolve(
+            now(CaptureEvent::Created {
+                file: Some(id_of(&f)),
+                parent: Some(id_of(&root)),
+                path: arg(&f),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            &mut out,
+        );
+        r.finish(&mut out);
+        let ops: Vec<&Op> = out.iter().map(|o| &o.op).collect();
+        let create = ops
+            .iter()
+            .position(|o| matches!(o, Op::CreateFile { path, .. } if path.0 == b"f"));
+        let xattrs = ops.iter().position(|o| {
+            matches!(o, Op::SetXattrs { path, xattrs } if path.0 == b"f"
+                && xattrs.iter().any(|x| x.name == b"user.born" && x.value == b"yes"))
+        });
+        assert!(
+            matches!((create, xattrs), (Some(c), Some(x)) if c < x),
+            "{ops:?}"
+        );
+    }
+
     #[test]
     fn a_directory_made_in_one_that_moved_since_is_copied() {
         let d = tempfile::tempdir().unwrap();
