@@ -139,6 +139,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             let config = Config::load(&config)?;
             doppel_control::log::init(&config.log)?;
             raise_fd_limit();
+            keep_freed_memory();
             let rt = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             rt.block_on(serve(config, shutdown_signal()))
         }
@@ -288,6 +289,20 @@ fn raise_fd_limit() {
         }
     }
     doppel_receiver::dirty::set_budget(getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX));
+}
+
+/// A bulk copy allocates a megabyte or so of write data per batch while decoding and
+/// frees it on the thread that applied it. With its default, self-adjusting thresholds
+/// glibc's malloc hands such memory back to the kernel (heap trimming, or a mapping per
+/// allocation) and the next batch faults it in again: about 0.2 CPU-s per GiB, 15 % of
+/// the receiver. Fixed thresholds keep up to 64 MiB free per heap for reuse.
+fn keep_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only changes allocator parameters, under glibc's own locks.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
 }
 
 async fn shutdown_signal() {
