@@ -354,14 +354,36 @@ pub enum Frame {
 
 /// Serde for [`Op::Write`]'s data, a [`Bytes`] so that a sender hands queued data to the
 /// transport without copying it ([`encode_batch_pieces`]). Encoded as a byte string (as
-/// `serde_bytes` encodes a `Vec<u8>`, so the wire format is the same); decoded as a copy.
+/// `serde_bytes` encodes a `Vec<u8>`, so the wire format is the same). Decoded as a view
+/// of the frame's buffer inside [`shared::decode_in`] (what [`FrameDecoder`] does), and
+/// as a copy otherwise (a journal's records).
 ///
-/// The frame decoder copies on purpose: data kept as views of per-frame receive buffers
-/// made the receiver slower, not faster (1.5 CPU-s per GiB instead of 1.1 in the mirror
-/// bench), as those buffers are freed and faulted in again on other threads.
+/// Views keep their frame's buffer alive until the last one is dropped; a receiver frees
+/// them on another thread, after applying. That is cheap only when the allocator keeps
+/// freed memory for reuse (see the receiver's `keep_freed_memory`): with glibc's
+/// defaults it was slower than copying.
 pub mod shared {
     use bytes::Bytes;
     use serde::de::{Error, SeqAccess, Visitor};
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// The buffer the frame being decoded on this thread is in, if any.
+        static FRAME: RefCell<Option<Bytes>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `decode` (a postcard decode of a slice of `frame`) so that the byte strings
+    /// it borrows from `frame` come out as views of it.
+    pub fn decode_in<R>(frame: &Bytes, decode: impl FnOnce() -> R) -> R {
+        struct Reset(Option<Bytes>);
+        impl Drop for Reset {
+            fn drop(&mut self) {
+                FRAME.with(|f| *f.borrow_mut() = self.0.take());
+            }
+        }
+        let _reset = Reset(FRAME.with(|f| f.borrow_mut().replace(frame.clone())));
+        decode()
+    }
 
     pub fn serialize<S: serde::Serializer>(data: &Bytes, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_bytes(data)
@@ -380,6 +402,13 @@ pub mod shared {
             f.write_str("a byte string")
         }
 
+        fn visit_borrowed_bytes<E: Error>(self, v: &'de [u8]) -> Result<Bytes, E> {
+            Ok(FRAME.with(|f| match &*f.borrow() {
+                Some(frame) if within(frame, v) => frame.slice_ref(v),
+                _ => Bytes::copy_from_slice(v),
+            }))
+        }
+
         fn visit_bytes<E: Error>(self, v: &[u8]) -> Result<Bytes, E> {
             Ok(Bytes::copy_from_slice(v))
         }
@@ -395,6 +424,12 @@ pub mod shared {
             }
             Ok(Bytes::from(v))
         }
+    }
+
+    /// Whether `part` lies inside `whole`'s memory (`Bytes::slice_ref` panics otherwise).
+    fn within(whole: &[u8], part: &[u8]) -> bool {
+        let (w, p) = (whole.as_ptr() as usize, part.as_ptr() as usize);
+        p >= w && p + part.len() <= w + whole.len()
     }
 }
 
@@ -710,7 +745,8 @@ fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
             raw.len()
         )));
     }
-    let (frame, rest): (Frame, _) = postcard::take_from_bytes(&raw)
+    let raw = Bytes::from(raw);
+    let (frame, rest): (Frame, _) = shared::decode_in(&raw, || postcard::take_from_bytes(&raw))
         .map_err(|e| WireError::Malformed(format!("compressed frame: {e}")))?;
     if !rest.is_empty() {
         return Err(WireError::Malformed(format!(
@@ -727,13 +763,18 @@ fn decompress_frame(raw_len: u32, data: &[u8]) -> Result<Frame, WireError> {
 }
 
 /// Incremental decoder: feed it bytes as they arrive, take frames out.
+///
+/// Each frame is gathered into a buffer of its own, allocated once its length prefix is
+/// known, and decoded from there: the data of its writes comes out as views of that
+/// buffer ([`shared::decode_in`]) instead of being copied a second time.
 #[derive(Default)]
 pub struct FrameDecoder {
-    buf: Vec<u8>,
-    /// Where the first byte not yet decoded is in `buf`. Decoded frames are not cut off
-    /// the front one by one: a read of many packets holds several frames, and moving
-    /// the rest down after each would copy it again for every frame.
-    start: usize,
+    /// The frame being gathered: its length prefix, then as much of its body as arrived.
+    cur: Vec<u8>,
+    /// Complete frames (bodies), oldest first.
+    ready: std::collections::VecDeque<Bytes>,
+    /// A length prefix over [`MAX_FRAME`] was read: the stream cannot be resynchronised.
+    too_large: Option<usize>,
 }
 
 impl FrameDecoder {
@@ -741,42 +782,56 @@ impl FrameDecoder {
         Self::default()
     }
 
-    pub fn push(&mut self, bytes: &[u8]) {
-        // Reclaim the decoded front once it is at least half the buffer, so that each
-        // byte is moved at most about once however the reads fall.
-        if self.start > 0 && self.start * 2 >= self.buf.len() {
-            self.buf.drain(..self.start);
-            self.start = 0;
+    pub fn push(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() && self.too_large.is_none() {
+            if self.cur.len() < 4 {
+                let take = (4 - self.cur.len()).min(bytes.len());
+                self.cur.extend_from_slice(&bytes[..take]);
+                bytes = &bytes[take..];
+                if self.cur.len() == 4 {
+                    let len = self.body_len();
+                    if len > MAX_FRAME {
+                        self.too_large = Some(len);
+                        return;
+                    }
+                    self.cur.reserve_exact(len);
+                }
+            }
+            let missing = 4 + self.body_len() - self.cur.len();
+            let take = missing.min(bytes.len());
+            self.cur.extend_from_slice(&bytes[..take]);
+            bytes = &bytes[take..];
+            if self.cur.len() >= 4 && self.cur.len() == 4 + self.body_len() {
+                let frame = Bytes::from(std::mem::take(&mut self.cur)).slice(4..);
+                self.ready.push_back(frame);
+            }
         }
-        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The body length the gathered prefix announces (0 until it is complete).
+    fn body_len(&self) -> usize {
+        match self.cur[..] {
+            [a, b, c, d, ..] => u32::from_le_bytes([a, b, c, d]) as usize,
+            _ => 0,
+        }
     }
 
     /// Bytes received but not yet decoded into a frame.
     pub fn buffered(&self) -> usize {
-        self.buf.len() - self.start
+        self.cur.len() + self.ready.iter().map(|f| 4 + f.len()).sum::<usize>()
     }
 
     /// The next complete frame, `Ok(None)` if more bytes are needed. A
     /// [`Frame::Compressed`] is unwrapped: what comes out is its inner frame.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, WireError> {
-        let rest = &self.buf[self.start..];
-        if rest.len() < 4 {
-            return Ok(None);
-        }
-        let len = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
-        if len > MAX_FRAME {
-            return Err(WireError::TooLarge(len));
-        }
-        if rest.len() < 4 + len {
-            return Ok(None);
-        }
-        let frame: Frame = postcard::from_bytes(&rest[4..4 + len])
+        let Some(body) = self.ready.pop_front() else {
+            return match self.too_large {
+                Some(len) => Err(WireError::TooLarge(len)),
+                None => Ok(None),
+            };
+        };
+        let frame: Frame = shared::decode_in(&body, || postcard::from_bytes(&body))
             .map_err(|e| WireError::Malformed(e.to_string()))?;
-        self.start += 4 + len;
-        if self.start == self.buf.len() {
-            self.buf.clear();
-            self.start = 0;
-        }
         match frame {
             Frame::Compressed { raw_len, data } => decompress_frame(raw_len, &data).map(Some),
             frame => Ok(Some(frame)),
@@ -889,6 +944,24 @@ mod tests {
             }
         }
         assert_eq!(out, frames);
+        // The two writes of the first frame are views of one buffer, at the distance
+        // their data has in the encoded frame: decoding did not copy them.
+        let Frame::Batch { records, .. } = &out[0] else {
+            unreachable!()
+        };
+        let at = |r: &Record| match &r.op {
+            Op::Write { data, .. } => data.as_ptr() as usize,
+            _ => unreachable!(),
+        };
+        let find = |from: usize, d: &[u8]| {
+            from + bytes[from..]
+                .windows(d.len())
+                .position(|w| w == d)
+                .expect("the data is in the encoded frame")
+        };
+        let first = find(0, &data);
+        let second = find(first + data.len(), &data[..5000]);
+        assert_eq!(at(&records[1]) - at(&records[0]), second - first);
         // Decoded from a plain slice (a journal), the same.
         let plain: Frame = postcard::from_bytes(&bytes[4..]).unwrap();
         assert_eq!(plain, frames[0]);

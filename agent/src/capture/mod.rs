@@ -266,6 +266,10 @@ impl Capture {
         let ring_bytes = ring_size(opts.ring_bytes)?;
 
         let mut loader = EbpfLoader::new();
+        // The program reads kernel structures at the offsets found above, never through
+        // CO-RE relocations: aya need not parse the kernel's BTF a second time (~12 ms
+        // of the agent's start-up, before the mirror can begin).
+        loader.btf(None);
         for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
