@@ -31,7 +31,7 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{ProgramError, RawTracePoint},
+    programs::{Program, ProgramError, RawTracePoint},
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use doppel_common::{
@@ -208,43 +208,76 @@ fn explain_program_error(e: ProgramError, what: &str) -> anyhow::Error {
     }
 }
 
+/// Raw tracepoint programs that are attached together: (program, tracepoint).
+type Group = &'static [(&'static str, &'static str)];
+
+/// The main program, at every system call's exit (ebpf/src/main.rs).
+const SYS_EXIT: Group = &[(abi::PROG_SYS_EXIT, "sys_exit")];
+
 /// The io_uring completion programs (ebpf/src/uring.rs).
-fn attach_uring(ebpf: &mut aya::Ebpf) -> Result<()> {
-    attach_raw(
-        ebpf,
-        &[
-            (abi::PROG_URING_SUBMIT, "io_uring_submit_req"),
-            (abi::PROG_URING_COMPLETE, "io_uring_complete"),
-            (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
-        ],
-    )
-}
+const URING: Group = &[
+    (abi::PROG_URING_SUBMIT, "io_uring_submit_req"),
+    (abi::PROG_URING_COMPLETE, "io_uring_complete"),
+    (abi::PROG_URING_OVERFLOW, "io_uring_cqe_overflow"),
+];
 
 /// The shared-mapping programs (ebpf/src/mmap.rs).
-fn attach_mmap(ebpf: &mut aya::Ebpf) -> Result<()> {
-    attach_raw(
-        ebpf,
-        &[
-            (abi::PROG_DIRTY_FOLIO, "writeback_dirty_folio"),
-            (abi::PROG_WRITEBACK_BEGIN, "sb_mark_inode_writeback"),
-            (abi::PROG_WRITEBACK_END, "sb_clear_inode_writeback"),
-        ],
-    )
+const MMAP: Group = &[
+    (abi::PROG_DIRTY_FOLIO, "writeback_dirty_folio"),
+    (abi::PROG_WRITEBACK_BEGIN, "sb_mark_inode_writeback"),
+    (abi::PROG_WRITEBACK_END, "sb_clear_inode_writeback"),
+];
+
+/// Loads the programs of `main` on this thread and those of the `rest` (`None`: not
+/// wanted) on a second one, attaching none: loading runs the kernel's verifier, about
+/// 45 ms for sys_exit and 12 ms for the others, the largest part of the agent's
+/// start-up (which the mirror waits for). Returns each group's first failure.
+fn load_groups(ebpf: &mut Ebpf, main: Group, rest: &[Option<Group>]) -> (Result<()>, Vec<Result<()>>) {
+    let mut progs: std::collections::HashMap<&str, &mut Program> =
+        ebpf.programs_mut().collect();
+    let mut take = |group: Group| -> Vec<(&'static str, Option<&mut Program>)> {
+        group
+            .iter()
+            .map(|&(name, _)| (name, progs.remove(name)))
+            .collect()
+    };
+    let main = take(main);
+    let rest: Vec<_> = rest.iter().map(|g| g.map(&mut take)).collect();
+    std::thread::scope(|s| {
+        let helper = s.spawn(move || {
+            rest.into_iter()
+                .map(|g| g.map_or(Ok(()), load_group))
+                .collect::<Vec<_>>()
+        });
+        let main = load_group(main);
+        let rest = helper
+            .join()
+            .unwrap_or_else(|_| vec![Err(anyhow!("loading a capture program panicked"))]);
+        (main, rest)
+    })
 }
 
-/// Loads and attaches raw tracepoint programs: (program, tracepoint).
-fn attach_raw(ebpf: &mut aya::Ebpf, progs: &[(&str, &str)]) -> Result<()> {
-    for &(name, tracepoint) in progs {
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| {
-                format!("the embedded capture program has no {name} (build mismatch)")
-            })?
+fn load_group(progs: Vec<(&str, Option<&mut Program>)>) -> Result<()> {
+    for (name, prog) in progs {
+        let prog: &mut RawTracePoint = prog
+            .with_context(|| format!("the embedded capture program has no {name} (build mismatch)"))?
             .try_into()
             .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
         prog.load().map_err(|e| explain_program_error(e, "load"))?;
+    }
+    Ok(())
+}
+
+/// Attaches the (loaded) programs of `group` to their tracepoints.
+fn attach(ebpf: &mut Ebpf, group: Group) -> Result<()> {
+    for &(name, tracepoint) in group {
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| format!("the embedded capture program has no {name} (build mismatch)"))?
+            .try_into()
+            .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
         prog.attach(tracepoint)
-            .map_err(|e| explain_program_error(e, &format!("attach to {tracepoint}")))?;
+            .map_err(|e| explain_program_error(e, &format!("attach to the {tracepoint} tracepoint")))?;
     }
     Ok(())
 }
@@ -276,22 +309,19 @@ impl Capture {
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
 
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(abi::PROG_SYS_EXIT)
-            .context("the embedded capture program has no sys_exit program (build mismatch)")?
-            .try_into()
-            .context("the embedded sys_exit program is not a raw tracepoint (build mismatch)")?;
-        prog.load().map_err(|e| explain_program_error(e, "load"))?;
-        prog.attach("sys_exit")
-            .map_err(|e| explain_program_error(e, "attach to the sys_exit tracepoint"))?;
-        match mmap.and_then(|()| attach_mmap(&mut ebpf)) {
+        let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
+        let (loaded, mut rest) = load_groups(&mut ebpf, SYS_EXIT, &wanted);
+        loaded?;
+        attach(&mut ebpf, SYS_EXIT)?;
+        let (mmap_loaded, uring_loaded) = (rest.remove(0), rest.remove(0));
+        match mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
             Ok(()) => tracing::info!("stores through shared mappings are captured"),
             Err(e) => warn!(
                 "stores through shared mappings will not be captured: {e:#}; files written \
                  through MAP_SHARED mappings are not replicated"
             ),
         }
-        match uring.and_then(|()| attach_uring(&mut ebpf)) {
+        match uring.and(uring_loaded).and_then(|()| attach(&mut ebpf, URING)) {
             Ok(()) => tracing::info!("io_uring writes are captured"),
             Err(e) => warn!(
                 "io_uring writes will not be captured: {e:#}; programs writing watched files \
