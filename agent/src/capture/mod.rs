@@ -232,9 +232,12 @@ const MMAP: Group = &[
 /// wanted) on a second one, attaching none: loading runs the kernel's verifier, about
 /// 45 ms for sys_exit and 12 ms for the others, the largest part of the agent's
 /// start-up (which the mirror waits for). Returns each group's first failure.
-fn load_groups(ebpf: &mut Ebpf, main: Group, rest: &[Option<Group>]) -> (Result<()>, Vec<Result<()>>) {
-    let mut progs: std::collections::HashMap<&str, &mut Program> =
-        ebpf.programs_mut().collect();
+fn load_groups(
+    ebpf: &mut Ebpf,
+    main: Group,
+    rest: &[Option<Group>],
+) -> (Result<()>, Vec<Result<()>>) {
+    let mut progs: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
     let mut take = |group: Group| -> Vec<(&'static str, Option<&mut Program>)> {
         group
             .iter()
@@ -260,7 +263,9 @@ fn load_groups(ebpf: &mut Ebpf, main: Group, rest: &[Option<Group>]) -> (Result<
 fn load_group(progs: Vec<(&str, Option<&mut Program>)>) -> Result<()> {
     for (name, prog) in progs {
         let prog: &mut RawTracePoint = prog
-            .with_context(|| format!("the embedded capture program has no {name} (build mismatch)"))?
+            .with_context(|| {
+                format!("the embedded capture program has no {name} (build mismatch)")
+            })?
             .try_into()
             .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
         prog.load().map_err(|e| explain_program_error(e, "load"))?;
@@ -273,11 +278,14 @@ fn attach(ebpf: &mut Ebpf, group: Group) -> Result<()> {
     for &(name, tracepoint) in group {
         let prog: &mut RawTracePoint = ebpf
             .program_mut(name)
-            .with_context(|| format!("the embedded capture program has no {name} (build mismatch)"))?
+            .with_context(|| {
+                format!("the embedded capture program has no {name} (build mismatch)")
+            })?
             .try_into()
             .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
-        prog.attach(tracepoint)
-            .map_err(|e| explain_program_error(e, &format!("attach to the {tracepoint} tracepoint")))?;
+        prog.attach(tracepoint).map_err(|e| {
+            explain_program_error(e, &format!("attach to the {tracepoint} tracepoint"))
+        })?;
     }
     Ok(())
 }
@@ -291,18 +299,23 @@ impl Capture {
             // Not fatal: the program attaches to a raw tracepoint by name.
             warn!("{e:#}");
         }
-        let btf = btf::Btf::from_sys_fs()?;
+        // aya's loader parses the kernel's BTF too (for CO-RE, which this program does
+        // not use; it cannot be told not to): both parses run at once, ~12 ms each.
+        let (btf, mut loader) = std::thread::scope(|s| {
+            let ours = s.spawn(btf::Btf::from_sys_fs);
+            let loader = EbpfLoader::new();
+            let ours = ours
+                .join()
+                .unwrap_or_else(|_| Err(anyhow!("parsing the kernel's BTF panicked")));
+            (ours, loader)
+        });
+        let btf = btf?;
         let offsets = btf::program_offsets(&btf)
             .context("cannot locate the kernel structure fields the capture program reads")?;
         let (uring_globals, uring) = btf::uring_globals(&btf);
         let (mmap_globals, mmap) = btf::mmap_globals(&btf);
         let ring_bytes = ring_size(opts.ring_bytes)?;
 
-        let mut loader = EbpfLoader::new();
-        // The program reads kernel structures at the offsets found above, never through
-        // CO-RE relocations: aya need not parse the kernel's BTF a second time (~12 ms
-        // of the agent's start-up, before the mirror can begin).
-        loader.btf(None);
         for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
@@ -321,7 +334,10 @@ impl Capture {
                  through MAP_SHARED mappings are not replicated"
             ),
         }
-        match uring.and(uring_loaded).and_then(|()| attach(&mut ebpf, URING)) {
+        match uring
+            .and(uring_loaded)
+            .and_then(|()| attach(&mut ebpf, URING))
+        {
             Ok(()) => tracing::info!("io_uring writes are captured"),
             Err(e) => warn!(
                 "io_uring writes will not be captured: {e:#}; programs writing watched files \
