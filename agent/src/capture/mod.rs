@@ -262,27 +262,24 @@ fn load_groups(
 
 fn load_group(progs: Vec<(&str, Option<&mut Program>)>) -> Result<()> {
     for (name, prog) in progs {
-        let prog: &mut RawTracePoint = prog
-            .with_context(|| {
-                format!("the embedded capture program has no {name} (build mismatch)")
-            })?
-            .try_into()
-            .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
-        prog.load().map_err(|e| explain_program_error(e, "load"))?;
+        raw_tracepoint(name, prog)?
+            .load()
+            .map_err(|e| explain_program_error(e, "load"))?;
     }
     Ok(())
+}
+
+/// Program `name` of the embedded object as the raw tracepoint program it must be.
+fn raw_tracepoint<'a>(name: &str, prog: Option<&'a mut Program>) -> Result<&'a mut RawTracePoint> {
+    prog.with_context(|| format!("the embedded capture program has no {name} (build mismatch)"))?
+        .try_into()
+        .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))
 }
 
 /// Attaches the (loaded) programs of `group` to their tracepoints.
 fn attach(ebpf: &mut Ebpf, group: Group) -> Result<()> {
     for &(name, tracepoint) in group {
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut(name)
-            .with_context(|| {
-                format!("the embedded capture program has no {name} (build mismatch)")
-            })?
-            .try_into()
-            .with_context(|| format!("{name} is not a raw tracepoint (build mismatch)"))?;
+        let prog = raw_tracepoint(name, ebpf.program_mut(name))?;
         prog.attach(tracepoint).map_err(|e| {
             explain_program_error(e, &format!("attach to the {tracepoint} tracepoint"))
         })?;

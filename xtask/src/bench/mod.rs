@@ -471,6 +471,15 @@ fn rss(figures: &mut Figures) -> Result<()> {
     Ok(())
 }
 
+/// The error for a replica that did not converge: the first differences and the logs.
+fn diverged(c: &Cluster, differences: &[String]) -> anyhow::Error {
+    anyhow::anyhow!(
+        "replica did not converge: {:?}\n{}",
+        &differences[..differences.len().min(5)],
+        c.logs()
+    )
+}
+
 /// One storm; the agent's peak RSS in MiB (VmHWM).
 fn rss_storm() -> Result<f64> {
     let mut c = Cluster::new("bench")?;
@@ -487,7 +496,7 @@ fn rss_storm() -> Result<f64> {
     }
     drop(f);
     doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(120))
-        .map_err(|d| anyhow::anyhow!("replica did not converge: {:?}", &d[..d.len().min(5)]))?;
+        .map_err(|d| diverged(&c, &d))?;
     let pid = c.agent_pid().context("agent not running")?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
@@ -599,7 +608,7 @@ fn journal(figures: &mut Figures) -> Result<()> {
     }
     drop(f);
     doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(120))
-        .map_err(|d| anyhow::anyhow!("replica did not converge: {:?}", &d[..d.len().min(5)]))?;
+        .map_err(|d| diverged(&c, &d))?;
     // Status lines come every 5 s; wait for one written after convergence.
     let before = c.log_lines("agent.log", " status ").len();
     let t = Instant::now();
