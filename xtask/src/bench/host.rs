@@ -9,15 +9,44 @@
 //! and held 534-552 MB/s with it off; the quinn baseline, which writes no files, did not
 //! move. Both sides of every comparison run under the same setting.
 
+use std::ffi::{CStr, CString};
 use std::path::Path;
+use std::sync::OnceLock;
 
 /// The order of the smallest free block reported; above the largest order the
 /// allocator has, nothing is.
 const REPORTING_ORDER: &str = "/sys/module/page_reporting/parameters/page_reporting_order";
+const REPORTING_ORDER_C: &CStr = c"/sys/module/page_reporting/parameters/page_reporting_order";
 const NEVER: &str = "11";
+/// Signals that end a bench run early (Ctrl-C, kill, a closed terminal).
+const ENDING: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
-/// Turns free page reporting off until dropped, then restores the previous setting. On a
-/// machine without it (no such parameter) this does nothing.
+/// The setting to restore, for the signal handler.
+static PREVIOUS: OnceLock<CString> = OnceLock::new();
+
+/// Puts the setting back and dies of `sig` as if no handler had been installed. Only
+/// async-signal-safe calls: open, write, close, signal, raise.
+extern "C" fn restore_and_die(sig: libc::c_int) {
+    if let Some(previous) = PREVIOUS.get() {
+        // SAFETY: plain system calls on a static path and bytes that live forever.
+        unsafe {
+            let fd = libc::open(REPORTING_ORDER_C.as_ptr(), libc::O_WRONLY);
+            if fd >= 0 {
+                libc::write(fd, previous.as_ptr().cast(), previous.as_bytes().len());
+                libc::close(fd);
+            }
+        }
+    }
+    // SAFETY: restores the default action and delivers the signal again.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+}
+
+/// Turns free page reporting off until dropped, then restores the previous setting; so
+/// does a signal that ends the run. On a machine without it (no such parameter) this
+/// does nothing.
 pub struct NoPageReporting {
     previous: Option<String>,
 }
@@ -31,6 +60,15 @@ impl NoPageReporting {
         let previous = previous.trim().to_owned();
         match std::fs::write(path, NEVER) {
             Ok(()) => {
+                if let Ok(c) = CString::new(previous.clone()) {
+                    let _ = PREVIOUS.set(c);
+                    for sig in ENDING {
+                        // SAFETY: installs a handler that only makes async-signal-safe calls.
+                        unsafe {
+                            libc::signal(sig, restore_and_die as *const () as libc::sighandler_t);
+                        }
+                    }
+                }
                 eprintln!(
                     "bench: free page reporting to the hypervisor is off while benchmarks run \
                      ({REPORTING_ORDER}: {previous} -> {NEVER}; restored at the end)"
@@ -52,6 +90,12 @@ impl NoPageReporting {
 
 impl Drop for NoPageReporting {
     fn drop(&mut self) {
+        for sig in ENDING {
+            // SAFETY: restores the default action.
+            unsafe {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+        }
         if let Some(previous) = &self.previous {
             if let Err(e) = std::fs::write(REPORTING_ORDER, previous) {
                 eprintln!(
