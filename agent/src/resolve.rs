@@ -2360,9 +2360,6 @@ mod tests {
         );
     }
 
-    /// A directory made inside one that moved before the mkdir's event was resolved is
-    /// not at the path the event names: it is copied once the move is resolved, with
-    /// what was made in it meanwhile.
     #[test]
     fn a_created_file_carries_the_extended_attributes_it_was_born_with() {
         let d = tempfile::tempdir().unwrap();
@@ -2402,6 +2399,9 @@ mod tests {
         );
     }
 
+    /// A directory made inside one that moved before the mkdir's event was resolved is
+    /// not at the path the event names: it is copied once the move is resolved, with
+    /// what was made in it meanwhile.
     #[test]
     fn a_directory_made_in_one_that_moved_since_is_copied() {
         let d = tempfile::tempdir().unwrap();

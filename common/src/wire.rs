@@ -903,16 +903,23 @@ mod tests {
             },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode_frame).collect();
+        let (out, left) = decode_in_pieces(&bytes, 3);
+        assert_eq!(out, frames);
+        assert_eq!(left, 0);
+    }
+
+    /// `bytes` fed to a decoder `piece` bytes at a time: the frames taken out after each
+    /// piece, and the bytes left over.
+    fn decode_in_pieces(bytes: &[u8], piece: usize) -> (Vec<Frame>, usize) {
         let mut dec = FrameDecoder::new();
         let mut out = Vec::new();
-        for chunk in bytes.chunks(3) {
+        for chunk in bytes.chunks(piece) {
             dec.push(chunk);
             while let Some(f) = dec.next_frame().unwrap() {
                 out.push(f);
             }
         }
-        assert_eq!(out, frames);
-        assert_eq!(dec.buffered(), 0);
+        (out, dec.buffered())
     }
 
     #[test]
@@ -934,15 +941,8 @@ mod tests {
             batch_of(data[..1000].to_vec()),
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode_frame).collect();
-        let mut dec = FrameDecoder::new();
-        let mut out = Vec::new();
         // In packet-sized pieces, the second frame starting inside a piece of the first.
-        for chunk in bytes.chunks(1200) {
-            dec.push(chunk);
-            while let Some(f) = dec.next_frame().unwrap() {
-                out.push(f);
-            }
-        }
+        let (out, _) = decode_in_pieces(&bytes, 1200);
         assert_eq!(out, frames);
         // The two writes of the first frame are views of one buffer, at the distance
         // their data has in the encoded frame: decoding did not copy them.

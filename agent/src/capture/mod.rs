@@ -232,11 +232,11 @@ const MMAP: Group = &[
 /// wanted) on a second one, attaching none: loading runs the kernel's verifier, about
 /// 45 ms for sys_exit and 12 ms for the others, the largest part of the agent's
 /// start-up (which the mirror waits for). Returns each group's first failure.
-fn load_groups(
+fn load_groups<const N: usize>(
     ebpf: &mut Ebpf,
     main: Group,
-    rest: &[Option<Group>],
-) -> (Result<()>, Vec<Result<()>>) {
+    rest: [Option<Group>; N],
+) -> (Result<()>, [Result<()>; N]) {
     let mut progs: std::collections::HashMap<&str, &mut Program> = ebpf.programs_mut().collect();
     let mut take = |group: Group| -> Vec<(&'static str, Option<&mut Program>)> {
         group
@@ -245,17 +245,13 @@ fn load_groups(
             .collect()
     };
     let main = take(main);
-    let rest: Vec<_> = rest.iter().map(|g| g.map(&mut take)).collect();
+    let rest = rest.map(|g| g.map(&mut take));
     std::thread::scope(|s| {
-        let helper = s.spawn(move || {
-            rest.into_iter()
-                .map(|g| g.map_or(Ok(()), load_group))
-                .collect::<Vec<_>>()
-        });
+        let helper = s.spawn(move || rest.map(|g| g.map_or(Ok(()), load_group)));
         let main = load_group(main);
-        let rest = helper
-            .join()
-            .unwrap_or_else(|_| vec![Err(anyhow!("loading a capture program panicked"))]);
+        let rest = helper.join().unwrap_or_else(|_| {
+            std::array::from_fn(|_| Err(anyhow!("loading a capture program panicked")))
+        });
         (main, rest)
     })
 }
@@ -315,10 +311,9 @@ impl Capture {
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
 
         let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
-        let (loaded, mut rest) = load_groups(&mut ebpf, SYS_EXIT, &wanted);
+        let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
         loaded?;
         attach(&mut ebpf, SYS_EXIT)?;
-        let (mmap_loaded, uring_loaded) = (rest.remove(0), rest.remove(0));
         match mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
             Ok(()) => tracing::info!("stores through shared mappings are captured"),
             Err(e) => warn!(
