@@ -312,7 +312,7 @@ impl<W: Watcher> Resolver<W> {
                 let mut pending: Option<(u64, Vec<u8>)> = None;
                 for (i, page) in buf[..n].chunks(PAGE as usize).enumerate() {
                     let idx = run.first + i as u64;
-                    let hash = xxhash_rust::xxh3::xxh3_64(page);
+                    let hash = doppel_common::wire::sums::block_sum(page);
                     // A page in a hole of the source reads as zeros: not data to send.
                     let hole = page.iter().all(|&b| b == 0) && {
                         let at = idx * PAGE;

@@ -459,23 +459,26 @@ pub mod sums {
         job == 0 || job == QUICK_JOB || job == LAYOUT_JOB
     }
 
-    /// The checksum of one block: xxh3-64. It finds accidental differences (stale or
-    /// corrupted replicas), not adversarial ones: both ends are authenticated.
+    /// The checksum of one block: XXH3-64 (seed 0). It finds accidental differences
+    /// (stale or corrupted replicas), not adversarial ones: both ends are authenticated.
+    /// twox-hash picks AVX2 at run time where the CPU has it: twice the speed of the
+    /// SSE2 code a portable build gets otherwise, on every byte a mirror compares.
     pub fn block_sum(data: &[u8]) -> u64 {
-        xxhash_rust::xxh3::xxh3_64(data)
+        twox_hash::XxHash3_64::oneshot(data)
     }
 
     /// [`block_sum`] of `len` zero bytes (a hole), without a buffer of zeros per call.
     pub fn zero_sum(len: usize) -> u64 {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        use std::hash::Hasher;
+        let mut h = twox_hash::XxHash3_64::new();
         let zeros = [0u8; 4096];
         let mut left = len;
         while left > 0 {
             let n = left.min(zeros.len());
-            h.update(&zeros[..n]);
+            h.write(&zeros[..n]);
             left -= n;
         }
-        h.digest()
+        h.finish()
     }
 
     /// Checks a Sum's geometry before anything is read for it.
@@ -841,6 +844,23 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    /// The block checksum is part of the protocol: both ends must compute XXH3-64 with
+    /// seed 0, whatever the implementation. Reference values from the xxHash algorithm.
+    #[test]
+    fn block_sums_are_xxh3_64() {
+        use super::sums::{block_sum, zero_sum};
+        let pattern: Vec<u8> = (0..65536u32)
+            .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
+            .collect();
+        assert_eq!(block_sum(b""), 0x2d06800538d394c2);
+        assert_eq!(block_sum(b"abc"), 0x78af5f94892f3950);
+        assert_eq!(block_sum(&pattern[..1000]), 0xa067b58e6ea5d2f2);
+        assert_eq!(block_sum(&pattern), 0x32152aa15c5ff65a);
+        assert_eq!(block_sum(&[0; 65536]), 0x33b202d302b65caa);
+        assert_eq!(zero_sum(65536), 0x33b202d302b65caa);
+        assert_eq!(zero_sum(1000), block_sum(&[0; 1000]));
+    }
+
     use super::*;
 
     fn p(s: &str) -> RelPath {

