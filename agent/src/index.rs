@@ -71,6 +71,7 @@ impl Index {
     pub fn clear_nodes(&mut self) {
         self.nodes.clear();
         self.children.clear();
+        self.links.clear();
     }
 
     /// Forgets everything under one set's root (before rescanning that set alone);
@@ -152,6 +153,32 @@ impl Index {
         Some(cur)
     }
 
+    /// Every location of file `id`: its first name, then its further ones (hard links).
+    pub fn locations(&self, id: FileId) -> Vec<Location> {
+        let Some(first) = self.location(id) else {
+            return Vec::new();
+        };
+        let further = self.links.get(&id).into_iter().flatten();
+        let further = further.filter_map(|(parent, name)| {
+            let dir = self.location(*parent)?;
+            Some(Location {
+                set: dir.set,
+                rel: dir.rel.join(name),
+            })
+        });
+        std::iter::once(first).chain(further).collect()
+    }
+
+    /// Forgets the further names of file `id` (its node and first name stay): the
+    /// replica's file under them is no longer the one the node stands for (a copy of
+    /// the file was sent under a new name). Their later removal or rename is then
+    /// resolved as that of a name the index does not know.
+    pub fn forget_links(&mut self, id: FileId) {
+        for (parent, name) in self.links.remove(&id).unwrap_or_default() {
+            self.unlist(parent, &name, id);
+        }
+    }
+
     /// Records that the file `id` also has the name `name` in `parent` (a hard link).
     /// Without a node yet, this is its first name.
     pub fn insert_link(&mut self, parent: FileId, name: &OsStr, id: FileId) {
@@ -220,6 +247,13 @@ impl Index {
     ) {
         if let Some(old) = self.nodes.remove(&id) {
             self.unlist(old.parent, &old.name, id);
+        }
+        // A further name that becomes the first is no longer a further one.
+        if let Some(names) = self.links.get_mut(&id) {
+            names.retain(|(p, n)| !(*p == parent && n == name));
+            if names.is_empty() {
+                self.links.remove(&id);
+            }
         }
         let key = (parent, name.to_owned());
         // The file that held the name goes first: dropping it after the insert would
@@ -529,6 +563,32 @@ mod tests {
         ix.remove(id(2), OsStr::new("c"));
         assert_eq!(ix.location(id(5)), None);
         assert_eq!(ix.len(), 1);
+    }
+
+    #[test]
+    fn every_name_of_a_linked_file_is_listed_and_further_ones_can_be_forgotten() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("d"), id(2), true);
+        ix.insert(id(1), OsStr::new("a"), id(5), false);
+        ix.insert_link(id(2), OsStr::new("b"), id(5));
+        ix.insert_link(id(1), OsStr::new("c"), id(5));
+        assert_eq!(
+            ix.locations(id(5)),
+            vec![loc(0, "a"), loc(0, "d/b"), loc(0, "c")]
+        );
+        // A further name taking the node's place is its first name only.
+        ix.insert(id(1), OsStr::new("c"), id(5), false);
+        assert_eq!(ix.locations(id(5)), vec![loc(0, "c"), loc(0, "d/b")]);
+        assert_eq!(ix.lookup(&loc(0, "a")), None);
+        ix.forget_links(id(5));
+        assert_eq!(ix.locations(id(5)), vec![loc(0, "c")]);
+        assert_eq!(ix.lookup(&loc(0, "d/b")), None);
+        // A full rescan forgets further names too.
+        ix.insert_link(id(1), OsStr::new("e"), id(5));
+        ix.clear_nodes();
+        ix.insert(id(1), OsStr::new("c"), id(5), false);
+        assert_eq!(ix.locations(id(5)), vec![loc(0, "c")]);
     }
 
     #[test]

@@ -904,6 +904,20 @@ impl<W: Watcher> Resolver<W> {
                     return true;
                 }
             }
+            // Copied to a name the index does not know as `id`, so into a new file on the
+            // replica: its file under the names the index knew for `id` (none of which
+            // the source has as `id` now) is another one. Known as `id`, a later rename
+            // of one of them would be taken for that of a node registered after it (born
+            // now) and the old name left on the replica; unknown, it is removed there
+            // and the new name linked to this copy. (Copied over a known name, the
+            // replica's file stays the one all its names share.)
+            let here = Location {
+                set,
+                rel: rel.to_path_buf(),
+            };
+            if self.index.lookup(&here) != Some(id) {
+                self.index.forget_links(id);
+            }
             self.index
                 .insert_born(parent, name, id, false, monotonic_ns());
             let path = rel_path(rel);
@@ -963,14 +977,22 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Where the replica already has file `id` under another name than `rel` in the
-    /// same set (hard links), if the source still has it there.
+    /// same set (hard links), if the source still has it there. Every name the index
+    /// knows is tried, not only the first: that one may be gone from the source already
+    /// (unlinked or renamed, its event still to come) while the others are not, and a
+    /// copy made instead would split the replica's names of the file in two.
+    /// A file found under its first name is copied there again, as before.
     fn other_name(&self, set: usize, id: FileId, rel: &Path) -> Option<PathBuf> {
-        let loc = self.index.location(id)?;
-        if loc.set != set || loc.rel == rel {
+        let locs = self.index.locations(id);
+        if locs.first().is_some_and(|l| l.set == set && l.rel == rel) {
             return None;
         }
-        let m = std::fs::symlink_metadata(self.index.abs(&loc)).ok()?;
-        (file_id(&m) == id).then_some(loc.rel)
+        locs.into_iter()
+            .filter(|loc| loc.set == set && loc.rel != rel)
+            .find(|loc| {
+                std::fs::symlink_metadata(self.index.abs(loc)).is_ok_and(|m| file_id(&m) == id)
+            })
+            .map(|loc| loc.rel)
     }
 
     /// Absolute, normalised path of a syscall's path argument.
@@ -2780,5 +2802,277 @@ mod tests {
             }]
         );
         assert_eq!(r.index().location(f).unwrap().rel, PathBuf::from("n/g"));
+    }
+
+    /// A replica as the ops make it: which file each name is, and each file's bytes.
+    #[derive(Default)]
+    struct Replica {
+        names: HashMap<Vec<u8>, usize>,
+        files: Vec<Vec<u8>>,
+    }
+
+    impl Replica {
+        fn file(&mut self, path: &RelPath) -> usize {
+            if let Some(&i) = self.names.get(&path.0) {
+                return i;
+            }
+            self.files.push(Vec::new());
+            self.names.insert(path.0.clone(), self.files.len() - 1);
+            self.files.len() - 1
+        }
+
+        fn apply(&mut self, ops: &[SetOp]) {
+            for o in ops {
+                match &o.op {
+                    Op::CreateFile { path, .. } => {
+                        self.file(path);
+                    }
+                    Op::Write { path, offset, data } => {
+                        let i = self.file(path);
+                        let (start, f) = (*offset as usize, &mut self.files[i]);
+                        if f.len() < start + data.len() {
+                            f.resize(start + data.len(), 0);
+                        }
+                        f[start..start + data.len()].copy_from_slice(data);
+                    }
+                    Op::Truncate { path, size } => {
+                        let i = self.file(path);
+                        self.files[i].resize(*size as usize, 0);
+                    }
+                    Op::Link { from, to } => {
+                        if let Some(&i) = self.names.get(&from.0) {
+                            self.names.insert(to.0.clone(), i);
+                        }
+                    }
+                    Op::Rename { from, to, .. } => {
+                        if let Some(i) = self.names.remove(&from.0) {
+                            self.names.insert(to.0.clone(), i);
+                        }
+                    }
+                    Op::Remove { path } => {
+                        self.names.remove(&path.0);
+                    }
+                    Op::Sum { .. }
+                    | Op::SetAttr { .. }
+                    | Op::SetXattrs { .. }
+                    | Op::Mkdir { .. }
+                    | Op::Prune { .. } => {}
+                    other => panic!("not modelled: {other:?}"),
+                }
+            }
+        }
+
+        /// The names of the replica's files, one group per file.
+        fn groups(&self) -> Vec<Vec<String>> {
+            let mut groups: Vec<Vec<String>> = vec![Vec::new(); self.files.len()];
+            for (name, &i) in &self.names {
+                groups[i].push(String::from_utf8_lossy(name).into_owned());
+            }
+            groups.retain(|g| !g.is_empty());
+            groups.iter_mut().for_each(|g| g.sort());
+            groups.sort();
+            groups
+        }
+    }
+
+    fn link_event(from: &Path, to: &Path) -> Captured {
+        now(CaptureEvent::Linked {
+            from: arg(from),
+            to: arg(to),
+        })
+    }
+
+    /// fidelity::links_and_special, with the agent resolving the first links while the
+    /// source still has `a/orig` and the rest after the source has moved on: the first
+    /// name the index has for the file (`a/orig`) is gone from the source by then, yet
+    /// the replica has the file under it and under `b/l1` and `c/l2`. Every later name
+    /// must be a link to that file, not a second copy beside it.
+    #[test]
+    fn a_link_made_after_the_first_name_went_joins_the_replicas_file() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        for dir in ["a", "b", "c"] {
+            std::fs::create_dir(root.join(dir)).unwrap();
+        }
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        let p = |n: &str| root.join(n);
+        let orig: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(p("a/orig"), &orig).unwrap();
+        let f = id_of(&p("a/orig"));
+        r.resolve(
+            now(CaptureEvent::Created {
+                file: Some(f),
+                parent: None,
+                path: arg(&p("a/orig")),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            &mut out,
+        );
+        r.resolve(
+            now(CaptureEvent::Data {
+                file: f,
+                parent: id_of(&p("a")),
+                offset: 0,
+                data: orig.clone(),
+            }),
+            &mut out,
+        );
+        for to in ["b/l1", "c/l2"] {
+            std::fs::hard_link(p("a/orig"), p(to)).unwrap();
+            r.resolve(link_event(&p("a/orig"), &p(to)), &mut out);
+        }
+        // The source runs ahead of the agent from here.
+        let mut late = Vec::new();
+        for (from, to) in [("a/orig", "a/l3"), ("a/l3", "c/l4")] {
+            std::fs::hard_link(p(from), p(to)).unwrap();
+            late.push(link_event(&p(from), &p(to)));
+        }
+        std::fs::remove_file(p("a/orig")).unwrap();
+        late.push(now(CaptureEvent::Removed {
+            path: arg(&p("a/orig")),
+            is_dir: false,
+        }));
+        std::fs::rename(p("b/l1"), p("b/renamed")).unwrap();
+        late.push(now(CaptureEvent::Renamed {
+            from: arg(&p("b/l1")),
+            to: arg(&p("b/renamed")),
+            flags: 0,
+        }));
+        let written = b"written through c/l2";
+        let fd = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p("c/l2"))
+            .unwrap();
+        fd.write_all_at(written, 1000).unwrap();
+        late.push(now(CaptureEvent::Data {
+            file: f,
+            parent: id_of(&p("c")),
+            offset: 1000,
+            data: written.to_vec(),
+        }));
+        let appended = b", appended through c/l4";
+        let mut fd = std::fs::OpenOptions::new()
+            .append(true)
+            .custom_flags(0)
+            .open(p("c/l4"))
+            .unwrap();
+        std::io::Write::write_all(&mut fd, appended).unwrap();
+        late.push(now(CaptureEvent::Data {
+            file: f,
+            parent: id_of(&p("c")),
+            offset: orig.len() as u64,
+            data: appended.to_vec(),
+        }));
+        for ev in late {
+            r.resolve(ev, &mut out);
+        }
+        r.finish(&mut out);
+        let sent = answer(&mut r, &out);
+        let mut replica = Replica::default();
+        replica.apply(&out);
+        replica.apply(&sent);
+        let ops: Vec<String> = out
+            .iter()
+            .chain(&sent)
+            .map(|o| summarize_op(&o.op))
+            .collect();
+        assert_eq!(
+            replica.groups(),
+            [["a/l3", "b/renamed", "c/l2", "c/l4"]],
+            "one file, under the source's names: {ops:#?}"
+        );
+        let want = std::fs::read(p("a/l3")).unwrap();
+        assert_eq!(replica.files[replica.names[&b"c/l2"[..]]], want);
+    }
+
+    /// As above, but with every name the index knows for the file gone from the source
+    /// by the time a new name is resolved: that name is copied, and the replica's old
+    /// names, of the other file, must go with their events, not stay beside the copy
+    /// (the rename of one was taken for that of a file registered after it).
+    #[test]
+    fn the_old_names_of_a_file_copied_under_a_new_one_are_not_left_behind() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        for dir in ["a", "b"] {
+            std::fs::create_dir(root.join(dir)).unwrap();
+        }
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        let p = |n: &str| root.join(n);
+        std::fs::write(p("a/orig"), b"original").unwrap();
+        let f = id_of(&p("a/orig"));
+        r.resolve(
+            now(CaptureEvent::Created {
+                file: Some(f),
+                parent: None,
+                path: arg(&p("a/orig")),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            &mut out,
+        );
+        r.resolve(
+            now(CaptureEvent::Data {
+                file: f,
+                parent: id_of(&p("a")),
+                offset: 0,
+                data: b"original".to_vec(),
+            }),
+            &mut out,
+        );
+        std::fs::hard_link(p("a/orig"), p("b/l1")).unwrap();
+        r.resolve(link_event(&p("a/orig"), &p("b/l1")), &mut out);
+        // The source runs ahead: neither a/orig nor b/l1 is there when a/l3 is resolved.
+        let mut late = vec![];
+        std::fs::hard_link(p("a/orig"), p("a/l3")).unwrap();
+        late.push(link_event(&p("a/orig"), &p("a/l3")));
+        std::fs::remove_file(p("a/orig")).unwrap();
+        late.push(now(CaptureEvent::Removed {
+            path: arg(&p("a/orig")),
+            is_dir: false,
+        }));
+        std::fs::rename(p("b/l1"), p("b/renamed")).unwrap();
+        late.push(now(CaptureEvent::Renamed {
+            from: arg(&p("b/l1")),
+            to: arg(&p("b/renamed")),
+            flags: 0,
+        }));
+        let fd = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p("a/l3"))
+            .unwrap();
+        fd.write_all_at(b"O", 0).unwrap();
+        late.push(now(CaptureEvent::Data {
+            file: f,
+            parent: id_of(&p("a")),
+            offset: 0,
+            data: b"O".to_vec(),
+        }));
+        for ev in late {
+            r.resolve(ev, &mut out);
+        }
+        r.finish(&mut out);
+        let sent = answer(&mut r, &out);
+        let mut replica = Replica::default();
+        replica.apply(&out);
+        replica.apply(&sent);
+        let ops: Vec<String> = out
+            .iter()
+            .chain(&sent)
+            .map(|o| summarize_op(&o.op))
+            .collect();
+        assert_eq!(
+            replica.groups(),
+            [["a/l3", "b/renamed"]],
+            "one file, under the source's names: {ops:#?}"
+        );
+        assert_eq!(replica.files[replica.names[&b"b/renamed"[..]]], b"Original");
     }
 }
