@@ -844,11 +844,13 @@ impl FrameDecoder {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     /// The block checksum is part of the protocol: both ends must compute XXH3-64 with
     /// seed 0, whatever the implementation. Reference values from the xxHash algorithm.
     #[test]
     fn block_sums_are_xxh3_64() {
-        use super::sums::{block_sum, zero_sum};
+        use sums::{block_sum, zero_sum};
         let pattern: Vec<u8> = (0..65536u32)
             .map(|i| (i.wrapping_mul(2654435761) >> 13) as u8)
             .collect();
@@ -860,8 +862,6 @@ mod tests {
         assert_eq!(zero_sum(65536), 0x33b202d302b65caa);
         assert_eq!(zero_sum(1000), block_sum(&[0; 1000]));
     }
-
-    use super::*;
 
     fn p(s: &str) -> RelPath {
         RelPath(s.as_bytes().to_vec())

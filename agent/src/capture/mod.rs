@@ -310,11 +310,25 @@ impl Capture {
         let mut loader = aya
             .join()
             .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))?;
-        for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
+        // The loader borrows the globals' values, and is freed on a thread of its own
+        // (its copy of the kernel's BTF takes ~5 ms to free): they must outlive it. A
+        // few hundred bytes, once per capture.
+        let globals: &'static [(&str, u64)] = Box::leak(
+            offsets
+                .into_iter()
+                .chain(uring_globals)
+                .chain(mmap_globals)
+                .collect(),
+        );
+        for (name, value) in globals {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
+        // If no thread can be started, the loader is dropped here, as before.
+        let _ = std::thread::Builder::new()
+            .name("doppel-btf".into())
+            .spawn(move || drop(loader));
 
         let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
         let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
