@@ -351,18 +351,28 @@ pub async fn run(config: Config) -> Result<()> {
     info!("stopping");
     // Say goodbye, so that receivers see a source that stopped, not one that died (which
     // would look like a reason to fail over).
-    let conns: Vec<quinn::Connection> = shared
+    let sessions: Vec<(quinn::Connection, quinn::Endpoint)> = shared
         .targets
         .iter()
-        .filter_map(|t| t.lock().expect("target lock").conn.clone())
+        .filter_map(|t| {
+            let st = t.lock().expect("target lock");
+            Some((st.conn.clone()?, st.endpoint.clone()?))
+        })
         .collect();
-    for c in &conns {
+    for (c, _) in &sessions {
         c.close(doppel_transport::close::SHUTDOWN, b"the agent is stopping");
     }
-    if !conns.is_empty() {
-        // The close frames leave with the endpoint driver; give it a moment.
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    // The close frames leave with each endpoint's driver, after `close` returns: wait
+    // until the connections are shut down (a few round trips), at most half a second
+    // for a target that does not answer. A fixed 50 ms pause was once not enough on a
+    // loaded host, and the receiver saw a source that died, not one that stopped.
+    // All were closed at once above, so they drain side by side.
+    let idle = async {
+        for (_, e) in &sessions {
+            e.wait_idle().await;
+        }
+    };
+    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), idle).await;
     Ok(())
 }
 

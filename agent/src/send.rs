@@ -79,6 +79,8 @@ pub struct TargetState {
     pub wire_bytes_ended: u64,
     /// The current session's connection, for its byte counters.
     pub conn: Option<quinn::Connection>,
+    /// Its endpoint, to wait for the goodbye to go out when the agent stops.
+    pub endpoint: Option<quinn::Endpoint>,
     pub last_error: Option<(std::time::SystemTime, String)>,
     /// Sessions that ended in an error.
     pub failures: u64,
@@ -201,10 +203,15 @@ async fn session(
     routes: &[Route],
     gaps: &mpsc::UnboundedSender<usize>,
 ) -> Result<()> {
-    let conn = doppel_transport::connect(identity, target.address, &target.fingerprint)
-        .await
-        .with_context(|| format!("cannot connect to {}", target.address))?;
-    let result = stream_sets(shared, index, target, routes, gaps, &conn).await;
+    let (conn, endpoint) = doppel_transport::connect_with_endpoint(
+        identity,
+        target.address,
+        &target.fingerprint,
+        doppel_transport::Tuning::Doppel,
+    )
+    .await
+    .with_context(|| format!("cannot connect to {}", target.address))?;
+    let result = stream_sets(shared, index, target, routes, gaps, &conn, endpoint).await;
     if result.is_err() {
         // A refusal arrives as a frame just before the connection's close code.
         let reason = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
@@ -229,6 +236,7 @@ async fn stream_sets(
     routes: &[Route],
     gaps: &mpsc::UnboundedSender<usize>,
     conn: &quinn::Connection,
+    endpoint: quinn::Endpoint,
 ) -> Result<()> {
     let (send, recv) = conn.open_bi().await.context("cannot open a stream")?;
     let (mut tx, mut rx) = FramedStream::new(send, recv).split();
@@ -310,6 +318,7 @@ async fn stream_sets(
         st.failed_over = false;
         st.sessions += 1;
         st.conn = Some(conn.clone());
+        st.endpoint = Some(endpoint);
     }
     info!(target = %target.name, address = %target.address, "connected; resuming after {:?}", cursors);
 

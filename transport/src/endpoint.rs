@@ -182,6 +182,18 @@ pub async fn connect_tuned(
     server_fp: &str,
     tuning: Tuning,
 ) -> anyhow::Result<quinn::Connection> {
+    Ok(connect_with_endpoint(id, addr, server_fp, tuning).await?.0)
+}
+
+/// [`connect_tuned`], also handing back the connection's endpoint: a caller that closes
+/// the connection on its way out awaits the endpoint's `wait_idle` to know the close
+/// went out (quinn sends it from the endpoint's driver, after `close` returns).
+pub async fn connect_with_endpoint(
+    id: &Identity,
+    addr: SocketAddr,
+    server_fp: &str,
+    tuning: Tuning,
+) -> anyhow::Result<(quinn::Connection, quinn::Endpoint)> {
     let server_fp = parse_fingerprint(server_fp).context("invalid receiver fingerprint")?;
     let verifier = Arc::new(PinnedServerVerifier::new(server_fp));
     let mut tls = rustls::ClientConfig::builder_with_provider(crate::crypto_provider())
@@ -203,7 +215,8 @@ pub async fn connect_tuned(
     } else {
         (Ipv6Addr::UNSPECIFIED, 0).into()
     };
-    // The connection keeps the endpoint's driver alive; the handle itself can go.
+    // The connection keeps the endpoint's driver alive; the handle is only needed to
+    // wait for a close to go out.
     let socket = crate::socket::bind(bind, tuning)
         .with_context(|| format!("cannot bind a UDP socket on {bind}"))?;
     let mut endpoint_config = quinn::EndpointConfig::default();
@@ -219,7 +232,7 @@ pub async fn connect_tuned(
         .connect_with(config, addr, SERVER_NAME)
         .with_context(|| format!("cannot start a QUIC connection to {addr}"))?;
     match connecting.await {
-        Ok(conn) => Ok(conn),
+        Ok(conn) => Ok((conn, endpoint)),
         Err(e) => match verifier.refusal() {
             Some(why) => Err(anyhow::anyhow!(why))
                 .with_context(|| format!("refused to connect to the receiver at {addr}")),

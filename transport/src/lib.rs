@@ -21,7 +21,8 @@ mod socket;
 pub mod verify;
 
 pub use endpoint::{
-    connect, connect_tuned, peer_fingerprint, server_endpoint, server_endpoint_tuned, Tuning, ALPN,
+    connect, connect_tuned, connect_with_endpoint, peer_fingerprint, server_endpoint,
+    server_endpoint_tuned, Tuning, ALPN,
 };
 pub use framed::{FrameReceiver, FrameSender, FramedStream};
 pub use keys::{fingerprint, keygen, parse_fingerprint, Identity};
