@@ -1504,6 +1504,12 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// An entry appeared at `loc` by other means than creation (moved in): copy it whole.
+    /// If it is gone from there already (moved on or removed, its event still to come),
+    /// nothing can be copied, but what the index knows at `loc` is no longer there: the
+    /// entry that arrived replaced it. It is forgotten and removed from the replica, so
+    /// that the entry's next event (a rename from `loc`, say) finds nothing known there
+    /// and copies the entry where it went, instead of sending a rename of the replaced
+    /// file's name, which would put that file's bytes under the entry's names for good.
     fn arrive(&mut self, loc: Location, abs: &Path, out: &mut Vec<SetOp>) {
         let Some(parent) = self.parent_of(&loc) else {
             self.unresolved += 1;
@@ -1514,7 +1520,14 @@ impl<W: Watcher> Resolver<W> {
                 let name = loc.rel.file_name().unwrap_or_default().to_owned();
                 self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
             }
-            Err(_) => self.made_elsewhere(parent, abs),
+            Err(_) => {
+                if let Some(replaced) = self.index.lookup(&loc) {
+                    debug!(path = %abs.display(), "an entry arrived over a known one and went on; the known one is forgotten");
+                    let is_dir = self.index.is_dir(replaced);
+                    self.remove(loc, is_dir, out);
+                }
+                self.made_elsewhere(parent, abs)
+            }
         }
     }
 
@@ -2852,11 +2865,20 @@ mod tests {
                     Op::Remove { path } => {
                         self.names.remove(&path.0);
                     }
+                    Op::Prune { dir, keep } => {
+                        let dir = dir.as_ref().map_or(&b""[..], |d| &d.0[..]);
+                        self.names.retain(|name, _| {
+                            let (parent, base) = match name.iter().rposition(|&b| b == b'/') {
+                                Some(i) => (&name[..i], &name[i + 1..]),
+                                None => (&b""[..], &name[..]),
+                            };
+                            parent != dir || keep.iter().any(|k| k.0 == base)
+                        });
+                    }
                     Op::Sum { .. }
                     | Op::SetAttr { .. }
                     | Op::SetXattrs { .. }
-                    | Op::Mkdir { .. }
-                    | Op::Prune { .. } => {}
+                    | Op::Mkdir { .. } => {}
                     other => panic!("not modelled: {other:?}"),
                 }
             }
@@ -3074,5 +3096,85 @@ mod tests {
             "one file, under the source's names: {ops:#?}"
         );
         assert_eq!(replica.files[replica.names[&b"b/renamed"[..]]], b"Original");
+    }
+
+    /// The storm's `renamed-3724.bin`: file A is renamed over file C (`s/a` -> `t/x`)
+    /// and on (`t/x` -> `t/y`) before the agent resolves either rename, and by then the
+    /// index no longer knows A at `s/a` (here: a re-read of A found it gone from there
+    /// for too long, and `s` was copied again, which forgot `s/a`). The first rename has
+    /// an unknown source and a destination gone from the source: nothing can be copied
+    /// there, but C must not stay known at `t/x`, or the second rename moves C's bytes to
+    /// `t/y` on the replica and A is never sent.
+    #[test]
+    fn a_file_renamed_over_another_and_on_before_it_is_resolved_is_not_the_other() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let p = |n: &str| root.join(n);
+        for dir in ["s", "t"] {
+            std::fs::create_dir(p(dir)).unwrap();
+        }
+        std::fs::write(p("s/a"), b"old bytes of a").unwrap();
+        std::fs::write(p("t/c"), b"the other file, c").unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        let sent = answer(&mut r, &out);
+        let mut replica = Replica::default();
+        replica.apply(&out);
+        replica.apply(&sent);
+        out.clear();
+        let a = id_of(&p("s/a"));
+        std::fs::rename(p("t/c"), p("t/x")).unwrap();
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&p("t/c")),
+                to: arg(&p("t/x")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        // The source runs ahead: A grows (its bytes lost in a full ring: a missed
+        // range), goes over C at t/x, then on to t/y.
+        let grown: Vec<u8> = (0..30_000u32).map(|i| (i % 241) as u8).collect();
+        std::fs::write(p("s/a"), &grown).unwrap();
+        let mut late = vec![now(CaptureEvent::Dirty {
+            file: a,
+            parent: None,
+            offset: 0,
+            len: grown.len() as u64,
+        })];
+        for (from, to) in [("s/a", "t/x"), ("t/x", "t/y")] {
+            std::fs::rename(p(from), p(to)).unwrap();
+            late.push(now(CaptureEvent::Renamed {
+                from: arg(&p(from)),
+                to: arg(&p(to)),
+                flags: 0,
+            }));
+        }
+        let mut late = late.into_iter();
+        r.resolve(late.next().unwrap(), &mut out);
+        // Not at s/a: deferred; after its patience, s is copied again.
+        for d in r.deferred.iter_mut() {
+            d.since = monotonic_ns() - TOUCH_PATIENCE_NS - 1;
+        }
+        r.finish(&mut out);
+        for ev in late {
+            r.resolve(ev, &mut out);
+        }
+        r.finish(&mut out);
+        let sent = answer(&mut r, &out);
+        replica.apply(&out);
+        replica.apply(&sent);
+        let ops: Vec<String> = out
+            .iter()
+            .chain(&sent)
+            .map(|o| summarize_op(&o.op))
+            .collect();
+        assert_eq!(replica.groups(), [["t/y"]], "{ops:#?}");
+        assert!(
+            replica.files[replica.names[&b"t/y"[..]]] == grown,
+            "t/y holds A's bytes: {ops:#?}"
+        );
     }
 }
