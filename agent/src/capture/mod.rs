@@ -293,42 +293,35 @@ impl Capture {
             warn!("{e:#}");
         }
         // aya's loader parses the kernel's BTF in full (for CO-RE relocations, which this
-        // program has none of; it cannot be told not to): ~13 ms, on a thread of its own
-        // while ours, which only indexes the BTF and maps rather than copies it, finds the
-        // fields (~4 ms).
-        let aya = std::thread::Builder::new()
+        // program has none of; it cannot be told not to): ~13 ms. Ours, which only
+        // indexes the BTF (mapped, not copied) and finds the fields, takes ~4 ms on a
+        // thread of its own meanwhile. Not the other way round: aya's ~20 MiB of short-
+        // lived allocations belong in the main thread's malloc arena, which the agent
+        // reuses later (with aya's parse or its freeing on another thread, the rss
+        // bench's peak went up by as much as 20 MiB).
+        let ours = std::thread::Builder::new()
             .name("doppel-btf".into())
-            .spawn(EbpfLoader::new)
+            .spawn(|| -> Result<_> {
+                let btf = btf::Btf::from_sys_fs()?;
+                let offsets = btf::program_offsets(&btf).context(
+                    "cannot locate the kernel structure fields the capture program reads",
+                )?;
+                Ok((offsets, btf::uring_globals(&btf), btf::mmap_globals(&btf)))
+            })
             .context("cannot start a thread")?;
-        let btf = btf::Btf::from_sys_fs()?;
-        let offsets = btf::program_offsets(&btf)
-            .context("cannot locate the kernel structure fields the capture program reads")?;
-        let (uring_globals, uring) = btf::uring_globals(&btf);
-        let (mmap_globals, mmap) = btf::mmap_globals(&btf);
-        drop(btf);
-        let ring_bytes = ring_size(opts.ring_bytes)?;
-        let mut loader = aya
+        let mut loader = EbpfLoader::new();
+        let (offsets, (uring_globals, uring), (mmap_globals, mmap)) = ours
             .join()
-            .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))?;
-        // The loader borrows the globals' values, and is freed on a thread of its own
-        // (its copy of the kernel's BTF takes ~5 ms to free): they must outlive it. A
-        // few hundred bytes, once per capture.
-        let globals: &'static [(&str, u64)] = Box::leak(
-            offsets
-                .into_iter()
-                .chain(uring_globals)
-                .chain(mmap_globals)
-                .collect(),
-        );
-        for (name, value) in globals {
+            .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))??;
+        let ring_bytes = ring_size(opts.ring_bytes)?;
+        for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
-        // If no thread can be started, the loader is dropped here, as before.
-        let _ = std::thread::Builder::new()
-            .name("doppel-btf".into())
-            .spawn(move || drop(loader));
+        // Freed here, on this thread: freed on a thread of its own (~5 ms less start-up),
+        // aya's copy of the BTF made the rss bench's peak vary by 20 MiB (95 -> 118).
+        drop(loader);
 
         let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
         let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
