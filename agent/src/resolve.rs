@@ -1188,8 +1188,14 @@ impl<W: Watcher> Resolver<W> {
                     return;
                 };
                 let name = loc.rel.file_name().unwrap_or_default().to_owned();
-                if self.scanned_after(self.index.lookup(&loc), time) {
+                if self.scanned_after(self.index.lookup(&loc), time)
+                    || self.scanned_after(Some(parent), time)
+                {
                     // A scan after this creation already registered what is there now.
+                    // The directory's own scan time counts too: a name the scan linked
+                    // to a file known elsewhere (a hard link) carries the file's older
+                    // time, and the file created here first may be another one, its
+                    // data not to be written into the file the replica links there.
                     return;
                 }
                 if self.scanned_after(file, time) {
@@ -2126,6 +2132,8 @@ mod tests {
     use crate::rules::Rules;
     use std::cell::RefCell;
     use std::collections::HashSet;
+
+    mod scenarios;
 
     #[derive(Default)]
     struct FakeWatch(RefCell<HashSet<FileId>>);
