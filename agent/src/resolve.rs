@@ -1435,6 +1435,23 @@ impl<W: Watcher> Resolver<W> {
         for (l, _) in src_in.iter().chain(dst_in.iter()) {
             self.touch_parent(l);
         }
+        // Two names of one file: rename(2) does nothing and both stay (as on the
+        // replica). Taken for a move, `from` would be forgotten while the source still
+        // has it, and with the file's other names gone, the file itself, with what was
+        // still to be read for it.
+        let dst_node = dst.as_ref().and_then(|(l, _)| self.index.lookup(l));
+        let from_stays = src
+            .as_ref()
+            .and_then(|(_, abs)| std::fs::symlink_metadata(abs).ok())
+            .is_some_and(|m| Some(file_id(&m)) == src_node);
+        if flags & RENAME_EXCHANGE == 0
+            && src_node.is_some()
+            && dst_node == src_node
+            && !src_newer
+            && from_stays
+        {
+            return;
+        }
         if src_newer || dst_covered || src_node.is_none() {
             if let (Some((sl, sabs)), false) = (&src_in, src_newer) {
                 if flags & RENAME_EXCHANGE != 0 {
