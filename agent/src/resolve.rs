@@ -1435,21 +1435,35 @@ impl<W: Watcher> Resolver<W> {
         for (l, _) in src_in.iter().chain(dst_in.iter()) {
             self.touch_parent(l);
         }
-        // Two names of one file: rename(2) does nothing and both stay (as on the
-        // replica). Taken for a move, `from` would be forgotten while the source still
-        // has it, and with the file's other names gone, the file itself, with what was
-        // still to be read for it.
+        // Two names of one file for the index. If they were so at the rename,
+        // rename(2) did nothing and both stay; but the index may know `to` as the file
+        // from a later look at the source (a link resolved after the file was renamed
+        // over it), and the rename was a move. On the replica, both names are that one
+        // file, so a Rename op would do nothing either way.
         let dst_node = dst.as_ref().and_then(|(l, _)| self.index.lookup(l));
-        let from_stays = src
-            .as_ref()
-            .and_then(|(_, abs)| std::fs::symlink_metadata(abs).ok())
-            .is_some_and(|m| Some(file_id(&m)) == src_node);
-        if flags & RENAME_EXCHANGE == 0
-            && src_node.is_some()
-            && dst_node == src_node
-            && !src_newer
-            && from_stays
+        if flags & RENAME_EXCHANGE == 0 && src_node.is_some() && dst_node == src_node && !src_newer
         {
+            let (sl, sabs) = src.as_ref().expect("src_node is known at src");
+            let id_at = |p: Option<&Path>| {
+                p.and_then(|p| std::fs::symlink_metadata(p).ok())
+                    .map(|m| file_id(&m))
+            };
+            let parent = self.parent_of(sl);
+            if id_at(Some(sabs)) == src_node {
+                // A no-op: `from` is still there. Taken for a move, the index would
+                // forget a name the source has, and with the file's other names gone,
+                // the file itself, with what was still to be read for it.
+            } else if parent.is_some() && id_at(sabs.parent()) == parent {
+                // A move (or `from` went since, its event still to come).
+                if src_in.is_some() {
+                    self.remove(sl.clone(), false, out);
+                }
+            } else if let Some(dir) = parent {
+                // `from`'s directory moved since: which it was cannot be told here.
+                // Its directory is copied again once the index has it where it went,
+                // which keeps `from` if the source has it and drops it if not.
+                self.rescan.entry(dir).or_insert_with(monotonic_ns);
+            }
             return;
         }
         if src_newer || dst_covered || src_node.is_none() {

@@ -777,3 +777,53 @@ fn a_rename_between_two_names_of_one_file_keeps_both() {
         },
     );
 }
+
+/// `n` becomes a link of `x`, then `c` is renamed over it, before the agent resolves
+/// the link: resolved then, `n` is found to be `c`'s file (it has another name, `l`)
+/// and linked to that. The rename of `c` to `n` then names two names of one file for
+/// the index, yet it was a move on the source: `c` must go from the replica, where a
+/// rename between two names of one file would leave both.
+#[test]
+fn a_move_onto_a_name_already_linked_to_the_file_removes_the_old_name() {
+    scripted(
+        |p| {
+            std::fs::write(p("x"), b"x").unwrap();
+            std::fs::write(p("c"), b"the file with two names").unwrap();
+            std::fs::hard_link(p("c"), p("l")).unwrap();
+        },
+        |p| {
+            std::fs::hard_link(p("x"), p("n")).unwrap();
+            std::fs::rename(p("c"), p("n")).unwrap();
+            vec![link_event(&p("x"), &p("n")), renamed(&p("c"), &p("n"))]
+        },
+    );
+}
+
+/// A rename between two names of one file, `e/a` and `b`, resolved after `e/a`'s
+/// directory moved on: the source's `e/a` is not there to tell a no-op from a move.
+/// The name must not be forgotten (it is still the source's `f/a`): forgotten, the
+/// file is forgotten with `b`'s unlink, and the answer to the scan's question is
+/// dropped, `f/a` left without its bytes.
+#[test]
+fn a_rename_between_two_names_of_one_file_in_a_directory_moved_since_keeps_both() {
+    scripted(
+        |p| {
+            std::fs::create_dir(p("e")).unwrap();
+            std::fs::write(p("e/a"), b"the file with two names").unwrap();
+            std::fs::hard_link(p("e/a"), p("b")).unwrap();
+        },
+        |p| {
+            std::fs::rename(p("e/a"), p("b")).unwrap();
+            std::fs::rename(p("e"), p("f")).unwrap();
+            std::fs::remove_file(p("b")).unwrap();
+            vec![
+                renamed(&p("e/a"), &p("b")),
+                renamed(&p("e"), &p("f")),
+                now(CaptureEvent::Removed {
+                    path: arg(&p("b")),
+                    is_dir: false,
+                }),
+            ]
+        },
+    );
+}
