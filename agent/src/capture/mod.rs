@@ -318,10 +318,12 @@ impl Capture {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
+        // The loader lives to the end of this function, as it always did: dropped here,
+        // right after load(), the events bench's sustained rate fell from 200k to 100k
+        // events/s (4 runs of 4, against 4 of 4 at 200k without); freed on a thread of
+        // its own, the rss bench's peak varied by 20 MiB. Neither is understood (the
+        // heap's layout after freeing aya's ~20 MiB copy of the BTF, most likely).
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
-        // Freed here, on this thread: freed on a thread of its own (~5 ms less start-up),
-        // aya's copy of the BTF made the rss bench's peak vary by 20 MiB (95 -> 118).
-        drop(loader);
 
         let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
         let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
