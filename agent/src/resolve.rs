@@ -2190,6 +2190,38 @@ mod tests {
         file_id(&std::fs::symlink_metadata(p).unwrap())
     }
 
+    /// Writes `data` to a new file at `path` and resolves its creation and its data, as
+    /// captured: returns the file.
+    fn written(
+        r: &mut Resolver<&FakeWatch>,
+        path: &Path,
+        data: &[u8],
+        out: &mut Vec<SetOp>,
+    ) -> FileId {
+        std::fs::write(path, data).unwrap();
+        let f = id_of(path);
+        r.resolve(
+            now(CaptureEvent::Created {
+                file: Some(f),
+                parent: None,
+                path: arg(path),
+                is_dir: false,
+                mode: 0o644,
+            }),
+            out,
+        );
+        r.resolve(
+            now(CaptureEvent::Data {
+                file: f,
+                parent: id_of(path.parent().unwrap()),
+                offset: 0,
+                data: data.to_vec(),
+            }),
+            out,
+        );
+        f
+    }
+
     fn arg(p: &Path) -> PathArg {
         PathArg {
             base: None,
@@ -2962,27 +2994,7 @@ mod tests {
         r.scan_all(&mut out);
         let p = |n: &str| root.join(n);
         let orig: Vec<u8> = (0..20_000u32).map(|i| (i % 251) as u8).collect();
-        std::fs::write(p("a/orig"), &orig).unwrap();
-        let f = id_of(&p("a/orig"));
-        r.resolve(
-            now(CaptureEvent::Created {
-                file: Some(f),
-                parent: None,
-                path: arg(&p("a/orig")),
-                is_dir: false,
-                mode: 0o644,
-            }),
-            &mut out,
-        );
-        r.resolve(
-            now(CaptureEvent::Data {
-                file: f,
-                parent: id_of(&p("a")),
-                offset: 0,
-                data: orig.clone(),
-            }),
-            &mut out,
-        );
+        let f = written(&mut r, &p("a/orig"), &orig, &mut out);
         for to in ["b/l1", "c/l2"] {
             std::fs::hard_link(p("a/orig"), p(to)).unwrap();
             r.resolve(link_event(&p("a/orig"), &p(to)), &mut out);
@@ -3067,27 +3079,7 @@ mod tests {
         let mut out = Vec::new();
         r.scan_all(&mut out);
         let p = |n: &str| root.join(n);
-        std::fs::write(p("a/orig"), b"original").unwrap();
-        let f = id_of(&p("a/orig"));
-        r.resolve(
-            now(CaptureEvent::Created {
-                file: Some(f),
-                parent: None,
-                path: arg(&p("a/orig")),
-                is_dir: false,
-                mode: 0o644,
-            }),
-            &mut out,
-        );
-        r.resolve(
-            now(CaptureEvent::Data {
-                file: f,
-                parent: id_of(&p("a")),
-                offset: 0,
-                data: b"original".to_vec(),
-            }),
-            &mut out,
-        );
+        let f = written(&mut r, &p("a/orig"), b"original", &mut out);
         std::fs::hard_link(p("a/orig"), p("b/l1")).unwrap();
         r.resolve(link_event(&p("a/orig"), &p("b/l1")), &mut out);
         // The source runs ahead: neither a/orig nor b/l1 is there when a/l3 is resolved.
