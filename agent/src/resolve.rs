@@ -2896,6 +2896,19 @@ mod tests {
     }
 
     impl Replica {
+        /// Answers the mirror questions in `out` as the receiver would, applies `out`
+        /// and then the ops the answers led to; returns all of them, one line each,
+        /// for assertion messages.
+        fn take<W: Watcher>(&mut self, r: &mut Resolver<W>, out: &[SetOp]) -> Vec<String> {
+            let sent = answer(r, out);
+            self.apply(out);
+            self.apply(&sent);
+            out.iter()
+                .chain(&sent)
+                .map(|o| summarize_op(&o.op))
+                .collect()
+        }
+
         fn file(&mut self, path: &RelPath) -> usize {
             if let Some(&i) = self.names.get(&path.0) {
                 return i;
@@ -3045,15 +3058,8 @@ mod tests {
             r.resolve(ev, &mut out);
         }
         r.finish(&mut out);
-        let sent = answer(&mut r, &out);
         let mut replica = Replica::default();
-        replica.apply(&out);
-        replica.apply(&sent);
-        let ops: Vec<String> = out
-            .iter()
-            .chain(&sent)
-            .map(|o| summarize_op(&o.op))
-            .collect();
+        let ops = replica.take(&mut r, &out);
         assert_eq!(
             replica.groups(),
             [["a/l3", "b/renamed", "c/l2", "c/l4"]],
@@ -3112,15 +3118,8 @@ mod tests {
             r.resolve(ev, &mut out);
         }
         r.finish(&mut out);
-        let sent = answer(&mut r, &out);
         let mut replica = Replica::default();
-        replica.apply(&out);
-        replica.apply(&sent);
-        let ops: Vec<String> = out
-            .iter()
-            .chain(&sent)
-            .map(|o| summarize_op(&o.op))
-            .collect();
+        let ops = replica.take(&mut r, &out);
         assert_eq!(
             replica.groups(),
             [["a/l3", "b/renamed"]],
@@ -3150,10 +3149,8 @@ mod tests {
         let mut r = setup(&root, &w);
         let mut out = Vec::new();
         r.scan_all(&mut out);
-        let sent = answer(&mut r, &out);
         let mut replica = Replica::default();
-        replica.apply(&out);
-        replica.apply(&sent);
+        replica.take(&mut r, &out);
         out.clear();
         let a = id_of(&p("s/a"));
         std::fs::rename(p("t/c"), p("t/x")).unwrap();
@@ -3194,14 +3191,7 @@ mod tests {
             r.resolve(ev, &mut out);
         }
         r.finish(&mut out);
-        let sent = answer(&mut r, &out);
-        replica.apply(&out);
-        replica.apply(&sent);
-        let ops: Vec<String> = out
-            .iter()
-            .chain(&sent)
-            .map(|o| summarize_op(&o.op))
-            .collect();
+        let ops = replica.take(&mut r, &out);
         assert_eq!(replica.groups(), [["t/y"]], "{ops:#?}");
         assert!(
             replica.files[replica.names[&b"t/y"[..]]] == grown,
