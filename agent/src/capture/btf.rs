@@ -122,10 +122,9 @@ fn u32_at(d: &[u8], at: usize) -> Result<u32> {
     Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
 }
 
-/// The little-endian u32 at `at` of a slice already checked to hold it.
+/// [`u32_at`] in a record the parse already checked to hold it (0 if not).
 fn le32(d: &[u8], at: usize) -> u32 {
-    d.get(at..at + 4)
-        .map_or(0, |b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+    u32_at(d, at).unwrap_or(0)
 }
 
 /// Bytes of the entries that follow a type's 12-byte header, by kind; `None` for a kind
