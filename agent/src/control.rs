@@ -206,6 +206,10 @@ pub struct Status {
     pub mirror_compared_files: u64,
     /// Verifies running now.
     pub verifies: Vec<Progress>,
+    /// Pages of files mapped shared and writable that the agent reads again at every
+    /// pass, because a store into them would leave no trace (see `mapped.rs`).
+    #[serde(default)]
+    pub mapped_hot_pages: u64,
     /// Every change queued so far is acknowledged by every target and no comparison is
     /// pending: the replicas were equal to the sources when this was taken.
     pub synced: bool,
@@ -293,6 +297,7 @@ impl Shared {
             mirror_queued_files: files.0,
             mirror_compared_files: files.1,
             verifies,
+            mapped_hot_pages: self.mapped_hot_pages.load(Ordering::Relaxed),
             synced: synced && pending == 0 && !scanning,
             uptime_seconds: self.started.elapsed().unwrap_or_default().as_secs(),
         }

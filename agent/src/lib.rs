@@ -19,6 +19,7 @@ pub mod metrics;
 pub mod mirror;
 pub mod overlap;
 pub mod pacing;
+pub mod pagecache;
 pub mod queue;
 pub mod rate;
 pub mod resolve;

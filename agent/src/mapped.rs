@@ -4,9 +4,12 @@
 //! A store into a shared mapping leaves one trace: the page becoming dirty. Later stores
 //! to the page while it stays dirty leave none. So a reported page stays hot and is read
 //! on every pass (only pages whose content changed since the last read are sent) until
-//! a writeback that began after the page's last report has ended: that writeback made
-//! the page clean, and the next store dirties it again, which is reported. The page is
-//! read once more after such a writeback and then forgotten.
+//! a writeback that began after the page's last report has ended, and the page is
+//! clean: the next store then dirties it again, which is reported. The page is read
+//! once more after that and then forgotten. The writeback's end alone is not enough:
+//! a writeback may cover only part of the file (`sync_file_range`, `msync` of a part,
+//! the flusher's chunks of a few MiB), so the resolver asks the page cache whether a
+//! page is clean (`pagecache.rs`) before it reads it for the last time.
 //!
 //! RPO for a mapping writer: a store reaches the agent at the next pass (every
 //! [`PASS_INTERVAL`]) or right after the writeback that `msync(MS_SYNC)`/`fsync` start.
@@ -28,6 +31,8 @@ struct Page {
     sent: Option<u64>,
     /// A writeback begun after `reported` has ended: read once more, then forget.
     retire: bool,
+    /// Read in the pass going on.
+    read: bool,
 }
 
 #[derive(Debug)]
@@ -98,6 +103,7 @@ impl Mapped {
                 reported: time,
                 sent: None,
                 retire: true,
+                read: false,
             });
         }
         self.retired = true;
@@ -147,6 +153,30 @@ impl Mapped {
         out
     }
 
+    /// Pages of `run` that a writeback's end marked to be forgotten after this pass.
+    pub fn retiring(&self, file: FileId, run: Run) -> Vec<u64> {
+        let Some(f) = self.files.get(&file) else {
+            return Vec::new();
+        };
+        f.pages
+            .range(run.first..run.first + run.count)
+            .filter(|(_, p)| p.retire)
+            .map(|(&idx, _)| idx)
+            .collect()
+    }
+
+    /// Page `idx` of `file` is still dirty although a writeback that began after its
+    /// report has ended (the writeback covered only part of the file): it stays hot.
+    pub fn still_dirty(&mut self, file: FileId, idx: u64) {
+        if let Some(p) = self
+            .files
+            .get_mut(&file)
+            .and_then(|f| f.pages.get_mut(&idx))
+        {
+            p.retire = false;
+        }
+    }
+
     /// Page `idx` of `file` was read with content hash `hash`: true if it changed since
     /// it was last sent (send it).
     pub fn read(&mut self, file: FileId, idx: u64, hash: u64) -> bool {
@@ -159,16 +189,21 @@ impl Mapped {
         };
         let changed = p.sent != Some(hash);
         p.sent = Some(hash);
+        p.read = true;
         changed
     }
 
-    /// End of a pass: retired pages (read in it) are forgotten, and so are files whose
-    /// pages are all gone. (Events older than the pass that arrive after it are the
-    /// resolver's to deal with: see `overlap.rs`.)
+    /// End of a pass: retired pages read in it are forgotten (those it could not read
+    /// wait for the next one), and so are files whose pages are all gone. (Events older
+    /// than the pass that arrive after it are the resolver's to deal with: see
+    /// `overlap.rs`.)
     pub fn end_pass(&mut self) {
         self.retired = false;
         self.files.retain(|_, f| {
-            f.pages.retain(|_, p| !p.retire);
+            f.pages.retain(|_, p| !(p.retire && p.read));
+            for p in f.pages.values_mut() {
+                p.read = false;
+            }
             !f.pages.is_empty() || f.writeback_began.is_some()
         });
     }
@@ -190,6 +225,19 @@ mod tests {
 
     fn id(ino: u64) -> FileId {
         FileId { dev: 1, ino }
+    }
+
+    /// A pass as the resolver makes it: every hot page read (content unchanged), then
+    /// its end.
+    fn pass(m: &mut Mapped) {
+        for (file, _, runs) in m.runs() {
+            for run in runs {
+                for idx in run.first..run.first + run.count {
+                    m.read(file, idx, 0);
+                }
+            }
+        }
+        m.end_pass();
     }
 
     #[test]
@@ -220,11 +268,11 @@ mod tests {
         assert!(m.read(id(5), 8, 9));
         // A writeback whose begin was missed retires nothing.
         m.writeback(id(5), true, 20);
-        m.end_pass();
+        pass(&mut m);
         assert_eq!(m.hot_pages(), 1);
         m.writeback(id(5), false, 21);
         m.writeback(id(5), true, 22);
-        m.end_pass();
+        pass(&mut m);
         assert!(m.is_empty());
     }
 
@@ -236,7 +284,7 @@ mod tests {
         assert!(m.pass_due());
         assert_eq!(m.hot_pages(), 3);
         m.dirty(id(5), id(1), 2 * PAGE, PAGE, 12);
-        m.end_pass();
+        pass(&mut m);
         // Page 0 was hot already, page 2 was reported after: both stay.
         assert_eq!(
             m.runs()[0].2,
@@ -251,8 +299,44 @@ mod tests {
         m.writeback(id(5), false, 11);
         m.writeback(id(5), true, 12);
         m.dirty(id(5), id(1), 0, PAGE, 13);
-        m.end_pass();
+        pass(&mut m);
         assert_eq!(m.hot_pages(), 1);
+    }
+
+    #[test]
+    fn a_retired_page_is_forgotten_only_once_read() {
+        let mut m = Mapped::default();
+        m.dirty(id(5), id(1), 0, 2 * PAGE, 10);
+        m.writeback(id(5), false, 11);
+        m.writeback(id(5), true, 12);
+        // The file could not be read in this pass (renamed meanwhile, say).
+        m.end_pass();
+        assert_eq!(m.hot_pages(), 2);
+        pass(&mut m);
+        assert!(m.is_empty());
+    }
+
+    #[test]
+    fn a_page_a_partial_writeback_left_dirty_stays_hot() {
+        let mut m = Mapped::default();
+        m.dirty(id(5), id(1), 0, PAGE, 10);
+        m.dirty(id(5), id(1), 1500 * PAGE, PAGE, 10);
+        // sync_file_range of page 0 only.
+        m.writeback(id(5), false, 11);
+        m.writeback(id(5), true, 12);
+        let run = |first| Run { first, count: 1 };
+        assert_eq!(m.retiring(id(5), run(0)), vec![0]);
+        assert_eq!(m.retiring(id(5), run(1500)), vec![1500]);
+        // The pass finds page 1500 dirty still.
+        m.still_dirty(id(5), 1500);
+        pass(&mut m);
+        assert_eq!(m.runs()[0].2, vec![run(1500)]);
+        assert!(m.retiring(id(5), run(1500)).is_empty());
+        // The writeback that cleans it retires it.
+        m.writeback(id(5), false, 20);
+        m.writeback(id(5), true, 21);
+        pass(&mut m);
+        assert!(m.is_empty());
     }
 
     #[test]

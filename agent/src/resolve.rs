@@ -21,10 +21,11 @@ use tracing::{debug, warn};
 use crate::attrs::{attr_of, xattrs_of};
 use crate::config::{Orphans, Set};
 use crate::index::{normalize, Index, Location};
-use crate::mapped::{Mapped, PAGE};
+use crate::mapped::{Mapped, Run, PAGE};
 use crate::marks::Marks;
 use crate::overlap::Overlaps;
 use crate::pacing::RescanPacing;
+use crate::pagecache::{dirty_pages, write_back};
 
 /// Largest data payload the resolver puts in one Write op when it reads a file.
 pub const READ_CHUNK: usize = 1 << 20;
@@ -296,6 +297,7 @@ impl<W: Watcher> Resolver<W> {
             let path = rel_path(&loc.rel);
             let mut sent = false;
             for run in runs {
+                self.keep_dirty_pages_hot(file, run, &f, &abs);
                 buf.resize((run.count * PAGE) as usize, 0);
                 let n = match f.read_at(&mut buf, run.first * PAGE) {
                     Ok(n) => {
@@ -340,6 +342,27 @@ impl<W: Watcher> Resolver<W> {
             }
         }
         self.mapped.end_pass();
+    }
+
+    /// A writeback of the file ended since the run's pages were reported, but it may
+    /// have covered only part of the file (`sync_file_range`, `msync` of a part, the
+    /// flusher's chunks): pages it left dirty stay hot, since a store into them would
+    /// leave no trace. Asked before the pages are read, so that a page found clean
+    /// reports every store after the read.
+    fn keep_dirty_pages_hot(&mut self, file: FileId, run: Run, f: &File, abs: &Path) {
+        let retiring = self.mapped.retiring(file, run);
+        if retiring.is_empty() {
+            return;
+        }
+        match dirty_pages(f, abs, run.first * PAGE, run.count * PAGE) {
+            Some(0) | None => return,
+            Some(_) => {}
+        }
+        for idx in retiring {
+            if dirty_pages(f, abs, idx * PAGE, PAGE).is_none_or(|n| n > 0) {
+                self.mapped.still_dirty(file, idx);
+            }
+        }
     }
 
     /// A range of `file` was mapped shared. Its pages that are dirty already (written by
@@ -1593,24 +1616,6 @@ fn summarize(ev: &CaptureEvent) -> String {
             format!("data ino {} off {offset} len {}", file.ino, data.len())
         }
         other => format!("{other:?}"),
-    }
-}
-
-/// Writes back `[offset, offset + len)` of the file (`len` 0: to the end) and waits for
-/// it. A page left dirty would not report later stores through a shared mapping of the
-/// file (see mapped.rs), so a file about to be read whole (scanned, moved into a set,
-/// just mapped) is made clean first: its stores from here on are reported, and those
-/// before are in what is read next.
-fn write_back(f: &File, abs: &Path, offset: u64, len: u64) {
-    use std::os::fd::AsRawFd;
-    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
-        | libc::SYNC_FILE_RANGE_WRITE
-        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
-    // SAFETY: plain syscall on an fd we own.
-    let r = unsafe { libc::sync_file_range(f.as_raw_fd(), offset as i64, len as i64, flags) };
-    if r != 0 {
-        let e = std::io::Error::last_os_error();
-        warn!(path = %abs.display(), "cannot write back dirty pages ({e}); stores through a shared mapping into pages written just before may reach the replica late");
     }
 }
 

@@ -287,6 +287,37 @@ targets = ["t"]
         Ok(out)
     }
 
+    /// The running agent's status as `doppel-agent status --json` gives it.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let text = self.agent_status()?;
+        let v: serde_json::Value = serde_json::from_str(text.trim())
+            .with_context(|| format!("the agent's status is not JSON: {text}"))?;
+        Ok(v["status"].clone())
+    }
+
+    /// Waits until `holds` is true of the agent's status ([`Cluster::status`]).
+    pub fn wait_status(
+        &self,
+        what: &str,
+        within: Duration,
+        holds: impl Fn(&serde_json::Value) -> bool,
+    ) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let status = self.status()?;
+            if holds(&status) {
+                return Ok(());
+            }
+            if start.elapsed() > within {
+                bail!(
+                    "{what}: not within {within:?}; last status: {status}\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Waits until the agent reports every change acknowledged and no mirror comparison
     /// pending (`"synced":true`); returns how long that took.
     pub fn wait_synced(&self, within: Duration) -> Result<Duration> {

@@ -1489,6 +1489,30 @@ fn shared_mappings() {
         c.assert_converges(WITHIN);
     }
 
+    // A writeback of part of the file ends (sync_file_range of its first page) while
+    // another page stays dirty: that page must stay hot, since a store into a page that
+    // is dirty already leaves no trace.
+    kept.store(10, &pattern(90, 20));
+    kept.store(1500 * 4096 + 10, &pattern(91, 20));
+    c.assert_converges(WITHIN);
+    let hot = |s: &serde_json::Value| s["mapped_hot_pages"].as_u64().unwrap_or(0);
+    let before = hot(&c.status().unwrap());
+    let flags = libc::SYNC_FILE_RANGE_WAIT_BEFORE
+        | libc::SYNC_FILE_RANGE_WRITE
+        | libc::SYNC_FILE_RANGE_WAIT_AFTER;
+    check(
+        unsafe { libc::sync_file_range(open_fd.raw(), 0, 4096, flags) },
+        "sync_file_range",
+    );
+    // The store below must come after the agent handled the writeback, or it proves
+    // nothing. Not waited for at all costs: under load the flusher may have written
+    // page 0 back already, and folios may hold several pages.
+    let _ = c.wait_status("page 0 forgotten", Duration::from_secs(5), |s| {
+        hot(s) < before
+    });
+    kept.store(1500 * 4096 + 30, &pattern(92, 20));
+    c.assert_converges(WITHIN);
+
     // Stored to, unmapped without msync, closed: the kernel writes it back some time.
     {
         let fd = open(s.join("unmapped"), rw, 0o600);
