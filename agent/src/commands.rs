@@ -54,6 +54,9 @@ fn print_report(r: &Report) {
         if f.missing {
             what.push("missing on the replica".to_string());
         }
+        if f.extra {
+            what.push("on the replica only (the source has no such entry)".to_string());
+        }
         let bytes: u64 = f.ranges.iter().map(|r| r.1).sum();
         if !f.missing && !f.ranges.is_empty() {
             let shown: Vec<String> = f

@@ -52,6 +52,8 @@ impl Marks {
             Op::Prune { dir, .. } | Op::PruneAside { dir, .. } => {
                 self.dirs.insert(dir.clone());
             }
+            // A verify's question changes nothing: nothing to copy again.
+            Op::List { .. } => {}
             Op::Link { to: path, .. }
             | Op::Write { path, .. }
             | Op::Truncate { path, .. }

@@ -51,6 +51,8 @@ pub struct Answer {
     pub fine: Vec<Vec<u64>>,
     pub missing: bool,
     pub attr: bool,
+    /// The replica has this entry and the source does not (`Frame::Need::extra`).
+    pub extra: bool,
 }
 
 impl Answer {
@@ -66,6 +68,7 @@ impl Answer {
             fine,
             missing,
             attr,
+            extra,
             ..
         } = frame
         else {
@@ -84,6 +87,7 @@ impl Answer {
             fine,
             missing,
             attr,
+            extra,
         })
     }
 }
@@ -196,6 +200,7 @@ pub fn split(work: Work, piece: u64) -> Vec<Work> {
                 job: a.job,
                 file: a.file,
                 fine_block: a.fine_block,
+                extra: a.extra,
             })
         })
         .collect()
@@ -361,6 +366,7 @@ mod tests {
             fine: vec![vec![1, 2, 3], vec![4, 5]],
             missing: true,
             attr: false,
+            extra: false,
         });
         let pieces: Vec<_> = split(need, 2048)
             .into_iter()

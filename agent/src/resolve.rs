@@ -625,11 +625,28 @@ impl<W: Watcher> Resolver<W> {
 
     /// A `Prune` of directory `dir` keeping what the source has there now.
     fn send_listing(&mut self, set: usize, dir: Option<RelPath>, out: &mut Vec<SetOp>) {
-        let s = &self.sets[set];
         let rel = dir.as_ref().map_or(Path::new(""), |d| d.as_path());
-        let Ok(entries) = std::fs::read_dir(s.root.join(rel)) else {
+        let Some(keep) = self.listing(set, rel) else {
             return; // gone itself: its own directory's listing covers it
         };
+        let known = self.index.lookup(&Location {
+            set,
+            rel: rel.to_path_buf(),
+        });
+        if let Some(id) = known {
+            self.forget_pruned(id, &keep);
+        }
+        out.push(SetOp {
+            set,
+            op: self.prune_op(set, dir, keep),
+        });
+    }
+
+    /// What the replica's directory `rel` of `set` should hold: the names the source has
+    /// there now and the set's rules replicate, sorted. `None` if it is gone.
+    fn listing(&self, set: usize, rel: &Path) -> Option<Vec<RelPath>> {
+        let s = &self.sets[set];
+        let entries = std::fs::read_dir(s.root.join(rel)).ok()?;
         let mut keep = Vec::new();
         for e in entries.flatten() {
             let name = e.file_name();
@@ -649,17 +666,7 @@ impl<W: Watcher> Resolver<W> {
             }
         }
         keep.sort();
-        let known = self.index.lookup(&Location {
-            set,
-            rel: rel.to_path_buf(),
-        });
-        if let Some(id) = known {
-            self.forget_pruned(id, &keep);
-        }
-        out.push(SetOp {
-            set,
-            op: self.prune_op(set, dir, keep),
-        });
+        Some(keep)
     }
 
     /// The op that makes the replica's directory `dir` hold only `keep`, per the set's
@@ -695,36 +702,62 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Verify job `job`: every replicated regular file of `sets`, as the source has it
-    /// now, compared with the replicas (see verify.rs).
-    pub fn verify(&mut self, sets: &[usize], job: u64, out: &mut Vec<SetOp>) {
+    /// now, compared with the replicas, and every directory's entries listed so that
+    /// the replicas report what the source does not have (see verify.rs), unless the
+    /// set keeps such orphans (`orphans = "keep"`). With `repair`, they are then deleted
+    /// or moved aside as the set's `orphans` says. [`Resolver::finish`] follows.
+    pub fn verify(&mut self, sets: &[usize], job: u64, repair: bool, out: &mut Vec<SetOp>) {
         for &set in sets {
             let root = self.sets[set].root.clone();
-            self.verify_dir(set, &root, Path::new(""), job, out);
+            self.verify_dir(set, &root, Path::new(""), (job, repair), out);
         }
     }
 
-    fn verify_dir(&self, set: usize, abs: &Path, rel: &Path, job: u64, out: &mut Vec<SetOp>) {
+    fn verify_dir(
+        &mut self,
+        set: usize,
+        abs: &Path,
+        rel: &Path,
+        (job, repair): (u64, bool),
+        out: &mut Vec<SetOp>,
+    ) {
         let Some(names) = sorted_names(abs, "verify: its files are not compared") else {
             return;
         };
-        let s = &self.sets[set];
+        let block = self.sets[set].mirror_block;
         for name in names {
             let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
             let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
                 continue;
             };
-            if m.is_dir() && s.rules.dir(&child_rel) {
-                self.verify_dir(set, &child_abs, &child_rel, job, out);
-            } else if m.is_file() && s.rules.file(&child_rel) {
-                emit_sums(
-                    set,
-                    &child_abs,
-                    &child_rel,
-                    file_id(&m),
-                    s.mirror_block,
-                    Some(job),
-                    out,
-                );
+            let rules = &self.sets[set].rules;
+            if m.is_dir() && rules.dir(&child_rel) {
+                self.verify_dir(set, &child_abs, &child_rel, (job, repair), out);
+            } else if m.is_file() && rules.file(&child_rel) {
+                let id = file_id(&m);
+                emit_sums(set, &child_abs, &child_rel, id, block, Some(job), out);
+            }
+        }
+        if self.sets[set].orphans == Orphans::Keep {
+            return;
+        }
+        let dir = (!rel.as_os_str().is_empty()).then(|| rel_path(rel));
+        let Some(keep) = self.listing(set, rel) else {
+            return;
+        };
+        out.push(SetOp {
+            set,
+            op: Op::List {
+                dir: dir.clone(),
+                keep,
+                job,
+            },
+        });
+        if repair {
+            self.send_listing(set, dir, out);
+            // Pruning changes the replica's directory times: the source's go after.
+            if let Ok(m) = std::fs::metadata(abs) {
+                self.touch(Some(file_id(&m)), false);
             }
         }
     }

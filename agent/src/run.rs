@@ -337,7 +337,8 @@ pub async fn run(config: Config) -> Result<()> {
                 let names: Vec<&str> = req.sets.iter().map(|&s| config.sets[s].name.as_str()).collect();
                 info!(job = id, sets = ?names, repair = req.repair, "verify started");
                 shared.jobs().insert(id, Job::new(req.repair, shared.sessions()));
-                resolver.verify(&req.sets, id, &mut ops);
+                resolver.verify(&req.sets, id, req.repair, &mut ops);
+                resolver.finish(&mut ops);
                 push(&shared, &mut ops, &mut room).await;
                 if let Some(j) = shared.jobs().get_mut(&id) {
                     j.seal();
@@ -457,6 +458,9 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
                     first,
                 ))
             }
+            // Its answers (names the source lacks) count nothing, but the job waits
+            // for its acknowledgement like for a comparison's.
+            Op::List { job, .. } => Some((*job, FileId { dev: 0, ino: 0 }, 0, false)),
             _ => None,
         };
         let mut q = shared.queue(set);

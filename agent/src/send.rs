@@ -366,8 +366,11 @@ async fn stream_sets(
                                 ranges: a.ranges.clone(),
                                 missing: a.missing,
                                 attr: a.attr,
+                                extra: a.extra,
                             });
-                            if !j.repair {
+                            // An extra entry is repaired by the prune that follows
+                            // its question (see `Resolver::verify`).
+                            if !j.repair || a.extra {
                                 continue;
                             }
                         }

@@ -25,6 +25,9 @@ pub struct Finding {
     pub missing: bool,
     /// Mode, owner or mtime differ.
     pub attr: bool,
+    /// The replica has an entry at `path` that the source does not have.
+    #[serde(default)]
+    pub extra: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -128,6 +131,7 @@ impl Job {
                     m.ranges.extend(f.ranges);
                     m.missing |= f.missing;
                     m.attr |= f.attr;
+                    m.extra |= f.extra;
                 }
                 _ => merged.push(f),
             }
@@ -154,6 +158,7 @@ mod tests {
             ranges,
             missing: false,
             attr: false,
+            extra: false,
         }
     }
 

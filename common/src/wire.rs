@@ -12,7 +12,7 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 /// Largest frame either side accepts. Bigger lengths end the stream with an error.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest path (bytes) accepted on the wire, as Linux's PATH_MAX.
@@ -188,6 +188,16 @@ pub enum Op {
         keep: Vec<RelPath>,
         batch: u64,
     },
+    /// Verify: which entries of the replica's directory `dir` the source does not have
+    /// there (it has `keep`, sorted). Nothing changes on the replica; the receiver
+    /// answers each such entry with a [`Frame::Need`] marked `extra`, before the Ack
+    /// that covers this record. [`ORPHANS_DIR`] at the root is never reported.
+    List {
+        dir: Option<RelPath>,
+        keep: Vec<RelPath>,
+        /// The verify job asking (never the mirror's).
+        job: u64,
+    },
 }
 
 /// Where [`Op::PruneAside`] puts orphans, at the root of each set's replica. Neither
@@ -258,7 +268,9 @@ impl Op {
             | Op::Fallocate { path, .. }
             | Op::Sum { path, .. } => [Some(path), None],
             Op::Rename { from, to, .. } | Op::Link { from, to } => [Some(from), Some(to)],
-            Op::Prune { dir, .. } | Op::PruneAside { dir, .. } => [dir.as_ref(), None],
+            Op::Prune { dir, .. } | Op::PruneAside { dir, .. } | Op::List { dir, .. } => {
+                [dir.as_ref(), None]
+            }
         };
         pair.into_iter().flatten()
     }
@@ -349,6 +361,9 @@ pub enum Frame {
         missing: bool,
         /// Mode, owner or mtime differ (only asked for by a verify).
         attr: bool,
+        /// The answer to an [`Op::List`]: the replica has an entry at `path` that the
+        /// source does not have (the other fields are empty).
+        extra: bool,
     },
 }
 

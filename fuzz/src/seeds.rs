@@ -105,6 +105,15 @@ fn frames() -> Vec<Frame> {
             sums: vec![1, 2],
             attr: None,
         },
+        Op::Prune {
+            dir: Some(p(b"dir")),
+            keep: vec![p(b"f")],
+        },
+        Op::List {
+            dir: None,
+            keep: vec![p(b"dir"), p(b"h")],
+            job: 3,
+        },
     ];
     vec![
         Frame::Hello {
@@ -142,6 +151,7 @@ fn frames() -> Vec<Frame> {
             fine: vec![vec![1, 2, 3]],
             missing: false,
             attr: true,
+            extra: false,
         },
         Frame::Refused {
             reason: "bye".into(),

@@ -54,6 +54,8 @@ pub struct Need {
     pub fine: Vec<Vec<u64>>,
     pub missing: bool,
     pub attr: bool,
+    /// See `Frame::Need::extra`.
+    pub extra: bool,
 }
 
 /// Why an op was not applied.
@@ -243,6 +245,7 @@ impl Applier {
             Op::Rename { from, to, flags } => self.rename(from, to, *flags),
             Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep, None),
             Op::PruneAside { dir, keep, batch } => self.prune(dir.as_ref(), keep, Some(*batch)),
+            Op::List { dir, keep, job } => self.list(dir.as_ref(), keep, *job),
             Op::SetAttr { path, attr } => self.set_attr(path, attr),
             Op::SetXattrs { path, xattrs } => self.set_xattrs(path, xattrs),
             Op::Link { from, to } => self.link(from, to),
@@ -297,6 +300,7 @@ impl Applier {
             fine: Vec::new(),
             missing: false,
             attr: false,
+            extra: false,
         };
         let fd = match self.file_if_any(path) {
             Ok(fd) => fd,
@@ -396,35 +400,11 @@ impl Applier {
     /// Removes the entries of `dir` not in `keep`, or with `aside` moves them beneath
     /// `ORPHANS_DIR/<aside>/<dir>/`.
     fn prune(&mut self, dir: Option<&RelPath>, keep: &[RelPath], aside: Option<u64>) -> Result<()> {
-        let shown = dir.cloned().unwrap_or_else(|| RelPath(b".".to_vec()));
-        for k in keep {
-            k.validate_name().map_err(|err| ApplyError::BadPath {
-                path: k.clone(),
-                err,
-            })?;
-        }
-        let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|k| k.0.as_slice()).collect();
-        let fd = match self.dir(dir.map(|d| d.0.as_slice()), false) {
-            Ok(d) => d,
-            // Nothing there, nothing to prune.
-            Err(Errno::NOENT | Errno::NOTDIR) => return Ok(()),
-            Err(e) => return Err(io("prune", &shown, e)),
+        let Some((fd, doomed)) = self.unkept(dir, keep, "prune")? else {
+            return Ok(()); // nothing there, nothing to prune
         };
-        let mut doomed = Vec::new();
-        let listing = rustix::fs::Dir::read_from(&*fd).map_err(|e| io("prune", &shown, e))?;
-        for entry in listing {
-            let entry = entry.map_err(|e| io("prune", &shown, e))?;
-            let n = entry.file_name().to_bytes();
-            let quarantine = dir.is_none() && n == ORPHANS_DIR.as_bytes();
-            if n != b"." && n != b".." && !keep.contains(n) && !quarantine {
-                doomed.push(n.to_vec());
-            }
-        }
         for n in doomed {
-            let full = match dir {
-                Some(d) => RelPath([d.0.as_slice(), b"/", n.as_slice()].concat()),
-                None => RelPath(n.clone()),
-            };
+            let full = child(dir, &n);
             self.files.invalidate(&full);
             if let Some(batch) = aside {
                 self.move_aside(&fd, dir, &n, batch, &full)?;
@@ -441,6 +421,62 @@ impl Applier {
             self.dirty.dir(&fd);
         }
         Ok(())
+    }
+
+    /// Verify: answers every entry of `dir` not in `keep`. Changes nothing.
+    fn list(&mut self, dir: Option<&RelPath>, keep: &[RelPath], job: u64) -> Result<()> {
+        let Some((_, extra)) = self.unkept(dir, keep, "list")? else {
+            return Ok(()); // the source's entries there are reported missing one by one
+        };
+        for n in extra {
+            self.needs.push(Need {
+                job,
+                file: [0, 0],
+                path: child(dir, &n),
+                ranges: Vec::new(),
+                fine: Vec::new(),
+                missing: false,
+                attr: false,
+                extra: true,
+            });
+        }
+        Ok(())
+    }
+
+    /// The open directory `dir` and its entries not in `keep` (never `ORPHANS_DIR` at
+    /// the root), or `None` if the replica has no directory there.
+    fn unkept(
+        &mut self,
+        dir: Option<&RelPath>,
+        keep: &[RelPath],
+        op: &'static str,
+    ) -> Result<Option<Unkept>> {
+        let shown = dir.cloned().unwrap_or_else(|| RelPath(b".".to_vec()));
+        for k in keep {
+            k.validate_name().map_err(|err| ApplyError::BadPath {
+                path: k.clone(),
+                err,
+            })?;
+        }
+        let keep: std::collections::HashSet<&[u8]> = keep.iter().map(|k| k.0.as_slice()).collect();
+        let fd = match self.dir(dir.map(|d| d.0.as_slice()), false) {
+            Ok(d) => d,
+            // (LOOP: a symlink there, never followed.)
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP) => return Ok(None),
+            Err(e) => return Err(io(op, &shown, e)),
+        };
+        let mut unkept = Vec::new();
+        let listing = rustix::fs::Dir::read_from(&*fd).map_err(|e| io(op, &shown, e))?;
+        for entry in listing {
+            let entry = entry.map_err(|e| io(op, &shown, e))?;
+            let n = entry.file_name().to_bytes();
+            let quarantine = dir.is_none() && n == ORPHANS_DIR.as_bytes();
+            if n != b"." && n != b".." && !keep.contains(n) && !quarantine {
+                unkept.push(n.to_vec());
+            }
+        }
+        unkept.sort();
+        Ok(Some((fd, unkept)))
     }
 
     /// Moves entry `name` of `dir` (open as `fd`) to `ORPHANS_DIR/<batch>/<dir>/`, under
@@ -799,6 +835,17 @@ pub(crate) fn remove_tree(
         }
     }
     rustix::fs::unlinkat(parent, os(name), AtFlags::REMOVEDIR)
+}
+
+/// An open directory of the replica and the names in it that the source lacks.
+type Unkept = (Arc<OwnedFd>, Vec<Vec<u8>>);
+
+/// Entry `name` of directory `dir` (`None`: the root).
+fn child(dir: Option<&RelPath>, name: &[u8]) -> RelPath {
+    match dir {
+        Some(d) => RelPath([d.0.as_slice(), b"/", name].concat()),
+        None => RelPath(name.to_vec()),
+    }
 }
 
 pub(crate) fn io(op: &'static str, path: &RelPath, errno: Errno) -> ApplyError {
@@ -1234,5 +1281,42 @@ mod tests {
             })
             .is_err());
         assert!(outside.join("keep-me").exists());
+    }
+
+    #[test]
+    fn list_answers_what_the_source_does_not_have_and_changes_nothing() {
+        let (d, mut a) = setup();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("secret"), b"x").unwrap();
+        for f in ["a", "b", "d/x", "d/y", &format!("{ORPHANS_DIR}/1/z")] {
+            a.apply(&Op::Write {
+                path: p(f),
+                offset: 0,
+                data: b"data".to_vec().into(),
+            })
+            .unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        let list = |dir: Option<&str>, keep: &[&str]| Op::List {
+            dir: dir.map(p),
+            keep: keep.iter().map(|k| p(k)).collect(),
+            job: 7,
+        };
+        a.apply(&list(None, &["a", "d"])).unwrap();
+        a.apply(&list(Some("d"), &["x", "y"])).unwrap();
+        // A directory the replica lacks answers nothing: its files are found missing.
+        a.apply(&list(Some("nowhere"), &["q"])).unwrap();
+        let needs = a.take_needs();
+        let extra: Vec<_> = needs.iter().map(|n| n.path.to_string()).collect();
+        assert_eq!(extra, vec!["b", "link"], "the quarantine is never reported");
+        assert!(needs.iter().all(|n| n.extra && n.job == 7 && !n.missing));
+        assert!(a.root().join("b").exists() && a.root().join("link").exists());
+        // Confined like every op, and never followed out of the root.
+        let through = a.apply(&list(Some("link"), &[]));
+        assert!(through.is_err_and(|e| !e.is_fatal()));
+        assert!(a.take_needs().is_empty(), "a symlink is not listed through");
+        assert!(a.apply(&list(Some("../outside"), &[])).is_err());
+        assert!(a.apply(&list(None, &["a/b"])).is_err());
     }
 }

@@ -95,7 +95,8 @@ fn data_path(op: &Op) -> Option<&RelPath> {
         | Op::Rmdir { .. }
         | Op::Rename { .. }
         | Op::Prune { .. }
-        | Op::PruneAside { .. } => None,
+        | Op::PruneAside { .. }
+        | Op::List { .. } => None,
     }
 }
 

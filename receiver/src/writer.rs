@@ -78,6 +78,7 @@ impl Writer {
                                 fine: n.fine,
                                 missing: n.missing,
                                 attr: n.attr,
+                                extra: n.extra,
                             };
                             if self.tx.send(&frame).await.is_err() {
                                 // The connection is gone; the agent asks again after

@@ -148,6 +148,13 @@ fn orphans_are_kept_when_configured() {
         fs::read(c.replica.join("orphan")).unwrap(),
         b"written on the target"
     );
+    // Kept by policy: not a difference to verify, and a repair leaves it.
+    for args in [&[][..], &["--repair"][..]] {
+        let (code, r) = verify(&c, args);
+        assert_eq!(code, 0, "{r}");
+        assert_eq!(r["findings"], serde_json::json!([]), "{r}");
+    }
+    assert!(c.replica.join("orphan").exists());
 }
 
 /// `orphans = "move-aside"`: what only the replica has goes to
@@ -344,6 +351,8 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     random_file(&c.source.join("big"), 100 * MIB, &mut rng);
     fs::write(c.source.join("small"), b"a small file").unwrap();
     fs::write(c.source.join("empty"), b"").unwrap();
+    fs::create_dir(c.source.join("sub")).unwrap();
+    fs::write(c.source.join("sub/kept"), b"in a directory").unwrap();
     c.start().unwrap();
     c.assert_identical(Duration::from_secs(60));
     // The mirror's progress: every byte queued for comparison was compared.
@@ -354,10 +363,12 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
 
     let (code, r) = verify(&c, &[]);
     assert_eq!(code, 0, "{r}");
-    assert_eq!(r["files"], 3, "{r}");
+    assert_eq!(r["files"], 4, "{r}");
     assert_eq!(r["findings"].as_array().unwrap().len(), 0, "{r}");
 
-    // Corruption planted on the replica: one flipped byte, one wrong mode, one lost file.
+    // Corruption planted on the replica: one flipped byte, one wrong mode, one lost
+    // file, and entries the source does not have (a file, a directory tree, a symlink
+    // in a subdirectory).
     let off = 37 * MIB as u64 + 12_345;
     let f = fs::OpenOptions::new()
         .read(true)
@@ -370,11 +381,15 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     drop(f);
     fs::set_permissions(c.replica.join("small"), fs::Permissions::from_mode(0o600)).unwrap();
     fs::remove_file(c.replica.join("empty")).unwrap();
+    fs::write(c.replica.join("planted"), b"not on the source").unwrap();
+    fs::create_dir_all(c.replica.join("stray/deeper")).unwrap();
+    fs::write(c.replica.join("stray/deeper/x"), b"x").unwrap();
+    std::os::unix::fs::symlink("/etc/passwd", c.replica.join("sub/link")).unwrap();
 
     let (code, r) = verify(&c, &[]);
     assert_eq!(code, 1, "{r}");
     let findings = r["findings"].as_array().unwrap();
-    assert_eq!(findings.len(), 3, "{r}");
+    assert_eq!(findings.len(), 6, "{r}");
     let by_path = |p: &str| findings.iter().find(|f| f["path"] == p).unwrap().clone();
     let block = 64 * 1024;
     assert_eq!(
@@ -385,8 +400,13 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     assert_eq!(by_path("small")["attr"], true, "{r}");
     assert_eq!(by_path("small")["ranges"], serde_json::json!([]), "{r}");
     assert_eq!(by_path("empty")["missing"], true, "{r}");
+    for extra in ["planted", "stray", "sub/link"] {
+        assert_eq!(by_path(extra)["extra"], true, "{r}");
+    }
+    assert!(findings.iter().filter(|f| f["extra"] == true).count() == 3);
     // The replica is left as it was.
     assert!(!c.replica.join("empty").exists());
+    assert!(c.replica.join("stray/deeper/x").exists());
 
     let before = sent_bytes(&wait_synced(&c));
     let (code, r) = verify(&c, &["--repair"]);
