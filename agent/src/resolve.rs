@@ -1049,17 +1049,29 @@ impl<W: Watcher> Resolver<W> {
     /// (unlinked or renamed, its event still to come) while the others are not, and a
     /// copy made instead would split the replica's names of the file in two.
     /// A file found under its first name is copied there again, as before.
+    /// A name whose directory is not at its path on the source (it moved, its rename
+    /// still to be resolved) cannot be looked at there; the replica has the file under
+    /// it all the same, and it is linked to if no name can be checked: a copy would
+    /// split the file's names in two for good, its first name then taking the copy's.
     fn other_name(&self, set: usize, id: FileId, rel: &Path) -> Option<PathBuf> {
         let locs = self.index.locations(id);
         if locs.first().is_some_and(|l| l.set == set && l.rel == rel) {
             return None;
         }
-        locs.into_iter()
+        let locs: Vec<Location> = locs
+            .into_iter()
             .filter(|loc| loc.set == set && loc.rel != rel)
-            .find(|loc| {
-                std::fs::symlink_metadata(self.index.abs(loc)).is_ok_and(|m| file_id(&m) == id)
+            .collect();
+        let id_at = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| file_id(&m));
+        let abs = |loc: &Location| self.index.abs(loc);
+        let checked = locs.iter().find(|loc| id_at(&abs(loc)) == Some(id));
+        let moved = || {
+            locs.iter().find(|loc| {
+                let dir = self.parent_of(loc);
+                dir.is_some() && abs(loc).parent().and_then(id_at) != dir
             })
-            .map(|loc| loc.rel)
+        };
+        checked.or_else(moved).map(|loc| loc.rel.clone())
     }
 
     /// Absolute, normalised path of a syscall's path argument.

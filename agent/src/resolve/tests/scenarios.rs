@@ -863,8 +863,28 @@ fn a_rename_from_a_further_name_of_a_file_rescanned_under_its_first_removes_it()
 /// one per bug fixed since.
 #[test]
 fn seeds_that_once_differed_end_with_the_source_tree() {
-    const SEEDS: &[u64] = &[2174, 1634];
+    const SEEDS: &[u64] = &[2174, 1634, 3132, 2994];
     for &seed in SEEDS {
         run(seed, 20).unwrap();
     }
+}
+
+/// `c` becomes a second name of `e/f`, and `e` is renamed to `d`, before the agent
+/// resolves the link: the index's `e/f` cannot be looked at on the source then (its
+/// directory moved), yet the replica has the file there. `c` must be linked to it, not
+/// copied: a copy splits the file in two on the replica (`c` and `d/f`) for good.
+#[test]
+fn a_link_to_a_file_whose_directory_moved_since_joins_the_replicas_file() {
+    scripted(
+        |p| {
+            std::fs::create_dir(p("e")).unwrap();
+            std::fs::write(p("e/f"), b"the file linked").unwrap();
+        },
+        |p| {
+            std::fs::hard_link(p("e/f"), p("c")).unwrap();
+            let link = link_event(&p("e/f"), &p("c"));
+            std::fs::rename(p("e"), p("d")).unwrap();
+            vec![link, renamed(&p("e"), &p("d"))]
+        },
+    );
 }
