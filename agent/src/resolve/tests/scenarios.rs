@@ -863,7 +863,7 @@ fn a_rename_from_a_further_name_of_a_file_rescanned_under_its_first_removes_it()
 /// one per bug fixed since.
 #[test]
 fn seeds_that_once_differed_end_with_the_source_tree() {
-    const SEEDS: &[u64] = &[2174, 1634, 3132, 2994];
+    const SEEDS: &[u64] = &[2174, 1634, 3132, 2994, 2968, 1029, 1893];
     for &seed in SEEDS {
         run(seed, 20).unwrap();
     }
