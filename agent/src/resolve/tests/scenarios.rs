@@ -863,7 +863,7 @@ fn a_rename_from_a_further_name_of_a_file_rescanned_under_its_first_removes_it()
 /// one per bug fixed since.
 #[test]
 fn seeds_that_once_differed_end_with_the_source_tree() {
-    const SEEDS: &[u64] = &[2174, 1634, 3132, 2994, 2968, 1029, 1893];
+    const SEEDS: &[u64] = &[2174, 1634, 3132, 2994, 2968, 1029, 1893, 1082, 3978];
     for &seed in SEEDS {
         run(seed, 20).unwrap();
     }
@@ -885,6 +885,32 @@ fn a_link_to_a_file_whose_directory_moved_since_joins_the_replicas_file() {
             let link = link_event(&p("e/f"), &p("c"));
             std::fs::rename(p("e"), p("d")).unwrap();
             vec![link, renamed(&p("e"), &p("d"))]
+        },
+    );
+}
+
+/// Directory `n` is made, then exchanged with `a`, a file with a second name `b`,
+/// before the agent resolves the mkdir: `n` holds the file then. The creation must not
+/// take it for the directory made (linked there to `b`, the index would have the file
+/// at `a` and `n` both, and the exchange would swap two names of one file: nothing);
+/// the exchange copies what each side holds.
+#[test]
+fn a_directory_made_and_exchanged_with_a_linked_file_before_it_is_resolved_is_copied() {
+    scripted(
+        |p| {
+            std::fs::write(p("a"), b"a file with two names").unwrap();
+            std::fs::hard_link(p("a"), p("b")).unwrap();
+        },
+        |p| {
+            std::fs::create_dir(p("n")).unwrap();
+            let made = created(&p("n"));
+            renameat2(&p("a"), &p("n"), RENAME_EXCHANGE).unwrap();
+            let exchanged = now(CaptureEvent::Renamed {
+                from: arg(&p("a")),
+                to: arg(&p("n")),
+                flags: RENAME_EXCHANGE,
+            });
+            vec![made, exchanged]
         },
     );
 }
