@@ -1526,9 +1526,10 @@ impl<W: Watcher> Resolver<W> {
             self.scanned_after(self.index.lookup(l), time)
                 || self.scanned_after(self.parent_of(l), time)
         });
-        let src_newer = src
-            .as_ref()
-            .is_some_and(|(l, _)| self.name_scanned_after(l, time));
+        let src_newer = src.as_ref().is_some_and(|(l, _)| {
+            self.scanned_after(src_node, time)
+                && src_node.and_then(|id| self.index.location(id)).as_ref() == Some(l)
+        });
         for (l, _) in src_in.iter().chain(dst_in.iter()) {
             self.touch_parent(l);
         }
