@@ -1198,13 +1198,13 @@ impl<W: Watcher> Resolver<W> {
 
     /// Whether what the index has at `loc` was read there by a scan after `time`: its
     /// node registered later under this very name (a node's scan time is that of its
-    /// first name: a scan that found it under another name says nothing of this one),
-    /// or `loc`'s directory read later.
+    /// first name: a scan that found it under another name says nothing of this one).
+    /// Not `loc`'s directory read later: the name may be gone from the source since,
+    /// and the replica still have it.
     fn name_scanned_after(&self, loc: &Location, time: u64) -> bool {
         let id = self.index.lookup(loc);
-        (self.scanned_after(id, time)
-            && id.and_then(|id| self.index.location(id)).as_ref() == Some(loc))
-            || self.scanned_after(self.parent_of(loc), time)
+        self.scanned_after(id, time)
+            && id.and_then(|id| self.index.location(id)).as_ref() == Some(loc)
     }
 
     /// Location of `file` for an event at `time`, unless a later scan covers it.
@@ -1526,10 +1526,9 @@ impl<W: Watcher> Resolver<W> {
             self.scanned_after(self.index.lookup(l), time)
                 || self.scanned_after(self.parent_of(l), time)
         });
-        let src_newer = src.as_ref().is_some_and(|(l, _)| {
-            self.scanned_after(src_node, time)
-                && src_node.and_then(|id| self.index.location(id)).as_ref() == Some(l)
-        });
+        let src_newer = src
+            .as_ref()
+            .is_some_and(|(l, _)| self.name_scanned_after(l, time));
         for (l, _) in src_in.iter().chain(dst_in.iter()) {
             self.touch_parent(l);
         }
