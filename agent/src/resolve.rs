@@ -1196,17 +1196,6 @@ impl<W: Watcher> Resolver<W> {
         id.is_some_and(|id| self.index.born(id) > time)
     }
 
-    /// Whether what the index has at `loc` was read there by a scan after `time`: its
-    /// node registered later under this very name (a node's scan time is that of its
-    /// first name: a scan that found it under another name says nothing of this one).
-    /// Not `loc`'s directory read later: the name may be gone from the source since,
-    /// and the replica still have it.
-    fn name_scanned_after(&self, loc: &Location, time: u64) -> bool {
-        let id = self.index.lookup(loc);
-        self.scanned_after(id, time)
-            && id.and_then(|id| self.index.location(id)).as_ref() == Some(loc)
-    }
-
     /// Location of `file` for an event at `time`, unless a later scan covers it.
     fn current(
         &mut self,
@@ -1526,9 +1515,7 @@ impl<W: Watcher> Resolver<W> {
             self.scanned_after(self.index.lookup(l), time)
                 || self.scanned_after(self.parent_of(l), time)
         });
-        let src_newer = src
-            .as_ref()
-            .is_some_and(|(l, _)| self.name_scanned_after(l, time));
+        let src_newer = self.scanned_after(src_node, time);
         for (l, _) in src_in.iter().chain(dst_in.iter()) {
             self.touch_parent(l);
         }
