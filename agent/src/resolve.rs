@@ -98,8 +98,6 @@ struct Deferred {
     offset: u64,
     len: u64,
     since: u64,
-    /// Waited once already, and its directory was queued to be copied again.
-    rescanned: bool,
 }
 
 /// An entry whose attributes are due.
@@ -188,17 +186,10 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(d.file), false);
             } else if now - d.since < TOUCH_PATIENCE_NS {
                 self.deferred.push(d);
-            } else if let Some(dir) = self.parent_of(&loc).filter(|_| !d.rescanned) {
-                // The index is wrong about this name: copy its directory again. The
-                // range is read once more after that: the copy may find the file under
-                // a name the replica links to the file's others, which sends no bytes.
+            } else if let Some(dir) = self.parent_of(&loc) {
+                // The index is wrong about this name: copy its directory again.
                 warn!(path = %abs.display(), "a changed file is not where the index says; copying its directory again");
                 self.rescan.entry(dir).or_insert(now);
-                self.deferred.push(Deferred {
-                    since: now,
-                    rescanned: true,
-                    ..d
-                });
             }
         }
         let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
@@ -261,7 +252,6 @@ impl<W: Watcher> Resolver<W> {
                 offset: start,
                 len: end - start,
                 since,
-                rescanned: false,
             });
         }
     }
@@ -435,7 +425,6 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
                 since: monotonic_ns(),
-                rescanned: false,
             });
         }
     }
@@ -1049,29 +1038,17 @@ impl<W: Watcher> Resolver<W> {
     /// (unlinked or renamed, its event still to come) while the others are not, and a
     /// copy made instead would split the replica's names of the file in two.
     /// A file found under its first name is copied there again, as before.
-    /// A name whose directory is not at its path on the source (it moved, its rename
-    /// still to be resolved) cannot be looked at there; the replica has the file under
-    /// it all the same, and it is linked to if no name can be checked: a copy would
-    /// split the file's names in two for good, its first name then taking the copy's.
     fn other_name(&self, set: usize, id: FileId, rel: &Path) -> Option<PathBuf> {
         let locs = self.index.locations(id);
         if locs.first().is_some_and(|l| l.set == set && l.rel == rel) {
             return None;
         }
-        let locs: Vec<Location> = locs
-            .into_iter()
+        locs.into_iter()
             .filter(|loc| loc.set == set && loc.rel != rel)
-            .collect();
-        let id_at = |p: &Path| std::fs::symlink_metadata(p).ok().map(|m| file_id(&m));
-        let abs = |loc: &Location| self.index.abs(loc);
-        let checked = locs.iter().find(|loc| id_at(&abs(loc)) == Some(id));
-        let moved = || {
-            locs.iter().find(|loc| {
-                let dir = self.parent_of(loc);
-                dir.is_some() && abs(loc).parent().and_then(id_at) != dir
+            .find(|loc| {
+                std::fs::symlink_metadata(self.index.abs(loc)).is_ok_and(|m| file_id(&m) == id)
             })
-        };
-        checked.or_else(moved).map(|loc| loc.rel.clone())
+            .map(|loc| loc.rel)
     }
 
     /// Absolute, normalised path of a syscall's path argument.
@@ -1292,16 +1269,11 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(parent), false);
                 if is_dir {
                     // Files may already exist in it (made before the watch): enter() scans.
-                    // What is there now may be another entry, moved over it since (an
-                    // exchange, its event still to come). A file is not the directory
-                    // made: entered here, the index would have it under this name too
-                    // (linked to its others) and its exchange would swap two names of
-                    // one file, which moves nothing; its event copies what went where.
                     match std::fs::symlink_metadata(&abs) {
-                        Ok(m) if m.is_dir() => {
+                        Ok(m) => {
                             self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
                         }
-                        _ => self.made_elsewhere(parent, &abs),
+                        Err(_) => self.made_elsewhere(parent, &abs),
                     }
                     return;
                 }
@@ -1577,18 +1549,6 @@ impl<W: Watcher> Resolver<W> {
                 };
                 let sname = sl.rel.file_name().unwrap_or_default().to_owned();
                 let dname = dl.rel.file_name().unwrap_or_default().to_owned();
-                if flags & RENAME_EXCHANGE != 0 && dst_node.is_none() {
-                    // The index knows nothing at `to`, and the replica may have nothing
-                    // there (an exchange would then do nothing) or something the index
-                    // forgot (of either kind: a rename over it may fail). Both sides are
-                    // copied where they are now instead; the receiver's creations
-                    // replace what is in their way.
-                    self.arrive(dl, &dabs, out);
-                    if let Some((sl, sabs)) = src {
-                        self.arrive(sl, &sabs, out);
-                    }
-                    return;
-                }
                 if flags & RENAME_EXCHANGE != 0 {
                     self.index.exchange((sp, &sname), (dp, &dname));
                 } else {
