@@ -872,6 +872,25 @@ mod tests {
         (d, a)
     }
 
+    /// A replica holding `files` (each holds its own path as data) and `link`, a
+    /// symlink to `outside/` (holding `keep-me`), a directory beside the replica.
+    fn populated(files: &[&str]) -> (tempfile::TempDir, Applier, PathBuf) {
+        let (d, mut a) = setup();
+        let outside = d.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep-me"), b"x").unwrap();
+        for f in files {
+            a.apply(&Op::Write {
+                path: p(f),
+                offset: 0,
+                data: f.as_bytes().to_vec().into(),
+            })
+            .unwrap();
+        }
+        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        (d, a, outside)
+    }
+
     fn write(path: &str, offset: u64, data: &[u8]) -> Op {
         Op::Write {
             path: p(path),
@@ -1184,19 +1203,8 @@ mod tests {
 
     #[test]
     fn prune_aside_moves_orphans_under_their_batch_and_never_touches_the_quarantine() {
-        let (d, mut a) = setup();
-        let outside = d.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        for f in ["a", "d/x", "d/y"] {
-            a.apply(&Op::Write {
-                path: p(f),
-                offset: 0,
-                data: f.as_bytes().to_vec().into(),
-            })
-            .unwrap();
-        }
         // A symlink orphan is moved as a link: what it points to stays put.
-        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        let (_d, mut a, outside) = populated(&["a", "d/x", "d/y"]);
         let aside = |dir: Option<&str>, keep: &[&str], batch| Op::PruneAside {
             dir: dir.map(p),
             keep: keep.iter().map(|k| p(k)).collect(),
@@ -1232,19 +1240,7 @@ mod tests {
 
     #[test]
     fn prune_removes_what_is_not_kept_and_only_beneath_the_root() {
-        let (d, mut a) = setup();
-        let outside = d.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        std::fs::write(outside.join("keep-me"), b"x").unwrap();
-        for f in ["a", "b", "d/x", "d/y"] {
-            a.apply(&Op::Write {
-                path: p(f),
-                offset: 0,
-                data: b"data".to_vec().into(),
-            })
-            .unwrap();
-        }
-        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        let (_d, mut a, outside) = populated(&["a", "b", "d/x", "d/y"]);
         a.apply(&Op::Prune {
             dir: Some(p("d")),
             keep: vec![p("x")],
@@ -1285,19 +1281,8 @@ mod tests {
 
     #[test]
     fn list_answers_what_the_source_does_not_have_and_changes_nothing() {
-        let (d, mut a) = setup();
-        let outside = d.path().join("outside");
-        std::fs::create_dir(&outside).unwrap();
-        std::fs::write(outside.join("secret"), b"x").unwrap();
-        for f in ["a", "b", "d/x", "d/y", &format!("{ORPHANS_DIR}/1/z")] {
-            a.apply(&Op::Write {
-                path: p(f),
-                offset: 0,
-                data: b"data".to_vec().into(),
-            })
-            .unwrap();
-        }
-        std::os::unix::fs::symlink(&outside, a.root().join("link")).unwrap();
+        let quarantined = format!("{ORPHANS_DIR}/1/z");
+        let (_d, mut a, _) = populated(&["a", "b", "d/x", "d/y", &quarantined]);
         let list = |dir: Option<&str>, keep: &[&str]| Op::List {
             dir: dir.map(p),
             keep: keep.iter().map(|k| p(k)).collect(),
