@@ -629,6 +629,18 @@ impl<W: Watcher> Resolver<W> {
         let Some(keep) = self.listing(set, rel) else {
             return; // gone itself: its own directory's listing covers it
         };
+        self.prune_to(set, dir, keep, out);
+    }
+
+    /// A `Prune` of directory `dir` keeping only `keep`.
+    fn prune_to(
+        &mut self,
+        set: usize,
+        dir: Option<RelPath>,
+        keep: Vec<RelPath>,
+        out: &mut Vec<SetOp>,
+    ) {
+        let rel = dir.as_ref().map_or(Path::new(""), |d| d.as_path());
         let known = self.index.lookup(&Location {
             set,
             rel: rel.to_path_buf(),
@@ -749,12 +761,12 @@ impl<W: Watcher> Resolver<W> {
             set,
             op: Op::List {
                 dir: dir.clone(),
-                keep,
+                keep: keep.clone(),
                 job,
             },
         });
         if repair {
-            self.send_listing(set, dir, out);
+            self.prune_to(set, dir, keep, out);
             // Pruning changes the replica's directory times: the source's go after.
             if let Ok(m) = std::fs::metadata(abs) {
                 self.touch(Some(file_id(&m)), false);
