@@ -51,7 +51,9 @@ pub struct Answer {
     pub fine: Vec<Vec<u64>>,
     pub missing: bool,
     pub attr: bool,
-    /// The replica has this entry and the source does not (`Frame::Need::extra`).
+    /// An answer about a directory's entries (`Frame::Need::listing`), and whether
+    /// it is an entry only the replica has (`Frame::Need::extra`).
+    pub listing: bool,
     pub extra: bool,
 }
 
@@ -68,6 +70,7 @@ impl Answer {
             fine,
             missing,
             attr,
+            listing,
             extra,
             ..
         } = frame
@@ -87,6 +90,7 @@ impl Answer {
             fine,
             missing,
             attr,
+            listing,
             extra,
         })
     }
@@ -200,6 +204,7 @@ pub fn split(work: Work, piece: u64) -> Vec<Work> {
                 job: a.job,
                 file: a.file,
                 fine_block: a.fine_block,
+                listing: a.listing,
                 extra: a.extra,
             })
         })
@@ -366,6 +371,7 @@ mod tests {
             fine: vec![vec![1, 2, 3], vec![4, 5]],
             missing: true,
             attr: false,
+            listing: false,
             extra: false,
         });
         let pieces: Vec<_> = split(need, 2048)

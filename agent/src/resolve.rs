@@ -716,8 +716,9 @@ impl<W: Watcher> Resolver<W> {
     /// Verify job `job`: every replicated regular file of `sets`, as the source has it
     /// now, compared with the replicas, and every directory's entries listed so that
     /// the replicas report what the source does not have (see verify.rs), unless the
-    /// set keeps such orphans (`orphans = "keep"`). With `repair`, they are then deleted
-    /// or moved aside as the set's `orphans` says. [`Resolver::finish`] follows.
+    /// set keeps such orphans (`orphans = "keep"`). With `repair`, each directory is
+    /// then made (if the replica lacks it) and such entries deleted or moved aside as
+    /// the set's `orphans` says. [`Resolver::finish`] follows.
     pub fn verify(&mut self, sets: &[usize], job: u64, repair: bool, out: &mut Vec<SetOp>) {
         for &set in sets {
             let root = self.sets[set].root.clone();
@@ -766,11 +767,21 @@ impl<W: Watcher> Resolver<W> {
             },
         });
         if repair {
+            let Ok(m) = std::fs::symlink_metadata(abs) else {
+                return;
+            };
+            if let Some(path) = &dir {
+                // A no-op where the replica has the directory already.
+                let mode = m.mode() & 0o7777;
+                let path = path.clone();
+                out.push(SetOp {
+                    set,
+                    op: Op::Mkdir { path, mode },
+                });
+            }
             self.prune_to(set, dir, keep, out);
             // Pruning changes the replica's directory times: the source's go after.
-            if let Ok(m) = std::fs::metadata(abs) {
-                self.touch(Some(file_id(&m)), false);
-            }
+            self.touch(Some(file_id(&m)), false);
         }
     }
 

@@ -368,9 +368,9 @@ async fn stream_sets(
                                 attr: a.attr,
                                 extra: a.extra,
                             });
-                            // An extra entry is repaired by the prune that follows
-                            // its question (see `Resolver::verify`).
-                            if !j.repair || a.extra {
+                            // A directory's entries are repaired by the ops that
+                            // follow its question (see `Resolver::verify`).
+                            if !j.repair || a.listing {
                                 continue;
                             }
                         }

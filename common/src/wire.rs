@@ -190,8 +190,10 @@ pub enum Op {
     },
     /// Verify: which entries of the replica's directory `dir` the source does not have
     /// there (it has `keep`, sorted). Nothing changes on the replica; the receiver
-    /// answers each such entry with a [`Frame::Need`] marked `extra`, before the Ack
-    /// that covers this record. [`ORPHANS_DIR`] at the root is never reported.
+    /// answers each such entry with a [`Frame::Need`] marked `listing` and `extra`, and
+    /// a replica without a directory at `dir` with one marked `listing` and `missing`,
+    /// before the Ack that covers this record. [`ORPHANS_DIR`] at the root is never
+    /// reported.
     List {
         dir: Option<RelPath>,
         keep: Vec<RelPath>,
@@ -361,8 +363,11 @@ pub enum Frame {
         missing: bool,
         /// Mode, owner or mtime differ (only asked for by a verify).
         attr: bool,
-        /// The answer to an [`Op::List`]: the replica has an entry at `path` that the
-        /// source does not have (the other fields are empty).
+        /// The answer to an [`Op::List`] (about a directory's entries, not a file's
+        /// contents; `file`, `ranges` and `fine` are empty).
+        listing: bool,
+        /// With `listing`: the replica has an entry at `path` that the source does not
+        /// have.
         extra: bool,
     },
 }

@@ -151,6 +151,7 @@ fn frames() -> Vec<Frame> {
             fine: vec![vec![1, 2, 3]],
             missing: false,
             attr: true,
+            listing: false,
             extra: false,
         },
         Frame::Refused {

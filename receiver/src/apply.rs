@@ -54,7 +54,8 @@ pub struct Need {
     pub fine: Vec<Vec<u64>>,
     pub missing: bool,
     pub attr: bool,
-    /// See `Frame::Need::extra`.
+    /// See `Frame::Need::listing` and `Frame::Need::extra`.
+    pub listing: bool,
     pub extra: bool,
 }
 
@@ -300,6 +301,7 @@ impl Applier {
             fine: Vec::new(),
             missing: false,
             attr: false,
+            listing: false,
             extra: false,
         };
         let fd = match self.file_if_any(path) {
@@ -423,22 +425,29 @@ impl Applier {
         Ok(())
     }
 
-    /// Verify: answers every entry of `dir` not in `keep`. Changes nothing.
+    /// Verify: answers every entry of `dir` not in `keep`, or that the replica has no
+    /// directory at `dir`. Changes nothing.
     fn list(&mut self, dir: Option<&RelPath>, keep: &[RelPath], job: u64) -> Result<()> {
+        let answer = |path: RelPath, extra: bool| Need {
+            job,
+            file: [0, 0],
+            path,
+            ranges: Vec::new(),
+            fine: Vec::new(),
+            missing: !extra,
+            attr: false,
+            listing: true,
+            extra,
+        };
         let Some((_, extra)) = self.unkept(dir, keep, "list")? else {
-            return Ok(()); // the source's entries there are reported missing one by one
+            // (The root is always there: this applier holds it open.)
+            if let Some(d) = dir {
+                self.needs.push(answer(d.clone(), false));
+            }
+            return Ok(());
         };
         for n in extra {
-            self.needs.push(Need {
-                job,
-                file: [0, 0],
-                path: child(dir, &n),
-                ranges: Vec::new(),
-                fine: Vec::new(),
-                missing: false,
-                attr: false,
-                extra: true,
-            });
+            self.needs.push(answer(child(dir, &n), true));
         }
         Ok(())
     }
@@ -1290,12 +1299,23 @@ mod tests {
         };
         a.apply(&list(None, &["a", "d"])).unwrap();
         a.apply(&list(Some("d"), &["x", "y"])).unwrap();
-        // A directory the replica lacks answers nothing: its files are found missing.
-        a.apply(&list(Some("nowhere"), &["q"])).unwrap();
         let needs = a.take_needs();
         let extra: Vec<_> = needs.iter().map(|n| n.path.to_string()).collect();
         assert_eq!(extra, vec!["b", "link"], "the quarantine is never reported");
-        assert!(needs.iter().all(|n| n.extra && n.job == 7 && !n.missing));
+        assert!(needs
+            .iter()
+            .all(|n| n.listing && n.extra && n.job == 7 && !n.missing));
+        // A directory the replica lacks, or has a file or a symlink at, is missing.
+        for dir in ["nowhere", "a", "d/x"] {
+            a.apply(&list(Some(dir), &["q"])).unwrap();
+            let needs = a.take_needs();
+            assert_eq!(needs.len(), 1, "{dir}");
+            let n = &needs[0];
+            assert!(
+                n.listing && n.missing && !n.extra && n.path == p(dir),
+                "{n:?}"
+            );
+        }
         assert!(a.root().join("b").exists() && a.root().join("link").exists());
         // Confined like every op, and never followed out of the root.
         let through = a.apply(&list(Some("link"), &[]));

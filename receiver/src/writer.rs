@@ -78,6 +78,7 @@ impl Writer {
                                 fine: n.fine,
                                 missing: n.missing,
                                 attr: n.attr,
+                                listing: n.listing,
                                 extra: n.extra,
                             };
                             if self.tx.send(&frame).await.is_err() {

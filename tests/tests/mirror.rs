@@ -353,6 +353,7 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     fs::write(c.source.join("empty"), b"").unwrap();
     fs::create_dir(c.source.join("sub")).unwrap();
     fs::write(c.source.join("sub/kept"), b"in a directory").unwrap();
+    fs::create_dir(c.source.join("sub/empty")).unwrap();
     c.start().unwrap();
     c.assert_identical(Duration::from_secs(60));
     // The mirror's progress: every byte queued for comparison was compared.
@@ -367,8 +368,8 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     assert_eq!(r["findings"].as_array().unwrap().len(), 0, "{r}");
 
     // Corruption planted on the replica: one flipped byte, one wrong mode, one lost
-    // file, and entries the source does not have (a file, a directory tree, a symlink
-    // in a subdirectory).
+    // file, one lost (empty) directory, and entries the source does not have (a file, a
+    // directory tree, a symlink in a subdirectory).
     let off = 37 * MIB as u64 + 12_345;
     let f = fs::OpenOptions::new()
         .read(true)
@@ -385,11 +386,12 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     fs::create_dir_all(c.replica.join("stray/deeper")).unwrap();
     fs::write(c.replica.join("stray/deeper/x"), b"x").unwrap();
     std::os::unix::fs::symlink("/etc/passwd", c.replica.join("sub/link")).unwrap();
+    fs::remove_dir(c.replica.join("sub/empty")).unwrap();
 
     let (code, r) = verify(&c, &[]);
     assert_eq!(code, 1, "{r}");
     let findings = r["findings"].as_array().unwrap();
-    assert_eq!(findings.len(), 6, "{r}");
+    assert_eq!(findings.len(), 7, "{r}");
     let by_path = |p: &str| findings.iter().find(|f| f["path"] == p).unwrap().clone();
     let block = 64 * 1024;
     assert_eq!(
@@ -400,6 +402,7 @@ fn verify_finds_a_flipped_byte_and_repair_sends_about_one_block() {
     assert_eq!(by_path("small")["attr"], true, "{r}");
     assert_eq!(by_path("small")["ranges"], serde_json::json!([]), "{r}");
     assert_eq!(by_path("empty")["missing"], true, "{r}");
+    assert_eq!(by_path("sub/empty")["missing"], true, "{r}");
     for extra in ["planted", "stray", "sub/link"] {
         assert_eq!(by_path(extra)["extra"], true, "{r}");
     }
