@@ -98,8 +98,6 @@ struct Deferred {
     offset: u64,
     len: u64,
     since: u64,
-    /// Waited once already, and its directory was queued to be copied again.
-    rescanned: bool,
 }
 
 /// An entry whose attributes are due.
@@ -188,17 +186,10 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(d.file), false);
             } else if now - d.since < TOUCH_PATIENCE_NS {
                 self.deferred.push(d);
-            } else if let Some(dir) = self.parent_of(&loc).filter(|_| !d.rescanned) {
-                // The index is wrong about this name: copy its directory again. The
-                // range is read once more after that: the copy may find the file under
-                // a name the replica links to the file's others, which sends no bytes.
+            } else if let Some(dir) = self.parent_of(&loc) {
+                // The index is wrong about this name: copy its directory again.
                 warn!(path = %abs.display(), "a changed file is not where the index says; copying its directory again");
                 self.rescan.entry(dir).or_insert(now);
-                self.deferred.push(Deferred {
-                    since: now,
-                    rescanned: true,
-                    ..d
-                });
             }
         }
         let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
@@ -261,7 +252,6 @@ impl<W: Watcher> Resolver<W> {
                 offset: start,
                 len: end - start,
                 since,
-                rescanned: false,
             });
         }
     }
@@ -435,7 +425,6 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
                 since: monotonic_ns(),
-                rescanned: false,
             });
         }
     }

@@ -827,12 +827,3 @@ fn a_rename_between_two_names_of_one_file_in_a_directory_moved_since_keeps_both(
         },
     );
 }
-/// Random sequences (20 steps) that once ended with a replica other than the source,
-/// one per bug fixed since.
-#[test]
-fn seeds_that_once_differed_end_with_the_source_tree() {
-    const SEEDS: &[u64] = &[1634];
-    for &seed in SEEDS {
-        run(seed, 20).unwrap();
-    }
-}
