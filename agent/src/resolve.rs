@@ -666,14 +666,7 @@ impl<W: Watcher> Resolver<W> {
             let Ok(m) = std::fs::symlink_metadata(e.path()) else {
                 continue;
             };
-            use std::os::unix::fs::FileTypeExt;
-            let ft = m.file_type();
-            let replicated = if m.is_dir() {
-                s.rules.dir(&child)
-            } else {
-                s.rules.file(&child) && !ft.is_block_device() && !ft.is_char_device()
-            };
-            if replicated {
+            if kept(s, &child, &m) {
                 keep.push(RelPath(name.as_bytes().to_vec()));
             }
         }
@@ -738,11 +731,16 @@ impl<W: Watcher> Resolver<W> {
             return;
         };
         let block = self.sets[set].mirror_block;
+        // What the replica's directory should hold (`listing`, from this same read).
+        let mut keep = Vec::new();
         for name in names {
             let (child_abs, child_rel) = (abs.join(&name), rel.join(&name));
             let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
                 continue;
             };
+            if kept(&self.sets[set], &child_rel, &m) {
+                keep.push(RelPath(name.as_bytes().to_vec()));
+            }
             let rules = &self.sets[set].rules;
             if m.is_dir() && rules.dir(&child_rel) {
                 self.verify_dir(set, &child_abs, &child_rel, (job, repair), out);
@@ -755,9 +753,6 @@ impl<W: Watcher> Resolver<W> {
             return;
         }
         let dir = (!rel.as_os_str().is_empty()).then(|| rel_path(rel));
-        let Some(keep) = self.listing(set, rel) else {
-            return;
-        };
         out.push(SetOp {
             set,
             op: Op::List {
@@ -1781,6 +1776,18 @@ fn sorted_names(abs: &Path, consequence: &str) -> Option<Vec<std::ffi::OsString>
             warn!(path = %abs.display(), error = %e, "cannot read directory; {consequence}");
             None
         }
+    }
+}
+
+/// Whether the replica's directory holds the entry `rel` (found with metadata `m`): the
+/// set's rules replicate it, and it is no device node (never replicated).
+fn kept(s: &Set, rel: &Path, m: &Metadata) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    let ft = m.file_type();
+    if m.is_dir() {
+        s.rules.dir(rel)
+    } else {
+        s.rules.file(rel) && !ft.is_block_device() && !ft.is_char_device()
     }
 }
 

@@ -458,8 +458,9 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
                     first,
                 ))
             }
-            // Its answers (names the source lacks) count nothing, but the job waits
-            // for its acknowledgement like for a comparison's.
+            // Its answers (entries the source lacks, a directory the replica lacks)
+            // count nothing, but the job waits for its acknowledgement like for a
+            // comparison's.
             Op::List { job, .. } => Some((*job, FileId { dev: 0, ino: 0 }, 0, false)),
             _ => None,
         };
