@@ -187,14 +187,17 @@ pub async fn run(config: Config) -> Result<()> {
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
         .context("cannot open a set root")?;
     let (gap_tx, mut gaps) = mpsc::unbounded_channel();
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let mut senders = tokio::task::JoinSet::new();
     for (i, t) in config.targets.iter().enumerate() {
-        tokio::spawn(run_target(
+        senders.spawn(run_target(
             shared.clone(),
             identity.clone(),
             i,
             t.clone(),
             routes[i].clone(),
             gap_tx.clone(),
+            stopping.clone(),
         ));
     }
     tokio::spawn(report(shared.clone(), capture.clone(), config.clone()));
@@ -350,30 +353,10 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     info!("stopping");
-    // Say goodbye, so that receivers see a source that stopped, not one that died (which
-    // would look like a reason to fail over).
-    let sessions: Vec<(quinn::Connection, quinn::Endpoint)> = shared
-        .targets
-        .iter()
-        .filter_map(|t| {
-            let st = t.lock().expect("target lock");
-            Some((st.conn.clone()?, st.endpoint.clone()?))
-        })
-        .collect();
-    for (c, _) in &sessions {
-        c.close(doppel_transport::close::SHUTDOWN, b"the agent is stopping");
-    }
-    // The close frames leave with each endpoint's driver, after `close` returns: wait
-    // until the connections are shut down (a few round trips), at most half a second
-    // for a target that does not answer. A fixed 50 ms pause was once not enough on a
-    // loaded host, and the receiver saw a source that died, not one that stopped.
-    // All were closed at once above, so they drain side by side.
-    let idle = async {
-        for (_, e) in &sessions {
-            e.wait_idle().await;
-        }
-    };
-    let _ = tokio::time::timeout(std::time::Duration::from_millis(500), idle).await;
+    // Each target's task says goodbye and ends; all at once, so that they drain side by
+    // side (each waits at most half a second for an unresponsive target).
+    let _ = stop.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(1), senders.join_all()).await;
     Ok(())
 }
 

@@ -143,7 +143,13 @@ pub struct Route {
     pub slot: usize,
 }
 
-/// Runs until the process ends: connects, streams, reconnects with backoff.
+/// How long a stopping agent waits for its goodbye to reach a target.
+const GOODBYE_WAIT: Duration = Duration::from_millis(500);
+
+/// Connects, streams, reconnects with backoff, until `stop` turns true: then closes the
+/// session with `SHUTDOWN` and returns. Stopping is this task's job, not the caller's, so
+/// that no reconnect can slip in after the goodbye: a session that started after it
+/// and then vanished with the process made the receiver see a source that died.
 pub async fn run_target(
     shared: Arc<Shared>,
     identity: Arc<Identity>,
@@ -151,14 +157,22 @@ pub async fn run_target(
     target: Target,
     routes: Vec<Route>,
     gaps: mpsc::UnboundedSender<usize>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = BACKOFF_MIN;
     loop {
         let started = Instant::now();
-        let result = session(&shared, &identity, index, &target, &routes, &gaps).await;
+        let result = tokio::select! {
+            r = session(&shared, &identity, index, &target, &routes, &gaps) => r,
+            _ = stopped(&mut stop) => {
+                say_goodbye(&shared, index).await;
+                return;
+            }
+        };
         {
             let mut st = shared.targets[index].lock().expect("target lock");
             st.connected = false;
+            st.endpoint = None;
             if let Some(c) = st.conn.take() {
                 st.wire_bytes_ended += udp_bytes(&c);
             }
@@ -180,8 +194,34 @@ pub async fn run_target(
                 warn!(target = %target.name, address = %target.address, error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "replication session failed")
             }
         }
-        tokio::time::sleep(backoff).await;
+        tokio::select! {
+            _ = tokio::time::sleep(backoff) => {}
+            _ = stopped(&mut stop) => return,
+        }
         backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// Resolves once the agent is stopping (or whoever could stop it is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not `Send`: drop it here, not across an await.
+    let _ = stop.wait_for(|&s| s).await.map(|_| ());
+}
+
+/// Closes the current session, if any, so that the receiver sees a source that stopped,
+/// not one that died (which would look like a reason to fail over). The close frame
+/// leaves with the endpoint's driver after `close` returns: wait until the connection
+/// is shut down (a few round trips), at most [`GOODBYE_WAIT`] for a target that does not
+/// answer. A fixed 50 ms pause was once not enough on a loaded host.
+async fn say_goodbye(shared: &Shared, index: usize) {
+    let session = {
+        let mut st = shared.targets[index].lock().expect("target lock");
+        st.connected = false;
+        st.conn.take().zip(st.endpoint.take())
+    };
+    if let Some((conn, endpoint)) = session {
+        conn.close(doppel_transport::close::SHUTDOWN, b"the agent is stopping");
+        let _ = tokio::time::timeout(GOODBYE_WAIT, endpoint.wait_idle()).await;
     }
 }
 
@@ -211,7 +251,13 @@ async fn session(
     )
     .await
     .with_context(|| format!("cannot connect to {}", target.address))?;
-    let result = stream_sets(shared, index, target, routes, gaps, &conn, endpoint).await;
+    {
+        // Known from the start, so that a stop during the handshake closes it too.
+        let mut st = shared.targets[index].lock().expect("target lock");
+        st.conn = Some(conn.clone());
+        st.endpoint = Some(endpoint);
+    }
+    let result = stream_sets(shared, index, target, routes, gaps, &conn).await;
     if result.is_err() {
         // A refusal arrives as a frame just before the connection's close code.
         let reason = tokio::time::timeout(Duration::from_millis(200), conn.closed()).await;
@@ -236,7 +282,6 @@ async fn stream_sets(
     routes: &[Route],
     gaps: &mpsc::UnboundedSender<usize>,
     conn: &quinn::Connection,
-    endpoint: quinn::Endpoint,
 ) -> Result<()> {
     let (send, recv) = conn.open_bi().await.context("cannot open a stream")?;
     let (mut tx, mut rx) = FramedStream::new(send, recv).split();
@@ -317,8 +362,6 @@ async fn stream_sets(
         st.connected = true;
         st.failed_over = false;
         st.sessions += 1;
-        st.conn = Some(conn.clone());
-        st.endpoint = Some(endpoint);
     }
     info!(target = %target.name, address = %target.address, "connected; resuming after {:?}", cursors);
 
