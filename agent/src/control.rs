@@ -210,6 +210,10 @@ pub struct Status {
     /// pass, because a store into them would leave no trace (see `mapped.rs`).
     #[serde(default)]
     pub mapped_hot_pages: u64,
+    /// Block checksums whose file shrank while it was read through a mapping (then read
+    /// again with pread; see mapread/). Counted since the agent started.
+    #[serde(default)]
+    pub mapped_reads_spoiled: u64,
     /// Every change queued so far is acknowledged by every target and no comparison is
     /// pending: the replicas were equal to the sources when this was taken.
     pub synced: bool,
@@ -298,6 +302,7 @@ impl Shared {
             mirror_compared_files: files.1,
             verifies,
             mapped_hot_pages: self.mapped_hot_pages.load(Ordering::Relaxed),
+            mapped_reads_spoiled: doppel_mapread::spoiled_reads(),
             synced: synced && pending == 0 && !scanning,
             uptime_seconds: self.started.elapsed().unwrap_or_default().as_secs(),
         }

@@ -1949,8 +1949,10 @@ fn emit_sums(
 /// Hands the checksums of `f`'s blocks to `emit` in runs of at most [`SUMS_PER_OP`],
 /// with the offset of each run; only the blocks `wanted` says (by offset), which breaks
 /// runs. Holes are not read: their blocks have the checksum of zeros. A block cut short
-/// (the file shrank meanwhile) has the checksum of what was read; the truncate that
-/// shrank it follows.
+/// (the file shrank meanwhile) has the checksum of what the file still holds there:
+/// read through the mapping, padded with zeros to the end of the page the file now ends
+/// in; past that page the mapping faults and the block is read, cut at the end. Either
+/// way the truncate that shrank it follows in the sequence.
 fn block_sums(
     f: &File,
     m: &Metadata,
@@ -1964,6 +1966,7 @@ fn block_sums(
     let step = block as u64;
     let full_zero = zero_sum(block as usize);
     let mut buf = vec![0u8; block as usize];
+    let mut mapped = doppel_mapread::Reader::new(std::os::fd::AsFd::as_fd(f));
     let mut sums = Vec::new();
     let (mut first, mut pos) = (0u64, 0u64);
     let mut data = (0u64, 0u64);
@@ -1987,8 +1990,14 @@ fn block_sums(
                 zero_sum(len as usize)
             }
         } else {
-            let n = read_full(f, &mut buf[..len as usize], pos);
-            block_sum(&buf[..n])
+            // Hashed where the page cache holds it; read (and copied) only if the file
+            // cannot be mapped or shrank meanwhile, which the short read then shows.
+            mapped
+                .with(pos, len as usize, block_sum)
+                .unwrap_or_else(|_| {
+                    let n = read_full(f, &mut buf[..len as usize], pos);
+                    block_sum(&buf[..n])
+                })
         };
         sums.push(sum);
         pos += len;
@@ -2443,6 +2452,38 @@ mod tests {
             at += sums.len();
         }
         assert_eq!(at, want.len());
+    }
+
+    /// Blocks are hashed through a mapping: a file cut short after its stat faults
+    /// (SIGBUS) past its new end. The read is spoiled, not the agent, and each block has
+    /// the checksum of what the file still holds there.
+    #[test]
+    fn a_file_cut_short_while_hashed_has_the_sums_of_what_it_still_holds() {
+        use doppel_common::wire::sums::block_sum;
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        let stale = f.metadata().unwrap();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_len(10 * 4096 + 5)
+            .unwrap();
+        let before = doppel_mapread::spoiled_reads();
+        let mut sums = Vec::new();
+        block_sums(&f, &stale, 4096, |_| true, |_, s| sums.extend(s));
+        let mut want: Vec<u64> = data[..10 * 4096].chunks(4096).map(block_sum).collect();
+        // The page the file now ends in is still mapped: zeros follow its end there.
+        let mut last = data[10 * 4096..10 * 4096 + 5].to_vec();
+        last.resize(4096, 0);
+        want.push(block_sum(&last));
+        // Past it the mapping faults and the blocks are read: nothing is there.
+        want.resize(64, block_sum(&[]));
+        assert_eq!(sums, want);
+        assert!(doppel_mapread::spoiled_reads() > before);
     }
 
     /// A file renamed between the scan's stat and its copy was not sent: its rename must

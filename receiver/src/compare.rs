@@ -48,6 +48,7 @@ pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64
         .map(|st| (st.st_blocks as u64).saturating_mul(512) < target_size)
         .unwrap_or(false);
     let full_zero = zero_sum(b.block as usize);
+    let mut mapped = doppel_mapread::Reader::new(fd);
     for (i, &want) in b.sums.iter().enumerate() {
         let start = b.offset + i as u64 * block;
         let len = block.min(b.size.saturating_sub(start));
@@ -84,8 +85,16 @@ pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64
                 continue;
             }
         }
-        let got = read_full(fd, &mut buf[..len as usize], start)?;
-        if got < len as usize || block_sum(&buf[..got]) != want {
+        // Hashed where the page cache holds it; read (and copied) only if the file
+        // cannot be mapped or shrank meanwhile (then the short read shows a difference).
+        let same = match mapped.with(start, len as usize, |b| block_sum(b) == want) {
+            Ok(same) => same,
+            Err(_) => {
+                let got = read_full(fd, &mut buf[..len as usize], start)?;
+                got == len as usize && block_sum(&buf[..got]) == want
+            }
+        };
+        if !same {
             add_range(&mut ranges, start, len);
         }
     }
