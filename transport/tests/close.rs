@@ -7,20 +7,16 @@
 //! that does not hear it sees the source die and may fail over. This test keeps the
 //! check when quinn is upgraded and the patch dropped.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use doppel_transport::{close, connect, keygen, server_endpoint, Identity};
+use common::{identity, loopback_server};
+use doppel_transport::{close, connect};
 use tokio::net::UdpSocket;
-
-fn identity(dir: &Path, name: &str) -> Identity {
-    let d = dir.join(name);
-    keygen(&d, name).unwrap();
-    Identity::load(&d.join("cert.pem"), &d.join("key.pem")).unwrap()
-}
 
 /// A UDP relay between one client and `server` that can black-hole the client's packets.
 async fn relay(server: SocketAddr, drop_client: Arc<AtomicBool>) -> SocketAddr {
@@ -50,12 +46,7 @@ async fn a_close_reaches_the_peer_while_the_congestion_window_is_full() {
     let dir = tempfile::tempdir().unwrap();
     let server_id = identity(dir.path(), "receiver");
     let client_id = identity(dir.path(), "agent");
-    let ep = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &server_id,
-        vec![client_id.fingerprint()],
-    )
-    .unwrap();
+    let ep = loopback_server(&server_id, &client_id);
     let black_hole = Arc::new(AtomicBool::new(false));
     let via = relay(ep.local_addr().unwrap(), black_hole.clone()).await;
 

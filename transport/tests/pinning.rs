@@ -1,18 +1,12 @@
 //! Real QUIC connections on 127.0.0.1: pinned peers talk, anyone else is refused.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
+use common::{identity, loopback_server};
 use doppel_common::wire::{Frame, Op, Record, RelPath, SetHello};
-use doppel_transport::{
-    connect, keygen, peer_fingerprint, server_endpoint, FramedStream, Identity,
-};
-
-fn identity(dir: &Path, name: &str) -> Identity {
-    let d = dir.join(name);
-    keygen(&d, name).unwrap();
-    Identity::load(&d.join("cert.pem"), &d.join("key.pem")).unwrap()
-}
+use doppel_transport::{connect, peer_fingerprint, server_endpoint, FramedStream};
 
 fn hello() -> Frame {
     Frame::Hello {
@@ -97,12 +91,7 @@ async fn client_with_unknown_cert_is_refused() {
     let server_id = identity(dir.path(), "receiver");
     let allowed = identity(dir.path(), "agent");
     let intruder = identity(dir.path(), "intruder");
-    let ep = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &server_id,
-        vec![allowed.fingerprint()],
-    )
-    .unwrap();
+    let ep = loopback_server(&server_id, &allowed);
     let addr = ep.local_addr().unwrap();
     let server = tokio::spawn(async move { ep.accept().await.unwrap().await });
 
@@ -131,12 +120,7 @@ async fn server_with_wrong_fingerprint_is_refused() {
     let server_id = identity(dir.path(), "receiver");
     let impostor = identity(dir.path(), "impostor");
     let client_id = identity(dir.path(), "agent");
-    let ep = server_endpoint(
-        "127.0.0.1:0".parse().unwrap(),
-        &impostor,
-        vec![client_id.fingerprint()],
-    )
-    .unwrap();
+    let ep = loopback_server(&impostor, &client_id);
     let addr = ep.local_addr().unwrap();
     tokio::spawn(async move {
         if let Some(inc) = ep.accept().await {
