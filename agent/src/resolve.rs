@@ -1567,6 +1567,18 @@ impl<W: Watcher> Resolver<W> {
                 };
                 let sname = sl.rel.file_name().unwrap_or_default().to_owned();
                 let dname = dl.rel.file_name().unwrap_or_default().to_owned();
+                if flags & RENAME_EXCHANGE != 0 && dst_node.is_none() {
+                    // The index knows nothing at `to`, and the replica may have nothing
+                    // there (an exchange would then do nothing) or something the index
+                    // forgot (of either kind: a rename over it may fail). Both sides are
+                    // copied where they are now instead; the receiver's creations
+                    // replace what is in their way.
+                    self.arrive(dl, &dabs, out);
+                    if let Some((sl, sabs)) = src {
+                        self.arrive(sl, &sabs, out);
+                    }
+                    return;
+                }
                 if flags & RENAME_EXCHANGE != 0 {
                     self.index.exchange((sp, &sname), (dp, &dname));
                 } else {
