@@ -878,10 +878,26 @@ impl<W: Watcher> Resolver<W> {
     /// Emits the contents of directory `dir` (already watched) at `rel`, recursively.
     /// The watch is installed before the directory is read, so an entry created
     /// concurrently is either read here or captured by the kernel afterwards.
-    fn scan_dir(&mut self, set: usize, dir: FileId, abs: &Path, rel: &Path, out: &mut Vec<SetOp>) {
-        let Some(names) = sorted_names(abs, "its contents are not replicated until it changes")
-        else {
-            return;
+    /// Reads directory `dir` at `abs` and enters what it holds. Returns false, having
+    /// emitted nothing, when `abs` no longer names `dir` by the time it is read (renamed
+    /// or removed since it was found there; the event of that is still to come).
+    fn scan_dir(
+        &mut self,
+        set: usize,
+        dir: FileId,
+        abs: &Path,
+        rel: &Path,
+        out: &mut Vec<SetOp>,
+    ) -> bool {
+        let names = match std::fs::read_dir(abs) {
+            Ok(entries) => sorted(entries),
+            Err(_) if std::fs::symlink_metadata(abs).map(|m| file_id(&m)).ok() != Some(dir) => {
+                return false;
+            }
+            Err(e) => {
+                warn!(path = %abs.display(), error = %e, "cannot read directory; its contents are not replicated until it changes");
+                return true;
+            }
         };
         let mut keep = Vec::new();
         for name in names {
@@ -912,6 +928,7 @@ impl<W: Watcher> Resolver<W> {
         if std::fs::symlink_metadata(abs).map(|m| file_id(&m)).ok() != Some(dir) {
             self.rescan.entry(dir).or_insert_with(monotonic_ns);
         }
+        true
     }
 
     /// Something appeared at `rel` (scan, mkdir, rename into the set): watch and emit it.
@@ -945,7 +962,21 @@ impl<W: Watcher> Resolver<W> {
                     mode: m.mode() & 0o7777,
                 },
             });
-            self.scan_dir(set, id, abs, rel, out);
+            if !self.scan_dir(set, id, abs, rel, out) {
+                // It left `abs` between its stat and its read, maybe before the stamp
+                // above: registered here, it would pass for a directory the source has
+                // at `rel`, newer than the rename that took it away (which would then
+                // leave the replica's copy behind). Not entered: the event that moved or
+                // removed it copies it where it is, or drops it. If its directory moved
+                // too, that one is copied again once the index has it where it went.
+                debug!(path = %abs.display(), "gone before it could be read; its move or removal copies or drops it");
+                out.pop();
+                for d in self.index.remove(parent, name) {
+                    self.watcher.unwatch(d);
+                }
+                self.made_elsewhere(parent, abs);
+                return false;
+            }
             // After its entries: making them changed the directory's times.
             if let Ok(m) = std::fs::symlink_metadata(abs) {
                 emit_meta(set, abs, rel, &m, true, out);
@@ -1776,19 +1807,22 @@ fn proc_base(p: &PathArg) -> Option<PathBuf> {
 /// cannot be read.
 fn sorted_names(abs: &Path, consequence: &str) -> Option<Vec<std::ffi::OsString>> {
     match std::fs::read_dir(abs) {
-        Ok(entries) => {
-            let mut names: Vec<_> = entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name())
-                .collect();
-            names.sort();
-            Some(names)
-        }
+        Ok(entries) => Some(sorted(entries)),
         Err(e) => {
             warn!(path = %abs.display(), error = %e, "cannot read directory; {consequence}");
             None
         }
     }
+}
+
+/// The names a directory listing yields, sorted.
+fn sorted(entries: std::fs::ReadDir) -> Vec<std::ffi::OsString> {
+    let mut names: Vec<_> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name())
+        .collect();
+    names.sort();
+    names
 }
 
 /// Whether the replica's directory holds the entry `rel` (found with metadata `m`): the
@@ -2255,11 +2289,20 @@ mod tests {
 
     mod scenarios;
 
+    /// The watched directories, and what to do when one is watched (a test's way to
+    /// change the source between two steps of the resolver).
     #[derive(Default)]
-    struct FakeWatch(RefCell<HashSet<FileId>>);
+    #[allow(clippy::type_complexity)]
+    struct FakeWatch(
+        RefCell<HashSet<FileId>>,
+        RefCell<Option<Box<dyn FnMut(FileId)>>>,
+    );
     impl Watcher for &FakeWatch {
         fn watch(&self, d: FileId) {
             self.0.borrow_mut().insert(d);
+            if let Some(hook) = self.1.borrow_mut().as_mut() {
+                hook(d);
+            }
         }
         fn watch_ancestor(&self, _: FileId) {}
         fn unwatch(&self, d: FileId) {
