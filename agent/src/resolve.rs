@@ -727,8 +727,12 @@ impl<W: Watcher> Resolver<W> {
         (job, repair): (u64, bool),
         out: &mut Vec<SetOp>,
     ) {
-        let Some(names) = sorted_names(abs, "verify: its files are not compared") else {
-            return;
+        let names = match sorted_names(abs) {
+            Ok(names) => names,
+            Err(e) => {
+                warn!(path = %abs.display(), error = %e, "cannot read directory; verify: its files are not compared");
+                return;
+            }
         };
         let block = self.sets[set].mirror_block;
         // What the replica's directory should hold (`listing`, from this same read).
@@ -889,8 +893,8 @@ impl<W: Watcher> Resolver<W> {
         rel: &Path,
         out: &mut Vec<SetOp>,
     ) -> bool {
-        let names = match std::fs::read_dir(abs) {
-            Ok(entries) => sorted(entries),
+        let names = match sorted_names(abs) {
+            Ok(names) => names,
             Err(_) if std::fs::symlink_metadata(abs).map(|m| file_id(&m)).ok() != Some(dir) => {
                 return false;
             }
@@ -1803,26 +1807,14 @@ fn proc_base(p: &PathArg) -> Option<PathBuf> {
     std::fs::read_link(link).ok()
 }
 
-/// The names in directory `abs`, sorted; `None` (logged with `consequence`) if it
-/// cannot be read.
-fn sorted_names(abs: &Path, consequence: &str) -> Option<Vec<std::ffi::OsString>> {
-    match std::fs::read_dir(abs) {
-        Ok(entries) => Some(sorted(entries)),
-        Err(e) => {
-            warn!(path = %abs.display(), error = %e, "cannot read directory; {consequence}");
-            None
-        }
-    }
-}
-
-/// The names a directory listing yields, sorted.
-fn sorted(entries: std::fs::ReadDir) -> Vec<std::ffi::OsString> {
-    let mut names: Vec<_> = entries
+/// The names in directory `abs`, sorted.
+fn sorted_names(abs: &Path) -> std::io::Result<Vec<std::ffi::OsString>> {
+    let mut names: Vec<_> = std::fs::read_dir(abs)?
         .filter_map(|e| e.ok())
         .map(|e| e.file_name())
         .collect();
     names.sort();
-    names
+    Ok(names)
 }
 
 /// Whether the replica's directory holds the entry `rel` (found with metadata `m`): the

@@ -252,7 +252,7 @@ async fn session(
     .await
     .with_context(|| format!("cannot connect to {}", target.address))?;
     {
-        // Known from the start, so that a stop during the handshake closes it too.
+        // Known once established, before the Hello: a stop from then on closes it.
         let mut st = shared.targets[index].lock().expect("target lock");
         st.conn = Some(conn.clone());
         st.endpoint = Some(endpoint);
