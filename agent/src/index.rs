@@ -259,8 +259,10 @@ impl Index {
         // The file that held the name goes first: dropping it after the insert would
         // take the name's entry with it, leaving `id` a node no lookup finds (a later
         // rename of it would be missed, and its writes would follow the name it left).
+        // A file with other names lives on under them (the next becomes its first).
         if let Some(prev) = self.children.get(&key).copied() {
-            if prev != id && self.named(prev, parent, name) {
+            if prev != id && self.named(prev, parent, name) && !self.unlink_name(prev, parent, name)
+            {
                 self.drop_subtree(prev);
             }
         }
@@ -589,6 +591,19 @@ mod tests {
         ix.clear_nodes();
         ix.insert(id(1), OsStr::new("c"), id(5), false);
         assert_eq!(ix.locations(id(5)), vec![loc(0, "c")]);
+    }
+
+    #[test]
+    fn an_entry_registered_over_a_name_of_a_linked_file_keeps_the_file_under_its_others() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/data".into());
+        ix.insert(id(1), OsStr::new("a"), id(5), false);
+        ix.insert_link(id(1), OsStr::new("b"), id(5));
+        // A directory found at `a` (exchanged with the file there): the file is still `b`.
+        ix.insert(id(1), OsStr::new("a"), id(6), true);
+        assert_eq!(ix.lookup(&loc(0, "a")), Some(id(6)));
+        assert_eq!(ix.locations(id(5)), vec![loc(0, "b")]);
+        assert_eq!(ix.lookup(&loc(0, "b")), Some(id(5)));
     }
 
     #[test]
