@@ -1322,11 +1322,16 @@ impl<W: Watcher> Resolver<W> {
                 self.touch(Some(parent), false);
                 if is_dir {
                     // Files may already exist in it (made before the watch): enter() scans.
+                    // What is there now may be another entry, moved over it since (an
+                    // exchange, its event still to come). A file is not the directory
+                    // made: entered here, the index would have it under this name too
+                    // (linked to its others) and its exchange would swap two names of
+                    // one file, which moves nothing; its event copies what went where.
                     match std::fs::symlink_metadata(&abs) {
-                        Ok(m) => {
+                        Ok(m) if m.is_dir() => {
                             self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
                         }
-                        Err(_) => self.made_elsewhere(parent, &abs),
+                        _ => self.made_elsewhere(parent, &abs),
                     }
                     return;
                 }

@@ -832,8 +832,12 @@ fn a_rename_between_two_names_of_one_file_in_a_directory_moved_since_keeps_both(
 /// the replica different from the source, one group per bug fixed since.
 #[test]
 fn seeds_that_once_differed_end_with_the_source_tree() {
-    // An exchange with a name the index does not know.
-    const SEEDS: &[u64] = &[2968, 1029, 1893, 2845, 1148];
+    const SEEDS: &[u64] = &[
+        // An exchange with a name the index does not know.
+        2968, 1029, 1893, 2845, 1148,
+        // A directory's creation that finds a file at its path.
+        1082, 3978,
+    ];
     for &seed in SEEDS {
         run(seed, 20).unwrap();
     }
@@ -882,4 +886,30 @@ fn a_directory_renamed_between_its_stat_and_its_read_is_not_left_behind() {
     settle(&mut r, &mut disk, &mut out);
     assert!(disk.errors.is_empty(), "{:?}", disk.errors);
     assert_eq!(shape(disk.root.path()), shape(&root), "sent: {sent:#?}");
+}
+
+/// Directory `n` is made, then exchanged with `a`, a file with a second name `b`,
+/// before the agent resolves the mkdir: `n` holds the file then. The creation must not
+/// take it for the directory made (linked there to `b`, the index would have the file
+/// at `a` and `n` both, and the exchange would swap two names of one file: nothing);
+/// the exchange copies what each side holds.
+#[test]
+fn a_directory_made_and_exchanged_with_a_linked_file_before_it_is_resolved_is_copied() {
+    scripted(
+        |p| {
+            std::fs::write(p("a"), b"a file with two names").unwrap();
+            std::fs::hard_link(p("a"), p("b")).unwrap();
+        },
+        |p| {
+            std::fs::create_dir(p("n")).unwrap();
+            let made = created(&p("n"));
+            renameat2(&p("a"), &p("n"), RENAME_EXCHANGE).unwrap();
+            let exchanged = now(CaptureEvent::Renamed {
+                from: arg(&p("a")),
+                to: arg(&p("n")),
+                flags: RENAME_EXCHANGE,
+            });
+            vec![made, exchanged]
+        },
+    );
 }
