@@ -1054,6 +1054,14 @@ impl<W: Watcher> Resolver<W> {
                     },
                 });
             } else {
+                // Nothing of a special file is read, which would show it gone (as for the
+                // others above): look. Renamed between its stat and its stamp, it would
+                // pass for a newer entry than the rename, left on the replica beside the
+                // copy of its new name (`extra on replica: sp/fifo3`).
+                if !std::fs::symlink_metadata(abs).is_ok_and(|n| file_id(&n) == id) {
+                    self.not_sent(parent, name);
+                    return false;
+                }
                 out.push(SetOp {
                     set,
                     op: Op::Mknod {
@@ -2504,6 +2512,47 @@ mod tests {
             at += sums.len();
         }
         assert_eq!(at, want.len());
+    }
+
+    /// A fifo renamed between the stat that found it and its registration must not be
+    /// entered under its old name: nothing would take that name off the replica.
+    #[test]
+    fn a_special_file_gone_since_its_stat_is_not_entered() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        let w = FakeWatch::default();
+        let mut r = setup(&root, &w);
+        let mut out = Vec::new();
+        r.scan_all(&mut out);
+        out.clear();
+        let fifo = root.join("fifo3");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &fifo,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        let stale = std::fs::symlink_metadata(&fifo).unwrap();
+        std::fs::rename(&fifo, root.join("fifo3-renamed")).unwrap();
+        let entered = r.enter(
+            0,
+            id_of(&root),
+            OsStr::new("fifo3"),
+            &fifo,
+            Path::new("fifo3"),
+            &stale,
+            &mut out,
+        );
+        assert!(!entered);
+        let sent: Vec<String> = out.iter().map(|o| summarize_op(&o.op)).collect();
+        assert!(sent.is_empty(), "{sent:?}");
+        let here = Location {
+            set: 0,
+            rel: "fifo3".into(),
+        };
+        assert_eq!(r.index.lookup(&here), None);
     }
 
     /// Blocks are hashed through a mapping: a file cut short after its stat faults
