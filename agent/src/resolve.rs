@@ -2383,6 +2383,13 @@ mod tests {
         Resolver::new(vec![set], watch).unwrap()
     }
 
+    /// [`setup`], with the initial scan done and its ops dropped.
+    fn scanned<'a>(dir: &Path, watch: &'a FakeWatch) -> Resolver<&'a FakeWatch> {
+        let mut r = setup(dir, watch);
+        r.scan_all(&mut Vec::new());
+        r
+    }
+
     #[test]
     fn a_range_is_never_read_from_the_file_that_replaced_it() {
         let d = tempfile::tempdir().unwrap();
@@ -2521,10 +2528,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().canonicalize().unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         let fifo = root.join("fifo3");
         rustix::fs::mknodat(
             rustix::fs::CWD,
@@ -2595,10 +2600,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().canonicalize().unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         std::fs::write(root.join("a"), b"data").unwrap();
         let m = std::fs::symlink_metadata(root.join("a")).unwrap();
         let (rid, _) = r.index.root(0);
@@ -2644,10 +2647,8 @@ mod tests {
         std::fs::create_dir(root.join("d")).unwrap();
         std::fs::write(root.join("d/f"), b"data").unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         let dir = id_of(&root.join("d"));
         std::fs::rename(root.join("d/f"), root.join("g")).unwrap();
         let renamed = now(CaptureEvent::Renamed {
@@ -2681,10 +2682,8 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().canonicalize().unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         let f = root.join("f");
         std::fs::write(&f, b"x").unwrap();
         // Stands for what the kernel sets at creation without a setxattr call (an ACL
@@ -2724,10 +2723,8 @@ mod tests {
         let root = d.path().canonicalize().unwrap();
         std::fs::create_dir(root.join("a")).unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         std::fs::create_dir(root.join("a/b")).unwrap();
         std::fs::write(root.join("a/b/f"), b"data").unwrap();
         let f = id_of(&root.join("a/b/f"));
@@ -2777,10 +2774,8 @@ mod tests {
         let root = d.path().canonicalize().unwrap();
         std::fs::create_dir(root.join("dir")).unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         // An answer from before a restart whose inode number the directory took since.
         let dir = id_of(&root.join("dir"));
         r.mirror_need(0, dir, &[(0, 1 << 20)], (0, &[]), true, &mut out);
@@ -2888,10 +2883,8 @@ mod tests {
         std::fs::write(root.join("f"), b"").unwrap();
         std::fs::write(root.join("g"), b"").unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         let (f, g, dir) = (id_of(&root.join("f")), id_of(&root.join("g")), id_of(&root));
         let data = |file, offset: u64, bytes: &[u8]| {
             now(CaptureEvent::Data {
@@ -2935,10 +2928,8 @@ mod tests {
         let root = d.path().canonicalize().unwrap();
         std::fs::create_dir(root.join("a")).unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         std::fs::write(root.join("a/f"), b"x").unwrap();
         let f = id_of(&root.join("a/f"));
         let a = id_of(&root.join("a"));
@@ -3022,10 +3013,8 @@ mod tests {
         std::fs::create_dir(root.join("a")).unwrap();
         std::fs::write(root.join("a/f"), b"old").unwrap();
         let w = FakeWatch::default();
-        let mut r = setup(&root, &w);
+        let mut r = scanned(&root, &w);
         let mut out = Vec::new();
-        r.scan_all(&mut out);
-        out.clear();
         let f = id_of(&root.join("a/f"));
         // The writer makes a directory and moves the file into it with new contents
         // before the agent has processed the mkdir (so the dir was not watched yet).
