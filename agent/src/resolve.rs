@@ -2017,7 +2017,7 @@ fn block_sums(
     let step = block as u64;
     let full_zero = zero_sum(block as usize);
     let mut buf = vec![0u8; block as usize];
-    let mut mapped = doppel_mapread::Reader::new(std::os::fd::AsFd::as_fd(f));
+    let mut mapped = doppel_mapread::Reader::new(std::os::fd::AsFd::as_fd(f), size);
     let mut sums = Vec::new();
     let (mut first, mut pos) = (0u64, 0u64);
     let mut data = (0u64, 0u64);
@@ -2568,7 +2568,7 @@ mod tests {
         use doppel_common::wire::sums::block_sum;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("f");
-        let data: Vec<u8> = (0..64 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
+        let data: Vec<u8> = (0..512 * 4096u32).map(|i| (i % 251) as u8 + 1).collect();
         std::fs::write(&p, &data).unwrap();
         let f = File::open(&p).unwrap();
         let stale = f.metadata().unwrap();
@@ -2587,7 +2587,7 @@ mod tests {
         last.resize(4096, 0);
         want.push(block_sum(&last));
         // Past it the mapping faults and the blocks are read: nothing is there.
-        want.resize(64, block_sum(&[]));
+        want.resize(512, block_sum(&[]));
         assert_eq!(sums, want);
         assert!(doppel_mapread::spoiled_reads() > before);
     }

@@ -6,7 +6,7 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 
-use doppel_mapread::{Error, Reader, WINDOW};
+use doppel_mapread::{Error, Reader, MIN_MAPPED, WINDOW};
 
 fn file_of(len: usize) -> (File, Vec<u8>) {
     let mut f = tempfile::tempfile().unwrap();
@@ -18,7 +18,7 @@ fn file_of(len: usize) -> (File, Vec<u8>) {
 #[test]
 fn reads_what_pread_reads_at_any_offset() {
     let (f, data) = file_of(2 * WINDOW + 12_345);
-    let mut r = Reader::new(f.as_fd());
+    let mut r = Reader::new(f.as_fd(), MIN_MAPPED);
     for (at, len) in [
         (0u64, 65_536usize),
         (1, 1),
@@ -45,7 +45,7 @@ fn reads_what_pread_reads_at_any_offset() {
 #[test]
 fn a_file_that_shrank_spoils_the_read_and_the_process_lives() {
     let (f, data) = file_of(8 << 20);
-    let mut r = Reader::new(f.as_fd());
+    let mut r = Reader::new(f.as_fd(), MIN_MAPPED);
     // Map the first window, then cut the file to 1 MiB under it.
     assert_eq!(r.with(0, 4096, |b| b[0]), Ok(data[0]));
     f.set_len(1 << 20).unwrap();
@@ -70,7 +70,7 @@ fn shrinking_files_on_many_threads_spoil_only_their_own_reads() {
         .map(|i| {
             std::thread::spawn(move || {
                 let (f, data) = file_of(6 << 20);
-                let mut r = Reader::new(f.as_fd());
+                let mut r = Reader::new(f.as_fd(), MIN_MAPPED);
                 for round in 0..20u64 {
                     let keep = (1 << 20) + round * 4096;
                     f.set_len(6 << 20).unwrap();
@@ -94,7 +94,7 @@ fn shrinking_files_on_many_threads_spoil_only_their_own_reads() {
 fn any_other_sigbus_still_ends_the_process() {
     let (f, _) = file_of(1 << 20);
     // The handler is installed by the first reader.
-    let mut r = Reader::new(f.as_fd());
+    let mut r = Reader::new(f.as_fd(), MIN_MAPPED);
     r.with(0, 1, |_| ()).unwrap();
     let other = tempfile::tempfile().unwrap();
     other.set_len(1 << 20).unwrap();
@@ -130,4 +130,11 @@ fn any_other_sigbus_still_ends_the_process() {
     );
     // SAFETY: our mapping, no longer used.
     unsafe { libc::munmap(p, 1 << 20) };
+}
+
+#[test]
+fn too_little_to_read_is_left_to_pread() {
+    let (f, _) = file_of(4096);
+    let mut r = Reader::new(f.as_fd(), MIN_MAPPED - 1);
+    assert_eq!(r.with(0, 10, |b| b.len()), Err(Error::Unmappable));
 }

@@ -48,7 +48,8 @@ pub fn differing(fd: impl AsFd, target_size: u64, b: &Blocks) -> Result<Vec<(u64
         .map(|st| (st.st_blocks as u64).saturating_mul(512) < target_size)
         .unwrap_or(false);
     let full_zero = zero_sum(b.block as usize);
-    let mut mapped = doppel_mapread::Reader::new(fd);
+    let to_read = target_size.min(b.sums.len() as u64 * block);
+    let mut mapped = doppel_mapread::Reader::new(fd, to_read);
     for (i, &want) in b.sums.iter().enumerate() {
         let start = b.offset + i as u64 * block;
         let len = block.min(b.size.saturating_sub(start));
