@@ -76,7 +76,7 @@ pub async fn run(config_path: &Path) -> Vec<Item> {
     for s in &config.sets {
         let item = format!("set {}", s.name);
         items.push(match std::fs::metadata(&s.root) {
-            Ok(m) if m.is_dir() => ok(item, format!("{} is a directory", s.root.display())),
+            Ok(m) if m.is_dir() => ok(item, set_capture(&s.root)),
             Ok(_) => fail(
                 item,
                 format!("{} is not a directory", s.root.display()),
@@ -138,6 +138,22 @@ pub async fn run(config_path: &Path) -> Vec<Item> {
 }
 
 /// Kernel features and permissions, independent of the configuration.
+/// What a set root's filesystem means for its capture.
+fn set_capture(root: &Path) -> String {
+    match crate::capture::marks::marked_fs(root) {
+        Ok(Some(_)) => format!(
+            "{} is a directory on ext4: writes are also captured inside the filesystem \
+             (Linux AIO and 32-bit syscalls included)",
+            root.display()
+        ),
+        _ => format!(
+            "{} is a directory, not on ext4: writes are captured at the syscall door only \
+             (writes through Linux AIO or 32-bit syscalls are not seen)",
+            root.display()
+        ),
+    }
+}
+
 fn kernel() -> Vec<Item> {
     let mut items = Vec::new();
     // SAFETY: geteuid cannot fail.

@@ -40,6 +40,9 @@ pub trait Watcher {
     /// The regular file `file` has several names: its writes are captured through any of
     /// them, also names outside every set.
     fn watch_linked(&self, _file: FileId) {}
+    /// The regular file `file` is in a set: its writes are captured inside the
+    /// filesystem (where the filesystem allows). Called before the file is read.
+    fn watch_file(&self, _file: FileId) {}
 }
 
 /// One op for one set, in the order it must be applied.
@@ -995,6 +998,9 @@ impl<W: Watcher> Resolver<W> {
             if ft.is_block_device() || ft.is_char_device() {
                 debug!(path = %abs.display(), "skipping a device node (never replicated)");
                 return false;
+            }
+            if m.is_file() {
+                self.watcher.watch_file(id);
             }
             if m.nlink() > 1 {
                 if m.is_file() {

@@ -8,9 +8,9 @@ use anyhow::{Context, Result};
 use doppel_common::event::FileId;
 use doppel_transport::Identity;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::capture::{Capture, CaptureOptions, WatchMode};
+use crate::capture::{marks::marked_fs, Capture, CaptureOptions, MarkedFs, WatchMode};
 use crate::config::Config;
 use crate::control::{self, Reply};
 use crate::journal::Journal;
@@ -28,6 +28,8 @@ struct KernelWatcher(Arc<Capture>);
 
 impl Watcher for KernelWatcher {
     fn watch(&self, dir: FileId) {
+        // Marked first: files made in it from now on are marked by the kernel.
+        self.0.mark(dir);
         if let Err(e) = self.0.watch_dir(dir, WatchMode::Contents) {
             warn!(?dir, error = %format!("{e:#}"), "cannot watch a directory: its changes are not captured");
         }
@@ -40,9 +42,13 @@ impl Watcher for KernelWatcher {
     fn unwatch(&self, dir: FileId) {
         tracing::trace!(?dir, "unwatch");
         let _ = self.0.unwatch_dir(dir);
+        self.0.unmark(dir);
     }
     fn watch_linked(&self, file: FileId) {
         self.0.watch_linked(file);
+    }
+    fn watch_file(&self, file: FileId) {
+        self.0.mark(file);
     }
 }
 
@@ -81,6 +87,23 @@ fn new_epoch() -> u64 {
     (t.as_nanos() as u64) ^ ((std::process::id() as u64) << 48)
 }
 
+/// The filesystems of the sets whose writes can be captured inside the filesystem
+/// (ext4), each once. A set whose root cannot be looked at is left to the syscall
+/// capture alone (its start reports the root's problem).
+fn marked_filesystems(config: &Config) -> Vec<MarkedFs> {
+    let mut out: Vec<MarkedFs> = Vec::new();
+    for set in &config.sets {
+        match marked_fs(&set.root) {
+            Ok(Some(fs)) if !out.iter().any(|o| o.dev == fs.dev) => out.push(fs),
+            Ok(_) => {}
+            Err(e) => {
+                debug!(set = %set.name, error = %format!("{e:#}"), "cannot tell the set's filesystem")
+            }
+        }
+    }
+    out
+}
+
 pub async fn run(config: Config) -> Result<()> {
     let identity = Arc::new(Identity::load(&config.cert, &config.key).with_context(|| {
         format!(
@@ -92,9 +115,18 @@ pub async fn run(config: Config) -> Result<()> {
     doppel_transport::warm_up();
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
+        mark_filesystems: marked_filesystems(&config),
         ..CaptureOptions::default()
     })?;
     let capture = Arc::new(capture);
+    for set in &config.sets {
+        let dev = std::fs::metadata(&set.root).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
+        if dev.is_ok_and(|d| capture.in_filesystem(d)) {
+            info!(set = %set.name, "writes are captured inside the filesystem (ext4) and at the syscall door");
+        } else {
+            info!(set = %set.name, "writes are captured at the syscall door only (the set is not on ext4): Linux AIO and 32-bit writes are not seen");
+        }
+    }
     ignore_local_receivers(&capture);
 
     let (pushed, _) = watch::channel(0u64);

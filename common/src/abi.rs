@@ -120,6 +120,22 @@ pub const PROG_DIRTY_FOLIO: &str = "doppel_dirty_folio";
 pub const PROG_WRITEBACK_BEGIN: &str = "doppel_writeback_begin";
 pub const PROG_WRITEBACK_END: &str = "doppel_writeback_end";
 
+/// Capture inside the filesystem (ebpf/src/fs.rs): buffered writes reaching ext4.
+pub const PROG_EXT4_DA_WRITE_END: &str = "doppel_ext4_da_write_end";
+pub const PROG_EXT4_WRITE_END: &str = "doppel_ext4_write_end";
+pub const PROG_EXT4_JOURNALLED_WRITE_END: &str = "doppel_ext4_journalled_write_end";
+/// Direct writes through iomap (ext4, xfs): begin and completion.
+pub const PROG_DIO_BEGIN: &str = "doppel_dio_begin";
+pub const PROG_DIO_COMPLETE: &str = "doppel_dio_complete";
+/// New inodes in marked directories are marked; freed ones are unmarked.
+pub const PROG_ALLOCATE_INODE: &str = "doppel_allocate_inode";
+pub const PROG_FREE_INODE: &str = "doppel_free_inode";
+/// The inode bitmap (one bit per inode number of each filesystem in `MARK_FS`).
+pub const MAP_MARKS: &str = "MARKS";
+pub const MAP_MARK_FS: &str = "MARK_FS";
+/// Most filesystems whose inodes the bitmap covers.
+pub const MARK_FS_MAX: u32 = 8;
+
 /// Capacity of `WATCHED_DIRS` (allocated on insert, so unused capacity costs nothing).
 pub const WATCHED_DIRS_MAX: u32 = 1 << 20;
 pub const LINKED_FILES_MAX: u32 = 1 << 16;
@@ -234,12 +250,35 @@ pub struct MissedRange {
     pub end: u64,
 }
 
+/// A value of `MARK_FS`: the bits of filesystem `dev` (kernel encoding) are words
+/// `[base, base + words)` of `MARKS`; bit `ino % 64` of word `base + ino / 64` is inode
+/// `ino`'s. `words == 0` ends the list.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MarkFs {
+    pub dev: u64,
+    pub base: u64,
+    pub words: u64,
+}
+
+/// A direct write between its begin and its completion (kernel-internal map value).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DioWrite {
+    pub file: KFileId,
+    pub parent: KFileId,
+    pub offset: u64,
+    pub len: u64,
+    pub pid: u64,
+}
+
 // The layouts are part of the contract with the kernel program: pin the sizes so a
 // change shows up as a compile error on both sides rather than as garbled records.
 const _: () = assert!(core::mem::size_of::<Header>() == 16);
 const _: () = assert!(FILE_RECORD_SIZE == 64);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24);
 const _: () = assert!(NS_RECORD_SIZE == 128);
+const _: () = assert!(core::mem::size_of::<MarkFs>() == 24);
 const _: () = assert!(FILE_RECORD_SIZE.is_multiple_of(8) && NS_RECORD_SIZE.is_multiple_of(8));
 const _: () = assert!(PATH_CAP.is_power_of_two() && CHUNK_SIZE.is_power_of_two());
 const _: () = assert!(MAX_CHUNKS * CHUNK_SIZE == INLINE_CAP);

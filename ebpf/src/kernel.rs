@@ -97,6 +97,12 @@ offsets!(
     OFF_FOLIO_INDEX,
     OFF_FOLIO_FLAGS_1,
     PG_HEAD,
+    // Capture inside the filesystem (see fs.rs).
+    OFF_TASK_FLAGS,
+    OFF_KIOCB_FILP,
+    OFF_KIOCB_POS,
+    OFF_ITER_DATA_SOURCE,
+    OFF_ITER_COUNT,
     // io_uring opcodes (enum io_uring_op); u64::MAX for one this kernel lacks.
     URING_OP_WRITE,
     URING_OP_WRITEV,

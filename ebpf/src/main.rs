@@ -12,11 +12,17 @@
 //!
 //! Layout: `kernel` (offsets and pointer walks), `maps` (maps, filter, ring-full
 //! fallback), `data` (write-family and copy syscalls), `ns` (namespace, size and
-//! attribute changes), `uring` (io_uring completions), `mmap` (shared mappings).
+//! attribute changes), `uring` (io_uring completions), `mmap` (shared mappings), `fs`
+//! (BTF tracepoints inside ext4 and iomap: the writes no syscall handler sees).
 #![no_std]
 #![no_main]
+// Atomic read-modify-write on map memory (the inode bitmap, fs.rs): the BPF target's
+// core has no atomic types with fetch_or/fetch_and.
+#![allow(internal_features)]
+#![feature(core_intrinsics)]
 
 mod data;
+mod fs;
 mod kernel;
 mod maps;
 mod mmap;

@@ -1293,6 +1293,51 @@ impl Ring {
 /// file, FALLOCATE (punch, zero, extend), FTRUNCATE, and OPENAT creating an empty file
 /// or truncating a full one. (fio_io_uring_verify in workloads.rs covers SQPOLL,
 /// O_DIRECT and deep queues.)
+/// Python writers that reach a file by doors the syscall capture never decoded
+/// (tests/py/writers.py): Linux native AIO and the 32-bit syscall entry.
+const WRITERS_PY: &str = include_str!("../py/writers.py");
+
+fn py_writers(cwd: &Path, code: &str) {
+    run(Command::new("python3")
+        .arg("-c")
+        .arg(format!("{WRITERS_PY}\n{code}"))
+        .current_dir(cwd));
+}
+
+/// Writes through Linux native AIO (`io_submit`, buffered and O_DIRECT, into existing
+/// files and into one it creates) and through 32-bit syscalls (`int 0x80`), made after
+/// the first sync so that only live capture can bring them to the replica.
+#[test]
+fn aio_and_32bit_writes() {
+    if !require_root() {
+        return;
+    }
+    let c = started();
+    let s = c.source.join("aio");
+    mkdirs(&s);
+    for name in ["buffered", "direct", "compat"] {
+        create(s.join(name), &vec![7u8; 64 * KIB]);
+    }
+    c.assert_identical(WITHIN);
+    py_writers(
+        &s,
+        "import random\n\
+         r = random.Random(5)\n\
+         blob = lambda n: bytes(r.getrandbits(8) for _ in range(n))\n\
+         aio_write('buffered', 4096, blob(8192))\n\
+         aio_write('buffered', 60000, blob(10000))\n\
+         aio_write('direct', 8192, blob(16384), direct=True)\n\
+         aio_write('direct', 65536, blob(4096), direct=True)\n\
+         aio_write('fresh', 0, blob(3000), create=True)\n\
+         aio_write('fresh-direct', 0, blob(8192), direct=True, create=True)\n\
+         write32('compat', 100, blob(5000))\n\
+         write32('compat', 70000, blob(100))\n\
+         os.close(os.open('made32', os.O_CREAT | os.O_WRONLY, 0o600))\n\
+         write32('made32', 0, blob(777))",
+    );
+    c.assert_identical(WITHIN);
+}
+
 #[test]
 fn io_uring_requests() {
     use io_uring::{opcode, types::Fd as UFd};

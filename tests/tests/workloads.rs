@@ -383,6 +383,22 @@ fn fio_io_uring_verify() {
     fio_verify(&jobs);
 }
 
+/// The same through Linux native AIO (`io_submit`, as InnoDB and QEMU `aio=native`
+/// write), buffered and O_DIRECT.
+#[test]
+fn fio_libaio_verify() {
+    let aio = ["--ioengine=libaio", "--size=24m", "--iodepth=16"];
+    let with = |extra: &'static [&'static str]| -> Vec<&'static str> {
+        aio.iter().chain(extra).copied().collect()
+    };
+    let jobs = [
+        ("libaio", with(&[])),
+        ("libaio-direct", with(&["--direct=1"])),
+    ];
+    let jobs: Vec<(&str, &[&str])> = jobs.iter().map(|(n, a)| (*n, a.as_slice())).collect();
+    fio_verify(&jobs);
+}
+
 /// The same through a `MAP_SHARED` mapping (fio's mmap engine stores into the mapping
 /// and msyncs at the end of the job).
 #[test]

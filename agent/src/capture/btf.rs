@@ -483,6 +483,27 @@ const MMAP_FIELDS: &[Field] = &[
     f("OFF_FOLIO_FLAGS_1", "folio", "_flags_1", 8),
 ];
 
+/// What the filesystem programs read (ebpf/src/fs.rs), besides the shared-mapping
+/// fields they also use.
+const FS_FIELDS: &[Field] = &[
+    f("OFF_TASK_FLAGS", "task_struct", "flags", 4),
+    f("OFF_KIOCB_FILP", "kiocb", "ki_filp", 8),
+    f("OFF_KIOCB_POS", "kiocb", "ki_pos", 8),
+    f("OFF_ITER_DATA_SOURCE", "iov_iter", "data_source", 1),
+    f("OFF_ITER_COUNT", "iov_iter", "count", 8),
+];
+
+/// The filesystem programs' globals, like [`uring_globals`].
+pub fn fs_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
+    match fields(btf, FS_FIELDS) {
+        Ok(out) => (out, Ok(())),
+        Err(e) => (
+            FS_FIELDS.iter().map(|f| (f.global, u64::MAX)).collect(),
+            Err(e),
+        ),
+    }
+}
+
 /// The shared-mapping globals, like [`uring_globals`].
 pub fn mmap_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
     let found = fields(btf, MMAP_FIELDS).and_then(|mut out| {

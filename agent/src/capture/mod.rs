@@ -13,6 +13,7 @@
 
 pub mod btf;
 pub mod decode;
+pub mod marks;
 mod tracefs;
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -31,7 +32,7 @@ use std::{
 use anyhow::{anyhow, Context, Result};
 use aya::{
     maps::{Array, HashMap as BpfHashMap, MapData, MapError, PerCpuArray, RingBuf},
-    programs::{Program, ProgramError, RawTracePoint},
+    programs::{BtfTracePoint, Program, ProgramError, RawTracePoint},
     Ebpf, EbpfError, EbpfLoader, Pod,
 };
 use doppel_common::{
@@ -45,6 +46,8 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 pub use doppel_common::abi::{CHUNK_SIZE, INLINE_CAP, PATH_CAP};
+use marks::InodeMarks;
+pub use marks::MarkedFs;
 
 /// The compiled capture program, built by build.rs from `ebpf/`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/doppel-ebpf.o"));
@@ -82,6 +85,10 @@ pub struct CaptureOptions {
     pub ring_bytes: usize,
     /// Processes whose changes are never captured. The agent's own pid is always added.
     pub ignore_tgids: Vec<u32>,
+    /// Filesystems (ext4) whose writes are also captured inside the filesystem, which
+    /// sees every way bytes reach a file (Linux AIO, 32-bit syscalls), filtered by an
+    /// inode bitmap sized from these.
+    pub mark_filesystems: Vec<MarkedFs>,
 }
 
 impl Default for CaptureOptions {
@@ -89,6 +96,7 @@ impl Default for CaptureOptions {
         Self {
             ring_bytes: 32 << 20,
             ignore_tgids: Vec::new(),
+            mark_filesystems: Vec::new(),
         }
     }
 }
@@ -153,6 +161,8 @@ pub struct Capture {
     ignore: Mutex<BpfHashMap<MapData, u32, u32>>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
+    /// The inode bitmap of the filesystem programs, when they are attached.
+    marks: Option<InodeMarks>,
     /// Test hook: while set, the reader leaves the ring alone (so it can fill up).
     #[cfg_attr(not(test), allow(dead_code))]
     paused: Arc<AtomicBool>,
@@ -227,6 +237,41 @@ const MMAP: Group = &[
     (abi::PROG_WRITEBACK_BEGIN, "sb_mark_inode_writeback"),
     (abi::PROG_WRITEBACK_END, "sb_clear_inode_writeback"),
 ];
+
+/// The filesystem programs (ebpf/src/fs.rs): (program, tp_btf tracepoint).
+const FS: Group = &[
+    (abi::PROG_ALLOCATE_INODE, "ext4_allocate_inode"),
+    (abi::PROG_FREE_INODE, "ext4_free_inode"),
+    (abi::PROG_EXT4_DA_WRITE_END, "ext4_da_write_end"),
+    (abi::PROG_EXT4_WRITE_END, "ext4_write_end"),
+    (
+        abi::PROG_EXT4_JOURNALLED_WRITE_END,
+        "ext4_journalled_write_end",
+    ),
+    (abi::PROG_DIO_BEGIN, "iomap_dio_rw_begin"),
+    (abi::PROG_DIO_COMPLETE, "iomap_dio_complete"),
+];
+
+/// Loads and attaches the filesystem programs. They are BTF tracepoints: the kernel
+/// verifies them against the tracepoints' types, read from the kernel's BTF.
+fn attach_fs(ebpf: &mut Ebpf) -> Result<()> {
+    let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+    for &(name, tracepoint) in FS {
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(name)
+            .with_context(|| {
+                format!("the embedded capture program has no {name} (build mismatch)")
+            })?
+            .try_into()
+            .with_context(|| format!("{name} is not a BTF tracepoint (build mismatch)"))?;
+        prog.load(tracepoint, &btf)
+            .map_err(|e| explain_program_error(e, "load"))?;
+        prog.attach().map_err(|e| {
+            explain_program_error(e, &format!("attach to the {tracepoint} tracepoint"))
+        })?;
+    }
+    Ok(())
+}
 
 /// Loads the programs of `main` on this thread and those of the `rest` (`None`: not
 /// wanted) on a second one, attaching none: loading runs the kernel's verifier, about
@@ -306,18 +351,25 @@ impl Capture {
                 let offsets = btf::program_offsets(&btf).context(
                     "cannot locate the kernel structure fields the capture program reads",
                 )?;
-                Ok((offsets, btf::uring_globals(&btf), btf::mmap_globals(&btf)))
+                Ok((
+                    offsets,
+                    btf::uring_globals(&btf),
+                    btf::mmap_globals(&btf),
+                    btf::fs_globals(&btf),
+                ))
             })
             .context("cannot start a thread")?;
         let mut loader = EbpfLoader::new();
-        let (offsets, (uring_globals, uring), (mmap_globals, mmap)) = ours
+        let (offsets, (uring_globals, uring), (mmap_globals, mmap), (fs_globals, fs)) = ours
             .join()
             .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))??;
         let ring_bytes = ring_size(opts.ring_bytes)?;
-        for (name, value) in offsets.iter().chain(&uring_globals).chain(&mmap_globals) {
+        let globals = offsets.iter().chain(&uring_globals).chain(&mmap_globals);
+        for (name, value) in globals.chain(&fs_globals) {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
+        loader.map_max_entries(abi::MAP_MARKS, marks::words_for(&opts.mark_filesystems));
         // The loader lives to the end of this function, as it always did: dropped here,
         // right after load(), the events bench's sustained rate fell from 200k to 100k
         // events/s (4 runs of 4, against 4 of 4 at 200k without); freed on a thread of
@@ -329,6 +381,7 @@ impl Capture {
         let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
         loaded?;
         attach(&mut ebpf, SYS_EXIT)?;
+        let mmap_ok = mmap.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}"));
         match mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
             Ok(()) => tracing::info!("stores through shared mappings are captured"),
             Err(e) => warn!(
@@ -347,9 +400,37 @@ impl Capture {
             ),
         }
 
+        // The filesystem programs need the shared-mapping offsets too (a file's
+        // first name).
+        let fs_wanted = !opts.mark_filesystems.is_empty();
+        let fs_attached = fs_wanted
+            && match fs.and(mmap_ok).and_then(|()| attach_fs(&mut ebpf)) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        "writes will not be captured inside the filesystem: {e:#}; writes \
+                         through Linux AIO (io_submit) and 32-bit syscalls are not replicated"
+                    );
+                    false
+                }
+            };
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the embedded capture program has no map {name}"))
+        };
+        let marks = if fs_attached {
+            let m = InodeMarks::new(
+                take(abi::MAP_MARKS)?,
+                take(abi::MAP_MARK_FS)?,
+                &opts.mark_filesystems,
+            )?;
+            tracing::info!(
+                "writes to sets on ext4 are also captured inside the filesystem (every way \
+                 bytes reach a file, Linux AIO and 32-bit syscalls included)"
+            );
+            Some(m)
+        } else {
+            None
         };
         let ring = RingBuf::try_from(take(abi::MAP_RING)?)?;
         let watched = BpfHashMap::try_from(take(abi::MAP_WATCHED_DIRS)?)?;
@@ -379,6 +460,7 @@ impl Capture {
             watched: Mutex::new(watched),
             linked: Mutex::new(linked),
             linked_full: AtomicBool::new(false),
+            marks,
             ignore: Mutex::new(ignore),
             shared,
             stop,
@@ -443,6 +525,26 @@ impl Capture {
             }
             Err(e) => Err(anyhow!(e).context(format!("cannot unwatch directory {dir:?}"))),
         }
+    }
+
+    /// Marks `id` (a file or directory of a set) in the inode bitmap, if its
+    /// filesystem is captured inside the filesystem.
+    pub fn mark(&self, id: FileId) {
+        if let Some(m) = &self.marks {
+            m.mark(id);
+        }
+    }
+
+    /// `id` left the sets.
+    pub fn unmark(&self, id: FileId) {
+        if let Some(m) = &self.marks {
+            m.unmark(id);
+        }
+    }
+
+    /// Whether writes to files on device `dev` are captured inside the filesystem.
+    pub fn in_filesystem(&self, dev: u64) -> bool {
+        self.marks.as_ref().is_some_and(|m| m.covers(dev))
     }
 
     /// Never capture changes made by process `tgid`.
@@ -677,5 +779,7 @@ impl Reader {
     }
 }
 
+#[cfg(test)]
+mod fs_tests;
 #[cfg(test)]
 mod tests;

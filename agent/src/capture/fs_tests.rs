@@ -1,0 +1,160 @@
+//! The filesystem programs (ebpf/src/fs.rs) against the running kernel: writes that
+//! never pass the syscalls the `sys_exit` program decodes (Linux AIO, 32-bit syscalls)
+//! are reported, for marked inodes only. Root and an ext4 temporary directory needed;
+//! otherwise the test says why and skips.
+
+use std::{
+    path::Path,
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use super::*;
+
+/// Python helpers run in a child process (the test process is the "agent", ignored):
+/// `aio_write` through `io_submit` (buffered or O_DIRECT) and `write32` through the
+/// 32-bit `int 0x80` entry (see the file).
+pub const WRITERS_PY: &str = include_str!("../../../tests/py/writers.py");
+
+fn py(cwd: &Path, code: &str) {
+    let status = Command::new("/usr/bin/python3")
+        .arg("-c")
+        .arg(format!("{WRITERS_PY}\n{code}"))
+        .current_dir(cwd)
+        .status()
+        .expect("run python3");
+    assert!(status.success(), "python3 snippet failed: {code}");
+}
+
+fn fid(path: &Path) -> FileId {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
+    FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    }
+}
+
+/// Collects events into `seen` until `done` says so or 5 s passed.
+fn dirty_of(
+    rx: &mut mpsc::Receiver<Vec<Captured>>,
+    seen: &mut Vec<CaptureEvent>,
+    done: impl Fn(&[CaptureEvent]) -> bool,
+) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !done(seen) && Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(batch) => seen.extend(batch.into_iter().map(|c| c.event)),
+            Err(mpsc::error::TryRecvError::Empty) => std::thread::sleep(Duration::from_millis(2)),
+            Err(mpsc::error::TryRecvError::Disconnected) => break,
+        }
+    }
+}
+
+fn dirty(events: &[CaptureEvent], f: FileId) -> Vec<(u64, u64)> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            CaptureEvent::Dirty {
+                file, offset, len, ..
+            } if *file == f => Some((*offset, *len)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn aio_and_32bit_writes_to_marked_files_are_captured_inside_the_filesystem() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipping: loading eBPF programs needs root");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let other = tempfile::tempdir().unwrap();
+    let Some(fs) = marks::marked_fs(dir.path()).unwrap() else {
+        eprintln!("skipping: {} is not on ext4", dir.path().display());
+        return;
+    };
+    let (cap, mut rx) = Capture::start(CaptureOptions {
+        ring_bytes: 8 << 20,
+        mark_filesystems: vec![fs],
+        ..Default::default()
+    })
+    .expect("Capture::start");
+    assert!(
+        cap.in_filesystem(fs.dev),
+        "filesystem programs not attached"
+    );
+    let d = fid(dir.path());
+    cap.mark(d);
+    cap.watch_dir(d, WatchMode::Contents).unwrap();
+    for name in ["aio", "direct", "compat", "plain"] {
+        std::fs::write(dir.path().join(name), vec![0u8; 8192]).unwrap();
+        cap.mark(fid(&dir.path().join(name)));
+    }
+    std::fs::write(other.path().join("aio"), vec![0u8; 8192]).unwrap();
+
+    py(
+        dir.path(),
+        "aio_write('aio', 4096, b'A' * 4096)\n\
+         aio_write('direct', 0, b'D' * 4096, direct=True)\n\
+         write32('compat', 100, b'compat32')\n\
+         aio_write('fresh', 0, b'F' * 512, create=True)\n\
+         os.pwrite(os.open('plain', os.O_WRONLY), b'plain', 10)",
+    );
+    py(other.path(), "aio_write('aio', 0, b'U' * 4096)");
+
+    let [aio, direct, compat, fresh, plain] =
+        ["aio", "direct", "compat", "fresh", "plain"].map(|n| fid(&dir.path().join(n)));
+    let mut seen = Vec::new();
+    let plain_data = |e: &CaptureEvent| matches!(e, CaptureEvent::Data { file, data, .. } if *file == plain && data == b"plain");
+    dirty_of(&mut rx, &mut seen, |s| {
+        [aio, direct, compat, fresh]
+            .iter()
+            .all(|f| !dirty(s, *f).is_empty())
+            && s.iter().any(plain_data)
+    });
+    assert_eq!(dirty(&seen, aio), vec![(4096, 4096)], "{seen:#?}");
+    assert_eq!(dirty(&seen, direct), vec![(0, 4096)], "{seen:#?}");
+    assert_eq!(dirty(&seen, compat), vec![(100, 8)], "{seen:#?}");
+    // Made by the writer in a marked directory: marked by the kernel at allocation.
+    assert_eq!(dirty(&seen, fresh), vec![(0, 512)], "{seen:#?}");
+    // pwrite(2) is the sys_exit program's, with its bytes: not reported twice.
+    assert!(dirty(&seen, plain).is_empty(), "{seen:#?}");
+    assert!(seen.iter().any(plain_data), "{seen:#?}");
+    let unwatched = fid(&other.path().join("aio"));
+    assert!(dirty(&seen, unwatched).is_empty(), "{seen:#?}");
+}
+
+#[test]
+fn a_freed_inode_loses_its_mark() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let Some(fs) = marks::marked_fs(dir.path()).unwrap() else {
+        return;
+    };
+    let (cap, _rx) = Capture::start(CaptureOptions {
+        ring_bytes: 1 << 20,
+        mark_filesystems: vec![fs],
+        ..Default::default()
+    })
+    .expect("Capture::start");
+    let d = fid(dir.path());
+    cap.mark(d);
+    // Made by a child in a marked directory: marked by the kernel; freed: unmarked.
+    py(dir.path(), "open('f', 'w').write('x')");
+    let f = fid(&dir.path().join("f"));
+    let marks = cap.marks.as_ref().unwrap();
+    assert!(marks.is_marked(f));
+    std::fs::remove_file(dir.path().join("f")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while marks.is_marked(f) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!marks.is_marked(f), "the freed inode {f:?} is still marked");
+    assert!(marks.is_marked(d));
+}

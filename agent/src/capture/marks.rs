@@ -1,0 +1,264 @@
+//! The inode bitmap of the filesystem programs (ebpf/src/fs.rs), mapped into the agent.
+//!
+//! One bit per inode number of each watched filesystem says "this file or directory is
+//! in a set". The agent sets the bits of what it enters into its index (before it reads
+//! the file, so a write the read misses is captured) and the kernel marks new inodes
+//! in marked directories itself; both sides update words with atomic operations on the
+//! same shared pages, so neither loses the other's bit.
+
+use std::{
+    os::fd::AsFd,
+    ptr::NonNull,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::{bail, Context, Result};
+use aya::{
+    maps::{Array, Map, MapData},
+    Pod,
+};
+use doppel_common::{
+    abi::{MarkFs, MARK_FS_MAX},
+    event::FileId,
+};
+
+use super::decode::user_dev_to_kernel;
+
+/// ext4's `statfs` magic.
+pub const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+
+/// A filesystem whose sets are captured inside the filesystem.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MarkedFs {
+    /// `st_dev` of the filesystem.
+    pub dev: u64,
+    /// How many inodes it can hold (`statfs` `f_files`): the bitmap's size.
+    pub inodes: u64,
+}
+
+/// Whether `path` lies on a filesystem the filesystem programs know (ext4), and then
+/// which one and how many inodes it can have.
+pub fn marked_fs(path: &std::path::Path) -> Result<Option<MarkedFs>> {
+    use std::os::unix::fs::MetadataExt;
+    let st = rustix::fs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
+    if st.f_type as i64 != EXT4_SUPER_MAGIC {
+        return Ok(None);
+    }
+    let dev = std::fs::metadata(path)
+        .with_context(|| format!("stat {}", path.display()))?
+        .dev();
+    Ok(Some(MarkedFs {
+        dev,
+        inodes: st.f_files,
+    }))
+}
+
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct PodMarkFs(MarkFs);
+// SAFETY: three u64, no padding.
+unsafe impl Pod for PodMarkFs {}
+
+/// Where one filesystem's bits are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Slot {
+    /// `st_dev`.
+    dev: u64,
+    base: u64,
+    words: u64,
+}
+
+/// Bitmap layout for `filesystems` (the same device once, at most [`MARK_FS_MAX`]):
+/// the slots and the total number of words.
+fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
+    let mut slots: Vec<Slot> = Vec::new();
+    let mut total = 0u64;
+    for fs in filesystems {
+        if slots.iter().any(|s| s.dev == fs.dev) || slots.len() == MARK_FS_MAX as usize {
+            continue;
+        }
+        // Inode numbers run from 1 to f_files on ext4: one bit more than the count.
+        let words = fs.inodes / 64 + 1;
+        slots.push(Slot {
+            dev: fs.dev,
+            base: total,
+            words,
+        });
+        total += words;
+    }
+    (slots, total)
+}
+
+/// Words of the `MARKS` array to create for `filesystems` (at least one).
+pub fn words_for(filesystems: &[MarkedFs]) -> u32 {
+    let (_, total) = layout(filesystems);
+    u32::try_from(total.max(1)).unwrap_or(u32::MAX)
+}
+
+/// The bitmap, mapped.
+pub struct InodeMarks {
+    words: NonNull<AtomicU64>,
+    len: usize,
+    map_bytes: usize,
+    slots: Vec<Slot>,
+    _map: MapData,
+}
+
+// SAFETY: the mapping is shared memory accessed only through atomics.
+unsafe impl Send for InodeMarks {}
+// SAFETY: as above.
+unsafe impl Sync for InodeMarks {}
+
+impl InodeMarks {
+    /// Describes `filesystems` to the program (`mark_fs`) and maps `marks`, which was
+    /// created with [`words_for`] of the same list.
+    pub fn new(marks: Map, mark_fs: Map, filesystems: &[MarkedFs]) -> Result<Self> {
+        let Map::Array(marks) = marks else {
+            bail!("the capture program's MARKS map is not an array (build mismatch)");
+        };
+        let (slots, total) = layout(filesystems);
+        let mut fs_map: Array<MapData, PodMarkFs> =
+            Array::try_from(mark_fs).context("MARK_FS is not an array (build mismatch)")?;
+        for (i, s) in slots.iter().enumerate() {
+            let dev = user_dev_to_kernel(s.dev).with_context(|| {
+                format!(
+                    "device number {:#x} does not fit the kernel's encoding",
+                    s.dev
+                )
+            })?;
+            let v = MarkFs {
+                dev,
+                base: s.base,
+                words: s.words,
+            };
+            fs_map
+                .set(i as u32, PodMarkFs(v), 0)
+                .context("cannot describe a filesystem to the capture program")?;
+        }
+        let len = usize::try_from(total.max(1)).context("inode bitmap too large")?;
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096);
+        let map_bytes = (len * 8).next_multiple_of(page);
+        // SAFETY: a shared mapping of an mmapable BPF array of at least `len` words;
+        // the kernel rejects a length larger than the array.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                map_bytes,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                std::os::fd::AsRawFd::as_raw_fd(&marks.fd().as_fd()),
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error())
+                .context("cannot map the capture program's inode bitmap");
+        }
+        Ok(InodeMarks {
+            words: NonNull::new(p as *mut AtomicU64).context("mmap returned null")?,
+            len,
+            map_bytes,
+            slots,
+            _map: marks,
+        })
+    }
+
+    /// The word and bit of `id`, if its filesystem is covered.
+    fn bit(&self, id: FileId) -> Option<(&AtomicU64, u64)> {
+        let slot = self.slots.iter().find(|s| s.dev == id.dev)?;
+        let word = id.ino / 64;
+        if word >= slot.words {
+            return None;
+        }
+        let index = usize::try_from(slot.base + word).ok()?;
+        if index >= self.len {
+            return None;
+        }
+        // SAFETY: `index < len`, inside the mapping, which lives as long as `self`.
+        let w = unsafe { &*self.words.as_ptr().add(index) };
+        Some((w, 1u64 << (id.ino % 64)))
+    }
+
+    /// Whether the filesystem of device `dev` (`st_dev`) is captured inside the
+    /// filesystem.
+    pub fn covers(&self, dev: u64) -> bool {
+        self.slots.iter().any(|s| s.dev == dev)
+    }
+
+    /// Marks `id` as in a set; false if its filesystem is not covered.
+    pub fn mark(&self, id: FileId) -> bool {
+        match self.bit(id) {
+            Some((w, bit)) => {
+                w.fetch_or(bit, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// `id` left the sets.
+    pub fn unmark(&self, id: FileId) {
+        if let Some((w, bit)) = self.bit(id) {
+            w.fetch_and(!bit, Ordering::Relaxed);
+        }
+    }
+
+    #[cfg(test)]
+    pub fn is_marked(&self, id: FileId) -> bool {
+        self.bit(id)
+            .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+    }
+}
+
+impl Drop for InodeMarks {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unmapped once.
+        unsafe { libc::munmap(self.words.as_ptr() as *mut libc::c_void, self.map_bytes) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_filesystem_gets_its_own_words_once() {
+        let fss = [
+            MarkedFs {
+                dev: 1,
+                inodes: 100,
+            },
+            MarkedFs { dev: 2, inodes: 64 },
+            MarkedFs {
+                dev: 1,
+                inodes: 100,
+            },
+        ];
+        let (slots, total) = layout(&fss);
+        assert_eq!(
+            slots,
+            vec![
+                Slot {
+                    dev: 1,
+                    base: 0,
+                    words: 2
+                },
+                Slot {
+                    dev: 2,
+                    base: 2,
+                    words: 2
+                },
+            ]
+        );
+        assert_eq!(total, 4);
+        assert_eq!(words_for(&[]), 1);
+    }
+
+    #[test]
+    fn no_more_filesystems_than_the_program_scans() {
+        let fss: Vec<MarkedFs> = (0..20).map(|d| MarkedFs { dev: d, inodes: 1 }).collect();
+        let (slots, _) = layout(&fss);
+        assert_eq!(slots.len(), MARK_FS_MAX as usize);
+    }
+}
