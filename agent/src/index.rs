@@ -18,6 +18,10 @@ struct Node {
     /// When a directory scan registered this node (monotonic ns; 0 when a captured event
     /// did). Events that completed before it are already reflected in what the scan read.
     born: u64,
+    /// Bytes of the file the scan saw (`u64::MAX`: not a file the scan read). A write
+    /// is reported inside the filesystem before it extends the file's size, so one
+    /// stamped before the scan but ending past what the scan saw is not reflected in it.
+    seen_len: u64,
 }
 
 /// Where a file lives: set index and path relative to the set root (empty = the root).
@@ -94,6 +98,18 @@ impl Index {
     /// When a scan registered `id` (0: a captured event did, or it is a root/unknown).
     pub fn born(&self, id: FileId) -> u64 {
         self.nodes.get(&id).map_or(0, |n| n.born)
+    }
+
+    /// Bytes of `id` its scan saw (`u64::MAX` when not recorded).
+    pub fn seen_len(&self, id: FileId) -> u64 {
+        self.nodes.get(&id).map_or(u64::MAX, |n| n.seen_len)
+    }
+
+    /// The scan that registered `id` read `len` bytes of it.
+    pub fn set_seen_len(&mut self, id: FileId, len: u64) {
+        if let Some(n) = self.nodes.get_mut(&id) {
+            n.seen_len = len;
+        }
     }
 
     pub fn is_dir(&self, id: FileId) -> bool {
@@ -274,6 +290,7 @@ impl Index {
                 name: name.to_owned(),
                 is_dir,
                 born,
+                seen_len: u64::MAX,
             },
         );
     }
@@ -345,11 +362,12 @@ impl Index {
                 return dropped;
             }
         }
-        let (is_dir, born) = self
+        let (is_dir, born, seen_len) = self
             .nodes
             .get(&id)
-            .map_or((false, 0), |n| (n.is_dir, n.born));
+            .map_or((false, 0, u64::MAX), |n| (n.is_dir, n.born, n.seen_len));
         self.insert_born(to.0, to.1, id, is_dir, born);
+        self.set_seen_len(id, seen_len);
         dropped
     }
 

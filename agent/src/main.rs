@@ -88,6 +88,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// For `cargo xtask bench capture`: attach an empty program to the buffered-write
+    /// tracepoint, print "attached", and keep it until standard input closes.
+    #[command(hide = true)]
+    BenchFloor,
     /// Check a configuration file and exit.
     #[command(
         after_help = "Example:\n  doppel-agent check-config --config /etc/doppel/agent.toml"
@@ -176,6 +180,14 @@ fn real_main(cli: Cli) -> Result<u8> {
                 }
             }
             Ok(if items.iter().all(|i| i.ok) { 0 } else { 1 })
+        }
+        Cmd::BenchFloor => {
+            let _hook = doppel_agent::capture::FloorHook::attach()?;
+            println!("attached");
+            std::io::Write::flush(&mut std::io::stdout())?;
+            let mut sink = Vec::new();
+            std::io::Read::read_to_end(&mut std::io::stdin(), &mut sink)?;
+            Ok(0)
         }
         Cmd::CheckConfig { config } => {
             let c = doppel_agent::config::Config::load(&config)?;

@@ -45,6 +45,18 @@ pub trait Watcher {
     fn watch_file(&self, _file: FileId) {}
 }
 
+/// How a captured change of a file's bytes stands against the file's last scan.
+enum Standing {
+    /// Newer than the scan (or not scanned): the change is sent as captured.
+    Fresh(Location),
+    /// Older than the scan, which may not have seen all of it: its range is read again.
+    Reread(Location),
+    /// Older than the scan, which saw it.
+    Covered,
+    /// The file is not in the sets (or no longer where the index says).
+    Unknown,
+}
+
 /// One op for one set, in the order it must be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SetOp {
@@ -101,7 +113,16 @@ struct Deferred {
     offset: u64,
     len: u64,
     since: u64,
+    /// The file was shorter than the range when it was read: the rest is read again
+    /// until it is there or [`UNSEEN_PATIENCE_NS`] passed.
+    short: bool,
 }
+
+/// How long the part of a changed range past the end of its file is read again. A write
+/// is reported inside the filesystem just before it extends the file's size; the agent
+/// can read the range in between (the writer preempted there). Past this the file is
+/// taken to have been cut meanwhile (its truncate's event follows).
+const UNSEEN_PATIENCE_NS: u64 = 500_000_000;
 
 /// An entry whose attributes are due.
 #[derive(Debug, Clone, Copy, Default)]
@@ -184,9 +205,24 @@ impl<W: Watcher> Resolver<W> {
             }
             let abs = self.index.abs(&loc);
             let read = monotonic_ns();
-            if emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, d.file, out).is_some() {
+            if d.short {
+                // Only what the file has now: a range past its end would cut the
+                // replica's file to this size again.
+                match std::fs::metadata(&abs).map(|m| m.len()) {
+                    Ok(size) if size > d.offset => {}
+                    Ok(_) if now - d.since < UNSEEN_PATIENCE_NS => {
+                        self.deferred.push(d);
+                        continue;
+                    }
+                    _ => continue,
+                }
+            }
+            if let Some(size) = emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, d.file, out) {
                 self.overlaps.read(d.file, d.offset, d.len, read);
                 self.touch(Some(d.file), false);
+                if now - d.since < UNSEEN_PATIENCE_NS {
+                    self.defer_unseen(d.file, d.offset, d.len, size, d.since);
+                }
             } else if now - d.since < TOUCH_PATIENCE_NS {
                 self.deferred.push(d);
             } else if let Some(dir) = self.parent_of(&loc) {
@@ -255,6 +291,7 @@ impl<W: Watcher> Resolver<W> {
                 offset: start,
                 len: end - start,
                 since,
+                short: false,
             });
         }
     }
@@ -420,16 +457,39 @@ impl<W: Watcher> Resolver<W> {
         }
         let abs = self.index.abs(loc);
         let now = monotonic_ns();
-        if emit_range(loc.set, &abs, &loc.rel, offset, len, file, out).is_some() {
+        if let Some(size) = emit_range(loc.set, &abs, &loc.rel, offset, len, file, out) {
             self.overlaps.read(file, offset, len, now);
+            self.defer_unseen(file, offset, len, size, now);
         } else {
             self.deferred.push(Deferred {
                 file,
                 offset,
                 len,
                 since: monotonic_ns(),
+                short: false,
             });
         }
+    }
+
+    /// `[offset, offset + len)` of `file` was read when the file had `size` bytes: the
+    /// part past them is read again shortly (see [`UNSEEN_PATIENCE_NS`]).
+    fn defer_unseen(&mut self, file: FileId, offset: u64, len: u64, size: u64, since: u64) {
+        let end = offset.saturating_add(len);
+        if size < end && len != u64::MAX {
+            let from = size.max(offset);
+            self.deferred.push(Deferred {
+                file,
+                offset: from,
+                len: end - from,
+                since,
+                short: true,
+            });
+        }
+    }
+
+    /// Whether ranges wait to be read again ([`Resolver::finish`] reads them).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
     }
 
     /// The receiver found `ranges` of `file` different from the source's (its answer to
@@ -1035,6 +1095,9 @@ impl<W: Watcher> Resolver<W> {
             }
             self.index
                 .insert_born(parent, name, id, false, monotonic_ns());
+            if m.is_file() {
+                self.index.set_seen_len(id, m.len());
+            }
             let path = rel_path(rel);
             if m.is_file() {
                 if self.sets[set].mirror_quick_check {
@@ -1252,6 +1315,33 @@ impl<W: Watcher> Resolver<W> {
         (!self.scanned_after(Some(file), time)).then_some(loc)
     }
 
+    /// How a change of the bytes of `file` before `end`, captured at `time`, stands
+    /// against the last scan of the file. A write is reported inside the filesystem
+    /// before it extends the file's size: a scan after its report may have seen the file
+    /// shorter than the write left it, and then the write's range is read again (its
+    /// bytes, older than the scan, are not sent: applied after what the scan sent, they
+    /// could undo a newer change the scan saw, a truncate say, whose own event is
+    /// covered by the scan).
+    fn range_standing(
+        &mut self,
+        file: FileId,
+        parent: Option<FileId>,
+        time: u64,
+        end: u64,
+        out: &mut Vec<SetOp>,
+    ) -> Standing {
+        let Some(loc) = self.file_location(file, parent, out) else {
+            return Standing::Unknown;
+        };
+        if !self.scanned_after(Some(file), time) {
+            Standing::Fresh(loc)
+        } else if end > self.index.seen_len(file) {
+            Standing::Reread(loc)
+        } else {
+            Standing::Covered
+        }
+    }
+
     fn resolve_inner(&mut self, ev: CaptureEvent, time: u64, out: &mut Vec<SetOp>) {
         match ev {
             CaptureEvent::Data {
@@ -1260,15 +1350,23 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 data,
             } => {
-                let Some(loc) = self.current(file, Some(parent), time, out) else {
-                    self.unresolved += 1;
-                    return;
-                };
-                if self.sets[loc.set].rules.file(&loc.rel) {
-                    self.touch(Some(file), false);
-                    let len = data.len() as u64;
-                    push_write(out, loc.set, rel_path(&loc.rel), offset, data);
-                    self.read_overlaps(file, offset, len, time);
+                let len = data.len() as u64;
+                let end = offset.saturating_add(len);
+                match self.range_standing(file, Some(parent), time, end, out) {
+                    Standing::Fresh(loc) => {
+                        if self.sets[loc.set].rules.file(&loc.rel) {
+                            self.touch(Some(file), false);
+                            push_write(out, loc.set, rel_path(&loc.rel), offset, data);
+                            self.read_overlaps(file, offset, len, time);
+                        }
+                    }
+                    Standing::Reread(loc) => {
+                        if self.sets[loc.set].rules.file(&loc.rel) {
+                            self.touch(Some(file), false);
+                            self.read_range(file, &loc, offset, len, out);
+                        }
+                    }
+                    Standing::Covered | Standing::Unknown => self.unresolved += 1,
                 }
             }
             CaptureEvent::Dirty {
@@ -1277,7 +1375,10 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
             } => {
-                let Some(loc) = self.current(file, parent, time, out) else {
+                let end = offset.saturating_add(len);
+                let (Standing::Fresh(loc) | Standing::Reread(loc)) =
+                    self.range_standing(file, parent, time, end, out)
+                else {
                     self.unresolved += 1;
                     return;
                 };
@@ -2925,6 +3026,97 @@ mod tests {
                 (b"f", 11, b"z")
             ]
         );
+    }
+
+    /// A write reported inside the filesystem before it extended the file, stamped
+    /// before a scan that saw the file shorter: its range is read again (the file's
+    /// bytes now), not sent as captured and not dropped as covered. Within what the scan
+    /// saw, it is covered.
+    #[test]
+    fn an_older_write_past_what_the_scan_saw_is_read_again() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::write(root.join("f"), b"0123").unwrap();
+        let before = monotonic_ns();
+        let w = FakeWatch::default();
+        let mut r = scanned(&root, &w);
+        let f = id_of(&root.join("f"));
+        let dir = id_of(&root);
+        // The file grew after the scan read it; the write was stamped before the scan.
+        std::fs::write(root.join("f"), b"0123456789").unwrap();
+        let mut out = Vec::new();
+        r.resolve(
+            at(
+                before,
+                CaptureEvent::Data {
+                    file: f,
+                    parent: dir,
+                    offset: 4,
+                    data: b"stale!".to_vec(),
+                },
+            ),
+            &mut out,
+        );
+        let writes: Vec<(u64, Vec<u8>)> = out
+            .iter()
+            .filter_map(|o| match &o.op {
+                Op::Write { offset, data, .. } => Some((*offset, data.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes, vec![(4, b"456789".to_vec())]);
+        out.clear();
+        r.resolve(
+            at(
+                before,
+                CaptureEvent::Data {
+                    file: f,
+                    parent: dir,
+                    offset: 0,
+                    data: b"old".to_vec(),
+                },
+            ),
+            &mut out,
+        );
+        assert!(
+            !out.iter().any(|o| matches!(o.op, Op::Write { .. })),
+            "{out:?}"
+        );
+    }
+
+    /// A range reported changed before the write extended the file (the writer was
+    /// preempted between the report and the size update): read as far as the file goes,
+    /// and the rest again once the file has it.
+    #[test]
+    fn a_range_past_the_end_is_read_again_once_the_file_has_it() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::write(root.join("f"), b"0123").unwrap();
+        let w = FakeWatch::default();
+        let mut r = scanned(&root, &w);
+        let f = id_of(&root.join("f"));
+        let mut out = Vec::new();
+        r.resolve(
+            now(CaptureEvent::Dirty {
+                file: f,
+                parent: Some(id_of(&root)),
+                offset: 4,
+                len: 6,
+            }),
+            &mut out,
+        );
+        std::fs::write(root.join("f"), b"0123456789").unwrap();
+        out.clear();
+        r.finish(&mut out);
+        let writes: Vec<(u64, Vec<u8>)> = out
+            .iter()
+            .filter_map(|o| match &o.op {
+                Op::Write { offset, data, .. } => Some((*offset, data.to_vec())),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(writes, vec![(4, b"456789".to_vec())]);
+        assert!(!r.has_deferred());
     }
 
     #[test]

@@ -325,7 +325,7 @@ pub async fn run(config: Config) -> Result<()> {
                 if durable {
                     shared.pushed.send_modify(|g| *g += 1);
                 }
-                if resolver.rescan_if_due(&mut ops) {
+                if resolver.rescan_if_due(&mut ops) || resolver.has_deferred() {
                     resolver.finish(&mut ops);
                 }
                 push(&shared, &mut ops, &mut room).await;

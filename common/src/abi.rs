@@ -127,6 +127,8 @@ pub const PROG_EXT4_JOURNALLED_WRITE_END: &str = "doppel_ext4_journalled_write_e
 /// Direct writes through iomap (ext4, xfs): begin and completion.
 pub const PROG_DIO_BEGIN: &str = "doppel_dio_begin";
 pub const PROG_DIO_COMPLETE: &str = "doppel_dio_complete";
+/// An empty program on `ext4_da_write_end`, for benchmarks: the floor of a per-write hook.
+pub const PROG_FLOOR: &str = "doppel_floor";
 /// New inodes in marked directories are marked; freed ones are unmarked.
 pub const PROG_ALLOCATE_INODE: &str = "doppel_allocate_inode";
 pub const PROG_FREE_INODE: &str = "doppel_free_inode";
@@ -269,7 +271,11 @@ pub struct DioWrite {
     pub parent: KFileId,
     pub offset: u64,
     pub len: u64,
-    pub pid: u64,
+    /// `bpf_get_current_pid_tgid()` of the submitter.
+    pub task: u64,
+    /// The caller's buffer when it is one plain buffer of at most `INLINE_CAP` bytes
+    /// (0 otherwise): copied at completion if that runs in the submitter.
+    pub buf: u64,
 }
 
 // The layouts are part of the contract with the kernel program: pin the sizes so a

@@ -2,17 +2,13 @@
 //! `writev`, `pwritev`, `pwritev2`, `copy_file_range`, `splice`, `sendfile` (reported as a
 //! dirty range).
 
-use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid, bpf_ktime_get_ns, generated::bpf_probe_read_user,
-};
-use doppel_common::abi::{
-    FileRecord, Header, KFileId, CHUNK_SIZE, FILE_RECORD_SIZE, INLINE_CAP, KIND_DATA, KIND_DIRTY,
-    MAX_CHUNKS, STAT_DATA_BYTES, STAT_EVENTS,
-};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_user};
+use doppel_common::abi::{KFileId, INLINE_CAP};
 
 use crate::{
+    bytes::{emit_dirty, send_bytes, Source},
     kernel::{arg, fd_file, file_parent, in_compat_syscall, linked_inode, off, regular_inode, rk},
-    maps::{bump, contents_watched, ignored, output, record_missed, scratch, send_chunk, Chunk},
+    maps::{contents_watched, ignored, record_missed, scratch},
     syscalls,
 };
 
@@ -34,7 +30,9 @@ struct Target {
 #[inline(always)]
 fn target(fd: u64) -> Option<Target> {
     let t = target_file(fd_file(fd)?)?;
-    (!in_compat_syscall()).then_some(t)
+    // On a filesystem the inode bitmap covers, the filesystem programs (fs.rs) report
+    // every write, with its bytes, whatever syscall made it.
+    (!in_compat_syscall() && !crate::fs::on_marked_fs(t.inode)).then_some(t)
 }
 
 /// [`target`] for a `struct file *` (io_uring requests carry one, no fd).
@@ -103,15 +101,7 @@ pub fn on_copy(regs: u64, nr: u64, written: u64) {
         record_missed(&t.fid, offset, end);
         return;
     };
-    emit_dirty(
-        s,
-        s as *mut FileRecord,
-        t.tgid,
-        &t.fid,
-        &t.parent,
-        offset,
-        written,
-    );
+    emit_dirty(s, t.tgid, &t.fid, &t.parent, offset, written);
 }
 
 /// `file` got `[end - len, end)` written by an io_uring request: reported dirty, the
@@ -124,15 +114,7 @@ pub fn on_uring_write(file: u64, end: u64, len: u64) -> bool {
     };
     let offset = end.wrapping_sub(len);
     match scratch() {
-        Some(s) => emit_dirty(
-            s,
-            s as *mut FileRecord,
-            t.tgid,
-            &t.fid,
-            &t.parent,
-            offset,
-            len,
-        ),
+        Some(s) => emit_dirty(s, t.tgid, &t.fid, &t.parent, offset, len),
         None => record_missed(&t.fid, offset, end),
     }
     true
@@ -184,106 +166,10 @@ pub fn on_write(regs: u64, nr: u64, written: u64) {
         record_missed(&fid, offset, offset.wrapping_add(written));
         return;
     };
-    let rec = s as *mut FileRecord;
     if nr != syscalls::WRITE && nr != syscalls::PWRITE64 || written > INLINE_CAP as u64 {
-        emit_dirty(s, rec, tgid, &fid, &parent, offset, written);
+        emit_dirty(s, tgid, &fid, &parent, offset, written);
         return;
     }
-
-    // SAFETY: `s` is the per-CPU scratch value, MAX_RECORD_SIZE >= FILE_RECORD_SIZE +
-    // CHUNK_SIZE bytes long and 8-aligned.
-    unsafe {
-        (*rec).hdr = Header {
-            kind: KIND_DATA,
-            pid: tgid,
-            ktime: bpf_ktime_get_ns(),
-        };
-        (*rec).file = fid;
-        (*rec).parent = parent;
-    }
-    let buf = arg(regs, 1);
-    for i in 0..MAX_CHUNKS {
-        let done = (i * CHUNK_SIZE) as u64;
-        if done >= written {
-            break;
-        }
-        let mut n = written - done;
-        if n >= CHUNK_SIZE as u64 {
-            n = CHUNK_SIZE as u64;
-            // SAFETY: `rec` is the scratch record, its header set above.
-            let record = unsafe {
-                (*rec).offset = offset + done;
-                (*rec).len = n;
-                *rec
-            };
-            match send_chunk(&record, buf + done) {
-                Chunk::Sent => {
-                    bump(STAT_EVENTS, 1);
-                    bump(STAT_DATA_BYTES, n);
-                    continue;
-                }
-                Chunk::RingFull => {
-                    record_missed(&fid, offset + done, offset + written);
-                    return;
-                }
-                Chunk::Unreadable => {
-                    emit_dirty(s, rec, tgid, &fid, &parent, offset + done, written - done);
-                    return;
-                }
-            }
-        }
-        // SAFETY: as above; `n <= CHUNK_SIZE` keeps the copy inside the scratch buffer.
-        let r = unsafe {
-            (*rec).offset = offset + done;
-            (*rec).len = n;
-            bpf_probe_read_user(
-                s.add(FILE_RECORD_SIZE) as *mut core::ffi::c_void,
-                n as u32,
-                (buf + done) as *const core::ffi::c_void,
-            )
-        };
-        if r != 0 {
-            // The user pages are not resident any more (probe reads cannot fault them
-            // in): tell the agent to read the rest from the file instead.
-            emit_dirty(s, rec, tgid, &fid, &parent, offset + done, written - done);
-            return;
-        }
-        if !output(s, FILE_RECORD_SIZE as u64 + n) {
-            record_missed(&fid, offset + done, offset + written);
-            return;
-        }
-        bump(STAT_EVENTS, 1);
-        bump(STAT_DATA_BYTES, n);
-    }
+    send_bytes(s, tgid, &fid, &parent, offset, arg(regs, 1), written, Source::User);
 }
 
-#[inline(always)]
-fn emit_dirty(
-    s: *mut u8,
-    rec: *mut FileRecord,
-    tgid: u32,
-    fid: &KFileId,
-    parent: &KFileId,
-    offset: u64,
-    len: u64,
-) {
-    // SAFETY: scratch value, see on_write.
-    unsafe {
-        *rec = FileRecord {
-            hdr: Header {
-                kind: KIND_DIRTY,
-                pid: tgid,
-                ktime: bpf_ktime_get_ns(),
-            },
-            file: *fid,
-            parent: *parent,
-            offset,
-            len,
-        };
-    }
-    if output(s, FILE_RECORD_SIZE as u64) {
-        bump(STAT_EVENTS, 1);
-    } else {
-        record_missed(fid, offset, offset.wrapping_add(len));
-    }
-}

@@ -10,10 +10,19 @@
 //! name, so a create followed at once by a write is never missed; a freed inode's bit
 //! is cleared at `ext4_free_inode`, so a reused inode number inherits nothing.
 //!
-//! For now the bytes of a write seen here are not copied: the write is reported as a
-//! dirty range and the agent reads it back. Writes the `sys_exit` program decodes
-//! itself (and io_uring requests, which `uring` sees complete) are left to it, so
-//! nothing is reported twice and `write(2)` keeps its inline copy.
+//! Bytes are copied at write time, so the replica sees writes in the order the
+//! filesystem took them (a log record fdatasynced before its data page never arrives
+//! after it): a buffered write's bytes from the page-cache folio it just filled (under
+//! the folio's lock, found through the mapping's xarray, addressed through the folio's
+//! first buffer head), a synchronous direct write's from the caller's buffer once it is
+//! on the disk.
+//! What cannot be copied that way (more than `INLINE_CAP` at once, a short copy, a folio
+//! without buffer heads, a vectored or asynchronous direct write, one that fell short)
+//! is reported as a range the agent reads back once it is in the file.
+//!
+//! On a filesystem the bitmap covers, the `sys_exit` program leaves data to these
+//! programs; only io_uring's writes (its workers and `io_uring_enter`) are left to the
+//! io_uring programs, which report them where they complete.
 
 use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
@@ -27,13 +36,14 @@ use aya_ebpf::{
     programs::BtfTracePointContext,
 };
 use doppel_common::abi::{
-    DioWrite, FileRecord, Header, KFileId, MarkFs, FILE_RECORD_SIZE, KIND_DIRTY, MARK_FS_MAX,
-    STAT_EVENTS,
+    DioWrite, FileRecord, Header, KFileId, MarkFs, FILE_RECORD_SIZE, INLINE_CAP, KIND_DIRTY,
+    MARK_FS_MAX, STAT_EVENTS,
 };
 
 use crate::{
-    kernel::{current_task, in_compat_syscall, inode_id, off, rk, rk_ptr},
-    maps::{bump, ignored, output, record_missed},
+    bytes::{emit_dirty, send_bytes, Source},
+    kernel::{current_task, inode_id, off, rk, rk_ptr},
+    maps::{bump, ignored, output, record_missed, scratch},
     syscalls,
 };
 
@@ -44,6 +54,11 @@ const BPF_F_MMAPABLE: u32 = 1 << 10;
 const PF_IO_WORKER: u32 = 0x10;
 /// In-flight direct writes remembered between their begin and their completion.
 const DIO_PENDING_MAX: u32 = 8192;
+/// x86_64 pages.
+const PAGE_SHIFT: u64 = 12;
+/// Largest folio: a PMD (2 MiB).
+const MAX_FOLIO: u64 = 2 << 20;
+
 
 /// One bit per inode number of each watched filesystem. The agent sizes it at load.
 #[map]
@@ -60,10 +75,38 @@ static MARK_FS: Array<MarkFs> = Array::with_max_entries(MARK_FS_MAX, 0);
 #[map]
 static DIO_PENDING: HashMap<u64, DioWrite> = HashMap::with_max_entries(DIO_PENDING_MAX, 0);
 
+/// `(dev, ino)` of an inode the tracepoint handed in (a trusted BTF pointer): plain
+/// loads, which the verifier checks against the kernel's types (offsets are constants
+/// of the frozen `.rodata`), no helper call.
+#[inline(always)]
+fn arg_inode_id(inode: u64) -> KFileId {
+    // SAFETY: `inode` is a `struct inode *` argument of a BTF tracepoint; the verifier
+    // turns these loads into fault-tolerant ones and checks each offset's field.
+    unsafe {
+        let sb = core::ptr::read_volatile((inode + off::OFF_INODE_I_SB()) as *const u64);
+        let dev = core::ptr::read_volatile((sb + off::OFF_SB_S_DEV()) as *const u32);
+        let ino = core::ptr::read_volatile((inode + off::OFF_INODE_I_INO()) as *const u64);
+        KFileId {
+            dev: dev as u64,
+            ino,
+        }
+    }
+}
+
 /// The bitmap word holding `inode`'s bit, and the bit, if its filesystem is watched.
 #[inline(always)]
 fn mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
-    let id = inode_id(inode)?;
+    mark_word_of(inode_id(inode)?)
+}
+
+/// [`mark_word`] for an inode handed in by the tracepoint.
+#[inline(always)]
+fn arg_mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
+    mark_word_of(arg_inode_id(inode))
+}
+
+#[inline(always)]
+fn mark_word_of(id: KFileId) -> Option<(*mut u64, u64, KFileId)> {
     let mut i = 0;
     while i < MARK_FS_MAX {
         let fs = MARK_FS.get(i)?;
@@ -86,43 +129,105 @@ fn mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
 /// `inode`'s identity if it is marked (a file or directory of a set).
 #[inline(always)]
 fn marked(inode: u64) -> Option<KFileId> {
-    let (p, bit, id) = mark_word(inode)?;
+    is_marked(mark_word(inode)?)
+}
+
+/// [`marked`] for an inode handed in by the tracepoint: the unwatched fast path.
+#[inline(always)]
+fn arg_marked(inode: u64) -> Option<KFileId> {
+    is_marked(arg_mark_word(inode)?)
+}
+
+#[inline(always)]
+fn is_marked((p, bit, id): (*mut u64, u64, KFileId)) -> Option<KFileId> {
     // SAFETY: an ARRAY value pointer; a racing update only makes this read old or new.
     let word = unsafe { core::ptr::read_volatile(p) };
     (word & bit != 0).then_some(id)
 }
 
-/// Whether another program reports the current task's write: the `sys_exit` program
-/// for the write-family syscalls it decodes (not in a 32-bit syscall, whose numbers
-/// differ), the io_uring programs for io_uring's workers and `io_uring_enter`.
+/// Whether the io_uring programs report the current task's write (they see every
+/// request complete, in the submitter, an io-wq worker or the SQPOLL thread).
 #[inline(always)]
-fn reported_elsewhere() -> bool {
+fn uring_reports() -> bool {
     let task = current_task();
     let flags = rk::<u32>(task + off::OFF_TASK_FLAGS()).unwrap_or(0);
     if flags & PF_IO_WORKER != 0 {
         return true;
     }
-    if in_compat_syscall() {
-        return false;
-    }
     // SAFETY: helpers without preconditions; the task pointer is the current task's.
     let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    let Some(nr) = rk::<u64>(regs + off::OFF_REGS_ORIG_AX()) else {
-        return false;
-    };
-    use syscalls::*;
-    matches!(
-        nr,
-        WRITE
-            | PWRITE64
-            | WRITEV
-            | PWRITEV
-            | PWRITEV2
-            | COPY_FILE_RANGE
-            | SPLICE
-            | SENDFILE
-            | IO_URING_ENTER
-    )
+    rk::<u64>(regs + off::OFF_REGS_ORIG_AX()) == Some(syscalls::IO_URING_ENTER)
+}
+
+/// Whether `inode`'s filesystem is covered by the bitmap: its writes are reported here,
+/// not by the `sys_exit` program.
+#[inline(always)]
+pub fn on_marked_fs(inode: u64) -> bool {
+    mark_word(inode).is_some()
+}
+
+/// xarray entries (include/linux/xarray.h): internal entries end in binary 10; a node
+/// pointer is an internal entry above 4096, a sibling one below 62 << 2.
+#[inline(always)]
+fn xa_is_node(e: u64) -> bool {
+    e & 3 == 2 && e > 4096
+}
+
+#[inline(always)]
+fn xa_is_sibling(e: u64) -> bool {
+    e & 3 == 2 && e < (62 << 2)
+}
+
+/// Deepest xarray walked: 64^6 pages of 4 KiB is 256 TiB, more than any file here.
+const XA_MAX_DEPTH: usize = 6;
+
+/// The folio at page `index` of the page cache of `mapping`, if it is there.
+#[inline(always)]
+fn folio_at(mapping: u64, index: u64) -> Option<u64> {
+    let mut entry = rk::<u64>(mapping + off::OFF_MAPPING_XA_HEAD())?;
+    if !xa_is_node(entry) {
+        // A lone entry stands for index 0 only.
+        return (index == 0 && entry != 0 && entry & 3 == 0).then_some(entry);
+    }
+    let slots = off::OFF_XA_NODE_SLOTS();
+    for _ in 0..XA_MAX_DEPTH {
+        if !xa_is_node(entry) {
+            break;
+        }
+        let node = entry - 2;
+        let shift = rk::<u8>(node + off::OFF_XA_NODE_SHIFT())? as u64;
+        let slot = (index >> (shift & 63)) & 63;
+        entry = rk::<u64>(node + slots + slot * 8)?;
+        if xa_is_sibling(entry) {
+            entry = rk::<u64>(node + slots + ((entry >> 2) & 63) * 8)?;
+        }
+    }
+    // Null, a value (shadow) entry or an internal one: no folio.
+    (entry != 0 && entry & 3 == 0).then_some(entry)
+}
+
+/// Kernel address of the byte at `pos` of `inode`'s page cache, in a folio that holds
+/// at least `len` bytes from there; `None` when it cannot be found that way.
+#[inline(always)]
+fn cached_bytes(inode: u64, pos: u64, len: u64) -> Option<u64> {
+    let mapping = rk_ptr(inode + off::OFF_INODE_I_MAPPING())?;
+    let folio = folio_at(mapping, pos >> PAGE_SHIFT)?;
+    if rk::<u64>(folio + off::OFF_FOLIO_MAPPING())? != mapping {
+        return None;
+    }
+    let first = rk::<u64>(folio + off::OFF_FOLIO_INDEX())? << PAGE_SHIFT;
+    let skip = pos.checked_sub(first)?;
+    if skip + len > MAX_FOLIO {
+        return None;
+    }
+    // ext4 attaches buffer heads to a folio it writes (write_begin); the first one's
+    // data is the folio's start in the kernel's direct map.
+    let bh = rk_ptr(folio + off::OFF_FOLIO_PRIVATE())?;
+    let data = rk_ptr(bh + off::OFF_BH_B_DATA())?;
+    if data & ((1 << PAGE_SHIFT) - 1) != 0 {
+        return None;
+    }
+    Some(data + skip)
 }
 
 /// The directory of `inode`'s first name, or zeros when it has none (yet).
@@ -180,18 +285,34 @@ fn write_end(ctx: &BtfTracePointContext) {
     // TP_PROTO(struct inode *inode, loff_t pos, unsigned int len, unsigned int copied)
     let inode: u64 = ctx.arg(0);
     let pos: u64 = ctx.arg(1);
+    let len: u64 = ctx.arg::<u64>(2) & 0xffff_ffff;
     let copied: u64 = ctx.arg::<u64>(3) & 0xffff_ffff;
     if copied == 0 {
         return;
     }
-    let Some(file) = marked(inode) else {
+    let Some(file) = arg_marked(inode) else {
         return;
     };
     let pid = current_tgid();
-    if ignored(pid) || reported_elsewhere() {
+    if ignored(pid) || uring_reports() {
         return;
     }
-    report_dirty(file, first_parent(inode), pid, pos, copied);
+    let parent = first_parent(inode);
+    let Some(s) = scratch() else {
+        record_missed(&file, pos, pos + copied);
+        return;
+    };
+    // A short copy into a folio that was not up to date is thrown away and retried by
+    // the kernel: its bytes are not the file's. Read back whatever the file ends with.
+    let src = if copied < len || copied > INLINE_CAP as u64 {
+        None
+    } else {
+        cached_bytes(inode, pos, copied)
+    };
+    match src {
+        Some(src) => send_bytes(s, pid, &file, &parent, pos, src, copied, Source::Kernel),
+        None => emit_dirty(s, pid, &file, &parent, pos, copied),
+    }
 }
 
 #[btf_tracepoint(function = "ext4_da_write_end")]
@@ -212,7 +333,8 @@ pub fn doppel_ext4_journalled_write_end(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A direct write begins: remembered until it completes (direct reads are not).
+/// A direct write begins: remembered, with its buffer, until it completes (direct
+/// reads are not looked at).
 #[btf_tracepoint(function = "iomap_dio_rw_begin")]
 pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct kiocb *iocb, struct iov_iter *iter, unsigned int dio_flags,
@@ -224,24 +346,34 @@ pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
         Some(s) if s != 0 => {}
         _ => return 0,
     }
-    let Some(inode) =
-        rk_ptr(iocb + off::OFF_KIOCB_FILP()).and_then(|f| rk_ptr(f + off::OFF_FILE_F_INODE()))
+    let Some(inode) = rk_ptr(iocb + off::OFF_KIOCB_FILP())
+        .and_then(|f| rk_ptr(f + off::OFF_FILE_F_INODE()))
     else {
         return 0;
     };
     let Some(file) = marked(inode) else {
         return 0;
     };
-    let pid = current_tgid();
-    if ignored(pid) || reported_elsewhere() {
+    let task = bpf_get_current_pid_tgid();
+    let pid = (task >> 32) as u32;
+    if ignored(pid) || uring_reports() {
         return 0;
     }
+    let len = rk::<u64>(iter + off::OFF_ITER_COUNT()).unwrap_or(0);
+    let ubuf = rk::<u8>(iter + off::OFF_ITER_TYPE()).map(u64::from) == Some(off::ITER_UBUF());
+    let buf = if ubuf && len <= INLINE_CAP as u64 {
+        rk::<u64>(iter + off::OFF_ITER_UBUF()).unwrap_or(0)
+            + rk::<u64>(iter + off::OFF_ITER_IOV_OFFSET()).unwrap_or(0)
+    } else {
+        0
+    };
     let write = DioWrite {
         file,
         parent: first_parent(inode),
         offset: rk::<u64>(iocb + off::OFF_KIOCB_POS()).unwrap_or(0),
-        len: rk::<u64>(iter + off::OFF_ITER_COUNT()).unwrap_or(0),
-        pid: pid as u64,
+        len,
+        task,
+        buf,
     };
     if DIO_PENDING.insert(&iocb, &write, 0).is_err() {
         // No room to remember it: report it now, whole, as missed. The agent reads the
@@ -253,7 +385,11 @@ pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
-/// A direct I/O completed (here `ki_pos` has moved past what was written).
+/// A direct I/O completed: the bytes are on the disk now. A synchronous write completes
+/// in its submitter, whose buffer is still at hand: its bytes are sent. An asynchronous
+/// one (Linux AIO) completes in a worker or an interrupt, without the submitter's
+/// memory: its range is reported for the agent to read back. So does a write that
+/// failed or fell short, which may still have changed some bytes.
 #[btf_tracepoint(function = "iomap_dio_complete")]
 pub fn doppel_dio_complete(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct kiocb *iocb, int error, ssize_t ret)
@@ -264,16 +400,18 @@ pub fn doppel_dio_complete(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let _ = DIO_PENDING.remove(&iocb);
-    // A failed or partly failed write may still have changed bytes: report all it
-    // was asked to write (reading unchanged bytes back costs only the read).
-    let len = if ret > 0 {
-        w.len.max(ret as u64)
-    } else {
-        w.len
-    };
-    if len > 0 {
-        report_dirty(w.file, w.parent, w.pid as u32, w.offset, len);
+    if w.len == 0 {
+        return 0;
     }
+    let pid = (w.task >> 32) as u32;
+    let whole = ret >= 0 && ret as u64 == w.len;
+    if whole && w.buf != 0 && bpf_get_current_pid_tgid() == w.task {
+        if let Some(s) = scratch() {
+            send_bytes(s, pid, &w.file, &w.parent, w.offset, w.buf, w.len, Source::User);
+            return 0;
+        }
+    }
+    report_dirty(w.file, w.parent, pid, w.offset, w.len);
     0
 }
 
@@ -283,10 +421,10 @@ pub fn doppel_allocate_inode(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct inode *inode, struct inode *dir, int mode)
     let inode: u64 = ctx.arg(0);
     let dir: u64 = ctx.arg(1);
-    if marked(dir).is_none() {
+    if arg_marked(dir).is_none() {
         return 0;
     }
-    if let Some((p, bit, _)) = mark_word(inode) {
+    if let Some((p, bit, _)) = arg_mark_word(inode) {
         // SAFETY: an ARRAY value pointer, 8-aligned; the agent updates the same words
         // with atomic operations through its mapping.
         unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bit) };
@@ -299,9 +437,16 @@ pub fn doppel_allocate_inode(ctx: BtfTracePointContext) -> i32 {
 pub fn doppel_free_inode(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct inode *inode)
     let inode: u64 = ctx.arg(0);
-    if let Some((p, bit, _)) = mark_word(inode) {
+    if let Some((p, bit, _)) = arg_mark_word(inode) {
         // SAFETY: as in doppel_allocate_inode.
         unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(p, !bit) };
     }
+    0
+}
+
+/// Does nothing: `cargo xtask bench capture` attaches it alone (`doppel-agent
+/// bench-floor`) to measure the floor of any program that runs per buffered write.
+#[btf_tracepoint(function = "ext4_da_write_end")]
+pub fn doppel_floor(_ctx: BtfTracePointContext) -> i32 {
     0
 }

@@ -21,6 +21,7 @@
 #![allow(internal_features)]
 #![feature(core_intrinsics)]
 
+mod bytes;
 mod data;
 mod fs;
 mod kernel;

@@ -1,13 +1,12 @@
 //! Maps shared with the agent, the in-kernel filter, and the "ring full" fallback.
 
 use aya_ebpf::{
-    helpers::generated::{bpf_probe_read_user, bpf_ringbuf_output},
+    helpers::generated::bpf_ringbuf_output,
     macros::map,
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use doppel_common::abi::{
-    FileRecord, KFileId, MissedKey, MissedRange, CHUNK_SIZE, CONTROL_COUNT, CONTROL_MISSED_GEN,
-    FILE_RECORD_SIZE, IGNORE_TGIDS_MAX, LINKED_FILES_MAX, MAX_RECORD_SIZE, MISSED_RANGES_MAX,
+    KFileId, MissedKey, MissedRange, CONTROL_COUNT, CONTROL_MISSED_GEN, IGNORE_TGIDS_MAX, LINKED_FILES_MAX, MAX_RECORD_SIZE, MISSED_RANGES_MAX,
     STAT_COUNT, STAT_LOST, STAT_MISSED, WATCHED_DIRS_MAX, WATCH_CONTENTS,
 };
 
@@ -18,7 +17,7 @@ const BPF_NOEXIST: u64 = 1;
 
 /// Records for the agent. The agent sets the real size at load time.
 #[map]
-static RING: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
+pub static RING: RingBuf = RingBuf::with_byte_size(1 << 22, 0);
 
 /// (dev, ino) of watched directories -> `WATCH_CONTENTS` or `WATCH_ANCESTOR`.
 #[map]
@@ -110,42 +109,6 @@ pub fn output(buf: *mut u8, len: u64) -> bool {
         )
     };
     r == 0
-}
-
-/// What became of a chunk [`send_chunk`] was given.
-pub enum Chunk {
-    Sent,
-    /// The ring has no room: nothing was copied.
-    RingFull,
-    /// The user pages could not be read (not resident): nothing was sent.
-    Unreadable,
-}
-
-/// Sends one full chunk (`CHUNK_SIZE` bytes at user address `src`) behind `record`,
-/// copied straight from the writer's buffer into the ring: no pass through the scratch
-/// buffer, and no copy at all when the ring is full (the reservation fails first).
-#[inline(always)]
-pub fn send_chunk(record: &FileRecord, src: u64) -> Chunk {
-    let Some(mut entry) = RING.reserve_bytes(FILE_RECORD_SIZE + CHUNK_SIZE, 0) else {
-        return Chunk::RingFull;
-    };
-    let at = entry.as_mut_ptr();
-    // SAFETY: the reservation is FILE_RECORD_SIZE + CHUNK_SIZE bytes, 8-aligned (ring
-    // records are); the header fills the first FILE_RECORD_SIZE, the copy the rest.
-    let r = unsafe {
-        core::ptr::write(at as *mut FileRecord, *record);
-        bpf_probe_read_user(
-            at.add(FILE_RECORD_SIZE) as *mut core::ffi::c_void,
-            CHUNK_SIZE as u32,
-            src as *const core::ffi::c_void,
-        )
-    };
-    if r != 0 {
-        entry.discard(0);
-        return Chunk::Unreadable;
-    }
-    entry.submit(0);
-    Chunk::Sent
 }
 
 /// Remembers that `[start, end)` of `file` could not be sent. Never blocks; if even the

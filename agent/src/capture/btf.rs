@@ -292,6 +292,11 @@ impl Btf {
             KIND_INT | KIND_STRUCT | KIND_UNION | KIND_ENUM | KIND_ENUM64 | KIND_FLOAT => {
                 Some(r.size_or_type)
             }
+            // struct btf_array { u32 type; u32 index_type; u32 nelems; }
+            KIND_ARRAY if r.entries.len() >= 12 => {
+                let elem = self.size_of(le32(r.entries, 0))?;
+                elem.checked_mul(le32(r.entries, 8))
+            }
             _ => None,
         }
     }
@@ -491,14 +496,37 @@ const FS_FIELDS: &[Field] = &[
     f("OFF_KIOCB_POS", "kiocb", "ki_pos", 8),
     f("OFF_ITER_DATA_SOURCE", "iov_iter", "data_source", 1),
     f("OFF_ITER_COUNT", "iov_iter", "count", 8),
+    f("OFF_ITER_TYPE", "iov_iter", "iter_type", 1),
+    f("OFF_ITER_UBUF", "iov_iter", "ubuf", 8),
+    f("OFF_ITER_IOV_OFFSET", "iov_iter", "iov_offset", 8),
+    f("OFF_INODE_I_MAPPING", "inode", "i_mapping", 8),
+    f("OFF_MAPPING_XA_HEAD", "address_space", "i_pages.xa_head", 8),
+    f("OFF_XA_NODE_SHIFT", "xa_node", "shift", 1),
+    f("OFF_XA_NODE_SLOTS", "xa_node", "slots", 0),
+    f("OFF_FOLIO_MAPPING", "folio", "mapping", 8),
+    f("OFF_FOLIO_PRIVATE", "folio", "private", 8),
+    f("OFF_BH_B_DATA", "buffer_head", "b_data", 8),
 ];
 
 /// The filesystem programs' globals, like [`uring_globals`].
 pub fn fs_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
-    match fields(btf, FS_FIELDS) {
+    let found = fields(btf, FS_FIELDS).and_then(|mut out| {
+        let ubuf = btf.enum_value("ITER_UBUF")?;
+        if !(0..256).contains(&ubuf) {
+            bail!("ITER_UBUF is {ubuf}, not an iterator type");
+        }
+        out.push(("ITER_UBUF", ubuf as u64));
+        Ok(out)
+    });
+    match found {
         Ok(out) => (out, Ok(())),
         Err(e) => (
-            FS_FIELDS.iter().map(|f| (f.global, u64::MAX)).collect(),
+            FS_FIELDS
+                .iter()
+                .map(|f| f.global)
+                .chain(["ITER_UBUF"])
+                .map(|g| (g, u64::MAX))
+                .collect(),
             Err(e),
         ),
     }

@@ -163,6 +163,8 @@ pub struct Capture {
     stop: Arc<AtomicBool>,
     /// The inode bitmap of the filesystem programs, when they are attached.
     marks: Option<InodeMarks>,
+    /// Why the filesystem programs were wanted but could not be attached.
+    fs_problem: Option<String>,
     /// Test hook: while set, the reader leaves the ring alone (so it can fill up).
     #[cfg_attr(not(test), allow(dead_code))]
     paused: Arc<AtomicBool>,
@@ -271,6 +273,31 @@ fn attach_fs(ebpf: &mut Ebpf) -> Result<()> {
         })?;
     }
     Ok(())
+}
+
+/// An empty program attached to `ext4_da_write_end` alone, for benchmarks: what any
+/// per-write hook costs at least (`doppel-agent bench-floor`). Detached when dropped.
+pub struct FloorHook {
+    _ebpf: Ebpf,
+}
+
+impl FloorHook {
+    pub fn attach() -> Result<FloorHook> {
+        tracefs::ensure_mounted().ok();
+        let mut ebpf = EbpfLoader::new()
+            .load(PROGRAM)
+            .map_err(explain_load_error)?;
+        let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
+        let prog: &mut BtfTracePoint = ebpf
+            .program_mut(abi::PROG_FLOOR)
+            .context("the embedded capture program has no floor program (build mismatch)")?
+            .try_into()?;
+        prog.load("ext4_da_write_end", &btf)
+            .map_err(|e| explain_program_error(e, "load"))?;
+        prog.attach()
+            .map_err(|e| explain_program_error(e, "attach"))?;
+        Ok(FloorHook { _ebpf: ebpf })
+    }
 }
 
 /// Loads the programs of `main` on this thread and those of the `rest` (`None`: not
@@ -403,6 +430,7 @@ impl Capture {
         // The filesystem programs need the shared-mapping offsets too (a file's
         // first name).
         let fs_wanted = !opts.mark_filesystems.is_empty();
+        let mut fs_problem = None;
         let fs_attached = fs_wanted
             && match fs.and(mmap_ok).and_then(|()| attach_fs(&mut ebpf)) {
                 Ok(()) => true,
@@ -411,6 +439,7 @@ impl Capture {
                         "writes will not be captured inside the filesystem: {e:#}; writes \
                          through Linux AIO (io_submit) and 32-bit syscalls are not replicated"
                     );
+                    fs_problem = Some(format!("{e:#}"));
                     false
                 }
             };
@@ -461,6 +490,7 @@ impl Capture {
             linked: Mutex::new(linked),
             linked_full: AtomicBool::new(false),
             marks,
+            fs_problem,
             ignore: Mutex::new(ignore),
             shared,
             stop,
@@ -540,6 +570,11 @@ impl Capture {
         if let Some(m) = &self.marks {
             m.unmark(id);
         }
+    }
+
+    /// Why capture inside the filesystem was wanted and is not in place, if it is not.
+    pub fn filesystem_capture_problem(&self) -> Option<&str> {
+        self.fs_problem.as_deref()
     }
 
     /// Whether writes to files on device `dev` are captured inside the filesystem.
