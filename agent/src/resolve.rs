@@ -20,7 +20,7 @@ use tracing::{debug, warn};
 
 use crate::attrs::{attr_of, xattrs_of};
 use crate::config::{Orphans, Set};
-use crate::index::{normalize, Index, Location};
+use crate::index::{normalize, Dropped, Index, Location};
 use crate::mapped::{Mapped, Run, PAGE};
 use crate::marks::Marks;
 use crate::overlap::Overlaps;
@@ -763,9 +763,8 @@ impl<W: Watcher> Resolver<W> {
                 continue;
             }
             debug!(name = %name.to_string_lossy(), "pruned from the replica; forgotten");
-            for d in self.index.remove(dir, &name) {
-                self.watcher.unwatch(d);
-            }
+            let dropped = self.index.remove(dir, &name);
+            self.forget(dropped);
         }
     }
 
@@ -926,9 +925,8 @@ impl<W: Watcher> Resolver<W> {
     /// index knows of the others: their nodes keep their birth times, so none of their
     /// pending events is mistaken for one a scan already covered.
     pub fn scan_set(&mut self, set: usize, out: &mut Vec<SetOp>) {
-        for d in self.index.clear_set(set) {
-            self.watcher.unwatch(d);
-        }
+        let dropped = self.index.clear_set(set);
+        self.forget(dropped);
         self.streaming = self.scan_sink.is_some();
         self.orphan_batch = unix_seconds();
         self.scan_root(set, out);
@@ -1038,9 +1036,8 @@ impl<W: Watcher> Resolver<W> {
                 // too, that one is copied again once the index has it where it went.
                 debug!(path = %abs.display(), "gone before it could be read; its move or removal copies or drops it");
                 out.pop();
-                for d in self.index.remove(parent, name) {
-                    self.watcher.unwatch(d);
-                }
+                let dropped = self.index.remove(parent, name);
+                self.forget(dropped);
                 self.made_elsewhere(parent, abs);
                 return false;
             }
@@ -1157,9 +1154,8 @@ impl<W: Watcher> Resolver<W> {
     /// missing under its new name. Unknown, its rename copies it where it went.
     fn not_sent(&mut self, parent: FileId, name: &OsStr) {
         debug!(name = %name.to_string_lossy(), "gone before it was copied; forgotten");
-        for d in self.index.remove(parent, name) {
-            self.watcher.unwatch(d);
-        }
+        let dropped = self.index.remove(parent, name);
+        self.forget(dropped);
     }
 
     /// Where the replica already has file `id` under another name than `rel` in the
@@ -1201,6 +1197,18 @@ impl<W: Watcher> Resolver<W> {
             .and_then(|b| self.index.dir_path(b))
             .or_else(|| proc_base(p))?;
         Some(normalize(&base.join(raw)))
+    }
+
+    /// Nodes left the index: the kernel stops watching the directories among them.
+    /// Files keep their marks until the kernel frees them: a node leaves the index also
+    /// when its name turns out stale while the file is still in a set (its rename's
+    /// event still to come), and a file unmarked then would report no more writes.
+    /// Written elsewhere, a file that really left reports writes that resolve to
+    /// nothing (counted as unresolved).
+    fn forget(&self, dropped: Vec<Dropped>) {
+        for d in dropped.into_iter().filter(|d| d.is_dir) {
+            self.watcher.unwatch(d.id);
+        }
     }
 
     /// Location and parent directory of a path argument inside a set.
@@ -1603,9 +1611,8 @@ impl<W: Watcher> Resolver<W> {
     fn remove(&mut self, loc: Location, is_dir: bool, out: &mut Vec<SetOp>) {
         if let Some(parent) = self.parent_of(&loc) {
             let name = loc.rel.file_name().unwrap_or_default();
-            for d in self.index.remove(parent, name) {
-                self.watcher.unwatch(d);
-            }
+            let dropped = self.index.remove(parent, name);
+            self.forget(dropped);
         }
         let path = rel_path(&loc.rel);
         let op = if is_dir {
@@ -1737,9 +1744,8 @@ impl<W: Watcher> Resolver<W> {
                 if flags & RENAME_EXCHANGE != 0 {
                     self.index.exchange((sp, &sname), (dp, &dname));
                 } else {
-                    for d in self.index.rename((sp, &sname), (dp, &dname)) {
-                        self.watcher.unwatch(d);
-                    }
+                    let dropped = self.index.rename((sp, &sname), (dp, &dname));
+                    self.forget(dropped);
                 }
                 out.push(SetOp {
                     set: sl.set,
@@ -2401,13 +2407,15 @@ mod tests {
 
     mod scenarios;
 
-    /// The watched directories, and what to do when one is watched (a test's way to
-    /// change the source between two steps of the resolver).
+    /// The watched directories, what to do when one is watched (a test's way to
+    /// change the source between two steps of the resolver), and the marked files.
     #[derive(Default)]
     #[allow(clippy::type_complexity)]
     struct FakeWatch(
         RefCell<HashSet<FileId>>,
         RefCell<Option<Box<dyn FnMut(FileId)>>>,
+        /// Files marked in the kernel's inode bitmap.
+        RefCell<HashSet<FileId>>,
     );
     impl Watcher for &FakeWatch {
         fn watch(&self, d: FileId) {
@@ -2420,6 +2428,19 @@ mod tests {
         fn unwatch(&self, d: FileId) {
             self.0.borrow_mut().remove(&d);
         }
+        fn watch_file(&self, f: FileId) {
+            self.2.borrow_mut().insert(f);
+        }
+    }
+
+    /// (offset, bytes) of the Write ops in `out`.
+    fn writes_of(out: &[SetOp]) -> Vec<(u64, Vec<u8>)> {
+        out.iter()
+            .filter_map(|o| match &o.op {
+                Op::Write { offset, data, .. } => Some((*offset, data.to_vec())),
+                _ => None,
+            })
+            .collect()
     }
 
     fn now(event: CaptureEvent) -> Captured {
@@ -3057,13 +3078,7 @@ mod tests {
             ),
             &mut out,
         );
-        let writes: Vec<(u64, Vec<u8>)> = out
-            .iter()
-            .filter_map(|o| match &o.op {
-                Op::Write { offset, data, .. } => Some((*offset, data.to_vec())),
-                _ => None,
-            })
-            .collect();
+        let writes = writes_of(&out);
         assert_eq!(writes, vec![(4, b"456789".to_vec())]);
         out.clear();
         r.resolve(
@@ -3108,15 +3123,44 @@ mod tests {
         std::fs::write(root.join("f"), b"0123456789").unwrap();
         out.clear();
         r.finish(&mut out);
-        let writes: Vec<(u64, Vec<u8>)> = out
-            .iter()
-            .filter_map(|o| match &o.op {
-                Op::Write { offset, data, .. } => Some((*offset, data.to_vec())),
-                _ => None,
-            })
-            .collect();
+        let writes = writes_of(&out);
         assert_eq!(writes, vec![(4, b"456789".to_vec())]);
         assert!(!r.has_deferred());
+    }
+
+    /// A file is marked in the kernel when it is entered, before it is read, and stays
+    /// marked when it is renamed (also when a stale name of it leaves the index).
+    #[test]
+    fn files_are_marked_when_entered_and_stay_marked() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().canonicalize().unwrap();
+        std::fs::create_dir(root.join("a")).unwrap();
+        for f in ["a/stay", "a/other"] {
+            std::fs::write(root.join(f), b"x").unwrap();
+        }
+        let w = FakeWatch::default();
+        let mut r = scanned(&root, &w);
+        let [stay, other] = ["a/stay", "a/other"].map(|f| id_of(&root.join(f)));
+        assert_eq!(*w.2.borrow(), HashSet::from([stay, other]));
+        let mut out = Vec::new();
+        std::fs::rename(root.join("a/stay"), root.join("a/kept")).unwrap();
+        r.resolve(
+            now(CaptureEvent::Renamed {
+                from: arg(&root.join("a/stay")),
+                to: arg(&root.join("a/kept")),
+                flags: 0,
+            }),
+            &mut out,
+        );
+        std::fs::write(root.join("a/new"), b"y").unwrap();
+        let new = id_of(&root.join("a/new"));
+        r.resolve(
+            now(CaptureEvent::Made {
+                path: arg(&root.join("a/new")),
+            }),
+            &mut out,
+        );
+        assert_eq!(*w.2.borrow(), HashSet::from([stay, other, new]));
     }
 
     #[test]

@@ -124,7 +124,7 @@ pub async fn run(config: Config) -> Result<()> {
         if dev.is_ok_and(|d| capture.in_filesystem(d)) {
             info!(set = %set.name, "writes are captured inside the filesystem (ext4) and at the syscall door");
         } else {
-            info!(set = %set.name, "writes are captured at the syscall door only (the set is not on ext4): Linux AIO and 32-bit writes are not seen");
+            warn!(set = %set.name, "writes are captured at the syscall door only (the set is not on ext4, or its filesystem has more inodes than the capture's bitmap holds): Linux AIO and 32-bit writes are not seen");
         }
     }
     ignore_local_receivers(&capture);

@@ -60,12 +60,52 @@ fn send_chunk(record: &FileRecord, src: u64, from: Source) -> Chunk {
     // records are); the header fills the first FILE_RECORD_SIZE, the copy the rest.
     unsafe { core::ptr::write(at as *mut FileRecord, *record) };
     // SAFETY: the rest of the reservation is CHUNK_SIZE bytes.
-    if read(unsafe { at.add(FILE_RECORD_SIZE) }, CHUNK_SIZE as u32, src, from) != 0 {
+    if read(
+        unsafe { at.add(FILE_RECORD_SIZE) },
+        CHUNK_SIZE as u32,
+        src,
+        from,
+    ) != 0
+    {
         entry.discard(0);
         return Chunk::Unreadable;
     }
     entry.submit(0);
     Chunk::Sent
+}
+
+/// Sends a record without data, built on the stack: for programs that can run in
+/// interrupt context, on a CPU where another program is half-way through the per-CPU
+/// scratch buffer. False when the ring is full.
+#[inline(always)]
+pub fn send_range(
+    kind: u32,
+    pid: u32,
+    file: KFileId,
+    parent: KFileId,
+    offset: u64,
+    len: u64,
+) -> bool {
+    let mut rec = FileRecord {
+        hdr: Header {
+            kind,
+            pid,
+            // SAFETY: helper without preconditions.
+            ktime: unsafe { bpf_ktime_get_ns() },
+        },
+        file,
+        parent,
+        offset,
+        len,
+    };
+    let ok = output(
+        &mut rec as *mut FileRecord as *mut u8,
+        FILE_RECORD_SIZE as u64,
+    );
+    if ok {
+        bump(STAT_EVENTS, 1);
+    }
+    ok
 }
 
 /// Reports `[offset, offset + len)` of `fid` dirty through the scratch buffer `s`.

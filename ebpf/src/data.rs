@@ -112,6 +112,10 @@ pub fn on_uring_write(file: u64, end: u64, len: u64) -> bool {
     let Some(t) = target_file(file) else {
         return false;
     };
+    if crate::fs::on_marked_fs(t.inode) {
+        // The filesystem programs saw the write itself, with its bytes.
+        return true;
+    }
     let offset = end.wrapping_sub(len);
     match scratch() {
         Some(s) => emit_dirty(s, t.tgid, &t.fid, &t.parent, offset, len),
@@ -170,6 +174,14 @@ pub fn on_write(regs: u64, nr: u64, written: u64) {
         emit_dirty(s, tgid, &fid, &parent, offset, written);
         return;
     }
-    send_bytes(s, tgid, &fid, &parent, offset, arg(regs, 1), written, Source::User);
+    send_bytes(
+        s,
+        tgid,
+        &fid,
+        &parent,
+        offset,
+        arg(regs, 1),
+        written,
+        Source::User,
+    );
 }
-

@@ -20,45 +20,34 @@
 //! without buffer heads, a vectored or asynchronous direct write, one that fell short)
 //! is reported as a range the agent reads back once it is in the file.
 //!
-//! On a filesystem the bitmap covers, the `sys_exit` program leaves data to these
-//! programs; only io_uring's writes (its workers and `io_uring_enter`) are left to the
-//! io_uring programs, which report them where they complete.
+//! On a filesystem the bitmap covers, the `sys_exit` and io_uring programs leave data
+//! to these programs, which see io_uring's writes too (in `io_uring_enter`, an io-wq
+//! worker or the SQPOLL thread).
 
 use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_pid_tgid, bpf_ktime_get_ns,
-        generated::{bpf_get_current_task_btf, bpf_task_pt_regs},
-    },
+    helpers::bpf_get_current_pid_tgid,
     macros::{btf_tracepoint, map},
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
-use doppel_common::abi::{
-    DioWrite, FileRecord, Header, KFileId, MarkFs, FILE_RECORD_SIZE, INLINE_CAP, KIND_DIRTY,
-    MARK_FS_MAX, STAT_EVENTS,
-};
+use doppel_common::abi::{DioWrite, KFileId, MarkFs, INLINE_CAP, KIND_DIRTY, MARK_FS_MAX};
 
 use crate::{
-    bytes::{emit_dirty, send_bytes, Source},
-    kernel::{current_task, inode_id, off, rk, rk_ptr},
-    maps::{bump, ignored, output, record_missed, scratch},
-    syscalls,
+    bytes::{emit_dirty, send_bytes, send_range, Source},
+    kernel::{inode_id, off, rk, rk_ptr},
+    maps::{ignored, record_missed, scratch},
 };
 
 /// `BPF_F_MMAPABLE`: the agent maps the bitmap and sets bits without a syscall.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
-/// `PF_IO_WORKER`: an io_uring worker or SQPOLL thread (the uring programs report its
-/// writes when they complete).
-const PF_IO_WORKER: u32 = 0x10;
 /// In-flight direct writes remembered between their begin and their completion.
 const DIO_PENDING_MAX: u32 = 8192;
 /// x86_64 pages.
 const PAGE_SHIFT: u64 = 12;
 /// Largest folio: a PMD (2 MiB).
 const MAX_FOLIO: u64 = 2 << 20;
-
 
 /// One bit per inode number of each watched filesystem. The agent sizes it at load.
 #[map]
@@ -143,20 +132,6 @@ fn is_marked((p, bit, id): (*mut u64, u64, KFileId)) -> Option<KFileId> {
     // SAFETY: an ARRAY value pointer; a racing update only makes this read old or new.
     let word = unsafe { core::ptr::read_volatile(p) };
     (word & bit != 0).then_some(id)
-}
-
-/// Whether the io_uring programs report the current task's write (they see every
-/// request complete, in the submitter, an io-wq worker or the SQPOLL thread).
-#[inline(always)]
-fn uring_reports() -> bool {
-    let task = current_task();
-    let flags = rk::<u32>(task + off::OFF_TASK_FLAGS()).unwrap_or(0);
-    if flags & PF_IO_WORKER != 0 {
-        return true;
-    }
-    // SAFETY: helpers without preconditions; the task pointer is the current task's.
-    let regs = unsafe { bpf_task_pt_regs(bpf_get_current_task_btf()) } as u64;
-    rk::<u64>(regs + off::OFF_REGS_ORIG_AX()) == Some(syscalls::IO_URING_ENTER)
 }
 
 /// Whether `inode`'s filesystem is covered by the bitmap: its writes are reported here,
@@ -247,29 +222,11 @@ fn first_parent(inode: u64) -> KFileId {
     }
 }
 
-/// Reports `[offset, offset + len)` of `file` dirty (or, with the ring full, missed).
-/// Built on the stack: a completion can run in interrupt context, on a CPU where
-/// another program is half-way through the per-CPU scratch buffer.
+/// Reports `[offset, offset + len)` of `file` dirty (or, with the ring full, missed),
+/// from the stack: a completion can run in interrupt context.
 #[inline(always)]
 fn report_dirty(file: KFileId, parent: KFileId, pid: u32, offset: u64, len: u64) {
-    let mut rec = FileRecord {
-        hdr: Header {
-            kind: KIND_DIRTY,
-            pid,
-            // SAFETY: helper without preconditions.
-            ktime: unsafe { bpf_ktime_get_ns() },
-        },
-        file,
-        parent,
-        offset,
-        len,
-    };
-    if output(
-        &mut rec as *mut FileRecord as *mut u8,
-        FILE_RECORD_SIZE as u64,
-    ) {
-        bump(STAT_EVENTS, 1);
-    } else {
+    if !send_range(KIND_DIRTY, pid, file, parent, offset, len) {
         record_missed(&file, offset, offset + len);
     }
 }
@@ -294,7 +251,7 @@ fn write_end(ctx: &BtfTracePointContext) {
         return;
     };
     let pid = current_tgid();
-    if ignored(pid) || uring_reports() {
+    if ignored(pid) {
         return;
     }
     let parent = first_parent(inode);
@@ -346,8 +303,8 @@ pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
         Some(s) if s != 0 => {}
         _ => return 0,
     }
-    let Some(inode) = rk_ptr(iocb + off::OFF_KIOCB_FILP())
-        .and_then(|f| rk_ptr(f + off::OFF_FILE_F_INODE()))
+    let Some(inode) =
+        rk_ptr(iocb + off::OFF_KIOCB_FILP()).and_then(|f| rk_ptr(f + off::OFF_FILE_F_INODE()))
     else {
         return 0;
     };
@@ -356,7 +313,7 @@ pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
     };
     let task = bpf_get_current_pid_tgid();
     let pid = (task >> 32) as u32;
-    if ignored(pid) || uring_reports() {
+    if ignored(pid) {
         return 0;
     }
     let len = rk::<u64>(iter + off::OFF_ITER_COUNT()).unwrap_or(0);
@@ -407,7 +364,16 @@ pub fn doppel_dio_complete(ctx: BtfTracePointContext) -> i32 {
     let whole = ret >= 0 && ret as u64 == w.len;
     if whole && w.buf != 0 && bpf_get_current_pid_tgid() == w.task {
         if let Some(s) = scratch() {
-            send_bytes(s, pid, &w.file, &w.parent, w.offset, w.buf, w.len, Source::User);
+            send_bytes(
+                s,
+                pid,
+                &w.file,
+                &w.parent,
+                w.offset,
+                w.buf,
+                w.len,
+                Source::User,
+            );
             return 0;
         }
     }

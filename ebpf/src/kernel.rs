@@ -98,7 +98,6 @@ offsets!(
     OFF_FOLIO_FLAGS_1,
     PG_HEAD,
     // Capture inside the filesystem (see fs.rs).
-    OFF_TASK_FLAGS,
     OFF_KIOCB_FILP,
     OFF_KIOCB_POS,
     OFF_ITER_DATA_SOURCE,

@@ -6,8 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, PerCpuArray, RingBuf},
 };
 use doppel_common::abi::{
-    KFileId, MissedKey, MissedRange, CONTROL_COUNT, CONTROL_MISSED_GEN, IGNORE_TGIDS_MAX, LINKED_FILES_MAX, MAX_RECORD_SIZE, MISSED_RANGES_MAX,
-    STAT_COUNT, STAT_LOST, STAT_MISSED, WATCHED_DIRS_MAX, WATCH_CONTENTS,
+    KFileId, MissedKey, MissedRange, CONTROL_COUNT, CONTROL_MISSED_GEN, IGNORE_TGIDS_MAX,
+    LINKED_FILES_MAX, MAX_RECORD_SIZE, MISSED_RANGES_MAX, STAT_COUNT, STAT_LOST, STAT_MISSED,
+    WATCHED_DIRS_MAX, WATCH_CONTENTS,
 };
 
 /// `BPF_F_NO_PREALLOC`: entries are allocated on insert (only the agent inserts).

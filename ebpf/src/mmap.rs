@@ -11,19 +11,17 @@
 //! scratch buffer: records here are built on the stack.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_get_current_pid_tgid,
     macros::{map, raw_tracepoint},
     maps::LruHashMap,
     programs::RawTracePointContext,
 };
-use doppel_common::abi::{
-    FileRecord, Header, KFileId, FILE_RECORD_SIZE, KIND_MAP_DIRTY, KIND_WRITEBACK, STAT_EVENTS,
-    WRITEBACK_BEGIN, WRITEBACK_END,
-};
+use doppel_common::abi::{KFileId, KIND_MAP_DIRTY, KIND_WRITEBACK, WRITEBACK_BEGIN, WRITEBACK_END};
 
 use crate::{
+    bytes::send_range,
     kernel::{inode_id, linked_inode, off, rk, rk_ptr, S_IFMT, S_IFREG},
-    maps::{bump, contents_watched, ignored, output, record_missed},
+    maps::{bump, contents_watched, ignored, record_missed},
 };
 
 /// x86_64 pages.
@@ -32,16 +30,6 @@ const PAGE_SHIFT: u64 = 12;
 /// Files (kernel ids) with reported mapped pages: only their writeback is reported.
 #[map]
 static MAPPED_FILES: LruHashMap<KFileId, u8> = LruHashMap::with_max_entries(16384, 0);
-
-#[inline(always)]
-fn send(rec: &mut FileRecord) -> bool {
-    let p = rec as *mut FileRecord as *mut u8;
-    let ok = output(p, FILE_RECORD_SIZE as u64);
-    if ok {
-        bump(STAT_EVENTS, 1);
-    }
-    ok
-}
 
 #[raw_tracepoint(tracepoint = "writeback_dirty_folio")]
 pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
@@ -100,19 +88,7 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
     let offset = index << PAGE_SHIFT;
     let len = 1u64 << (PAGE_SHIFT + order);
     let _ = MAPPED_FILES.insert(&file, &1, 0);
-    let mut rec = FileRecord {
-        hdr: Header {
-            kind: KIND_MAP_DIRTY,
-            pid,
-            // SAFETY: helper without preconditions.
-            ktime: unsafe { bpf_ktime_get_ns() },
-        },
-        file,
-        parent,
-        offset,
-        len,
-    };
-    if !send(&mut rec) {
+    if !send_range(KIND_MAP_DIRTY, pid, file, parent, offset, len) {
         record_missed(&file, offset, offset + len);
     }
     0
@@ -129,19 +105,8 @@ fn writeback(ctx: &RawTracePointContext, phase: u64) {
     if unsafe { MAPPED_FILES.get(&file) }.is_none() {
         return;
     }
-    let mut rec = FileRecord {
-        hdr: Header {
-            kind: KIND_WRITEBACK,
-            pid: 0,
-            // SAFETY: helper without preconditions.
-            ktime: unsafe { bpf_ktime_get_ns() },
-        },
-        file,
-        parent: KFileId { dev: 0, ino: 0 },
-        offset: 0,
-        len: phase,
-    };
-    if !send(&mut rec) && phase == WRITEBACK_END {
+    let none = KFileId { dev: 0, ino: 0 };
+    if !send_range(KIND_WRITEBACK, 0, file, none, 0, phase) && phase == WRITEBACK_END {
         // The agent keeps the pages hot and re-reads them on its timer until a later
         // writeback ends: late, never lost.
         bump(doppel_common::abi::STAT_MISSED, 1);

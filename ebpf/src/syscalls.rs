@@ -49,7 +49,6 @@ pub const SPLICE: u64 = 275;
 pub const UTIMENSAT: u64 = 280;
 pub const FALLOCATE: u64 = 285;
 pub const COPY_FILE_RANGE: u64 = 326;
-pub const IO_URING_ENTER: u64 = 426;
 pub const FCHMODAT2: u64 = 452;
 pub const SETXATTRAT: u64 = 463;
 pub const REMOVEXATTRAT: u64 = 466;

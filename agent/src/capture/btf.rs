@@ -491,7 +491,6 @@ const MMAP_FIELDS: &[Field] = &[
 /// What the filesystem programs read (ebpf/src/fs.rs), besides the shared-mapping
 /// fields they also use.
 const FS_FIELDS: &[Field] = &[
-    f("OFF_TASK_FLAGS", "task_struct", "flags", 4),
     f("OFF_KIOCB_FILP", "kiocb", "ki_filp", 8),
     f("OFF_KIOCB_POS", "kiocb", "ki_pos", 8),
     f("OFF_ITER_DATA_SOURCE", "iov_iter", "data_source", 1),

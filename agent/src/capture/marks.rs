@@ -68,8 +68,13 @@ struct Slot {
     words: u64,
 }
 
-/// Bitmap layout for `filesystems` (the same device once, at most [`MARK_FS_MAX`]):
-/// the slots and the total number of words.
+/// Most words of bitmap, all filesystems together: 64 MiB of kernel memory, one bit
+/// for each of 512 M inodes. A filesystem that would not fit is left to the syscall
+/// capture (the agent says so at start).
+pub const MAX_WORDS: u64 = 1 << 23;
+
+/// Bitmap layout for `filesystems` (the same device once, at most [`MARK_FS_MAX`],
+/// at most [`MAX_WORDS`] in all): the slots and the total number of words.
 fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
     let mut slots: Vec<Slot> = Vec::new();
     let mut total = 0u64;
@@ -79,6 +84,9 @@ fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
         }
         // Inode numbers run from 1 to f_files on ext4: one bit more than the count.
         let words = fs.inodes / 64 + 1;
+        if total + words > MAX_WORDS {
+            continue;
+        }
         slots.push(Slot {
             dev: fs.dev,
             base: total,
@@ -253,6 +261,22 @@ mod tests {
         );
         assert_eq!(total, 4);
         assert_eq!(words_for(&[]), 1);
+    }
+
+    #[test]
+    fn a_filesystem_too_large_for_the_bitmap_is_left_out() {
+        let fss = [
+            MarkedFs { dev: 1, inodes: 64 },
+            MarkedFs {
+                dev: 2,
+                inodes: MAX_WORDS * 64,
+            },
+            MarkedFs { dev: 3, inodes: 64 },
+        ];
+        let (slots, total) = layout(&fss);
+        let devs: Vec<u64> = slots.iter().map(|s| s.dev).collect();
+        assert_eq!(devs, vec![1, 3]);
+        assert_eq!(total, 4);
     }
 
     #[test]
