@@ -358,3 +358,28 @@ impl Shown {
         }
     }
 }
+
+/// The filesystem programs alone, for the filesystem of directory `path`, which is
+/// marked (files made in it are captured; the records are read and dropped):
+/// `doppel-agent bench-floor --filesystem-only`, what capture inside the filesystem
+/// costs writers once no syscall hook is attached.
+pub fn filesystem_capture_only(path: &std::path::Path) -> anyhow::Result<impl Send> {
+    use doppel_agent::capture::{marks::marked_fs, Capture, CaptureOptions};
+    let fs = marked_fs(path)?.with_context(|| format!("{} is not on ext4", path.display()))?;
+    let (capture, mut events) = Capture::start(CaptureOptions {
+        mark_filesystems: vec![fs],
+        syscall_capture: false,
+        ..CaptureOptions::default()
+    })?;
+    if let Some(problem) = capture.filesystem_capture_problem() {
+        anyhow::bail!("the filesystem programs are not attached: {problem}");
+    }
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    capture.mark(doppel_common::event::FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    });
+    std::thread::spawn(move || while events.blocking_recv().is_some() {});
+    Ok(capture)
+}

@@ -89,9 +89,14 @@ enum Cmd {
         json: bool,
     },
     /// For `cargo xtask bench capture`: attach an empty program to the buffered-write
-    /// tracepoint, print "attached", and keep it until standard input closes.
+    /// tracepoint (or, with --filesystem-only, the filesystem programs alone, with
+    /// directory PATH marked), print "attached", and keep it until standard input
+    /// closes.
     #[command(hide = true)]
-    BenchFloor,
+    BenchFloor {
+        #[arg(long)]
+        filesystem_only: Option<PathBuf>,
+    },
     /// Check a configuration file and exit.
     #[command(
         after_help = "Example:\n  doppel-agent check-config --config /etc/doppel/agent.toml"
@@ -181,8 +186,11 @@ fn real_main(cli: Cli) -> Result<u8> {
             }
             Ok(if items.iter().all(|i| i.ok) { 0 } else { 1 })
         }
-        Cmd::BenchFloor => {
-            let _hook = doppel_agent::capture::FloorHook::attach()?;
+        Cmd::BenchFloor { filesystem_only } => {
+            let _hook = match filesystem_only {
+                None => Box::new(doppel_agent::capture::FloorHook::attach()?) as Box<dyn Send>,
+                Some(path) => Box::new(commands::filesystem_capture_only(&path)?),
+            };
             println!("attached");
             std::io::Write::flush(&mut std::io::stdout())?;
             let mut sink = Vec::new();

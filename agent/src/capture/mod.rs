@@ -89,6 +89,10 @@ pub struct CaptureOptions {
     /// sees every way bytes reach a file (Linux AIO, 32-bit syscalls), filtered by an
     /// inode bitmap sized from these.
     pub mark_filesystems: Vec<MarkedFs>,
+    /// Attach the syscall, io_uring and shared-mapping programs (the default). Off, only
+    /// the filesystem programs run: what capture costs once no syscall hook is needed
+    /// (`cargo xtask bench capture`); namespace changes are then not captured.
+    pub syscall_capture: bool,
 }
 
 impl Default for CaptureOptions {
@@ -97,6 +101,7 @@ impl Default for CaptureOptions {
             ring_bytes: 32 << 20,
             ignore_tgids: Vec::new(),
             mark_filesystems: Vec::new(),
+            syscall_capture: true,
         }
     }
 }
@@ -404,27 +409,38 @@ impl Capture {
         // heap's layout after freeing aya's ~20 MiB copy of the BTF, most likely).
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
 
-        let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
-        let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, SYS_EXIT, wanted);
+        let sys = opts.syscall_capture;
+        let (main, wanted) = if sys {
+            let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
+            (SYS_EXIT, wanted)
+        } else {
+            (&[][..], [None, None])
+        };
+        let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, main, wanted);
         loaded?;
-        attach(&mut ebpf, SYS_EXIT)?;
+        attach(&mut ebpf, main)?;
         let mmap_ok = mmap.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}"));
-        match mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
-            Ok(()) => tracing::info!("stores through shared mappings are captured"),
-            Err(e) => warn!(
+        if !sys {
+            warn!("syscall capture is off: only writes are captured, inside the filesystem");
+        } else if let Err(e) = mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
+            warn!(
                 "stores through shared mappings will not be captured: {e:#}; files written \
                  through MAP_SHARED mappings are not replicated"
-            ),
+            );
+        } else {
+            tracing::info!("stores through shared mappings are captured");
         }
-        match uring
-            .and(uring_loaded)
-            .and_then(|()| attach(&mut ebpf, URING))
-        {
-            Ok(()) => tracing::info!("io_uring writes are captured"),
-            Err(e) => warn!(
-                "io_uring writes will not be captured: {e:#}; programs writing watched files \
-                 through io_uring are not replicated"
-            ),
+        if sys {
+            match uring
+                .and(uring_loaded)
+                .and_then(|()| attach(&mut ebpf, URING))
+            {
+                Ok(()) => tracing::info!("io_uring writes are captured"),
+                Err(e) => warn!(
+                    "io_uring writes will not be captured: {e:#}; programs writing watched \
+                     files through io_uring are not replicated"
+                ),
+            }
         }
 
         // The filesystem programs need the shared-mapping offsets too (a file's

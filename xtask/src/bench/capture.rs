@@ -14,6 +14,11 @@
 //! - `watched_write_cpu_tax_ns`: the writer's own CPU time per 4 KiB write into a
 //!   watched file, agent on against off; `watched_write_tax_over_floor_ratio` divides it
 //!   by the floor's ns.
+//! - `fs_only_syscall_tax_pct`, `fs_only_unwatched_write_over_floor_pct`: the same two
+//!   loops with only the filesystem programs attached (`bench-floor --filesystem-only`,
+//!   no syscall hook), and `fs_only_watched_write_cpu_tax_ns` (with its ratio to the
+//!   floor) for writes into a directory they mark, its records read and dropped: what
+//!   the capture costs once namespace changes no longer need the syscall hook.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -98,11 +103,22 @@ fn write_ns(dir: &Path, writes: usize) -> Result<f64> {
     Ok(ns)
 }
 
-/// `write_ns` with the empty program attached by `doppel-agent bench-floor`.
-fn floor_write_ns(dir: &Path, writes: usize) -> Result<f64> {
+/// What `doppel-agent bench-floor` attaches: the empty program alone, or the
+/// filesystem programs alone (for the filesystem of the given directory).
+enum Hook<'a> {
+    Floor,
+    FilesystemOnly(&'a Path),
+}
+
+/// Runs `measure` with `hook` attached by `doppel-agent bench-floor`.
+fn with_hook<T>(hook: Hook, measure: impl FnOnce() -> Result<T>) -> Result<T> {
     let bin = doppel_tests::bin_dir().join("doppel-agent");
-    let mut child = Command::new(&bin)
-        .arg("bench-floor")
+    let mut cmd = Command::new(&bin);
+    cmd.arg("bench-floor");
+    if let Hook::FilesystemOnly(dir) = hook {
+        cmd.arg("--filesystem-only").arg(dir);
+    }
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -113,24 +129,35 @@ fn floor_write_ns(dir: &Path, writes: usize) -> Result<f64> {
         let _ = child.kill();
         bail!("doppel-agent bench-floor did not attach its program: {line:?}");
     }
-    let ns = write_ns(dir, writes);
-    // Closing its standard input detaches the program.
+    let out = measure();
+    // Closing its standard input detaches the programs.
     drop(child.stdin.take());
     child.wait()?;
-    ns
+    out
 }
 
 pub fn capture(figures: &mut Figures) -> Result<()> {
     let mut c = Cluster::new("bench")?;
     let unwatched = c.dir.path().join("unwatched");
     std::fs::create_dir_all(&unwatched)?;
+    // Marked by the filesystem programs alone (no agent behind them).
+    let fs_watched = c.dir.path().join("fs-watched");
+    std::fs::create_dir_all(&fs_watched)?;
     c.start_receiver()?;
-    let mut rounds: Vec<[f64; 7]> = Vec::new();
+    let mut rounds: Vec<[f64; 10]> = Vec::new();
     for round in 0..ROUNDS {
         let base_sys = getppid_ns();
         let base_u = write_ns(&unwatched, 100_000)?;
         let base_w = write_ns(&c.source, 40_000)?;
-        let floor_u = floor_write_ns(&unwatched, 100_000)?;
+        let floor_u = with_hook(Hook::Floor, || write_ns(&unwatched, 100_000))?;
+        let (fs_sys, fs_u, fs_w) = with_hook(Hook::FilesystemOnly(&fs_watched), || {
+            let sys = getppid_ns();
+            Ok((
+                sys,
+                write_ns(&unwatched, 100_000)?,
+                write_ns(&fs_watched, 40_000)?,
+            ))
+        })?;
         c.start_agent()?;
         c.wait_synced(Duration::from_secs(30))?;
         std::thread::sleep(Duration::from_millis(300));
@@ -143,14 +170,15 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
         eprintln!(
             "bench: capture round {round}: getppid {base_sys:.0} -> {agent_sys:.0} ns; \
              unwatched write {base_u:.0} (floor {floor_u:.0}) -> {agent_u:.0} ns; \
-             watched write {base_w:.0} -> {agent_w:.0} ns"
+             watched write {base_w:.0} -> {agent_w:.0} ns; filesystem programs alone: \
+             getppid {fs_sys:.0} ns, unwatched write {fs_u:.0} ns, watched write {fs_w:.0} ns"
         );
         rounds.push([
-            base_sys, agent_sys, base_u, floor_u, agent_u, base_w, agent_w,
+            base_sys, agent_sys, base_u, floor_u, agent_u, base_w, agent_w, fs_sys, fs_u, fs_w,
         ]);
     }
     let col = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
-    let per = |f: &dyn Fn(&[f64; 7]) -> f64| median(rounds.iter().map(f).collect());
+    let per = |f: &dyn Fn(&[f64; 10]) -> f64| median(rounds.iter().map(f).collect());
     figures.insert("getppid_ns_baseline".into(), col(0));
     figures.insert("getppid_ns_agent".into(), col(1));
     figures.insert(
@@ -167,6 +195,22 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
     figures.insert(
         "unwatched_write_over_floor_pct".into(),
         per(&|r| (r[4] / r[3] - 1.0) * 100.0),
+    );
+    figures.insert(
+        "fs_only_syscall_tax_pct".into(),
+        per(&|r| (r[7] / r[0] - 1.0) * 100.0),
+    );
+    figures.insert(
+        "fs_only_unwatched_write_over_floor_pct".into(),
+        per(&|r| (r[8] / r[3] - 1.0) * 100.0),
+    );
+    figures.insert(
+        "fs_only_watched_write_cpu_tax_ns".into(),
+        per(&|r| r[9] - r[5]),
+    );
+    figures.insert(
+        "fs_only_watched_write_tax_over_floor_ratio".into(),
+        per(&|r| (r[9] - r[5]) / (r[3] - r[2]).max(1.0)),
     );
     figures.insert("watched_write_cpu_tax_ns".into(), per(&|r| r[6] - r[5]));
     figures.insert(
