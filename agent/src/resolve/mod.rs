@@ -1,0 +1,665 @@
+//! Resolve: turns captured kernel events into replication ops on set-relative paths.
+//!
+//! This stage owns the [`Index`] (inode -> path), applies each set's include/exclude
+//! rules, tells the kernel which directories to watch, and reads file data for events
+//! that carry a range instead of bytes ("Dirty") and for files that enter a set whole
+//! (initial scan, a directory created before its watch was installed, a rename into a
+//! set). Reading newer bytes than an event saw is safe: a later change to the same
+//! range produces its own event after this one.
+//!
+//! Layout: this file holds the resolver and its event dispatch (`resolve_inner`);
+//! `names` places path arguments and applies namespace changes to the index, `scan`
+//! walks sets and directories and enters what it finds, `ranges` reads changed ranges
+//! from the source, `mirror` emits the mirror's and verify's block checksums and
+//! listings, `mappings` re-reads hot pages of shared mappings.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::fs::{File, Metadata};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+use doppel_common::event::{monotonic_ns, CaptureEvent, Captured, FileId, PathArg};
+use doppel_common::wire::{falloc, Op, RelPath};
+use tracing::{debug, warn};
+
+use crate::attrs::{attr_of, xattrs_of};
+use crate::config::{Orphans, Set};
+use crate::index::{normalize, Dropped, Index, Location};
+use crate::mapped::{Mapped, Run, PAGE};
+use crate::marks::Marks;
+use crate::overlap::Overlaps;
+use crate::pacing::RescanPacing;
+use crate::pagecache::{dirty_pages, write_back};
+
+mod mappings;
+mod mirror;
+mod names;
+mod ranges;
+mod scan;
+#[cfg(test)]
+mod tests;
+
+use mirror::*;
+use ranges::*;
+use scan::*;
+
+/// Largest data payload the resolver puts in one Write op when it reads a file.
+pub const READ_CHUNK: usize = 1 << 20;
+
+/// The kernel side of watching: which directories' contents are captured.
+pub trait Watcher {
+    /// Files directly inside `dir` are captured from now on.
+    fn watch(&self, dir: FileId);
+    /// `dir` is above a set root: relative path events starting there pass the filter.
+    fn watch_ancestor(&self, dir: FileId);
+    fn unwatch(&self, dir: FileId);
+    /// The regular file `file` has several names: its writes are captured through any of
+    /// them, also names outside every set.
+    fn watch_linked(&self, _file: FileId) {}
+    /// The regular file `file` is in a set: its writes are captured inside the
+    /// filesystem (where the filesystem allows). Called before the file is read.
+    fn watch_file(&self, _file: FileId) {}
+}
+
+/// How a captured change of a file's bytes stands against the file's last scan.
+enum Standing {
+    /// Newer than the scan (or not scanned): the change is sent as captured.
+    Fresh(Location),
+    /// Older than the scan, which may not have seen all of it: its range is read again.
+    Reread(Location),
+    /// Older than the scan, which saw it.
+    Covered,
+    /// The file is not in the sets (or no longer where the index says).
+    Unknown,
+}
+
+/// One op for one set, in the order it must be applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SetOp {
+    pub set: usize,
+    pub op: Op,
+}
+
+pub struct Resolver<W: Watcher> {
+    sets: Vec<Set>,
+    index: Index,
+    watcher: W,
+    /// Events that could not be resolved to a path (counted, logged at debug).
+    pub unresolved: u64,
+    /// Ranges read again because an event may have carried older bytes.
+    pub reread_ranges: u64,
+    /// Entries whose attributes changed since they were last sent: data changes the
+    /// mtime, entries made or removed change their directory's.
+    touched: HashMap<FileId, Touched>,
+    /// Directories that moved while being scanned, and since when: scanned again at
+    /// their new place by [`Resolver::finish`].
+    rescan: HashMap<FileId, u64>,
+    /// Ranges whose file was not where the index said when they were read.
+    deferred: Vec<Deferred>,
+    /// Hot pages of files mapped shared and writable.
+    mapped: Mapped,
+    /// Recent writes, to catch two threads' writes reported in the wrong order.
+    overlaps: Overlaps,
+    /// Full rescans after lost records, at most one in a while.
+    pacing: RescanPacing,
+    /// Where [`Resolver::scan_all`] and [`Resolver::scan_set`] hand their ops as they go
+    /// (see [`Resolver::set_scan_sink`]), and whether a scan is streaming now.
+    scan_sink: Option<ScanSink>,
+    streaming: bool,
+    /// When the running scan started (Unix seconds): where its orphans are moved aside.
+    orphan_batch: u64,
+}
+
+fn unix_seconds() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Takes a scan's ops out of the vector, in order (see [`Resolver::set_scan_sink`]).
+pub type ScanSink = Box<dyn FnMut(&mut Vec<SetOp>)>;
+
+/// A streaming scan hands its ops over every this many.
+const SCAN_FLUSH_OPS: usize = 32;
+
+/// A changed range to read once the index knows where its file went.
+#[derive(Debug, Clone, Copy)]
+struct Deferred {
+    file: FileId,
+    offset: u64,
+    len: u64,
+    since: u64,
+    /// The file was shorter than the range when it was read: the rest is read again
+    /// until it is there or [`UNSEEN_PATIENCE_NS`] passed.
+    short: bool,
+}
+
+/// How long the part of a changed range past the end of its file is read again. A write
+/// is reported inside the filesystem just before it extends the file's size; the agent
+/// can read the range in between (the writer preempted there). Past this the file is
+/// taken to have been cut meanwhile (its truncate's event follows).
+const UNSEEN_PATIENCE_NS: u64 = 500_000_000;
+
+/// An entry whose attributes are due.
+#[derive(Debug, Clone, Copy, Default)]
+struct Touched {
+    /// Its extended attributes too.
+    xattrs: bool,
+    /// When [`Resolver::finish`] first found it elsewhere than the index says (0: not
+    /// yet). The source is ahead of the events resolved so far, e.g. the file was
+    /// renamed and that event is still to come: it is kept until the index catches up.
+    mismatch_since: u64,
+}
+
+/// How long a touched entry that cannot be found where the index says is kept.
+const TOUCH_PATIENCE_NS: u64 = 5_000_000_000;
+
+fn file_id(m: &Metadata) -> FileId {
+    FileId {
+        dev: m.dev(),
+        ino: m.ino(),
+    }
+}
+
+fn rel_path(rel: &Path) -> RelPath {
+    RelPath(rel.as_os_str().as_bytes().to_vec())
+}
+
+impl<W: Watcher> Resolver<W> {
+    /// Registers the set roots and their ancestors. Call [`Resolver::scan_all`] next.
+    pub fn new(sets: Vec<Set>, watcher: W) -> std::io::Result<Self> {
+        let mut index = Index::new();
+        for s in &sets {
+            let m = std::fs::metadata(&s.root)?;
+            index.add_root(file_id(&m), s.root.clone());
+            for a in s.root.ancestors().skip(1) {
+                if let Ok(m) = std::fs::metadata(a) {
+                    index.add_ancestor(file_id(&m), a.to_path_buf());
+                    watcher.watch_ancestor(file_id(&m));
+                }
+            }
+        }
+        Ok(Resolver {
+            sets,
+            index,
+            watcher,
+            unresolved: 0,
+            reread_ranges: 0,
+            touched: HashMap::new(),
+            rescan: HashMap::new(),
+            deferred: Vec::new(),
+            mapped: Mapped::default(),
+            overlaps: Overlaps::default(),
+            pacing: RescanPacing::default(),
+            scan_sink: None,
+            orphan_batch: 0,
+            streaming: false,
+        })
+    }
+
+    pub fn sets(&self) -> &[Set] {
+        &self.sets
+    }
+
+    /// Emits the attributes of every entry touched since the last call, as they are
+    /// now. Called after each batch of events, so the ops that changed an entry come
+    /// first and its final times win on the replica.
+    pub fn finish(&mut self, out: &mut Vec<SetOp>) {
+        if self.mapped.pass_due() {
+            self.mapped_pass(out);
+        }
+        let now = monotonic_ns();
+        for d in std::mem::take(&mut self.deferred) {
+            let Some(loc) = self.index.location(d.file) else {
+                continue; // removed (or out of every set): nothing to send
+            };
+            if self.index.is_dir(d.file) {
+                continue; // removed, and a directory took its inode number
+            }
+            if !self.sets[loc.set].rules.file(&loc.rel) {
+                continue;
+            }
+            let abs = self.index.abs(&loc);
+            let read = monotonic_ns();
+            if d.short {
+                // Only what the file has now: a range past its end would cut the
+                // replica's file to this size again.
+                match std::fs::metadata(&abs).map(|m| m.len()) {
+                    Ok(size) if size > d.offset => {}
+                    Ok(_) if now - d.since < UNSEEN_PATIENCE_NS => {
+                        self.deferred.push(d);
+                        continue;
+                    }
+                    _ => continue,
+                }
+            }
+            if let Some(size) = emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, d.file, out) {
+                self.overlaps.read(d.file, d.offset, d.len, read);
+                self.touch(Some(d.file), false);
+                if now - d.since < UNSEEN_PATIENCE_NS {
+                    self.defer_unseen(d.file, d.offset, d.len, size, d.since);
+                }
+            } else if now - d.since < TOUCH_PATIENCE_NS {
+                self.deferred.push(d);
+            } else if let Some(dir) = self.parent_of(&loc) {
+                // The index is wrong about this name: copy its directory again.
+                warn!(path = %abs.display(), "a changed file is not where the index says; copying its directory again");
+                self.rescan.entry(dir).or_insert(now);
+            }
+        }
+        let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
+        for (dir, since) in rescan {
+            let Some(loc) = self.index.location(dir) else {
+                continue; // removed, or moved out of every set
+            };
+            let abs = self.index.abs(&loc);
+            match std::fs::symlink_metadata(&abs) {
+                Ok(m) if file_id(&m) == dir => {
+                    self.scan_dir(loc.set, dir, &abs, &loc.rel, out);
+                    self.touch(Some(dir), false);
+                }
+                _ if now - since < TOUCH_PATIENCE_NS => {
+                    self.rescan.insert(dir, since);
+                }
+                _ => {}
+            }
+        }
+        self.overlaps.prune();
+        let mut touched: Vec<(FileId, Touched)> = self.touched.drain().collect();
+        touched.sort_by_key(|(id, _)| *id);
+        for (id, mut t) in touched {
+            let Some(loc) = self.index.location(id) else {
+                continue; // removed, or never replicated
+            };
+            if loc.rel.as_os_str().is_empty() {
+                continue; // a root: not replicated as an entry
+            }
+            let abs = self.index.abs(&loc);
+            match std::fs::symlink_metadata(&abs) {
+                Ok(m) if file_id(&m) == id => {
+                    if self.replicated(&loc, m.is_dir()) {
+                        tracing::trace!(path = %loc.rel.display(), "attributes");
+                        emit_meta(loc.set, &abs, &loc.rel, &m, t.xattrs, out);
+                    }
+                }
+                other => {
+                    tracing::trace!(path = %loc.rel.display(), found = ?other.map(|m| file_id(&m)), "attributes postponed");
+                    if t.mismatch_since == 0 {
+                        t.mismatch_since = now;
+                    }
+                    if now - t.mismatch_since < TOUCH_PATIENCE_NS {
+                        self.touched.insert(id, t);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Remembers that `id`'s attributes (and, with `xattrs`, its extended attributes)
+    /// must be sent at the next [`Resolver::finish`].
+    fn touch(&mut self, id: Option<FileId>, xattrs: bool) {
+        if let Some(id) = id {
+            self.touched.entry(id).or_default().xattrs |= xattrs;
+        }
+    }
+
+    /// The directory holding `loc` changed (an entry was made, removed or renamed).
+    fn touch_parent(&mut self, loc: &Location) {
+        let parent = self.parent_of(loc);
+        self.touch(parent, false);
+    }
+
+    pub fn index(&self) -> &Index {
+        &self.index
+    }
+
+    /// Makes [`Resolver::scan_all`] and [`Resolver::scan_set`] hand their ops to `sink`
+    /// as the scan goes (it must take them out of the vector, in order), so that the
+    /// targets compare the first files while the scan reads the next ones, and a large
+    /// tree's ops are never all in memory at once.
+    pub fn set_scan_sink(&mut self, sink: ScanSink) {
+        self.scan_sink = Some(sink);
+    }
+
+    /// Turns one captured event into ops.
+    pub fn resolve(&mut self, c: Captured, out: &mut Vec<SetOp>) {
+        let Captured { time, event: ev } = c;
+        if tracing::enabled!(tracing::Level::TRACE) {
+            let before = out.len();
+            let summary = summarize(&ev);
+            self.resolve_inner(ev, time, out);
+            for o in &out[before..] {
+                tracing::trace!(event = %summary, op = ?summarize_op(&o.op), "resolved");
+            }
+            if out.len() == before {
+                tracing::trace!(event = %summary, "no op");
+            }
+            return;
+        }
+        self.resolve_inner(ev, time, out)
+    }
+
+    /// Whether the node `id` was registered by a scan after `time`: an event that
+    /// completed at `time` is then already reflected in it (and, if the inode number was
+    /// reused, it was about another file).
+    fn scanned_after(&self, id: Option<FileId>, time: u64) -> bool {
+        id.is_some_and(|id| self.index.born(id) > time)
+    }
+
+    /// Location of `file` for an event at `time`, unless a later scan covers it.
+    fn current(
+        &mut self,
+        file: FileId,
+        parent: Option<FileId>,
+        time: u64,
+        out: &mut Vec<SetOp>,
+    ) -> Option<Location> {
+        let loc = self.file_location(file, parent, out)?;
+        (!self.scanned_after(Some(file), time)).then_some(loc)
+    }
+
+    /// How a change of the bytes of `file` before `end`, captured at `time`, stands
+    /// against the last scan of the file. A write is reported inside the filesystem
+    /// before it extends the file's size: a scan after its report may have seen the file
+    /// shorter than the write left it, and then the write's range is read again (its
+    /// bytes, older than the scan, are not sent: applied after what the scan sent, they
+    /// could undo a newer change the scan saw, a truncate say, whose own event is
+    /// covered by the scan).
+    fn range_standing(
+        &mut self,
+        file: FileId,
+        parent: Option<FileId>,
+        time: u64,
+        end: u64,
+        out: &mut Vec<SetOp>,
+    ) -> Standing {
+        let Some(loc) = self.file_location(file, parent, out) else {
+            return Standing::Unknown;
+        };
+        if !self.scanned_after(Some(file), time) {
+            Standing::Fresh(loc)
+        } else if end > self.index.seen_len(file) {
+            Standing::Reread(loc)
+        } else {
+            Standing::Covered
+        }
+    }
+
+    fn resolve_inner(&mut self, ev: CaptureEvent, time: u64, out: &mut Vec<SetOp>) {
+        match ev {
+            CaptureEvent::Data {
+                file,
+                parent,
+                offset,
+                data,
+            } => {
+                let len = data.len() as u64;
+                let end = offset.saturating_add(len);
+                match self.range_standing(file, Some(parent), time, end, out) {
+                    Standing::Fresh(loc) => {
+                        if self.sets[loc.set].rules.file(&loc.rel) {
+                            self.touch(Some(file), false);
+                            push_write(out, loc.set, rel_path(&loc.rel), offset, data);
+                            self.read_overlaps(file, offset, len, time);
+                        }
+                    }
+                    Standing::Reread(loc) => {
+                        if self.sets[loc.set].rules.file(&loc.rel) {
+                            self.touch(Some(file), false);
+                            self.read_range(file, &loc, offset, len, out);
+                        }
+                    }
+                    Standing::Covered | Standing::Unknown => self.unresolved += 1,
+                }
+            }
+            CaptureEvent::Dirty {
+                file,
+                parent,
+                offset,
+                len,
+            } => {
+                let end = offset.saturating_add(len);
+                let (Standing::Fresh(loc) | Standing::Reread(loc)) =
+                    self.range_standing(file, parent, time, end, out)
+                else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    self.touch(Some(file), false);
+                    if let Some(parent) = parent {
+                        if self.mapped.tracks(file) {
+                            // Perhaps a report of dirtied mapped pages that did not fit
+                            // in the ring: they must stay hot like reported ones.
+                            self.mapped.dirty(file, parent, offset, len, time);
+                        }
+                    }
+                    // Read now, so never older than the replica: only a later-handled
+                    // data event captured before this read can be (overlap.rs).
+                    self.read_range(file, &loc, offset, len, out);
+                }
+            }
+            CaptureEvent::Created {
+                file,
+                parent: _,
+                path,
+                is_dir,
+                mode,
+            } => {
+                let Some((loc, abs)) = self.place(&path) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                let Some(parent) = self.parent_of(&loc) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                let name = loc.rel.file_name().unwrap_or_default().to_owned();
+                if self.scanned_after(self.index.lookup(&loc), time)
+                    || self.scanned_after(Some(parent), time)
+                {
+                    // A scan after this creation already registered what is there now.
+                    // The directory's own scan time counts too: a name the scan linked
+                    // to a file known elsewhere (a hard link) carries the file's older
+                    // time, and the file created here first may be another one, its
+                    // data not to be written into the file the replica links there.
+                    return;
+                }
+                if self.scanned_after(file, time) {
+                    // A scan registered this inode later, under the name it had then. If
+                    // the source still has it here as well (a hard link made meanwhile),
+                    // this name is one the scan did not see: enter() links it.
+                    if let (Some(id), Ok(m)) = (file, std::fs::symlink_metadata(&abs)) {
+                        if file_id(&m) == id && m.nlink() > 1 && self.index.lookup(&loc) != file {
+                            self.touch(Some(parent), false);
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                        }
+                    }
+                    return;
+                }
+                self.touch(Some(parent), false);
+                if is_dir {
+                    // Files may already exist in it (made before the watch): enter() scans.
+                    // What is there now may be another entry, moved over it since (an
+                    // exchange, its event still to come). A file is not the directory
+                    // made: entered here, the index would have it under this name too
+                    // (linked to its others) and its exchange would swap two names of
+                    // one file, which moves nothing; its event copies what went where.
+                    match std::fs::symlink_metadata(&abs) {
+                        Ok(m) if m.is_dir() => {
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                        }
+                        _ => self.made_elsewhere(parent, &abs),
+                    }
+                    return;
+                }
+                if !self.sets[loc.set].rules.file(&loc.rel) {
+                    return;
+                }
+                let (id, mode) = match std::fs::symlink_metadata(&abs) {
+                    Ok(m) if m.is_file() => (file.unwrap_or(file_id(&m)), m.mode() & 0o7777),
+                    _ => match file {
+                        Some(id) => (id, mode & 0o7777),
+                        None => return,
+                    },
+                };
+                self.index.insert(parent, &name, id, false);
+                // With its extended attributes: the kernel gives a new file some without
+                // any setxattr (the access ACL inherited from its directory's default
+                // ACL, security labels). The replica's file inherits nothing reliably:
+                // the directory's own xattrs are sent after this batch's creations.
+                self.touch(Some(id), true);
+                out.push(SetOp {
+                    set: loc.set,
+                    op: Op::CreateFile {
+                        path: rel_path(&loc.rel),
+                        mode,
+                    },
+                });
+            }
+            CaptureEvent::Truncated {
+                file,
+                parent,
+                path,
+                size,
+            } => {
+                let loc = match (file, &path) {
+                    (Some(f), _) => self.current(f, parent, time, out),
+                    (None, Some(p)) => self
+                        .place(p)
+                        .map(|(l, _)| l)
+                        .filter(|l| !self.scanned_after(self.index.lookup(l), time)),
+                    (None, None) => None,
+                };
+                let Some(loc) = loc else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    let id = self.index.lookup(&loc);
+                    self.touch(id, false);
+                    out.push(SetOp {
+                        set: loc.set,
+                        op: Op::Truncate {
+                            path: rel_path(&loc.rel),
+                            size,
+                        },
+                    });
+                }
+            }
+            CaptureEvent::Removed { path, is_dir } => {
+                let Some((loc, _)) = self.place(&path) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.scanned_after(self.index.lookup(&loc), time) {
+                    // What a scan found there is newer than what was removed.
+                    return;
+                }
+                self.touch_parent(&loc);
+                self.remove(loc, is_dir, out);
+            }
+            CaptureEvent::AttrChanged {
+                file,
+                parent,
+                path,
+                xattrs,
+                follow,
+            } => {
+                let id = match (file, path) {
+                    (Some(f), _) => self.current(f, parent, time, out).map(|_| f),
+                    (None, Some(p)) => self.attr_target(&p, follow),
+                    (None, None) => None,
+                };
+                match id {
+                    Some(id) => self.touch(Some(id), xattrs),
+                    None => self.unresolved += 1,
+                }
+            }
+            CaptureEvent::Linked { from: _, to } | CaptureEvent::Made { path: to } => {
+                // enter() sees a hard link's other name if the replica has it, and
+                // copies it whole otherwise (e.g. linked from outside the set).
+                let Some((loc, abs)) = self.place(&to) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.scanned_after(self.index.lookup(&loc), time)
+                    || self.scanned_after(self.parent_of(&loc), time)
+                {
+                    return;
+                }
+                self.touch_parent(&loc);
+                self.arrive(loc, &abs, out);
+            }
+            CaptureEvent::Fallocated {
+                file,
+                parent,
+                mode,
+                offset,
+                len,
+            } => {
+                let Some(loc) = self.current(file, Some(parent), time, out) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if !self.sets[loc.set].rules.file(&loc.rel) {
+                    return;
+                }
+                self.touch(Some(file), false);
+                match plan_fallocate(&loc.rel, mode, offset, len) {
+                    FallocPlan::Apply(op) => out.push(SetOp { set: loc.set, op }),
+                    FallocPlan::Nothing => {}
+                    FallocPlan::RereadFromOffset => {
+                        self.read_range(file, &loc, offset, u64::MAX, out)
+                    }
+                }
+            }
+            CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
+            CaptureEvent::MapDirty {
+                file,
+                parent,
+                offset,
+                len,
+            } => {
+                // Read at the next pass, not now: the store that dirtied the page is
+                // usually followed by more.
+                self.mapped.dirty(file, parent, offset, len, time);
+            }
+            CaptureEvent::Writeback { file, end } => self.mapped.writeback(file, end, time),
+            CaptureEvent::Mapped {
+                file,
+                parent,
+                offset,
+                len,
+            } => self.mapped_range(file, parent, offset, len, time, out),
+            CaptureEvent::Lost { records } => {
+                if self.pacing.lost(std::time::Instant::now()) {
+                    warn!(records, "the kernel lost change records it could not even remember as ranges; rescanning every set");
+                    self.paced_rescan(out);
+                } else {
+                    warn!(records, "the kernel lost change records again, soon after a rescan; rescanning every set once more in a while (see pacing.rs)");
+                }
+            }
+        }
+    }
+}
+
+fn summarize(ev: &CaptureEvent) -> String {
+    match ev {
+        CaptureEvent::Data {
+            file, offset, data, ..
+        } => {
+            format!("data ino {} off {offset} len {}", file.ino, data.len())
+        }
+        other => format!("{other:?}"),
+    }
+}
+
+fn summarize_op(op: &Op) -> String {
+    match op {
+        Op::Write { path, offset, data } => format!("write {path} off {offset} len {}", data.len()),
+        other => format!("{other:?}"),
+    }
+}
