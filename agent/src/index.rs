@@ -303,7 +303,7 @@ impl Index {
     }
 
     /// Removes the entry `name` of `parent` and everything below it; returns the
-    /// directories and files that left the index (to unwatch and unmark them in the
+    /// directories and files that left the index (the directories to unwatch in the
     /// kernel). A file that keeps another name is not among them.
     pub fn remove(&mut self, parent: FileId, name: &OsStr) -> Vec<Dropped> {
         match self.children.remove(&(parent, name.to_owned())) {

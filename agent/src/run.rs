@@ -41,8 +41,11 @@ impl Watcher for KernelWatcher {
     }
     fn unwatch(&self, dir: FileId) {
         tracing::trace!(?dir, "unwatch");
+        // Its mark in the inode bitmap stays: by the time the agent learns that a
+        // directory left, its inode number may belong to a new file the kernel marked
+        // (it clears a mark itself when it frees the inode). A directory that left
+        // alive keeps marking what is made in it; those writes resolve to nothing.
         let _ = self.0.unwatch_dir(dir);
-        self.0.unmark(dir);
     }
     fn watch_linked(&self, file: FileId) {
         self.0.watch_linked(file);

@@ -205,13 +205,6 @@ impl InodeMarks {
         }
     }
 
-    /// `id` left the sets.
-    pub fn unmark(&self, id: FileId) {
-        if let Some((w, bit)) = self.bit(id) {
-            w.fetch_and(!bit, Ordering::Relaxed);
-        }
-    }
-
     #[cfg(test)]
     pub fn is_marked(&self, id: FileId) -> bool {
         self.bit(id)

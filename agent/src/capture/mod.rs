@@ -574,17 +574,12 @@ impl Capture {
     }
 
     /// Marks `id` (a file or directory of a set) in the inode bitmap, if its
-    /// filesystem is captured inside the filesystem.
+    /// filesystem is captured inside the filesystem. The agent never clears a mark:
+    /// an inode number it would clear may already be a new file's; the kernel clears
+    /// a mark when it frees the inode.
     pub fn mark(&self, id: FileId) {
         if let Some(m) = &self.marks {
             m.mark(id);
-        }
-    }
-
-    /// `id` left the sets.
-    pub fn unmark(&self, id: FileId) {
-        if let Some(m) = &self.marks {
-            m.unmark(id);
         }
     }
 

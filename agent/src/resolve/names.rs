@@ -27,11 +27,11 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Nodes left the index: the kernel stops watching the directories among them.
-    /// Files keep their marks until the kernel frees them: a node leaves the index also
-    /// when its name turns out stale while the file is still in a set (its rename's
-    /// event still to come), and a file unmarked then would report no more writes.
-    /// Written elsewhere, a file that really left reports writes that resolve to
-    /// nothing (counted as unresolved).
+    /// Their marks in the inode bitmap stay, files' and directories' alike, until the
+    /// kernel frees the inode: a node also leaves the index when its name turns out
+    /// stale while it is still in a set (its rename's event still to come), and an
+    /// inode number the agent learns is gone may already be a new file's. A file that
+    /// really left reports writes that resolve to nothing (counted as unresolved).
     pub(super) fn forget(&self, dropped: Vec<Dropped>) {
         for d in dropped.into_iter().filter(|d| d.is_dir) {
             self.watcher.unwatch(d.id);
