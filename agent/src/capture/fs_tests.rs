@@ -5,10 +5,10 @@
 
 use std::{
     path::Path,
-    process::Command,
     time::{Duration, Instant},
 };
 
+use super::tests::fid;
 use super::*;
 
 /// Python helpers run in a child process (the test process is the "agent", ignored):
@@ -16,23 +16,9 @@ use super::*;
 /// 32-bit `int 0x80` entry (see the file).
 pub const WRITERS_PY: &str = include_str!("../../../tests/py/writers.py");
 
+/// Runs `code` after the writers in a child process.
 fn py(cwd: &Path, code: &str) {
-    let status = Command::new("/usr/bin/python3")
-        .arg("-c")
-        .arg(format!("{WRITERS_PY}\n{code}"))
-        .current_dir(cwd)
-        .status()
-        .expect("run python3");
-    assert!(status.success(), "python3 snippet failed: {code}");
-}
-
-fn fid(path: &Path) -> FileId {
-    use std::os::unix::fs::MetadataExt;
-    let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
-    FileId {
-        dev: m.dev(),
-        ino: m.ino(),
-    }
+    super::tests::py(cwd, &format!("{WRITERS_PY}\n{code}"));
 }
 
 /// Collects events into `seen` until `done` says so or 5 s passed.

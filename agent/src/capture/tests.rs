@@ -14,7 +14,7 @@ use std::{
 use super::*;
 use doppel_common::event::PathArg;
 
-fn fid(path: &Path) -> FileId {
+pub(super) fn fid(path: &Path) -> FileId {
     let m = std::fs::metadata(path).unwrap_or_else(|e| panic!("stat {}: {e}", path.display()));
     FileId {
         dev: m.dev(),
@@ -36,7 +36,7 @@ fn start() -> Option<(Capture, mpsc::Receiver<Vec<Captured>>)> {
 }
 
 /// Runs a python3 snippet in `cwd` as a child process and waits for it.
-fn py(cwd: &Path, code: &str) {
+pub(super) fn py(cwd: &Path, code: &str) {
     let status = Command::new("/usr/bin/python3")
         .arg("-c")
         .arg(format!("import os\n{code}"))
