@@ -108,27 +108,11 @@ pub fn send_range(
     ok
 }
 
-/// Reports `[offset, offset + len)` of `fid` dirty through the scratch buffer `s`.
+/// Reports `[offset, offset + len)` of `fid` dirty (or, with the ring full, missed):
+/// the agent reads those bytes from the file.
 #[inline(always)]
-pub fn emit_dirty(s: *mut u8, tgid: u32, fid: &KFileId, parent: &KFileId, offset: u64, len: u64) {
-    let rec = s as *mut FileRecord;
-    // SAFETY: the per-CPU scratch value, at least FILE_RECORD_SIZE bytes, 8-aligned.
-    unsafe {
-        *rec = FileRecord {
-            hdr: Header {
-                kind: KIND_DIRTY,
-                pid: tgid,
-                ktime: bpf_ktime_get_ns(),
-            },
-            file: *fid,
-            parent: *parent,
-            offset,
-            len,
-        };
-    }
-    if output(s, FILE_RECORD_SIZE as u64) {
-        bump(STAT_EVENTS, 1);
-    } else {
+pub fn report_dirty(tgid: u32, fid: &KFileId, parent: &KFileId, offset: u64, len: u64) {
+    if !send_range(KIND_DIRTY, tgid, *fid, *parent, offset, len) {
         record_missed(fid, offset, offset.wrapping_add(len));
     }
 }
@@ -184,7 +168,7 @@ pub fn send_bytes(
                     return;
                 }
                 Chunk::Unreadable => {
-                    emit_dirty(s, tgid, fid, parent, offset + done, len - done);
+                    report_dirty(tgid, fid, parent, offset + done, len - done);
                     return;
                 }
             }
@@ -199,7 +183,7 @@ pub fn send_bytes(
         if read(at, n as u32, src + done, from) != 0 {
             // The user pages are not resident any more (probe reads cannot fault them
             // in): tell the agent to read the rest from the file instead.
-            emit_dirty(s, tgid, fid, parent, offset + done, len - done);
+            report_dirty(tgid, fid, parent, offset + done, len - done);
             return;
         }
         if !output(s, FILE_RECORD_SIZE as u64 + n) {

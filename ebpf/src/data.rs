@@ -2,12 +2,14 @@
 //! `writev`, `pwritev`, `pwritev2`, `copy_file_range`, `splice`, `sendfile` (reported as a
 //! dirty range).
 
-use aya_ebpf::helpers::{bpf_get_current_pid_tgid, generated::bpf_probe_read_user};
+use aya_ebpf::helpers::generated::bpf_probe_read_user;
 use doppel_common::abi::{KFileId, INLINE_CAP};
 
 use crate::{
-    bytes::{emit_dirty, send_bytes, Source},
-    kernel::{arg, fd_file, file_parent, in_compat_syscall, linked_inode, off, regular_inode, rk},
+    bytes::{report_dirty, send_bytes, Source},
+    kernel::{
+        arg, fd_file, file_parent, in_compat_syscall, linked_inode, off, regular_inode, rk, tgid,
+    },
     maps::{contents_watched, ignored, record_missed, scratch},
     syscalls,
 };
@@ -32,7 +34,7 @@ fn target(fd: u64) -> Option<Target> {
     let t = target_file(fd_file(fd)?)?;
     // On a filesystem the inode bitmap covers, the filesystem programs (fs.rs) report
     // every write, with its bytes, whatever syscall made it.
-    (!in_compat_syscall() && !crate::fs::on_marked_fs(t.inode)).then_some(t)
+    (!in_compat_syscall() && !crate::fs::covers(&t.fid)).then_some(t)
 }
 
 /// [`target`] for a `struct file *` (io_uring requests carry one, no fd).
@@ -44,8 +46,8 @@ fn target_file(file: u64) -> Option<Target> {
     if !watched && !linked_inode(inode) {
         return None;
     }
-    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if ignored(tgid) {
+    let pid = tgid();
+    if ignored(pid) {
         return None;
     }
     // A dentry and its parent always share a superblock, hence the device.
@@ -58,7 +60,7 @@ fn target_file(file: u64) -> Option<Target> {
             ino,
         },
         parent,
-        tgid,
+        tgid: pid,
     })
 }
 
@@ -97,11 +99,7 @@ pub fn on_copy(regs: u64, nr: u64, written: u64) {
         rk::<i64>(t.file + off::OFF_FILE_F_POS()).unwrap_or(0) as u64
     };
     let offset = end.wrapping_sub(written);
-    let Some(s) = scratch() else {
-        record_missed(&t.fid, offset, end);
-        return;
-    };
-    emit_dirty(s, t.tgid, &t.fid, &t.parent, offset, written);
+    report_dirty(t.tgid, &t.fid, &t.parent, offset, written);
 }
 
 /// `file` got `[end - len, end)` written by an io_uring request: reported dirty, the
@@ -112,15 +110,11 @@ pub fn on_uring_write(file: u64, end: u64, len: u64) -> bool {
     let Some(t) = target_file(file) else {
         return false;
     };
-    if crate::fs::on_marked_fs(t.inode) {
+    if crate::fs::covers(&t.fid) {
         // The filesystem programs saw the write itself, with its bytes.
         return true;
     }
-    let offset = end.wrapping_sub(len);
-    match scratch() {
-        Some(s) => emit_dirty(s, t.tgid, &t.fid, &t.parent, offset, len),
-        None => record_missed(&t.fid, offset, end),
-    }
+    report_dirty(t.tgid, &t.fid, &t.parent, end.wrapping_sub(len), len);
     true
 }
 
@@ -166,14 +160,14 @@ pub fn on_write(regs: u64, nr: u64, written: u64) {
         }
     };
 
+    if nr != syscalls::WRITE && nr != syscalls::PWRITE64 || written > INLINE_CAP as u64 {
+        report_dirty(tgid, &fid, &parent, offset, written);
+        return;
+    }
     let Some(s) = scratch() else {
         record_missed(&fid, offset, offset.wrapping_add(written));
         return;
     };
-    if nr != syscalls::WRITE && nr != syscalls::PWRITE64 || written > INLINE_CAP as u64 {
-        emit_dirty(s, tgid, &fid, &parent, offset, written);
-        return;
-    }
     send_bytes(
         s,
         tgid,

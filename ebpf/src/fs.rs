@@ -32,11 +32,11 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
-use doppel_common::abi::{DioWrite, KFileId, MarkFs, INLINE_CAP, KIND_DIRTY, MARK_FS_MAX};
+use doppel_common::abi::{DioWrite, KFileId, MarkFs, INLINE_CAP, MARK_FS_MAX};
 
 use crate::{
-    bytes::{emit_dirty, send_bytes, send_range, Source},
-    kernel::{inode_id, off, rk, rk_ptr},
+    bytes::{report_dirty, send_bytes, Source},
+    kernel::{first_parent, inode_id, off, rk, rk_ptr, tgid},
     maps::{ignored, record_missed, scratch},
 };
 
@@ -134,11 +134,17 @@ fn is_marked((p, bit, id): (*mut u64, u64, KFileId)) -> Option<KFileId> {
     (word & bit != 0).then_some(id)
 }
 
-/// Whether `inode`'s filesystem is covered by the bitmap: its writes are reported here,
-/// not by the `sys_exit` program.
+/// Whether `file`'s filesystem is covered by the bitmap: its writes are reported here,
+/// not by the `sys_exit` or io_uring programs.
 #[inline(always)]
-pub fn on_marked_fs(inode: u64) -> bool {
-    mark_word(inode).is_some()
+pub fn covers(file: &KFileId) -> bool {
+    mark_word_of(*file).is_some()
+}
+
+/// The directory of `inode`'s first name, or zeros when it has none (yet).
+#[inline(always)]
+fn parent_or_none(inode: u64) -> KFileId {
+    first_parent(inode).unwrap_or(KFileId { dev: 0, ino: 0 })
 }
 
 /// xarray entries (include/linux/xarray.h): internal entries end in binary 10; a node
@@ -205,37 +211,6 @@ fn cached_bytes(inode: u64, pos: u64, len: u64) -> Option<u64> {
     Some(data + skip)
 }
 
-/// The directory of `inode`'s first name, or zeros when it has none (yet).
-#[inline(always)]
-fn first_parent(inode: u64) -> KFileId {
-    let none = KFileId { dev: 0, ino: 0 };
-    let Some(first) = rk_ptr(inode + off::OFF_INODE_I_DENTRY()) else {
-        return none;
-    };
-    let dentry = first - off::OFF_DENTRY_D_ALIAS();
-    let Some(pdentry) = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT()) else {
-        return none;
-    };
-    match rk_ptr(pdentry + off::OFF_DENTRY_D_INODE()).and_then(inode_id) {
-        Some(p) => p,
-        None => none,
-    }
-}
-
-/// Reports `[offset, offset + len)` of `file` dirty (or, with the ring full, missed),
-/// from the stack: a completion can run in interrupt context.
-#[inline(always)]
-fn report_dirty(file: KFileId, parent: KFileId, pid: u32, offset: u64, len: u64) {
-    if !send_range(KIND_DIRTY, pid, file, parent, offset, len) {
-        record_missed(&file, offset, offset + len);
-    }
-}
-
-#[inline(always)]
-fn current_tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
-
 /// A buffered write put `copied` bytes at `pos` into the page cache.
 #[inline(always)]
 fn write_end(ctx: &BtfTracePointContext) {
@@ -250,15 +225,11 @@ fn write_end(ctx: &BtfTracePointContext) {
     let Some(file) = arg_marked(inode) else {
         return;
     };
-    let pid = current_tgid();
+    let pid = tgid();
     if ignored(pid) {
         return;
     }
-    let parent = first_parent(inode);
-    let Some(s) = scratch() else {
-        record_missed(&file, pos, pos + copied);
-        return;
-    };
+    let parent = parent_or_none(inode);
     // A short copy into a folio that was not up to date is thrown away and retried by
     // the kernel: its bytes are not the file's. Read back whatever the file ends with.
     let src = if copied < len || copied > INLINE_CAP as u64 {
@@ -266,9 +237,11 @@ fn write_end(ctx: &BtfTracePointContext) {
     } else {
         cached_bytes(inode, pos, copied)
     };
-    match src {
-        Some(src) => send_bytes(s, pid, &file, &parent, pos, src, copied, Source::Kernel),
-        None => emit_dirty(s, pid, &file, &parent, pos, copied),
+    match (src, scratch()) {
+        (Some(src), Some(s)) => {
+            send_bytes(s, pid, &file, &parent, pos, src, copied, Source::Kernel)
+        }
+        _ => report_dirty(pid, &file, &parent, pos, copied),
     }
 }
 
@@ -326,7 +299,7 @@ pub fn doppel_dio_begin(ctx: BtfTracePointContext) -> i32 {
     };
     let write = DioWrite {
         file,
-        parent: first_parent(inode),
+        parent: parent_or_none(inode),
         offset: rk::<u64>(iocb + off::OFF_KIOCB_POS()).unwrap_or(0),
         len,
         task,
@@ -377,7 +350,7 @@ pub fn doppel_dio_complete(ctx: BtfTracePointContext) -> i32 {
             return 0;
         }
     }
-    report_dirty(w.file, w.parent, pid, w.offset, w.len);
+    report_dirty(pid, &w.file, &w.parent, w.offset, w.len);
     0
 }
 

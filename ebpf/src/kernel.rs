@@ -4,7 +4,7 @@
 //! Every read goes through `bpf_probe_read_kernel`, so a stale or garbage pointer yields
 //! `None`, never a fault.
 
-use aya_ebpf::helpers::{bpf_get_current_task, bpf_probe_read_kernel};
+use aya_ebpf::helpers::{bpf_get_current_pid_tgid, bpf_get_current_task, bpf_probe_read_kernel};
 use doppel_common::abi::KFileId;
 
 /// Declares `#[no_mangle]` offset globals. They live in `.rodata`; the agent sets each
@@ -154,6 +154,12 @@ pub fn rk_ptr(addr: u64) -> Option<u64> {
     }
 }
 
+/// The current thread group's id (the process id as user space knows it).
+#[inline(always)]
+pub fn tgid() -> u32 {
+    (bpf_get_current_pid_tgid() >> 32) as u32
+}
+
 #[inline(always)]
 pub fn current_task() -> u64 {
     // SAFETY: helper without preconditions.
@@ -221,6 +227,16 @@ pub fn file_parent(file: u64) -> Option<KFileId> {
     let parent = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT())?;
     let pinode = rk_ptr(parent + off::OFF_DENTRY_D_INODE())?;
     inode_id(pinode)
+}
+
+/// The directory of `inode`'s first name (a hard link's other names are not looked
+/// at), if it has a name.
+#[inline(always)]
+pub fn first_parent(inode: u64) -> Option<KFileId> {
+    let first = rk_ptr(inode + off::OFF_INODE_I_DENTRY())?;
+    let dentry = first - off::OFF_DENTRY_D_ALIAS();
+    let pdentry = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT())?;
+    inode_id(rk_ptr(pdentry + off::OFF_DENTRY_D_INODE())?)
 }
 
 /// The file's inode, whatever its type.

@@ -11,7 +11,6 @@
 //! scratch buffer: records here are built on the stack.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
     macros::{map, raw_tracepoint},
     maps::LruHashMap,
     programs::RawTracePointContext,
@@ -20,7 +19,7 @@ use doppel_common::abi::{KFileId, KIND_MAP_DIRTY, KIND_WRITEBACK, WRITEBACK_BEGI
 
 use crate::{
     bytes::send_range,
-    kernel::{inode_id, linked_inode, off, rk, rk_ptr, S_IFMT, S_IFREG},
+    kernel::{first_parent, inode_id, linked_inode, off, rk, rk_ptr, tgid, S_IFMT, S_IFREG},
     maps::{bump, contents_watched, ignored, record_missed},
 };
 
@@ -52,25 +51,14 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
         Some(m) if m & S_IFMT == S_IFREG => {}
         _ => return 0,
     }
-    // The directory of the inode's first name (a hard link's other names are not
-    // looked at, as for writes).
-    let Some(first) = rk_ptr(inode + off::OFF_INODE_I_DENTRY()) else {
-        return 0;
-    };
-    let dentry = first - off::OFF_DENTRY_D_ALIAS();
-    let Some(pdentry) = rk_ptr(dentry + off::OFF_DENTRY_D_PARENT()) else {
-        return 0;
-    };
-    let Some(pinode) = rk_ptr(pdentry + off::OFF_DENTRY_D_INODE()) else {
-        return 0;
-    };
-    let Some(parent) = inode_id(pinode) else {
+    // As for writes, only the directory of the inode's first name is looked at.
+    let Some(parent) = first_parent(inode) else {
         return 0;
     };
     if !contents_watched(&parent) && !linked_inode(inode) {
         return 0;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = tgid();
     if ignored(pid) {
         return 0;
     }

@@ -8,12 +8,8 @@
 //! Attribute calls through `/proc/self/fd/N` are the exception: they are reported as
 //! the fd-based calls they are (see `proc_fd_path`).
 
-use aya_ebpf::helpers::{
-    bpf_get_current_pid_tgid,
-    generated::{
-        bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user,
-        bpf_probe_read_user_str,
-    },
+use aya_ebpf::helpers::generated::{
+    bpf_probe_read_kernel, bpf_probe_read_kernel_str, bpf_probe_read_user, bpf_probe_read_user_str,
 };
 use doppel_common::abi::{
     Header, KFileId, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR, AT_REMOVEDIR, KIND_ATTR,
@@ -25,18 +21,13 @@ use doppel_common::abi::{
 use crate::{
     kernel::{
         arg, base_dir, fd_file, file_parent, in_compat_syscall, inode_ptr, linked_inode, off,
-        regular_inode, rk, AT_FDCWD,
+        regular_inode, rk, tgid, AT_FDCWD,
     },
     maps::{bump, contents_watched, ignored, output, scratch, watch_flags},
     syscalls,
 };
 
 const O_WRONLY: u32 = 0o1;
-
-#[inline(always)]
-fn tgid() -> u32 {
-    (bpf_get_current_pid_tgid() >> 32) as u32
-}
 
 /// Reads a user value (for `struct open_how`).
 #[inline(always)]

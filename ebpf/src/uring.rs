@@ -24,7 +24,7 @@
 //! when the ring is known to write watched files, so the agent resyncs.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::bpf_ktime_get_ns,
     macros::{map, raw_tracepoint},
     maps::LruHashMap,
     programs::RawTracePointContext,
@@ -37,7 +37,7 @@ use doppel_common::abi::{
 
 use crate::{
     data::on_uring_write,
-    kernel::{fd_file, off, rk, rk_ptr, AT_FDCWD},
+    kernel::{fd_file, off, rk, rk_ptr, tgid, AT_FDCWD},
     maps::{bump, ignored, output, scratch},
     ns::{file_record, one_path, two_paths, PathStr},
 };
@@ -180,7 +180,7 @@ pub fn doppel_uring_submit(ctx: RawTracePointContext) -> i32 {
     if !is_path_op(op) {
         return 0;
     }
-    let pid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let pid = tgid();
     if ignored(pid) {
         return 0;
     }
