@@ -24,13 +24,6 @@ struct Node {
     seen_len: u64,
 }
 
-/// A node that left the index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Dropped {
-    pub id: FileId,
-    pub is_dir: bool,
-}
-
 /// Where a file lives: set index and path relative to the set root (empty = the root).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
@@ -86,8 +79,8 @@ impl Index {
     }
 
     /// Forgets everything under one set's root (before rescanning that set alone);
-    /// returns the directories and files dropped.
-    pub fn clear_set(&mut self, set: usize) -> Vec<Dropped> {
+    /// returns the directories dropped.
+    pub fn clear_set(&mut self, set: usize) -> Vec<FileId> {
         let root = self.roots[set].0;
         let kids = self.names(root);
         kids.iter().flat_map(|n| self.remove(root, n)).collect()
@@ -303,9 +296,8 @@ impl Index {
     }
 
     /// Removes the entry `name` of `parent` and everything below it; returns the
-    /// directories and files that left the index (the directories to unwatch in the
-    /// kernel). A file that keeps another name is not among them.
-    pub fn remove(&mut self, parent: FileId, name: &OsStr) -> Vec<Dropped> {
+    /// directories that were removed (to unwatch them in the kernel).
+    pub fn remove(&mut self, parent: FileId, name: &OsStr) -> Vec<FileId> {
         match self.children.remove(&(parent, name.to_owned())) {
             Some(id) if self.unlink_name(id, parent, name) => Vec::new(),
             // A stale entry (its inode has moved on, or the number was reused): the node
@@ -316,8 +308,8 @@ impl Index {
         }
     }
 
-    fn drop_subtree(&mut self, id: FileId) -> Vec<Dropped> {
-        let mut dropped = Vec::new();
+    fn drop_subtree(&mut self, id: FileId) -> Vec<FileId> {
+        let mut dirs = Vec::new();
         let mut stack = vec![id];
         while let Some(cur) = stack.pop() {
             let Some(node) = self.nodes.remove(&cur) else {
@@ -326,11 +318,8 @@ impl Index {
             // Further names elsewhere stay in `children`; their lookups find no node and
             // fall back to reading the directory (see the resolver's file_location).
             self.links.remove(&cur);
-            dropped.push(Dropped {
-                id: cur,
-                is_dir: node.is_dir,
-            });
             if node.is_dir {
+                dirs.push(cur);
                 let kids: Vec<(FileId, OsString)> = self
                     .children
                     .range((cur, OsString::new())..)
@@ -346,7 +335,7 @@ impl Index {
             // The entry may still be listed under its parent when called from insert.
             self.unlist(node.parent, &node.name, cur);
         }
-        dropped
+        dirs
     }
 
     /// Takes `(parent, name)` out of the listing if it still names `id`; another file
@@ -360,7 +349,7 @@ impl Index {
 
     /// Moves the entry `from` to `to` (replacing what was there). Returns the
     /// directories dropped by the replacement.
-    pub fn rename(&mut self, from: (FileId, &OsStr), to: (FileId, &OsStr)) -> Vec<Dropped> {
+    pub fn rename(&mut self, from: (FileId, &OsStr), to: (FileId, &OsStr)) -> Vec<FileId> {
         let Some(id) = self.children.remove(&(from.0, from.1.to_owned())) else {
             return Vec::new();
         };
@@ -489,17 +478,9 @@ mod tests {
         ix.insert(id(1), OsStr::new("a"), id(2), true);
         ix.insert(id(2), OsStr::new("b"), id(3), true);
         ix.insert(id(3), OsStr::new("f"), id(4), false);
-        let mut dropped = ix.remove(id(1), OsStr::new("a"));
-        dropped.sort();
-        let dir = |i| Dropped {
-            id: id(i),
-            is_dir: true,
-        };
-        let file = |i| Dropped {
-            id: id(i),
-            is_dir: false,
-        };
-        assert_eq!(dropped, vec![dir(2), dir(3), file(4)]);
+        let mut dirs = ix.remove(id(1), OsStr::new("a"));
+        dirs.sort();
+        assert_eq!(dirs, vec![id(2), id(3)]);
         assert!(ix.is_empty());
     }
 
@@ -511,10 +492,7 @@ mod tests {
         ix.insert(id(1), OsStr::new("d"), id(3), true);
         ix.insert(id(3), OsStr::new("f"), id(4), false);
         ix.insert(id(2), OsStr::new("g"), id(5), false);
-        let mut dropped: Vec<(FileId, bool)> =
-            ix.clear_set(0).iter().map(|d| (d.id, d.is_dir)).collect();
-        dropped.sort();
-        assert_eq!(dropped, vec![(id(3), true), (id(4), false)]);
+        assert_eq!(ix.clear_set(0), vec![id(3)]);
         assert_eq!(ix.location(id(4)), None);
         assert_eq!(ix.location(id(5)), Some(loc(1, "g")));
     }

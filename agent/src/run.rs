@@ -91,14 +91,13 @@ fn new_epoch() -> u64 {
 }
 
 /// The filesystems of the sets whose writes can be captured inside the filesystem
-/// (ext4), each once. A set whose root cannot be looked at is left to the syscall
-/// capture alone (its start reports the root's problem).
+/// (ext4; the capture takes each device once). A set whose root cannot be looked at
+/// is left to the syscall capture alone (its start reports the root's problem).
 fn marked_filesystems(config: &Config) -> Vec<MarkedFs> {
-    let mut out: Vec<MarkedFs> = Vec::new();
+    let mut out = Vec::new();
     for set in &config.sets {
         match marked_fs(&set.root) {
-            Ok(Some(fs)) if !out.iter().any(|o| o.dev == fs.dev) => out.push(fs),
-            Ok(_) => {}
+            Ok(fs) => out.extend(fs),
             Err(e) => {
                 debug!(set = %set.name, error = %format!("{e:#}"), "cannot tell the set's filesystem")
             }

@@ -259,11 +259,11 @@ const FS: Group = &[
     (abi::PROG_DIO_COMPLETE, "iomap_dio_complete"),
 ];
 
-/// Loads and attaches the filesystem programs. They are BTF tracepoints: the kernel
-/// verifies them against the tracepoints' types, read from the kernel's BTF.
-fn attach_fs(ebpf: &mut Ebpf) -> Result<()> {
+/// Loads and attaches BTF tracepoint programs (the filesystem programs, the floor).
+/// The kernel verifies them against the tracepoints' types, read from its BTF.
+fn attach_btf(ebpf: &mut Ebpf, group: Group) -> Result<()> {
     let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
-    for &(name, tracepoint) in FS {
+    for &(name, tracepoint) in group {
         let prog: &mut BtfTracePoint = ebpf
             .program_mut(name)
             .with_context(|| {
@@ -292,15 +292,7 @@ impl FloorHook {
         let mut ebpf = EbpfLoader::new()
             .load(PROGRAM)
             .map_err(explain_load_error)?;
-        let btf = aya::Btf::from_sys_fs().context("cannot read the kernel's BTF")?;
-        let prog: &mut BtfTracePoint = ebpf
-            .program_mut(abi::PROG_FLOOR)
-            .context("the embedded capture program has no floor program (build mismatch)")?
-            .try_into()?;
-        prog.load("ext4_da_write_end", &btf)
-            .map_err(|e| explain_program_error(e, "load"))?;
-        prog.attach()
-            .map_err(|e| explain_program_error(e, "attach"))?;
+        attach_btf(&mut ebpf, &[(abi::PROG_FLOOR, "ext4_da_write_end")])?;
         Ok(FloorHook { _ebpf: ebpf })
     }
 }
@@ -448,7 +440,7 @@ impl Capture {
         let fs_wanted = !opts.mark_filesystems.is_empty();
         let mut fs_problem = None;
         let fs_attached = fs_wanted
-            && match fs.and(mmap_ok).and_then(|()| attach_fs(&mut ebpf)) {
+            && match fs.and(mmap_ok).and_then(|()| attach_btf(&mut ebpf, FS)) {
                 Ok(()) => true,
                 Err(e) => {
                     warn!(

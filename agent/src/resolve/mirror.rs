@@ -112,10 +112,7 @@ impl<W: Watcher> Resolver<W> {
             return;
         }
         let abs = self.index.abs(&loc);
-        let found = File::open(&abs).ok().and_then(|f| {
-            let m = f.metadata().ok()?;
-            (m.is_file() && file_id(&m) == file).then_some((f, m))
-        });
+        let found = open_as(&abs, file).filter(|(_, m)| m.is_file());
         let Some((f, m)) = found else {
             // Replaced or moved meanwhile: read the directory again once the events
             // are resolved, as a resum does.
@@ -461,11 +458,7 @@ pub(super) fn emit_sums(
     verify: Option<u64>,
     out: &mut Vec<SetOp>,
 ) -> Option<u64> {
-    let f = File::open(abs).ok()?;
-    let m = f.metadata().ok()?;
-    if file_id(&m) != id {
-        return None;
-    }
+    let (f, m) = open_as(abs, id)?;
     // Pages dirtied through a shared mapping are read as they are now, and the kernel
     // reports later stores to them (see mapped.rs).
     write_back(&f, abs, 0, 0);

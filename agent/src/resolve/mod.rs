@@ -26,7 +26,7 @@ use tracing::{debug, warn};
 
 use crate::attrs::{attr_of, xattrs_of};
 use crate::config::{Orphans, Set};
-use crate::index::{normalize, Dropped, Index, Location};
+use crate::index::{normalize, Index, Location};
 use crate::mapped::{Mapped, Run, PAGE};
 use crate::marks::Marks;
 use crate::overlap::Overlaps;
@@ -161,6 +161,15 @@ fn file_id(m: &Metadata) -> FileId {
         dev: m.dev(),
         ino: m.ino(),
     }
+}
+
+/// `abs` opened for reading and its metadata, if it still names file `id`: renamed
+/// away or replaced meanwhile (its events still to come), it would give another file's
+/// bytes.
+fn open_as(abs: &Path, id: FileId) -> Option<(File, Metadata)> {
+    let f = File::open(abs).ok()?;
+    let m = f.metadata().ok()?;
+    (file_id(&m) == id).then_some((f, m))
 }
 
 fn rel_path(rel: &Path) -> RelPath {

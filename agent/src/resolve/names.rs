@@ -26,15 +26,15 @@ impl<W: Watcher> Resolver<W> {
         Some(normalize(&base.join(raw)))
     }
 
-    /// Nodes left the index: the kernel stops watching the directories among them.
-    /// Their marks in the inode bitmap stay, files' and directories' alike, until the
-    /// kernel frees the inode: a node also leaves the index when its name turns out
-    /// stale while it is still in a set (its rename's event still to come), and an
-    /// inode number the agent learns is gone may already be a new file's. A file that
-    /// really left reports writes that resolve to nothing (counted as unresolved).
-    pub(super) fn forget(&self, dropped: Vec<Dropped>) {
-        for d in dropped.into_iter().filter(|d| d.is_dir) {
-            self.watcher.unwatch(d.id);
+    /// Directories left the index: the kernel stops watching them. Their marks in the
+    /// inode bitmap stay, as files' do, until the kernel frees the inode: a node also
+    /// leaves the index when its name turns out stale while it is still in a set (its
+    /// rename's event still to come), and an inode number the agent learns is gone may
+    /// already be a new file's. What really left reports writes that resolve to
+    /// nothing (counted as unresolved).
+    pub(super) fn forget(&self, dirs: Vec<FileId>) {
+        for d in dirs {
+            self.watcher.unwatch(d);
         }
     }
 

@@ -193,13 +193,7 @@ pub(super) fn emit_range(
     id: FileId,
     out: &mut Vec<SetOp>,
 ) -> Option<u64> {
-    // The path must still name the file: if it was renamed away or replaced meanwhile
-    // (its events are still to come), reading here would send another file's bytes.
-    let f = File::open(abs).ok()?;
-    let m = f.metadata().ok()?;
-    if file_id(&m) != id {
-        return None;
-    }
+    let (f, m) = open_as(abs, id)?;
     let size = m.len();
     let sparse = may_have_holes(&f, &m);
     let path = rel_path(rel);
