@@ -142,13 +142,15 @@ pub async fn run(config_path: &Path) -> Vec<Item> {
 fn set_capture(root: &Path) -> String {
     match crate::capture::marks::marked_fs(root) {
         Ok(Some(_)) => format!(
-            "{} is a directory on ext4: writes are also captured inside the filesystem \
-             (Linux AIO and 32-bit syscalls included)",
+            "{} is a directory on ext4: captured inside the filesystem (every write, Linux \
+             AIO and 32-bit syscalls included; namespace changes through fanotify), with no \
+             syscall hook",
             root.display()
         ),
         _ => format!(
-            "{} is a directory, not on ext4: writes are captured at the syscall door only \
-             (writes through Linux AIO or 32-bit syscalls are not seen)",
+            "{} is a directory, not on ext4: captured at the syscall door (a sys_exit hook \
+             every process on the host pays for; writes through Linux AIO or 32-bit \
+             syscalls are not seen)",
             root.display()
         ),
     }

@@ -364,15 +364,19 @@ impl Shown {
 /// `doppel-agent bench-floor --filesystem-only`, what capture inside the filesystem
 /// costs writers once no syscall hook is attached.
 pub fn filesystem_capture_only(path: &std::path::Path) -> anyhow::Result<impl Send> {
-    use doppel_agent::capture::{marks::marked_fs, Capture, CaptureOptions};
+    use doppel_agent::capture::{marks::marked_fs, Capture, CaptureOptions, SyscallCapture};
     let fs = marked_fs(path)?.with_context(|| format!("{} is not on ext4", path.display()))?;
     let (capture, mut events) = Capture::start(CaptureOptions {
         mark_filesystems: vec![fs],
-        syscall_capture: false,
+        set_roots: vec![path.to_path_buf()],
+        syscall_capture: SyscallCapture::WhereNeeded,
         ..CaptureOptions::default()
     })?;
     if let Some(problem) = capture.filesystem_capture_problem() {
         anyhow::bail!("the filesystem programs are not attached: {problem}");
+    }
+    if capture.syscall_hook() {
+        anyhow::bail!("the syscall hook is attached although the directory is on ext4");
     }
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;

@@ -10,7 +10,9 @@ use doppel_transport::Identity;
 use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
-use crate::capture::{marks::marked_fs, Capture, CaptureOptions, MarkedFs, WatchMode};
+use crate::capture::{
+    marks::marked_fs, Capture, CaptureOptions, MarkedFs, SyscallCapture, WatchMode,
+};
 use crate::config::Config;
 use crate::control::{self, Reply};
 use crate::journal::Journal;
@@ -118,15 +120,25 @@ pub async fn run(config: Config) -> Result<()> {
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
         mark_filesystems: marked_filesystems(&config),
+        set_roots: config.sets.iter().map(|s| s.root.clone()).collect(),
+        syscall_capture: SyscallCapture::WhereNeeded,
         ..CaptureOptions::default()
     })?;
     let capture = Arc::new(capture);
+    let mut fs_namespace = Vec::new();
     for set in &config.sets {
         let dev = std::fs::metadata(&set.root).map(|m| std::os::unix::fs::MetadataExt::dev(&m));
-        if dev.is_ok_and(|d| capture.in_filesystem(d)) {
-            info!(set = %set.name, "writes are captured inside the filesystem (ext4) and at the syscall door");
+        let data = dev.as_ref().is_ok_and(|&d| capture.in_filesystem(d));
+        let names = dev
+            .as_ref()
+            .is_ok_and(|&d| capture.namespace_in_filesystem(d));
+        fs_namespace.push(names);
+        if data && names {
+            info!(set = %set.name, "captured inside the filesystem (ext4): every write whatever its door, namespace changes through fanotify");
+        } else if data {
+            warn!(set = %set.name, "writes are captured inside the filesystem (ext4), namespace changes at the syscall door (see the fanotify warning above)");
         } else {
-            warn!(set = %set.name, "writes are captured at the syscall door only (the set is not on ext4, or its filesystem has more inodes than the capture's bitmap holds): Linux AIO and 32-bit writes are not seen");
+            warn!(set = %set.name, "captured at the syscall door (the set is not on ext4, or its filesystem has more inodes than the capture's bitmap holds): every process on the host pays for the hook, and Linux AIO and 32-bit writes are not seen");
         }
     }
     ignore_local_receivers(&capture);
@@ -220,6 +232,9 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut resolver = Resolver::new(config.sets.clone(), KernelWatcher(capture.clone()))
         .context("cannot open a set root")?;
+    for (set, yes) in fs_namespace.into_iter().enumerate() {
+        resolver.set_namespace_in_filesystem(set, yes);
+    }
     let (gap_tx, mut gaps) = mpsc::unbounded_channel();
     let (stop, stopping) = tokio::sync::watch::channel(false);
     let mut senders = tokio::task::JoinSet::new();

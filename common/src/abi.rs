@@ -67,6 +67,12 @@ pub const KIND_WRITEBACK: u32 = 14;
 /// already (written by `write(2)`) would not report stores, so the agent writes them
 /// back and reads the range once.
 pub const KIND_MAPPED: u32 = 15;
+/// A [`FileRecord`] (no data): `ext4_setattr` set the size of a marked file (truncate,
+/// `O_TRUNC`, up or down). The agent reads the size the file has now.
+pub const KIND_RESIZED: u32 = 16;
+/// A [`FileRecord`] (no data): a marked inode's times (or other attributes) may have
+/// changed (`ext4_dirty_inode`): the agent sends its attributes as they are.
+pub const KIND_TOUCHED: u32 = 17;
 pub const WRITEBACK_BEGIN: u64 = 0;
 pub const WRITEBACK_END: u64 = 1;
 
@@ -132,6 +138,16 @@ pub const PROG_FLOOR: &str = "doppel_floor";
 /// New inodes in marked directories are marked; freed ones are unmarked.
 pub const PROG_ALLOCATE_INODE: &str = "doppel_allocate_inode";
 pub const PROG_FREE_INODE: &str = "doppel_free_inode";
+/// Sizes, fallocate and shared-mapping faults of marked files (ebpf/src/fs_meta.rs).
+pub const PROG_EXT4_SETATTR: &str = "doppel_ext4_setattr";
+pub const PROG_EXT4_TRUNCATE: &str = "doppel_ext4_truncate";
+pub const PROG_EXT4_FALLOCATE: &str = "doppel_ext4_fallocate";
+pub const PROG_EXT4_PUNCH_HOLE: &str = "doppel_ext4_punch_hole";
+pub const PROG_EXT4_ZERO_RANGE: &str = "doppel_ext4_zero_range";
+pub const PROG_EXT4_COLLAPSE_RANGE: &str = "doppel_ext4_collapse_range";
+pub const PROG_EXT4_INSERT_RANGE: &str = "doppel_ext4_insert_range";
+pub const PROG_FILEMAP_FAULT: &str = "doppel_filemap_fault";
+pub const PROG_FILEMAP_MAP_PAGES: &str = "doppel_filemap_map_pages";
 /// The inode bitmap (one bit per inode number of each filesystem in `MARK_FS`).
 pub const MAP_MARKS: &str = "MARKS";
 pub const MAP_MARK_FS: &str = "MARK_FS";

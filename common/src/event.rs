@@ -56,6 +56,18 @@ extern "C" {
     fn clock_gettime(clk: i32, ts: *mut libc_timespec) -> i32;
 }
 
+/// What happened to a directory entry, as the filesystem reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EntryChange {
+    /// Made (created, linked, a directory made, a node made).
+    /// (`Attrib` with an empty name is about the directory itself.)
+    Made,
+    /// Removed (unlinked, a directory removed).
+    Removed,
+    /// Mode, owner, times, link count or extended attributes changed.
+    Attrib,
+}
+
 /// One change seen by the kernel program, in capture order.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CaptureEvent {
@@ -92,6 +104,31 @@ pub enum CaptureEvent {
         parent: Option<FileId>,
         path: Option<PathArg>,
         size: u64,
+    },
+    /// The size of `file` was set (inside the filesystem: truncate, `O_TRUNC`, up or
+    /// down): the file's size when this is handled is what it must have.
+    Resized {
+        file: FileId,
+        parent: Option<FileId>,
+    },
+    /// The attributes of `file` (times, most often) may have changed: inside the
+    /// filesystem, where `utimensat` of the mtime alone leaves its only trace.
+    Touched { file: FileId },
+    /// An entry named `name` in directory `dir` was made, removed, or had its
+    /// attributes changed (`change`), as the filesystem reported it (fanotify): what the
+    /// directory holds under that name now is what the replica must hold.
+    Entry {
+        dir: FileId,
+        name: Vec<u8>,
+        change: EntryChange,
+    },
+    /// The entry `from_name` of `from_dir` was renamed to `to_name` of `to_dir`
+    /// (fanotify; a `RENAME_EXCHANGE` reports both directions, one after the other).
+    Moved {
+        from_dir: FileId,
+        from_name: Vec<u8>,
+        to_dir: FileId,
+        to_name: Vec<u8>,
     },
     /// `unlink`/`unlinkat` (`is_dir == false`) or `rmdir`/`unlinkat(AT_REMOVEDIR)`.
     Removed { path: PathArg, is_dir: bool },

@@ -117,13 +117,13 @@ fn mark_word_of(id: KFileId) -> Option<(*mut u64, u64, KFileId)> {
 
 /// `inode`'s identity if it is marked (a file or directory of a set).
 #[inline(always)]
-fn marked(inode: u64) -> Option<KFileId> {
+pub fn marked(inode: u64) -> Option<KFileId> {
     is_marked(mark_word(inode)?)
 }
 
 /// [`marked`] for an inode handed in by the tracepoint: the unwatched fast path.
 #[inline(always)]
-fn arg_marked(inode: u64) -> Option<KFileId> {
+pub fn arg_marked(inode: u64) -> Option<KFileId> {
     is_marked(arg_mark_word(inode)?)
 }
 
@@ -143,7 +143,7 @@ pub fn covers(file: &KFileId) -> bool {
 
 /// The directory of `inode`'s first name, or zeros when it has none (yet).
 #[inline(always)]
-fn parent_or_none(inode: u64) -> KFileId {
+pub fn parent_or_none(inode: u64) -> KFileId {
     first_parent(inode).unwrap_or(KFileId { dev: 0, ino: 0 })
 }
 

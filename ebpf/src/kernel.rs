@@ -113,6 +113,12 @@ offsets!(
     OFF_FOLIO_MAPPING,
     OFF_FOLIO_PRIVATE,
     OFF_BH_B_DATA,
+    // Where `ext4_setattr`'s and `ext4_dirty_inode`'s code lie (fs_meta.rs); START >
+    // END when unknown.
+    SETATTR_IP_START,
+    SETATTR_IP_END,
+    DIRTY_INODE_IP_START,
+    DIRTY_INODE_IP_END,
     // io_uring opcodes (enum io_uring_op); u64::MAX for one this kernel lacks.
     URING_OP_WRITE,
     URING_OP_WRITEV,

@@ -13,7 +13,9 @@
 //! Layout: `kernel` (offsets and pointer walks), `maps` (maps, filter, ring-full
 //! fallback), `data` (write-family and copy syscalls), `ns` (namespace, size and
 //! attribute changes), `uring` (io_uring completions), `mmap` (shared mappings), `fs`
-//! (BTF tracepoints inside ext4 and iomap: the writes no syscall handler sees).
+//! (BTF tracepoints inside ext4 and iomap: the writes no syscall handler sees), `fs_meta`
+//! (sizes, fallocate and shared-mapping faults of marked files, for sets that need no
+//! syscall hook at all).
 #![no_std]
 #![no_main]
 // Atomic read-modify-write on map memory (the inode bitmap, fs.rs): the BPF target's
@@ -24,6 +26,7 @@
 mod bytes;
 mod data;
 mod fs;
+mod fs_meta;
 mod kernel;
 mod maps;
 mod mmap;

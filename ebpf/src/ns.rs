@@ -331,6 +331,11 @@ pub fn file_record(file: u64, regular_only: bool, kind: u32, flags: u32, offset:
     let Some((file, parent)) = watched_file(file, regular_only) else {
         return;
     };
+    // Sizes, allocation and mappings of a file on a filesystem the bitmap covers are
+    // reported inside it (fs_meta.rs), whatever door the call came in by.
+    if matches!(kind, KIND_FTRUNCATE | KIND_FALLOC | KIND_MAPPED) && crate::fs::covers(&file) {
+        return;
+    }
     let pid = tgid();
     if ignored(pid) {
         return;

@@ -20,6 +20,7 @@ pub const TARGETS: &[&str] = &[
     "capture_records",
     "receiver_apply_paths",
     "journal_records",
+    "namespace_events",
 ];
 
 /// Runs the check of `target` on `data`.
@@ -29,6 +30,7 @@ pub fn check(target: &str, data: &[u8]) {
         "capture_records" => capture_records(data),
         "receiver_apply_paths" => receiver_apply_paths(data),
         "journal_records" => journal_records(data),
+        "namespace_events" => namespace_events(data),
         other => panic!("unknown fuzz target {other}"),
     }
 }
@@ -142,6 +144,34 @@ pub fn capture_records(data: &[u8]) {
                     _ => {}
                 }
             }
+        }
+    }
+}
+
+/// fanotify's event stream (`capture::fanotify::parse`): no panic, every name is one
+/// name in a directory (no slash, not ".."), and no more events than the buffer's
+/// metadata records could carry (three per record at most, merged bits).
+pub fn namespace_events(data: &[u8]) {
+    let inode = |_fsid: [i32; 2], _ty: i32, h: &[u8]| {
+        Some(doppel_common::event::FileId {
+            dev: 1,
+            ino: h.first().copied().unwrap_or(0) as u64,
+        })
+    };
+    let mut events = Vec::new();
+    let seen = doppel_agent::capture::fanotify::parse(data, &inode, &mut |e| events.push(e));
+    assert!(seen <= data.len() / 24);
+    assert!(events.len() <= 3 * seen, "{} events from {seen} records", events.len());
+    for e in &events {
+        let names: Vec<&[u8]> = match e {
+            CaptureEvent::Entry { name, .. } => vec![name],
+            CaptureEvent::Moved {
+                from_name, to_name, ..
+            } => vec![from_name, to_name],
+            _ => vec![],
+        };
+        for n in names {
+            assert!(!n.contains(&b'/') && n != b"..", "bad name {n:?}");
         }
     }
 }

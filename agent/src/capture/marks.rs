@@ -97,6 +97,11 @@ fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
     (slots, total)
 }
 
+/// Devices of `filesystems` the bitmap will cover (those that fit).
+pub fn covered_devs(filesystems: &[MarkedFs]) -> Vec<u64> {
+    layout(filesystems).0.iter().map(|s| s.dev).collect()
+}
+
 /// Words of the `MARKS` array to create for `filesystems` (at least one).
 pub fn words_for(filesystems: &[MarkedFs]) -> u32 {
     let (_, total) = layout(filesystems);
@@ -205,7 +210,7 @@ impl InodeMarks {
         }
     }
 
-    #[cfg(test)]
+    /// Whether `id` is marked (a file or directory of a set, or made in one since).
     pub fn is_marked(&self, id: FileId) -> bool {
         self.bit(id)
             .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)

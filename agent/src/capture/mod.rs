@@ -13,6 +13,8 @@
 
 pub mod btf;
 pub mod decode;
+pub mod fanotify;
+mod kallsyms;
 pub mod marks;
 mod tracefs;
 
@@ -85,14 +87,29 @@ pub struct CaptureOptions {
     pub ring_bytes: usize,
     /// Processes whose changes are never captured. The agent's own pid is always added.
     pub ignore_tgids: Vec<u32>,
-    /// Filesystems (ext4) whose writes are also captured inside the filesystem, which
-    /// sees every way bytes reach a file (Linux AIO, 32-bit syscalls), filtered by an
-    /// inode bitmap sized from these.
+    /// Filesystems (ext4) whose writes are captured inside the filesystem, which sees
+    /// every way bytes reach a file (Linux AIO, 32-bit syscalls), filtered by an inode
+    /// bitmap sized from these.
     pub mark_filesystems: Vec<MarkedFs>,
-    /// Attach the syscall, io_uring and shared-mapping programs (the default). Off, only
-    /// the filesystem programs run: what capture costs once no syscall hook is needed
-    /// (`cargo xtask bench capture`); namespace changes are then not captured.
-    pub syscall_capture: bool,
+    /// The sets' roots: the filesystem of each one covered by the inode bitmap gets a
+    /// fanotify mark for its namespace changes (see `fanotify.rs`).
+    pub set_roots: Vec<std::path::PathBuf>,
+    /// When the syscall, io_uring and mmap-syscall programs are attached.
+    pub syscall_capture: SyscallCapture,
+}
+
+/// When the `sys_exit` program (and the io_uring programs) are attached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyscallCapture {
+    /// Always (the capture's own tests of the syscall path).
+    Always,
+    /// Only when a set's filesystem is not captured entirely inside the filesystem
+    /// (data, sizes, namespace): the daemon. A host whose sets all live on ext4 then
+    /// pays nothing per syscall.
+    WhereNeeded,
+    /// Never: what capture costs once no syscall hook is needed (`cargo xtask bench
+    /// capture`); without `set_roots`, namespace changes are then not captured.
+    Never,
 }
 
 impl Default for CaptureOptions {
@@ -101,7 +118,8 @@ impl Default for CaptureOptions {
             ring_bytes: 32 << 20,
             ignore_tgids: Vec::new(),
             mark_filesystems: Vec::new(),
-            syscall_capture: true,
+            set_roots: Vec::new(),
+            syscall_capture: SyscallCapture::Always,
         }
     }
 }
@@ -142,6 +160,9 @@ unsafe impl Pod for PodMissedRange {}
 
 struct Shared {
     stats: PerCpuArray<MapData, u64>,
+    /// Overflows of the fanotify queue (namespace changes lost, each answered with a
+    /// rescan): counted with the kernel's lost records.
+    namespace_lost: std::sync::atomic::AtomicU64,
 }
 
 impl Shared {
@@ -167,7 +188,11 @@ pub struct Capture {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     /// The inode bitmap of the filesystem programs, when they are attached.
-    marks: Option<InodeMarks>,
+    marks: Option<Arc<InodeMarks>>,
+    /// Devices whose namespace changes come from fanotify (see `fanotify.rs`).
+    namespace_devs: Vec<u64>,
+    /// Whether the `sys_exit` program is attached.
+    syscall_hook: bool,
     /// Why the filesystem programs were wanted but could not be attached.
     fs_problem: Option<String>,
     /// Test hook: while set, the reader leaves the ring alone (so it can fill up).
@@ -258,6 +283,67 @@ const FS: Group = &[
     (abi::PROG_DIO_BEGIN, "iomap_dio_rw_begin"),
     (abi::PROG_DIO_COMPLETE, "iomap_dio_complete"),
 ];
+
+/// Programs inside ext4 for sizes and `fallocate` (ebpf/src/fs_meta.rs).
+const FS_META: Group = &[
+    (abi::PROG_EXT4_SETATTR, "ext4_mark_inode_dirty"),
+    (abi::PROG_EXT4_TRUNCATE, "ext4_truncate_enter"),
+    (abi::PROG_EXT4_FALLOCATE, "ext4_fallocate_enter"),
+    (abi::PROG_EXT4_PUNCH_HOLE, "ext4_punch_hole"),
+    (abi::PROG_EXT4_ZERO_RANGE, "ext4_zero_range"),
+    (abi::PROG_EXT4_COLLAPSE_RANGE, "ext4_collapse_range"),
+    (abi::PROG_EXT4_INSERT_RANGE, "ext4_insert_range"),
+];
+
+/// Page-cache faults into files mapped shared and writable (raw tracepoints).
+const FS_FAULTS: Group = &[
+    (abi::PROG_FILEMAP_FAULT, "mm_filemap_fault"),
+    (abi::PROG_FILEMAP_MAP_PAGES, "mm_filemap_map_pages"),
+];
+
+/// Every program of the capture inside the filesystem, or none: a set is captured
+/// there entirely (data, sizes, allocation, mapping faults) or at the syscall door.
+fn attach_filesystem(ebpf: &mut Ebpf) -> Result<()> {
+    attach_btf(ebpf, FS)?;
+    attach_btf(ebpf, FS_META)?;
+    for &(name, _) in FS_FAULTS {
+        raw_tracepoint(name, ebpf.program_mut(name))?
+            .load()
+            .map_err(|e| explain_program_error(e, "load"))?;
+    }
+    attach(ebpf, FS_FAULTS)
+}
+
+/// The filesystem globals with where `ext4_setattr` and `ext4_dirty_inode` lie, which
+/// the size and times program needs:
+/// without it, the filesystem programs are not attached.
+fn with_setattr_range(
+    mut globals: Vec<(&'static str, u64)>,
+    found: Result<()>,
+) -> (Vec<(&'static str, u64)>, Result<()>) {
+    let mut found = found;
+    for (function, start_global, end_global) in [
+        ("ext4_setattr", "SETATTR_IP_START", "SETATTR_IP_END"),
+        (
+            "ext4_dirty_inode",
+            "DIRTY_INODE_IP_START",
+            "DIRTY_INODE_IP_END",
+        ),
+    ] {
+        let range = kallsyms::function_range(function);
+        let (start, end) = *range.as_ref().unwrap_or(&(u64::MAX, 0));
+        globals.push((start_global, start));
+        globals.push((end_global, end));
+        found = found.and(range.map(|_| ()));
+    }
+    (globals, found)
+}
+
+/// `st_dev` of a set root, if it can be looked at.
+fn root_dev(root: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(root).ok().map(|m| m.dev())
+}
 
 /// Loads and attaches BTF tracepoint programs (the filesystem programs, the floor).
 /// The kernel verifies them against the tracepoints' types, read from its BTF.
@@ -387,6 +473,7 @@ impl Capture {
         let (offsets, (uring_globals, uring), (mmap_globals, mmap), (fs_globals, fs)) = ours
             .join()
             .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))??;
+        let (fs_globals, fs) = with_setattr_range(fs_globals, fs);
         let ring_bytes = ring_size(opts.ring_bytes)?;
         let globals = offsets.iter().chain(&uring_globals).chain(&mmap_globals);
         for (name, value) in globals.chain(&fs_globals) {
@@ -401,20 +488,80 @@ impl Capture {
         // heap's layout after freeing aya's ~20 MiB copy of the BTF, most likely).
         let mut ebpf = loader.load(PROGRAM).map_err(explain_load_error)?;
 
-        let sys = opts.syscall_capture;
-        let (main, wanted) = if sys {
-            let wanted = [mmap.is_ok().then_some(MMAP), uring.is_ok().then_some(URING)];
-            (SYS_EXIT, wanted)
+        // Inside the filesystem first: whether a set still needs the syscall hook
+        // depends on what of it could be attached.
+        let fs_wanted = !opts.mark_filesystems.is_empty();
+        let mut fs_problem = None;
+        let fs_attached = fs_wanted
+            && match fs
+                .and(mmap.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}")))
+                .and_then(|()| attach_filesystem(&mut ebpf))
+            {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(
+                        "writes will not be captured inside the filesystem: {e:#}; writes \
+                         through Linux AIO (io_submit) and 32-bit syscalls are not replicated"
+                    );
+                    fs_problem = Some(format!("{e:#}"));
+                    false
+                }
+            };
+        let marked_devs = if fs_attached {
+            marks::covered_devs(&opts.mark_filesystems)
         } else {
-            (&[][..], [None, None])
+            Vec::new()
         };
+        let covered_roots: Vec<&std::path::Path> = opts
+            .set_roots
+            .iter()
+            .filter(|r| root_dev(r).is_some_and(|d| marked_devs.contains(&d)))
+            .map(|r| r.as_path())
+            .collect();
+        let namespace = if covered_roots.is_empty() {
+            None
+        } else {
+            match fanotify::Namespace::new(covered_roots.iter().copied()) {
+                Ok(n) => Some(n),
+                Err(e) => {
+                    warn!(
+                        "namespace changes of sets on ext4 will be captured at the syscall \
+                         door: {e:#}"
+                    );
+                    fs_problem = Some(format!("{e:#}"));
+                    None
+                }
+            }
+        };
+        let namespace_devs: Vec<u64> = if namespace.is_some() {
+            covered_roots.iter().filter_map(|r| root_dev(r)).collect()
+        } else {
+            Vec::new()
+        };
+        let sys = match opts.syscall_capture {
+            SyscallCapture::Always => true,
+            SyscallCapture::Never => false,
+            SyscallCapture::WhereNeeded => opts
+                .set_roots
+                .iter()
+                .any(|r| root_dev(r).is_none_or(|d| !namespace_devs.contains(&d))),
+        };
+        let main = if sys { SYS_EXIT } else { &[][..] };
+        let wanted = [
+            mmap.is_ok().then_some(MMAP),
+            (sys && uring.is_ok()).then_some(URING),
+        ];
         let (loaded, [mmap_loaded, uring_loaded]) = load_groups(&mut ebpf, main, wanted);
         loaded?;
         attach(&mut ebpf, main)?;
-        let mmap_ok = mmap.as_ref().map(|_| ()).map_err(|e| anyhow!("{e:#}"));
-        if !sys {
-            warn!("syscall capture is off: only writes are captured, inside the filesystem");
-        } else if let Err(e) = mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
+        if sys {
+            tracing::info!("the syscall capture (sys_exit) is attached");
+        } else {
+            tracing::info!(
+                "no syscall hook is attached: every set is captured inside its filesystem"
+            );
+        }
+        if let Err(e) = mmap.and(mmap_loaded).and_then(|()| attach(&mut ebpf, MMAP)) {
             warn!(
                 "stores through shared mappings will not be captured: {e:#}; files written \
                  through MAP_SHARED mappings are not replicated"
@@ -434,23 +581,14 @@ impl Capture {
                 ),
             }
         }
-
-        // The filesystem programs need the shared-mapping offsets too (a file's
-        // first name).
-        let fs_wanted = !opts.mark_filesystems.is_empty();
-        let mut fs_problem = None;
-        let fs_attached = fs_wanted
-            && match fs.and(mmap_ok).and_then(|()| attach_btf(&mut ebpf, FS)) {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(
-                        "writes will not be captured inside the filesystem: {e:#}; writes \
-                         through Linux AIO (io_submit) and 32-bit syscalls are not replicated"
-                    );
-                    fs_problem = Some(format!("{e:#}"));
-                    false
-                }
-            };
+        if fs_attached {
+            tracing::info!(
+                "writes to sets on ext4 are captured inside the filesystem (every way \
+                 bytes reach a file, Linux AIO and 32-bit syscalls included)"
+            );
+        }
+        // Maps are taken out of the object only once every program is loaded: the
+        // loads refer to them.
         let mut take = |name: &str| {
             ebpf.take_map(name)
                 .with_context(|| format!("the embedded capture program has no map {name}"))
@@ -461,11 +599,7 @@ impl Capture {
                 take(abi::MAP_MARK_FS)?,
                 &opts.mark_filesystems,
             )?;
-            tracing::info!(
-                "writes to sets on ext4 are also captured inside the filesystem (every way \
-                 bytes reach a file, Linux AIO and 32-bit syscalls included)"
-            );
-            Some(m)
+            Some(Arc::new(m))
         } else {
             None
         };
@@ -477,8 +611,12 @@ impl Capture {
         let control = Array::try_from(take(abi::MAP_CONTROL)?)?;
         let stats = PerCpuArray::try_from(take(abi::MAP_STATS)?)?;
 
+        let marks_for_reader = marks.clone();
         let (tx, rx) = mpsc::channel(CHANNEL_BATCHES);
-        let shared = Arc::new(Shared { stats });
+        let shared = Arc::new(Shared {
+            stats,
+            namespace_lost: Default::default(),
+        });
         let stop = Arc::new(AtomicBool::new(false));
         let paused = Arc::new(AtomicBool::new(false));
         let mut reader = Reader {
@@ -492,12 +630,16 @@ impl Capture {
             gen: 0,
             lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
+            namespace,
+            marks: marks_for_reader,
         };
         let mut capture = Capture {
             watched: Mutex::new(watched),
             linked: Mutex::new(linked),
             linked_full: AtomicBool::new(false),
             marks,
+            namespace_devs,
+            syscall_hook: sys,
             fs_problem,
             ignore: Mutex::new(ignore),
             shared,
@@ -585,6 +727,17 @@ impl Capture {
         self.marks.as_ref().is_some_and(|m| m.covers(dev))
     }
 
+    /// Whether namespace and attribute changes on device `dev` are reported by the
+    /// filesystem (fanotify) rather than at the syscall door.
+    pub fn namespace_in_filesystem(&self, dev: u64) -> bool {
+        self.namespace_devs.contains(&dev)
+    }
+
+    /// Whether the `sys_exit` program is attached (some set needs it).
+    pub fn syscall_hook(&self) -> bool {
+        self.syscall_hook
+    }
+
     /// Never capture changes made by process `tgid`.
     pub fn ignore_pid(&self, tgid: u32) -> Result<()> {
         lock(&self.ignore).insert(tgid, 1, 0).with_context(|| {
@@ -605,7 +758,7 @@ impl Capture {
             events: self.shared.stat(STAT_EVENTS),
             data_bytes: self.shared.stat(STAT_DATA_BYTES),
             missed_ranges: self.shared.stat(STAT_MISSED),
-            lost: self.shared.stat(STAT_LOST),
+            lost: self.shared.stat(STAT_LOST) + self.shared.namespace_lost.load(Ordering::Relaxed),
         }
     }
 }
@@ -701,6 +854,10 @@ struct Reader {
     /// Losses counted by the kernel and not reported yet (see [`LostMarker`]).
     lost: LostMarker,
     bad_records: u64,
+    /// Namespace changes of the filesystems captured inside the filesystem.
+    namespace: Option<fanotify::Namespace>,
+    /// Which directories are in a set (their namespace events are kept).
+    marks: Option<Arc<InodeMarks>>,
 }
 
 impl Reader {
@@ -709,6 +866,9 @@ impl Reader {
         let mut next_drain = Instant::now() + DRAIN_PERIOD;
         while !self.stop.load(Ordering::Relaxed) {
             if pending.is_empty() && !self.paused.load(Ordering::Relaxed) {
+                // Namespace changes first: the ring's records may be older than them,
+                // never newer (what was queued before the ring was read is in).
+                self.read_namespace(&mut pending);
                 self.read_ring(&mut pending);
             }
             let now = Instant::now();
@@ -770,15 +930,40 @@ impl Reader {
         }
     }
 
+    fn read_namespace(&mut self, out: &mut Vec<Captured>) {
+        let (Some(ns), Some(marks)) = (self.namespace.as_mut(), self.marks.as_ref()) else {
+            return;
+        };
+        let mut events = Vec::new();
+        ns.read(&|dir| marks.is_marked(dir), &mut events);
+        let lost = events
+            .iter()
+            .filter(|e| matches!(e, CaptureEvent::Lost { .. }))
+            .count();
+        if lost > 0 {
+            warn!("the namespace event queue overflowed: the sets are rescanned");
+            self.shared
+                .namespace_lost
+                .fetch_add(lost as u64, Ordering::Relaxed);
+        }
+        let time = monotonic_ns();
+        out.extend(events.into_iter().map(|event| Captured { time, event }));
+    }
+
     fn wait_readable(&self, timeout: Duration) {
-        let mut pfd = libc::pollfd {
-            fd: self.ring.as_fd().as_raw_fd(),
+        let pfd = |fd| libc::pollfd {
+            fd,
             events: libc::POLLIN,
             revents: 0,
         };
+        let mut fds = [pfd(self.ring.as_fd().as_raw_fd()), pfd(-1)];
+        if let Some(ns) = &self.namespace {
+            fds[1] = pfd(ns.raw_fd());
+        }
         let ms = timeout.as_millis().clamp(1, 1000) as libc::c_int;
-        // SAFETY: one valid pollfd. EINTR or errors just end the wait early.
-        unsafe { libc::poll(&mut pfd, 1, ms) };
+        // SAFETY: two valid pollfds (a negative fd is ignored). EINTR or errors just
+        // end the wait early.
+        unsafe { libc::poll(fds.as_mut_ptr(), 2, ms) };
     }
 
     /// Collects missed ranges recorded at least one drain period ago, then moves the

@@ -92,6 +92,12 @@ fn in_dirs(dirs: Vec<FileId>) -> impl Fn(&CaptureEvent) -> bool {
             CaptureEvent::AttrChanged { parent, path, .. } => {
                 parent_ok(parent) || path.as_ref().map(base_ok).unwrap_or(false)
             }
+            CaptureEvent::Resized { parent, .. } => parent_ok(parent),
+            CaptureEvent::Touched { .. } => false,
+            CaptureEvent::Entry { dir, .. } => dirs.contains(dir),
+            CaptureEvent::Moved {
+                from_dir, to_dir, ..
+            } => dirs.contains(from_dir) || dirs.contains(to_dir),
             CaptureEvent::Fallocated { parent, .. }
             | CaptureEvent::MapDirty { parent, .. }
             | CaptureEvent::Mapped { parent, .. } => dirs.contains(parent),

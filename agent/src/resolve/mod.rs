@@ -33,6 +33,7 @@ use crate::overlap::Overlaps;
 use crate::pacing::RescanPacing;
 use crate::pagecache::{dirty_pages, write_back};
 
+mod entries;
 mod mappings;
 mod mirror;
 mod names;
@@ -110,6 +111,9 @@ pub struct Resolver<W: Watcher> {
     streaming: bool,
     /// When the running scan started (Unix seconds): where its orphans are moved aside.
     orphan_batch: u64,
+    /// Per set: its namespace changes are reported by the filesystem (`entries`), not
+    /// at the syscall door (`names`).
+    fs_namespace: Vec<bool>,
 }
 
 fn unix_seconds() -> u64 {
@@ -147,6 +151,10 @@ const UNSEEN_PATIENCE_NS: u64 = 500_000_000;
 struct Touched {
     /// Its extended attributes too.
     xattrs: bool,
+    /// Only a time update inside the filesystem touched it (`CaptureEvent::Touched`),
+    /// which a read's atime update makes too: sent only if its ctime moved since its
+    /// last access (see [`Resolver::finish`]).
+    times_only: bool,
     /// When [`Resolver::finish`] first found it elsewhere than the index says (0: not
     /// yet). The source is ahead of the events resolved so far, e.g. the file was
     /// renamed and that event is still to come: it is kept until the index catches up.
@@ -205,11 +213,23 @@ impl<W: Watcher> Resolver<W> {
             scan_sink: None,
             orphan_batch: 0,
             streaming: false,
+            fs_namespace: Vec::new(),
         })
     }
 
     pub fn sets(&self) -> &[Set] {
         &self.sets
+    }
+
+    /// Set `set`'s namespace changes are reported by its filesystem (fanotify events,
+    /// [`CaptureEvent::Entry`]); those of the syscall door about it are ignored.
+    pub fn set_namespace_in_filesystem(&mut self, set: usize, yes: bool) {
+        if self.fs_namespace.len() < self.sets.len() {
+            self.fs_namespace.resize(self.sets.len(), false);
+        }
+        if let Some(f) = self.fs_namespace.get_mut(set) {
+            *f = yes;
+        }
     }
 
     /// Emits the attributes of every entry touched since the last call, as they are
@@ -253,9 +273,21 @@ impl<W: Watcher> Resolver<W> {
             } else if now - d.since < TOUCH_PATIENCE_NS {
                 self.deferred.push(d);
             } else if let Some(dir) = self.parent_of(&loc) {
-                // The index is wrong about this name: copy its directory again.
+                // The index is wrong about this name: copy its directory again. The
+                // file may have moved on from there meanwhile (its event still to
+                // come): it is read whole once the index knows where it went (or
+                // dropped, if that rescan finds it gone).
                 warn!(path = %abs.display(), "a changed file is not where the index says; copying its directory again");
                 self.rescan.entry(dir).or_insert(now);
+                if d.len != u64::MAX || d.offset != 0 {
+                    self.deferred.push(Deferred {
+                        offset: 0,
+                        len: u64::MAX,
+                        since: now,
+                        short: false,
+                        ..d
+                    });
+                }
             }
         }
         let rescan: Vec<(FileId, u64)> = self.rescan.drain().collect();
@@ -288,7 +320,11 @@ impl<W: Watcher> Resolver<W> {
             let abs = self.index.abs(&loc);
             match std::fs::symlink_metadata(&abs) {
                 Ok(m) if file_id(&m) == id => {
-                    if self.replicated(&loc, m.is_dir()) {
+                    // A read's atime update (relatime) changes no ctime: nothing the
+                    // replica keeps changed since the last change it was sent.
+                    let accessed_only =
+                        t.times_only && (m.atime(), m.atime_nsec()) > (m.ctime(), m.ctime_nsec());
+                    if self.replicated(&loc, m.is_dir()) && !accessed_only {
                         tracing::trace!(path = %loc.rel.display(), "attributes");
                         emit_meta(loc.set, &abs, &loc.rel, &m, t.xattrs, out);
                     }
@@ -310,8 +346,18 @@ impl<W: Watcher> Resolver<W> {
     /// must be sent at the next [`Resolver::finish`].
     fn touch(&mut self, id: Option<FileId>, xattrs: bool) {
         if let Some(id) = id {
-            self.touched.entry(id).or_default().xattrs |= xattrs;
+            let t = self.touched.entry(id).or_default();
+            t.xattrs |= xattrs;
+            t.times_only = false;
         }
+    }
+
+    /// `id`'s times may have changed ([`CaptureEvent::Touched`]).
+    fn touch_times(&mut self, id: FileId) {
+        self.touched.entry(id).or_insert(Touched {
+            times_only: true,
+            ..Touched::default()
+        });
     }
 
     /// The directory holding `loc` changed (an entry was made, removed or renamed).
@@ -387,6 +433,10 @@ impl<W: Watcher> Resolver<W> {
         let Some(loc) = self.file_location(file, parent, out) else {
             return Standing::Unknown;
         };
+        if self.index.is_dir(file) {
+            // The file was removed and a directory took its inode number.
+            return Standing::Unknown;
+        }
         if !self.scanned_after(Some(file), time) {
             Standing::Fresh(loc)
         } else if end > self.index.seen_len(file) {
@@ -397,7 +447,25 @@ impl<W: Watcher> Resolver<W> {
     }
 
     fn resolve_inner(&mut self, ev: CaptureEvent, time: u64, out: &mut Vec<SetOp>) {
+        if self.reported_by_filesystem(&ev) {
+            return;
+        }
         match ev {
+            CaptureEvent::Entry { dir, name, change } => {
+                self.entry_changed(dir, &name, change, out)
+            }
+            CaptureEvent::Moved {
+                from_dir,
+                from_name,
+                to_dir,
+                to_name,
+            } => self.entry_moved((from_dir, &from_name), (to_dir, &to_name), out),
+            CaptureEvent::Resized { file, parent } => self.resized(file, parent, time, out),
+            CaptureEvent::Touched { file } => {
+                if self.index.location(file).is_some() {
+                    self.touch_times(file);
+                }
+            }
             CaptureEvent::Data {
                 file,
                 parent,
@@ -651,6 +719,40 @@ impl<W: Watcher> Resolver<W> {
                     warn!(records, "the kernel lost change records again, soon after a rescan; rescanning every set once more in a while (see pacing.rs)");
                 }
             }
+        }
+    }
+}
+
+impl<W: Watcher> Resolver<W> {
+    /// The size of `file` was set at `time`: the replica's file gets the size the
+    /// source's has now. Larger than at `time` only if writes followed, whose records
+    /// come after this one and fill what this leaves as zeros.
+    fn resized(&mut self, file: FileId, parent: Option<FileId>, time: u64, out: &mut Vec<SetOp>) {
+        let Some(loc) = self.current(file, parent, time, out) else {
+            self.unresolved += 1;
+            return;
+        };
+        if !self.sets[loc.set].rules.file(&loc.rel) {
+            return;
+        }
+        self.touch(Some(file), false);
+        match open_as(&self.index.abs(&loc), file) {
+            Some((_, m)) => out.push(SetOp {
+                set: loc.set,
+                op: Op::Truncate {
+                    path: rel_path(&loc.rel),
+                    size: m.len(),
+                },
+            }),
+            // Not where the index says (moved on since): read whole once it is known
+            // where it went, which sets the size too.
+            None => self.deferred.push(Deferred {
+                file,
+                offset: 0,
+                len: u64::MAX,
+                since: monotonic_ns(),
+                short: false,
+            }),
         }
     }
 }

@@ -142,6 +142,23 @@ impl<W: Watcher> Resolver<W> {
         out: &mut Vec<SetOp>,
     ) -> bool {
         let id = file_id(m);
+        if self.fs_namespace.get(set).copied().unwrap_or(false) {
+            // Known under a name the source no longer has it by (moved here, or the
+            // number reused by a new entry, while the event that says so is still to
+            // come): that name goes from the replica, and this one is entered as new.
+            let here = Location {
+                set,
+                rel: rel.to_path_buf(),
+            };
+            self.drop_stale_names(id, &here, out);
+            if let Some(k) = self.index.lookup(&here).filter(|&k| k != id) {
+                // Another entry had this name (renamed over, or removed and the name
+                // made again): the replica's is removed first, so that a creation here
+                // does not write into it (a hard link's other names share it).
+                let is_dir = self.index.is_dir(k);
+                self.remove(here, is_dir, out);
+            }
+        }
         let rules = &self.sets[set].rules;
         if m.is_dir() {
             if !rules.dir(rel) {

@@ -278,7 +278,20 @@ const RENAME_EXCHANGE: u32 = 2;
 
 /// One run: `steps` source operations from `seed`, their events resolved late.
 /// Returns a description of what went wrong, if anything did.
+/// How the events reach the resolver.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Door {
+    /// As the `sys_exit` program reports them: the calls, with their paths.
+    Syscalls,
+    /// As the filesystem does (fanotify and ext4's tracepoints): directory and name.
+    Filesystem,
+}
+
 pub(super) fn run(seed: u64, steps: usize) -> Result<(), String> {
+    run_through(seed, steps, Door::Syscalls)
+}
+
+pub(super) fn run_through(seed: u64, steps: usize, door: Door) -> Result<(), String> {
     let src = tempfile::tempdir().unwrap();
     let root = src.path().canonicalize().unwrap();
     let mut rng = Rng::new(seed);
@@ -292,6 +305,7 @@ pub(super) fn run(seed: u64, steps: usize) -> Result<(), String> {
         std::fs::write(root.join(f), rng.bytes(n)).unwrap();
     }
     let mut r = setup(&root, &w);
+    r.set_namespace_in_filesystem(0, door == Door::Filesystem);
     let mut disk = Disk::new();
     let mut out = Vec::new();
     let mut log: Vec<String> = Vec::new();
@@ -308,11 +322,14 @@ pub(super) fn run(seed: u64, steps: usize) -> Result<(), String> {
         disk.answer(r, out);
     };
     for _ in 0..steps {
-        let (what, events) = step(&root, &mut rng);
+        let (what, events) = step(&root, &mut rng, door);
         if let Some(what) = what {
             log.push(what);
         }
-        pending.extend(events);
+        match door {
+            Door::Syscalls => pending.extend(events),
+            Door::Filesystem => pending.extend(events.into_iter().flat_map(reported_inside)),
+        }
         // The agent catches up with some of what happened, or with none of it.
         let n = match rng.below(10) {
             0..=3 => pending.len(),
@@ -494,7 +511,48 @@ fn entries(root: &Path) -> Vec<(String, bool)> {
 
 /// One random source operation, done now; its description and the events the capture
 /// would report for it.
-fn step(root: &Path, rng: &mut Rng) -> (Option<String>, Vec<Captured>) {
+/// What the filesystem reports for a change `ev` reports at the syscall door: the
+/// directory and name of each entry it made, removed or renamed (data records are the
+/// same on both doors; sizes are made by `step`). Made while the directories are there.
+fn reported_inside(ev: Captured) -> Vec<Captured> {
+    let at = |a: &PathArg| {
+        let p = Path::new(OsStr::from_bytes(&a.path));
+        let dir = id_of(p.parent().unwrap());
+        (dir, p.file_name().unwrap().as_bytes().to_vec())
+    };
+    let entry = |a: &PathArg, change| {
+        let (dir, name) = at(a);
+        CaptureEvent::Entry { dir, name, change }
+    };
+    let moved = |from: &PathArg, to: &PathArg| {
+        let ((from_dir, from_name), (to_dir, to_name)) = (at(from), at(to));
+        CaptureEvent::Moved {
+            from_dir,
+            from_name,
+            to_dir,
+            to_name,
+        }
+    };
+    use doppel_common::event::EntryChange::{Made, Removed};
+    let events = match &ev.event {
+        CaptureEvent::Created { path, .. }
+        | CaptureEvent::Made { path }
+        | CaptureEvent::Linked { to: path, .. } => vec![entry(path, Made)],
+        CaptureEvent::Removed { path, .. } => vec![entry(path, Removed)],
+        CaptureEvent::Renamed { from, to, flags } if flags & RENAME_EXCHANGE != 0 => {
+            vec![moved(from, to), moved(to, from)]
+        }
+        CaptureEvent::Renamed { from, to, .. } => vec![moved(from, to)],
+        _ => return vec![ev],
+    };
+    events.into_iter().map(|e| at_time(ev.time, e)).collect()
+}
+
+fn at_time(time: u64, event: CaptureEvent) -> Captured {
+    Captured { time, event }
+}
+
+fn step(root: &Path, rng: &mut Rng, door: Door) -> (Option<String>, Vec<Captured>) {
     let all = entries(root);
     let files: Vec<String> = all.iter().filter(|e| !e.1).map(|e| e.0.clone()).collect();
     let mut dirs: Vec<String> = vec![String::new()];
@@ -586,13 +644,30 @@ fn step(root: &Path, rng: &mut Rng) -> (Option<String>, Vec<Captured>) {
                 .open(p(&rel))
                 .unwrap();
             f.set_len(size).unwrap();
-            let ev = now(CaptureEvent::Truncated {
-                file: Some(id_of(&p(&rel))),
-                parent: Some(dir_of(&rel)),
+            let (file, parent) = (id_of(&p(&rel)), dir_of(&rel));
+            let exact = now(CaptureEvent::Truncated {
+                file: Some(file),
+                parent: Some(parent),
                 path: None,
                 size,
             });
-            (Some(format!("truncate {rel} to {size}")), vec![ev])
+            let evs = match door {
+                Door::Syscalls => vec![exact],
+                // ext4_setattr's "size set" (read when handled), then for a cut
+                // ext4_truncate's exact size.
+                Door::Filesystem => {
+                    let set = now(CaptureEvent::Resized {
+                        file,
+                        parent: Some(parent),
+                    });
+                    if size <= len as u64 {
+                        vec![set, exact]
+                    } else {
+                        vec![set]
+                    }
+                }
+            };
+            (Some(format!("truncate {rel} to {size}")), evs)
         }
         // Rename a file, perhaps over another.
         5 | 6 => {
@@ -747,6 +822,31 @@ fn random_late_sequences_end_with_the_source_tree() {
     assert!(
         failures.is_empty(),
         "{} of 200 runs differ; the first:\n{}",
+        failures.len(),
+        failures[0]
+    );
+}
+
+/// The same, with the events the filesystem reports (fanotify's directory and name,
+/// ext4's sizes): looked at, not replayed.
+#[test]
+fn random_late_filesystem_reports_end_with_the_source_tree() {
+    let steps = std::env::var("SCENARIO_STEPS").map_or(14, |s| s.parse().unwrap());
+    if let Ok(seed) = std::env::var("SCENARIO_SEED") {
+        run_through(seed.parse().unwrap(), steps, Door::Filesystem).unwrap();
+        return;
+    }
+    let runs = std::env::var("SCENARIO_MANY").map_or(200, |n| n.parse().unwrap());
+    let mut failures = Vec::new();
+    for seed in 0..runs {
+        if let Err(e) = run_through(seed, steps, Door::Filesystem) {
+            failures.push(e);
+        }
+    }
+    let seeds: Vec<&str> = failures.iter().filter_map(|f| f.lines().next()).collect();
+    assert!(
+        failures.is_empty(),
+        "{} of {runs} runs differ ({seeds:?}); the first:\n{}",
         failures.len(),
         failures[0]
     );
