@@ -258,6 +258,15 @@ fn status_table(s: &Status, now: SystemTime) -> String {
             t.reason
         );
     }
+    for t in s.sets.iter().filter(|t| !t.crash_consistent) {
+        let _ = writeln!(
+            out,
+            "{} -> {}: not crash-consistent: bytes read back from files (not copied as \
+             they were written) are not all applied yet, so one file may be ahead of \
+             another on the replica",
+            t.set, t.target
+        );
+    }
     let mut shown = Vec::new();
     for t in &s.sets {
         let Some(e) = &t.last_error else { continue };

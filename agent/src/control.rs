@@ -169,6 +169,17 @@ pub struct SetStatus {
     pub sessions: u64,
     pub failures: u64,
     pub last_error: Option<LastError>,
+    /// The target's replica of the set shows a state the source went through: every
+    /// byte applied since it last caught up was captured as it was written, in order.
+    /// False from the moment bytes had to be read back from a file (a write larger than
+    /// the capture copies, Linux AIO, a full ring, stores through a mapping, the
+    /// mirror) until the target has applied them with nothing newer pending.
+    #[serde(default = "yes")]
+    pub crash_consistent: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -276,6 +287,7 @@ impl Shared {
                     sessions: st.sessions,
                     failures: st.failures,
                     last_error: st.last_error.as_ref().map(|(at, m)| LastError::new(*at, m)),
+                    crash_consistent: q.crash_consistent(slot) && !scanning,
                 });
             }
         }

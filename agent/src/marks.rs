@@ -52,8 +52,9 @@ impl Marks {
             Op::Prune { dir, .. } | Op::PruneAside { dir, .. } => {
                 self.dirs.insert(dir.clone());
             }
-            // A verify's question changes nothing: nothing to copy again.
-            Op::List { .. } => {}
+            // A verify's question and an ordering barrier change nothing: nothing to
+            // copy again.
+            Op::List { .. } | Op::Barrier => {}
             Op::Link { to: path, .. }
             | Op::Write { path, .. }
             | Op::Truncate { path, .. }

@@ -109,6 +109,11 @@ pub fn render(shared: &Shared) -> String {
         s.sets.iter().map(|x| (row(x), x.mirror_pending as f64)),
     );
     e.gauge(
+        "crash_consistent",
+        "1 while the target's replica of the set shows a state the source went through (no bytes read back from a file applied since it last caught up).",
+        s.sets.iter().map(|x| (row(x), x.crash_consistent as u8 as f64)),
+    );
+    e.gauge(
         "connected",
         "1 while a session with the target is up.",
         per_target

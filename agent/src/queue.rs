@@ -77,6 +77,10 @@ pub struct SetQueue {
     /// Per target: file data handed to its session, and its rate.
     sent: Vec<u64>,
     rates: Vec<Rate>,
+    /// Per target: the last record of bytes read back from a file rather than captured
+    /// at write time (see [`SetQueue::order_broken`]), until it is applied with nothing
+    /// newer pending.
+    unordered_until: Vec<Option<u64>>,
 }
 
 /// A batch encoded for the wire (see [`SetQueue::encoded_batch`]).
@@ -167,6 +171,7 @@ impl SetQueue {
             times: PushTimes::default(),
             sent: vec![0; targets],
             rates: vec![Rate::default(); targets],
+            unordered_until: vec![None; targets],
         };
         if let Some(j) = &mut q.journal {
             if !resume || j.is_empty() {
@@ -428,12 +433,36 @@ impl SetQueue {
         Ok(f(&out))
     }
 
+    /// The records queued last carry bytes read back from a file (a range the capture
+    /// could not copy at write time): newer than the records queued after them may be,
+    /// they can put one file ahead of another on the replica. Each target is not
+    /// crash-consistent until it has applied them with nothing newer pending.
+    pub fn order_broken(&mut self) {
+        let last = self.last_seq();
+        for u in &mut self.unordered_until {
+            *u = Some(last);
+        }
+    }
+
+    /// Whether `target`'s replica shows writes in the order the source made them (a
+    /// state the source went through): no read-back bytes applied since it last
+    /// caught up.
+    pub fn crash_consistent(&self, target: usize) -> bool {
+        self.unordered_until.get(target).is_none_or(|u| u.is_none())
+    }
+
     /// Records that `target` has applied everything up to `seq`; drops what every
     /// target has.
     pub fn ack(&mut self, target: usize, seq: u64) {
         let seq = seq.min(self.last_seq());
         if seq > self.acked[target] {
             self.acked[target] = seq;
+        }
+        let last = self.last_seq();
+        if let Some(u) = self.unordered_until.get_mut(target) {
+            if u.is_some_and(|until| seq >= until && seq == last) {
+                *u = None;
+            }
         }
         let low = self.acked.iter().copied().min().unwrap_or(0);
         self.times.trim(low);

@@ -276,7 +276,7 @@ pub async fn run(config: Config) -> Result<()> {
         "initial scan done; replicating live"
     );
     let mut room = shared.acked.subscribe();
-    push(&shared, &mut ops, &mut room).await;
+    push(&shared, &mut resolver, &mut ops, &mut room).await;
     shared.scanning.store(false, Ordering::SeqCst);
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -313,14 +313,14 @@ pub async fn run(config: Config) -> Result<()> {
                     }
                 }
                 resolver.finish(&mut ops);
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
                 shared.mirror_inflight.fetch_sub(answered, Ordering::SeqCst);
             }
             _ = mapped_pass.tick(), if resolver.has_mapped() => {
                 resolver.mapped_pass(&mut ops);
                 resolver.finish(&mut ops);
                 publish(&shared, &resolver);
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
             }
             _ = housekeeping.tick() => {
                 let now = std::time::Instant::now();
@@ -345,7 +345,7 @@ pub async fn run(config: Config) -> Result<()> {
                 if resolver.rescan_if_due(&mut ops) || resolver.has_deferred() {
                     resolver.finish(&mut ops);
                 }
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
             }
             batch = events.recv() => {
                 let Some(batch) = batch else {
@@ -359,13 +359,13 @@ pub async fn run(config: Config) -> Result<()> {
                     // A range event can expand to a lot of data read from the file:
                     // hand it to the queue (and its bound) as it accumulates.
                     if pending > RESOLVE_BATCH_BYTES {
-                        push(&shared, &mut ops, &mut room).await;
+                        push(&shared, &mut resolver, &mut ops, &mut room).await;
                         pending = 0;
                     }
                 }
                 resolver.finish(&mut ops);
                 publish(&shared, &resolver);
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
             }
             Some(set) = gaps.recv() => {
                 let epoch = new_epoch();
@@ -373,7 +373,7 @@ pub async fn run(config: Config) -> Result<()> {
                 shared.queue(set).reset(epoch);
                 shared.tracker().reset(set);
                 resolver.scan_set(set, &mut ops);
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
             }
             Some(work) = mirror_rx.recv() => {
                 // An answer counts as in flight until its last piece is queued.
@@ -391,7 +391,7 @@ pub async fn run(config: Config) -> Result<()> {
                 shared.jobs().insert(id, Job::new(req.repair, shared.sessions()));
                 resolver.verify(&req.sets, id, req.repair, &mut ops);
                 resolver.finish(&mut ops);
-                push(&shared, &mut ops, &mut room).await;
+                push(&shared, &mut resolver, &mut ops, &mut room).await;
                 if let Some(j) = shared.jobs().get_mut(&id) {
                     j.seal();
                 }
@@ -433,11 +433,22 @@ fn ignore_local_receivers(capture: &Capture) {
 /// Moves ops into their set queues, wakes the senders, then waits while a queue is over
 /// its bound (the kernel keeps capturing meanwhile; what does not fit in the ring is
 /// remembered as ranges and resent).
-async fn push(shared: &Shared, ops: &mut Vec<SetOp>, room: &mut watch::Receiver<u64>) {
+async fn push<W: Watcher>(
+    shared: &Shared,
+    resolver: &mut Resolver<W>,
+    ops: &mut Vec<SetOp>,
+    room: &mut watch::Receiver<u64>,
+) {
     if ops.is_empty() {
         return;
     }
     queue_ops(shared, ops);
+    // Bytes read back from files instead of captured at write time may be newer than
+    // records queued after them: the replica is not crash-consistent until everything
+    // up to here is applied with nothing newer pending.
+    for set in resolver.take_read_back() {
+        shared.queue(set).order_broken();
+    }
     loop {
         room.borrow_and_update();
         let full = (0..shared.queues.len()).any(|s| shared.queue(s).full());

@@ -73,6 +73,9 @@ pub const KIND_RESIZED: u32 = 16;
 /// A [`FileRecord`] (no data): a marked inode's times (or other attributes) may have
 /// changed (`ext4_dirty_inode`): the agent sends its attributes as they are.
 pub const KIND_TOUCHED: u32 = 17;
+/// A [`FileRecord`] (no data): a marked file was fsynced or fdatasynced: writes before
+/// it are ordered before writes to any file after it.
+pub const KIND_SYNCED: u32 = 18;
 pub const WRITEBACK_BEGIN: u64 = 0;
 pub const WRITEBACK_END: u64 = 1;
 
@@ -142,6 +145,7 @@ pub const PROG_FREE_INODE: &str = "doppel_free_inode";
 pub const PROG_EXT4_SETATTR: &str = "doppel_ext4_setattr";
 pub const PROG_EXT4_TRUNCATE: &str = "doppel_ext4_truncate";
 pub const PROG_EXT4_FALLOCATE: &str = "doppel_ext4_fallocate";
+pub const PROG_EXT4_SYNC_FILE: &str = "doppel_ext4_sync_file";
 pub const PROG_EXT4_PUNCH_HOLE: &str = "doppel_ext4_punch_hole";
 pub const PROG_EXT4_ZERO_RANGE: &str = "doppel_ext4_zero_range";
 pub const PROG_EXT4_COLLAPSE_RANGE: &str = "doppel_ext4_collapse_range";

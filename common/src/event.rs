@@ -111,6 +111,9 @@ pub enum CaptureEvent {
         file: FileId,
         parent: Option<FileId>,
     },
+    /// `file` was fsynced or fdatasynced: what was written to it before comes before
+    /// what is written to any file after, on the replica too.
+    Synced { file: FileId },
     /// The attributes of `file` (times, most often) may have changed: inside the
     /// filesystem, where `utimensat` of the mtime alone leaves its only trace.
     Touched { file: FileId },

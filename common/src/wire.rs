@@ -12,7 +12,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-pub const PROTOCOL_VERSION: u32 = 3;
+/// 4: `Op::Barrier`.
+pub const PROTOCOL_VERSION: u32 = 4;
 /// Largest frame either side accepts. Bigger lengths end the stream with an error.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest path (bytes) accepted on the wire, as Linux's PATH_MAX.
@@ -200,6 +201,11 @@ pub enum Op {
         /// The verify job asking (never the mirror's).
         job: u64,
     },
+    /// Nothing changes: the records before it are applied before the records after it
+    /// (the receiver applies data ops on different files in parallel otherwise). Sent
+    /// where the source fsynced a file, so that a log record reaches the replica before
+    /// the data page written after it.
+    Barrier,
 }
 
 /// Where [`Op::PruneAside`] puts orphans, at the root of each set's replica. Neither
@@ -273,6 +279,7 @@ impl Op {
             Op::Prune { dir, .. } | Op::PruneAside { dir, .. } | Op::List { dir, .. } => {
                 [dir.as_ref(), None]
             }
+            Op::Barrier => [None, None],
         };
         pair.into_iter().flatten()
     }

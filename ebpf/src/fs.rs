@@ -127,6 +127,15 @@ pub fn arg_marked(inode: u64) -> Option<KFileId> {
     is_marked(arg_mark_word(inode)?)
 }
 
+/// A change of an inode handed in by the tracepoint that is marked, made by a process
+/// whose changes count: the inode's identity and the process.
+#[inline(always)]
+pub fn arg_marked_change(inode: u64) -> Option<(KFileId, u32)> {
+    let file = arg_marked(inode)?;
+    let pid = tgid();
+    (!ignored(pid)).then_some((file, pid))
+}
+
 #[inline(always)]
 fn is_marked((p, bit, id): (*mut u64, u64, KFileId)) -> Option<KFileId> {
     // SAFETY: an ARRAY value pointer; a racing update only makes this read old or new.
@@ -222,13 +231,9 @@ fn write_end(ctx: &BtfTracePointContext) {
     if copied == 0 {
         return;
     }
-    let Some(file) = arg_marked(inode) else {
+    let Some((file, pid)) = arg_marked_change(inode) else {
         return;
     };
-    let pid = tgid();
-    if ignored(pid) {
-        return;
-    }
     let parent = parent_or_none(inode);
     // A short copy into a folio that was not up to date is thrown away and retried by
     // the kernel: its bytes are not the file's. Read back whatever the file ends with.

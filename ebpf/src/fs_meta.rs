@@ -25,13 +25,13 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use doppel_common::abi::{
-    Header, KFileId, NsRecord, KIND_FALLOC, KIND_FTRUNCATE, KIND_MAPPED, KIND_RESIZED,
+    Header, KFileId, NsRecord, KIND_FALLOC, KIND_FTRUNCATE, KIND_MAPPED, KIND_RESIZED, KIND_SYNCED,
     KIND_TOUCHED, NS_RECORD_SIZE,
 };
 
 use crate::{
     bytes::send_range,
-    fs::{arg_marked, marked, parent_or_none},
+    fs::{arg_marked_change, marked, parent_or_none},
     kernel::{off, rk, rk_ptr, tgid},
     maps::{bump, ignored, output, record_missed},
 };
@@ -60,11 +60,10 @@ pub fn doppel_ext4_setattr(ctx: BtfTracePointContext) -> i32 {
         return 0;
     };
     let inode: u64 = ctx.arg(0);
-    let Some(file) = arg_marked(inode) else {
+    let Some((file, pid)) = arg_marked_change(inode) else {
         return 0;
     };
-    let pid = tgid();
-    if ignored(pid) {
+    if kind == KIND_TOUCHED && accessed_only(inode) {
         return 0;
     }
     if !send_range(kind, pid, file, parent_or_none(inode), 0, 0) && kind == KIND_RESIZED {
@@ -75,6 +74,26 @@ pub fn doppel_ext4_setattr(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// Whether the inode's atime is newer than its ctime: the time update that dirtied it
+/// was a read's (relatime), which the replica does not follow. Anything else that
+/// changes times (a write, `utimensat`, an attribute change) sets the ctime to now.
+/// Looked at here, when it happens: later, another read could hide a `utimensat`.
+#[inline(always)]
+fn accessed_only(inode: u64) -> bool {
+    // The nanoseconds' top bits are flags (multigrain timestamps' "queried").
+    const NSEC_MASK: u64 = (1 << 30) - 1;
+    // SAFETY: a BTF tracepoint's `struct inode *`, as in `fs::arg_inode_id`.
+    let (a_sec, a_nsec, c_sec, c_nsec) = unsafe {
+        (
+            core::ptr::read_volatile((inode + off::OFF_INODE_ATIME_SEC()) as *const i64),
+            core::ptr::read_volatile((inode + off::OFF_INODE_ATIME_NSEC()) as *const u32) as u64,
+            core::ptr::read_volatile((inode + off::OFF_INODE_CTIME_SEC()) as *const i64),
+            core::ptr::read_volatile((inode + off::OFF_INODE_CTIME_NSEC()) as *const u32) as u64,
+        )
+    };
+    (a_sec, a_nsec & NSEC_MASK) > (c_sec, c_nsec & NSEC_MASK)
+}
+
 /// A marked file is cut to its size (a shrinking or equal truncate, whose new size is
 /// set by now): the exact size, which the size record of `ext4_setattr` above cannot
 /// give (the agent reads the size a file has when it handles that one, and a cut
@@ -83,13 +102,9 @@ pub fn doppel_ext4_setattr(ctx: BtfTracePointContext) -> i32 {
 pub fn doppel_ext4_truncate(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct inode *inode)
     let inode: u64 = ctx.arg(0);
-    let Some(file) = arg_marked(inode) else {
+    let Some((file, pid)) = arg_marked_change(inode) else {
         return 0;
     };
-    let pid = tgid();
-    if ignored(pid) {
-        return 0;
-    }
     // SAFETY: a BTF tracepoint's `struct inode *`, as in `fs::arg_inode_id`.
     let size = unsafe { core::ptr::read_volatile((inode + off::OFF_INODE_I_SIZE()) as *const u64) };
     if !send_ns(KIND_FTRUNCATE, pid, file, parent_or_none(inode), 0, 0, size) {
@@ -98,16 +113,31 @@ pub fn doppel_ext4_truncate(ctx: BtfTracePointContext) -> i32 {
     0
 }
 
+/// A marked file is fsynced or fdatasynced (`ext4_sync_file_enter`, whatever door: the
+/// syscalls, io_uring, `msync`): what was written to it before must reach the replica
+/// before what is written to any file after it (a log record, then its data page). The
+/// agent puts a barrier into the set's stream there. A record that finds the ring full
+/// is dropped: the ring's overflow already makes the agent read ranges back, which it
+/// reports as a break in the order.
+#[btf_tracepoint(function = "ext4_sync_file_enter")]
+pub fn doppel_ext4_sync_file(ctx: BtfTracePointContext) -> i32 {
+    // TP_PROTO(struct file *file, int datasync)
+    let file: u64 = ctx.arg(0);
+    // SAFETY: a BTF tracepoint's `struct file *`: the verifier checks the field load.
+    let inode = unsafe { core::ptr::read_volatile((file + off::OFF_FILE_F_INODE()) as *const u64) };
+    let Some((id, pid)) = arg_marked_change(inode) else {
+        return 0;
+    };
+    send_range(KIND_SYNCED, pid, id, parent_or_none(inode), 0, 0);
+    0
+}
+
 /// A `fallocate` of `mode` over `[offset, offset + len)` of a marked file begins.
 #[inline(always)]
 fn fallocate(inode: u64, offset: u64, len: u64, mode: u32) {
-    let Some(file) = arg_marked(inode) else {
+    let Some((file, pid)) = arg_marked_change(inode) else {
         return;
     };
-    let pid = tgid();
-    if ignored(pid) {
-        return;
-    }
     let parent = parent_or_none(inode);
     if !send_ns(KIND_FALLOC, pid, file, parent, mode, offset, len) {
         // Read back: from the offset to the end for the modes that move bytes.

@@ -115,6 +115,10 @@ offsets!(
     OFF_BH_B_DATA,
     // Where `ext4_setattr`'s and `ext4_dirty_inode`'s code lie (fs_meta.rs); START >
     // END when unknown.
+    OFF_INODE_ATIME_SEC,
+    OFF_INODE_CTIME_SEC,
+    OFF_INODE_ATIME_NSEC,
+    OFF_INODE_CTIME_NSEC,
     SETATTR_IP_START,
     SETATTR_IP_END,
     DIRTY_INODE_IP_START,

@@ -581,7 +581,6 @@ pub fn on_path_op(regs: u64, nr: u64) {
         bump(STAT_LOST, 1);
         return;
     };
-    let rec = s as *mut NsRecord;
     // SAFETY: scratch value, see on_open.
     unsafe {
         match nr {

@@ -161,7 +161,11 @@ pub fn namespace_events(data: &[u8]) {
     let mut events = Vec::new();
     let seen = doppel_agent::capture::fanotify::parse(data, &inode, &mut |e| events.push(e));
     assert!(seen <= data.len() / 24);
-    assert!(events.len() <= 3 * seen, "{} events from {seen} records", events.len());
+    assert!(
+        events.len() <= 3 * seen,
+        "{} events from {seen} records",
+        events.len()
+    );
     for e in &events {
         let names: Vec<&[u8]> = match e {
             CaptureEvent::Entry { name, .. } => vec![name],

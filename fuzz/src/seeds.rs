@@ -38,58 +38,40 @@ pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     out
 }
 
-/// A `*_DFID_NAME` info record: fsid 1:2, an ext4 handle of `ino`, `name`.
-fn fan_info(kind: u8, ino: u32, name: &[u8]) -> Vec<u8> {
-    let mut r = vec![kind, 0, 0, 0];
-    r.extend_from_slice(&1i32.to_ne_bytes());
-    r.extend_from_slice(&2i32.to_ne_bytes());
-    r.extend_from_slice(&8u32.to_ne_bytes());
-    r.extend_from_slice(&1i32.to_ne_bytes());
-    r.extend_from_slice(&ino.to_ne_bytes());
-    r.extend_from_slice(&7u32.to_ne_bytes());
-    r.extend_from_slice(name);
-    r.push(0);
-    while r.len() % 4 != 0 {
-        r.push(0);
-    }
-    let len = r.len() as u16;
-    r[2..4].copy_from_slice(&len.to_ne_bytes());
-    r
-}
-
-/// One fanotify event (metadata version 3, no fd) with `infos`.
-fn fan_event(mask: u64, infos: &[Vec<u8>]) -> Vec<u8> {
-    let body: Vec<u8> = infos.concat();
-    let mut e = Vec::new();
-    e.extend_from_slice(&((24 + body.len()) as u32).to_ne_bytes());
-    e.extend_from_slice(&[3, 0]);
-    e.extend_from_slice(&24u16.to_ne_bytes());
-    e.extend_from_slice(&mask.to_ne_bytes());
-    e.extend_from_slice(&(-1i32).to_ne_bytes());
-    e.extend_from_slice(&42i32.to_ne_bytes());
-    e.extend_from_slice(&body);
-    e
-}
-
 fn namespace() -> Vec<(&'static str, Vec<u8>)> {
+    use doppel_agent::capture::fanotify::encode::{
+        dir_name as fan_info, event as fan_event, DFID_NAME, NEW_DFID_NAME, OLD_DFID_NAME,
+    };
     const CREATE: u64 = 0x100;
     const DELETE: u64 = 0x200;
     const ATTRIB: u64 = 0x4;
     const RENAME: u64 = 0x1000_0000;
     const ONDIR: u64 = 0x4000_0000;
     const OVERFLOW: u64 = 0x4000;
-    let mut all = fan_event(CREATE, &[fan_info(2, 5, b"a")]);
+    let mut all = fan_event(CREATE, &[fan_info(DFID_NAME, 5, b"a")]);
     all.extend(fan_event(
         RENAME | ONDIR,
-        &[fan_info(10, 5, b"a"), fan_info(12, 6, b"b")],
+        &[
+            fan_info(OLD_DFID_NAME, 5, b"a"),
+            fan_info(NEW_DFID_NAME, 6, b"b"),
+        ],
     ));
-    all.extend(fan_event(CREATE | DELETE | ATTRIB, &[fan_info(2, 6, b"c")]));
-    all.extend(fan_event(ATTRIB | ONDIR, &[fan_info(2, 6, b".")]));
+    all.extend(fan_event(
+        CREATE | DELETE | ATTRIB,
+        &[fan_info(DFID_NAME, 6, b"c")],
+    ));
+    all.extend(fan_event(ATTRIB | ONDIR, &[fan_info(DFID_NAME, 6, b".")]));
     all.extend(fan_event(OVERFLOW, &[]));
     vec![
-        ("create", fan_event(CREATE, &[fan_info(2, 5, b"name")])),
+        (
+            "create",
+            fan_event(CREATE, &[fan_info(DFID_NAME, 5, b"name")]),
+        ),
         ("sequence", all),
-        ("dotdot", fan_event(DELETE, &[fan_info(2, 5, b"..")])),
+        (
+            "dotdot",
+            fan_event(DELETE, &[fan_info(DFID_NAME, 5, b"..")]),
+        ),
     ]
 }
 

@@ -247,6 +247,8 @@ impl Applier {
             Op::Prune { dir, keep } => self.prune(dir.as_ref(), keep, None),
             Op::PruneAside { dir, keep, batch } => self.prune(dir.as_ref(), keep, Some(*batch)),
             Op::List { dir, keep, job } => self.list(dir.as_ref(), keep, *job),
+            // Ordering only (see set.rs).
+            Op::Barrier => Ok(()),
             Op::SetAttr { path, attr } => self.set_attr(path, attr),
             Op::SetXattrs { path, xattrs } => self.set_xattrs(path, xattrs),
             Op::Link { from, to } => self.link(from, to),

@@ -5,6 +5,8 @@
 //!
 //! - Namespace ops (`Mkdir`, `Remove`, `Rmdir`, `Rename`, `Prune`) are barriers: they run
 //!   on the calling thread, in sequence order, after everything before them is done.
+//!   So is `Barrier`, which does nothing else: the agent sends it where the source
+//!   fsynced a file, so that what was written before reaches the replica first.
 //! - Between two barriers, the data ops (`Write`, `Truncate`, `CreateFile`: they only
 //!   ever create a regular file and its missing parents) are grouped by path; a path and
 //!   the paths beneath it (`a` and `a/b`, where one op's file is another's directory) are
@@ -96,7 +98,8 @@ fn data_path(op: &Op) -> Option<&RelPath> {
         | Op::Rename { .. }
         | Op::Prune { .. }
         | Op::PruneAside { .. }
-        | Op::List { .. } => None,
+        | Op::List { .. }
+        | Op::Barrier => None,
     }
 }
 

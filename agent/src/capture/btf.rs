@@ -505,6 +505,11 @@ const FS_FIELDS: &[Field] = &[
     f("OFF_FOLIO_MAPPING", "folio", "mapping", 8),
     f("OFF_FOLIO_PRIVATE", "folio", "private", 8),
     f("OFF_BH_B_DATA", "buffer_head", "b_data", 8),
+    // Times (Linux 6.11 and later split them into seconds and nanoseconds).
+    f("OFF_INODE_ATIME_SEC", "inode", "i_atime_sec", 8),
+    f("OFF_INODE_CTIME_SEC", "inode", "i_ctime_sec", 8),
+    f("OFF_INODE_ATIME_NSEC", "inode", "i_atime_nsec", 4),
+    f("OFF_INODE_CTIME_NSEC", "inode", "i_ctime_nsec", 4),
 ];
 
 /// The filesystem programs' globals, like [`uring_globals`].

@@ -5,8 +5,8 @@ use doppel_common::abi::{
     FileRecord, KFileId, MissedKey, MissedRange, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR,
     AT_REMOVEDIR, CHUNK_SIZE, FILE_RECORD_SIZE, KIND_ATTR, KIND_DATA, KIND_DIRTY, KIND_FALLOC,
     KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MAPPED, KIND_MAP_DIRTY, KIND_MKDIR, KIND_OPEN,
-    KIND_RENAME, KIND_RESIZED, KIND_TOUCHED, KIND_TRUNCATE, KIND_UNLINK, KIND_WRITEBACK,
-    NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, WRITEBACK_END,
+    KIND_RENAME, KIND_RESIZED, KIND_SYNCED, KIND_TOUCHED, KIND_TRUNCATE, KIND_UNLINK,
+    KIND_WRITEBACK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, WRITEBACK_END,
 };
 use doppel_common::event::{CaptureEvent, Captured, FileId, PathArg};
 
@@ -106,10 +106,13 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                 parent: (r.parent.ino != 0).then(|| file_id(r.parent)),
             });
         }
-        KIND_TOUCHED => {
+        KIND_TOUCHED | KIND_SYNCED => {
             let r: FileRecord = read(rec, kind)?;
-            out.push(CaptureEvent::Touched {
-                file: file_id(r.file),
+            let file = file_id(r.file);
+            out.push(if kind == KIND_TOUCHED {
+                CaptureEvent::Touched { file }
+            } else {
+                CaptureEvent::Synced { file }
             });
         }
         KIND_MAP_DIRTY | KIND_WRITEBACK => {

@@ -334,16 +334,16 @@ fn dir_name<'a>(record: &'a [u8], inode: &HandleToInode<'_>) -> Option<DirName<'
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn info(kind: u8, ino: u32, name: &[u8]) -> Vec<u8> {
+/// Encodes fanotify's records the way the kernel writes them, for tests and the fuzz
+/// seeds: a `*_DFID_NAME` info record (`kind`) for an ext4 handle of `ino` on
+/// filesystem `1:2`, and an event of `mask` with its info records.
+pub mod encode {
+    pub fn dir_name(kind: u8, ino: u32, name: &[u8]) -> Vec<u8> {
         let mut r = vec![kind, 0, 0, 0];
         r.extend_from_slice(&1i32.to_ne_bytes());
         r.extend_from_slice(&2i32.to_ne_bytes());
         r.extend_from_slice(&8u32.to_ne_bytes());
-        r.extend_from_slice(&FILEID_INO32_GEN.to_ne_bytes());
+        r.extend_from_slice(&super::FILEID_INO32_GEN.to_ne_bytes());
         r.extend_from_slice(&ino.to_ne_bytes());
         r.extend_from_slice(&7u32.to_ne_bytes());
         r.extend_from_slice(name);
@@ -356,18 +356,30 @@ mod tests {
         r
     }
 
-    fn event(mask: u64, infos: &[Vec<u8>]) -> Vec<u8> {
+    pub fn event(mask: u64, infos: &[Vec<u8>]) -> Vec<u8> {
         let body: Vec<u8> = infos.concat();
         let mut e = Vec::new();
-        e.extend_from_slice(&((METADATA_LEN + body.len()) as u32).to_ne_bytes());
+        e.extend_from_slice(&((super::METADATA_LEN + body.len()) as u32).to_ne_bytes());
         e.extend_from_slice(&[3, 0]);
-        e.extend_from_slice(&(METADATA_LEN as u16).to_ne_bytes());
+        e.extend_from_slice(&(super::METADATA_LEN as u16).to_ne_bytes());
         e.extend_from_slice(&mask.to_ne_bytes());
         e.extend_from_slice(&(-1i32).to_ne_bytes());
         e.extend_from_slice(&42i32.to_ne_bytes());
         e.extend_from_slice(&body);
         e
     }
+
+    /// Info record kinds, as [`dir_name`] takes them.
+    pub const DFID_NAME: u8 = super::INFO_DFID_NAME;
+    pub const OLD_DFID_NAME: u8 = super::INFO_OLD_DFID_NAME;
+    pub const NEW_DFID_NAME: u8 = super::INFO_NEW_DFID_NAME;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::encode::{dir_name as info, event};
 
     fn parse_all(buf: &[u8]) -> Vec<CaptureEvent> {
         let mut out = Vec::new();

@@ -288,6 +288,7 @@ const FS: Group = &[
 const FS_META: Group = &[
     (abi::PROG_EXT4_SETATTR, "ext4_mark_inode_dirty"),
     (abi::PROG_EXT4_TRUNCATE, "ext4_truncate_enter"),
+    (abi::PROG_EXT4_SYNC_FILE, "ext4_sync_file_enter"),
     (abi::PROG_EXT4_FALLOCATE, "ext4_fallocate_enter"),
     (abi::PROG_EXT4_PUNCH_HOLE, "ext4_punch_hole"),
     (abi::PROG_EXT4_ZERO_RANGE, "ext4_zero_range"),

@@ -93,7 +93,7 @@ fn in_dirs(dirs: Vec<FileId>) -> impl Fn(&CaptureEvent) -> bool {
                 parent_ok(parent) || path.as_ref().map(base_ok).unwrap_or(false)
             }
             CaptureEvent::Resized { parent, .. } => parent_ok(parent),
-            CaptureEvent::Touched { .. } => false,
+            CaptureEvent::Touched { .. } | CaptureEvent::Synced { .. } => false,
             CaptureEvent::Entry { dir, .. } => dirs.contains(dir),
             CaptureEvent::Moved {
                 from_dir, to_dir, ..

@@ -170,7 +170,6 @@ impl<W: Watcher> Resolver<W> {
         let known = self.index.lookup(loc);
         let swapped = known.filter(|&k| k != id && self.holds(from, k));
         let flags = if swapped.is_some() {
-            self.index.exchange((from_dir, &from_name), (dir, &name));
             RENAME_EXCHANGE
         } else {
             if let Some(k) = known.filter(|&k| k != id) {
@@ -180,18 +179,9 @@ impl<W: Watcher> Resolver<W> {
                 let is_dir = self.index.is_dir(k);
                 self.remove(loc.clone(), is_dir, out);
             }
-            let dropped = self.index.rename((from_dir, &from_name), (dir, &name));
-            self.forget(dropped);
             0
         };
-        out.push(SetOp {
-            set: loc.set,
-            op: Op::Rename {
-                from: rel_path(&from.rel),
-                to: rel_path(&loc.rel),
-                flags,
-            },
-        });
+        self.send_rename((from_dir, &from_name, from), (dir, &name, loc), flags, out);
         true
     }
 

@@ -86,6 +86,8 @@ impl<W: Watcher> Resolver<W> {
                 }
             }
             if sent {
+                // Stores through a mapping are only ever read back.
+                self.note_read_back(loc.set);
                 self.touch(Some(file), false);
             }
         }

@@ -114,6 +114,10 @@ pub struct Resolver<W: Watcher> {
     /// Per set: its namespace changes are reported by the filesystem (`entries`), not
     /// at the syscall door (`names`).
     fs_namespace: Vec<bool>,
+    /// Per set: data ops were sent since its last [`Op::Barrier`].
+    unordered: Vec<bool>,
+    /// Per set: bytes were read back from a file since [`Resolver::take_read_back`].
+    read_back: Vec<bool>,
 }
 
 fn unix_seconds() -> u64 {
@@ -151,10 +155,6 @@ const UNSEEN_PATIENCE_NS: u64 = 500_000_000;
 struct Touched {
     /// Its extended attributes too.
     xattrs: bool,
-    /// Only a time update inside the filesystem touched it (`CaptureEvent::Touched`),
-    /// which a read's atime update makes too: sent only if its ctime moved since its
-    /// last access (see [`Resolver::finish`]).
-    times_only: bool,
     /// When [`Resolver::finish`] first found it elsewhere than the index says (0: not
     /// yet). The source is ahead of the events resolved so far, e.g. the file was
     /// renamed and that event is still to come: it is kept until the index catches up.
@@ -187,6 +187,7 @@ fn rel_path(rel: &Path) -> RelPath {
 impl<W: Watcher> Resolver<W> {
     /// Registers the set roots and their ancestors. Call [`Resolver::scan_all`] next.
     pub fn new(sets: Vec<Set>, watcher: W) -> std::io::Result<Self> {
+        let n_sets = sets.len();
         let mut index = Index::new();
         for s in &sets {
             let m = std::fs::metadata(&s.root)?;
@@ -214,6 +215,8 @@ impl<W: Watcher> Resolver<W> {
             orphan_batch: 0,
             streaming: false,
             fs_namespace: Vec::new(),
+            unordered: vec![false; n_sets],
+            read_back: vec![false; n_sets],
         })
     }
 
@@ -236,6 +239,12 @@ impl<W: Watcher> Resolver<W> {
     /// now. Called after each batch of events, so the ops that changed an entry come
     /// first and its final times win on the replica.
     pub fn finish(&mut self, out: &mut Vec<SetOp>) {
+        let before = out.len();
+        self.finish_inner(out);
+        self.note_data(&out[before..]);
+    }
+
+    fn finish_inner(&mut self, out: &mut Vec<SetOp>) {
         if self.mapped.pass_due() {
             self.mapped_pass(out);
         }
@@ -265,6 +274,7 @@ impl<W: Watcher> Resolver<W> {
                 }
             }
             if let Some(size) = emit_range(loc.set, &abs, &loc.rel, d.offset, d.len, d.file, out) {
+                self.note_read_back(loc.set);
                 self.overlaps.read(d.file, d.offset, d.len, read);
                 self.touch(Some(d.file), false);
                 if now - d.since < UNSEEN_PATIENCE_NS {
@@ -320,11 +330,7 @@ impl<W: Watcher> Resolver<W> {
             let abs = self.index.abs(&loc);
             match std::fs::symlink_metadata(&abs) {
                 Ok(m) if file_id(&m) == id => {
-                    // A read's atime update (relatime) changes no ctime: nothing the
-                    // replica keeps changed since the last change it was sent.
-                    let accessed_only =
-                        t.times_only && (m.atime(), m.atime_nsec()) > (m.ctime(), m.ctime_nsec());
-                    if self.replicated(&loc, m.is_dir()) && !accessed_only {
+                    if self.replicated(&loc, m.is_dir()) {
                         tracing::trace!(path = %loc.rel.display(), "attributes");
                         emit_meta(loc.set, &abs, &loc.rel, &m, t.xattrs, out);
                     }
@@ -346,18 +352,8 @@ impl<W: Watcher> Resolver<W> {
     /// must be sent at the next [`Resolver::finish`].
     fn touch(&mut self, id: Option<FileId>, xattrs: bool) {
         if let Some(id) = id {
-            let t = self.touched.entry(id).or_default();
-            t.xattrs |= xattrs;
-            t.times_only = false;
+            self.touched.entry(id).or_default().xattrs |= xattrs;
         }
-    }
-
-    /// `id`'s times may have changed ([`CaptureEvent::Touched`]).
-    fn touch_times(&mut self, id: FileId) {
-        self.touched.entry(id).or_insert(Touched {
-            times_only: true,
-            ..Touched::default()
-        });
     }
 
     /// The directory holding `loc` changed (an entry was made, removed or renamed).
@@ -380,6 +376,46 @@ impl<W: Watcher> Resolver<W> {
 
     /// Turns one captured event into ops.
     pub fn resolve(&mut self, c: Captured, out: &mut Vec<SetOp>) {
+        let before = out.len();
+        self.resolve_traced(c, out);
+        self.note_data(&out[before..]);
+    }
+
+    /// Sets whose ops since the last call carry bytes read back from a file instead of
+    /// captured at write time (see `SetQueue::order_broken`).
+    pub fn take_read_back(&mut self) -> Vec<usize> {
+        let sets = (0..self.read_back.len())
+            .filter(|&s| self.read_back[s])
+            .collect();
+        self.read_back.iter_mut().for_each(|r| *r = false);
+        sets
+    }
+
+    /// Bytes of set `set` were read back from a file.
+    fn note_read_back(&mut self, set: usize) {
+        if let Some(r) = self.read_back.get_mut(set) {
+            *r = true;
+        }
+    }
+
+    /// Remembers which sets got data ops: a later fsync puts a barrier after them.
+    fn note_data(&mut self, ops: &[SetOp]) {
+        for o in ops {
+            if matches!(
+                o.op,
+                Op::Write { .. }
+                    | Op::Truncate { .. }
+                    | Op::CreateFile { .. }
+                    | Op::Fallocate { .. }
+            ) {
+                if let Some(u) = self.unordered.get_mut(o.set) {
+                    *u = true;
+                }
+            }
+        }
+    }
+
+    fn resolve_traced(&mut self, c: Captured, out: &mut Vec<SetOp>) {
         let Captured { time, event: ev } = c;
         if tracing::enabled!(tracing::Level::TRACE) {
             let before = out.len();
@@ -461,9 +497,22 @@ impl<W: Watcher> Resolver<W> {
                 to_name,
             } => self.entry_moved((from_dir, &from_name), (to_dir, &to_name), out),
             CaptureEvent::Resized { file, parent } => self.resized(file, parent, time, out),
+            CaptureEvent::Synced { file } => {
+                // What was written to the file before comes before what any file of
+                // the set gets after: the receiver does not reorder across a barrier.
+                if let Some(loc) = self.index.location(file) {
+                    if self.unordered.get(loc.set).copied().unwrap_or(false) {
+                        self.unordered[loc.set] = false;
+                        out.push(SetOp {
+                            set: loc.set,
+                            op: Op::Barrier,
+                        });
+                    }
+                }
+            }
             CaptureEvent::Touched { file } => {
                 if self.index.location(file).is_some() {
-                    self.touch_times(file);
+                    self.touch(Some(file), false);
                 }
             }
             CaptureEvent::Data {

@@ -246,20 +246,7 @@ impl<W: Watcher> Resolver<W> {
                     }
                     return;
                 }
-                if flags & RENAME_EXCHANGE != 0 {
-                    self.index.exchange((sp, &sname), (dp, &dname));
-                } else {
-                    let dropped = self.index.rename((sp, &sname), (dp, &dname));
-                    self.forget(dropped);
-                }
-                out.push(SetOp {
-                    set: sl.set,
-                    op: Op::Rename {
-                        from: rel_path(&sl.rel),
-                        to: rel_path(&dl.rel),
-                        flags,
-                    },
-                });
+                self.send_rename((sp, &sname, &sl), (dp, &dname, &dl), flags, out);
             }
             (src_in, dst_in) => {
                 if let Some((sl, _)) = src_in {
@@ -276,6 +263,32 @@ impl<W: Watcher> Resolver<W> {
                 }
             }
         }
+    }
+
+    /// Renames `from` to `to` (directory, name, location) in the index, or swaps them
+    /// with `RENAME_EXCHANGE` in `flags`, and sends the rename.
+    pub(super) fn send_rename(
+        &mut self,
+        from: (FileId, &OsStr, &Location),
+        to: (FileId, &OsStr, &Location),
+        flags: u32,
+        out: &mut Vec<SetOp>,
+    ) {
+        const RENAME_EXCHANGE: u32 = 2;
+        if flags & RENAME_EXCHANGE != 0 {
+            self.index.exchange((from.0, from.1), (to.0, to.1));
+        } else {
+            let dropped = self.index.rename((from.0, from.1), (to.0, to.1));
+            self.forget(dropped);
+        }
+        out.push(SetOp {
+            set: to.2.set,
+            op: Op::Rename {
+                from: rel_path(&from.2.rel),
+                to: rel_path(&to.2.rel),
+                flags,
+            },
+        });
     }
 
     /// The entry a path-based attribute call changed: the symlink itself with

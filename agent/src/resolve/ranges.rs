@@ -39,6 +39,7 @@ impl<W: Watcher> Resolver<W> {
         let abs = self.index.abs(loc);
         let now = monotonic_ns();
         if let Some(size) = emit_range(loc.set, &abs, &loc.rel, offset, len, file, out) {
+            self.note_read_back(loc.set);
             self.overlaps.read(file, offset, len, now);
             self.defer_unseen(file, offset, len, size, now);
         } else {

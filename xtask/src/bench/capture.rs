@@ -15,10 +15,12 @@
 //!   watched file, agent on against off; `watched_write_tax_over_floor_ratio` divides it
 //!   by the floor's ns.
 //! - `fs_only_syscall_tax_pct`, `fs_only_unwatched_write_over_floor_pct`: the same two
-//!   loops with only the filesystem programs attached (`bench-floor --filesystem-only`,
-//!   no syscall hook), and `fs_only_watched_write_cpu_tax_ns` (with its ratio to the
-//!   floor) for writes into a directory they mark, its records read and dropped: what
-//!   the capture costs once namespace changes no longer need the syscall hook.
+//!   loops with only the capture inside the filesystem attached (`bench-floor
+//!   --filesystem-only`: the filesystem programs and the fanotify mark, no agent
+//!   pipeline behind them), and `fs_only_watched_write_cpu_tax_ns` (with its ratio to
+//!   the floor) for writes into a directory they mark, its records read and dropped.
+//!   With every set on ext4 the agent attaches no syscall hook either: its figures and
+//!   these differ by the agent's own work and by noise.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -32,7 +34,9 @@ use doppel_tests::cluster::Cluster;
 
 use super::{median, Figures};
 
-const ROUNDS: usize = 5;
+/// Rounds: each takes about a second, and the figures move by a few percent from run
+/// to run on this kind of machine, so more of them than the usual five.
+const ROUNDS: usize = 11;
 /// Bytes the write loops go over (page cache, rewritten in place).
 const REGION: u64 = 16 << 20;
 const BLOCK: usize = 4096;
