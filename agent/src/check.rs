@@ -193,6 +193,20 @@ fn kernel() -> Vec<Item> {
     } else {
         ok("tracefs", format!("{TRACEFS} lists the syscall tracepoints"))
     });
+    items.push(match crate::capture::filesystem_capture_available() {
+        Ok(()) => ok(
+            "filesystem capture",
+            "fanotify reports directory handles and names, and ext4's functions are in \
+             /proc/kallsyms: sets on ext4 need no syscall hook",
+        ),
+        Err(e) => fail(
+            "filesystem capture",
+            format!("{e:#}"),
+            "sets on ext4 will be captured at the syscall door (every process on the host \
+             pays for it): use Linux 5.17 or later with CONFIG_FANOTIFY, and run as root so \
+             that /proc/kallsyms shows addresses",
+        ),
+    });
     items.push(match bpf_map_create() {
         Ok(()) => ok("bpf", "this process may create BPF maps"),
         Err(e) => fail(

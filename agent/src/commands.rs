@@ -368,6 +368,44 @@ impl Shown {
     }
 }
 
+/// The fanotify group alone, marking the filesystem of directory `path`, its events read
+/// and dropped: `doppel-agent bench-floor --namespace-only`, what the namespace half of
+/// capture inside the filesystem costs every write to that filesystem.
+pub fn namespace_capture_only(path: &std::path::Path) -> anyhow::Result<impl Send> {
+    let mut ns = doppel_agent::capture::fanotify::Namespace::new([path])?;
+    let fd = ns.raw_fd();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopped = stop.clone();
+    let reader = std::thread::spawn(move || {
+        let mut events = Vec::new();
+        while !stopped.load(std::sync::atomic::Ordering::Relaxed) {
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, 100) };
+            ns.read(&|_| false, &mut events);
+            events.clear();
+        }
+    });
+    /// Stops the reader (and so closes the group) when dropped.
+    struct Running(
+        std::sync::Arc<std::sync::atomic::AtomicBool>,
+        Option<std::thread::JoinHandle<()>>,
+    );
+    impl Drop for Running {
+        fn drop(&mut self) {
+            self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+            if let Some(t) = self.1.take() {
+                let _ = t.join();
+            }
+        }
+    }
+    Ok(Running(stop, Some(reader)))
+}
+
 /// The filesystem programs alone, for the filesystem of directory `path`, which is
 /// marked (files made in it are captured; the records are read and dropped):
 /// `doppel-agent bench-floor --filesystem-only`, what capture inside the filesystem

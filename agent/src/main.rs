@@ -90,12 +90,14 @@ enum Cmd {
     },
     /// For `cargo xtask bench capture`: attach an empty program to the buffered-write
     /// tracepoint (or, with --filesystem-only, the filesystem programs alone, with
-    /// directory PATH marked), print "attached", and keep it until standard input
-    /// closes.
+    /// directory PATH marked; with --namespace-only, only the fanotify mark on PATH's
+    /// filesystem), print "attached", and keep it until standard input closes.
     #[command(hide = true)]
     BenchFloor {
         #[arg(long)]
         filesystem_only: Option<PathBuf>,
+        #[arg(long, conflicts_with = "filesystem_only")]
+        namespace_only: Option<PathBuf>,
     },
     /// Check a configuration file and exit.
     #[command(
@@ -186,10 +188,16 @@ fn real_main(cli: Cli) -> Result<u8> {
             }
             Ok(if items.iter().all(|i| i.ok) { 0 } else { 1 })
         }
-        Cmd::BenchFloor { filesystem_only } => {
-            let _hook = match filesystem_only {
-                None => Box::new(doppel_agent::capture::FloorHook::attach()?) as Box<dyn Send>,
-                Some(path) => Box::new(commands::filesystem_capture_only(&path)?),
+        Cmd::BenchFloor {
+            filesystem_only,
+            namespace_only,
+        } => {
+            let _hook = match (filesystem_only, namespace_only) {
+                (Some(path), _) => {
+                    Box::new(commands::filesystem_capture_only(&path)?) as Box<dyn Send>
+                }
+                (None, Some(path)) => Box::new(commands::namespace_capture_only(&path)?),
+                (None, None) => Box::new(doppel_agent::capture::FloorHook::attach()?),
             };
             println!("attached");
             std::io::Write::flush(&mut std::io::stdout())?;

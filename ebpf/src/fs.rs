@@ -173,7 +173,7 @@ const XA_MAX_DEPTH: usize = 6;
 
 /// The folio at page `index` of the page cache of `mapping`, if it is there.
 #[inline(always)]
-fn folio_at(mapping: u64, index: u64) -> Option<u64> {
+pub fn folio_at(mapping: u64, index: u64) -> Option<u64> {
     let mut entry = rk::<u64>(mapping + off::OFF_MAPPING_XA_HEAD())?;
     if !xa_is_node(entry) {
         // A lone entry stands for index 0 only.
@@ -247,6 +247,15 @@ fn write_end(ctx: &BtfTracePointContext) {
             send_bytes(s, pid, &file, &parent, pos, src, copied, Source::Kernel)
         }
         _ => report_dirty(pid, &file, &parent, pos, copied),
+    }
+    // In a file mapped shared and writable, the pages this write dirtied take stores
+    // without a trace (a dirty page reports nothing): they are kept hot.
+    if let Some(mapping) = rk_ptr(inode + off::OFF_INODE_I_MAPPING()) {
+        if crate::mmap::mapped_writable(mapping) {
+            let first = pos & !((1 << PAGE_SHIFT) - 1);
+            let end = (pos + copied + (1 << PAGE_SHIFT) - 1) & !((1 << PAGE_SHIFT) - 1);
+            crate::mmap::report_hot(pid, file, parent, first, end - first);
+        }
     }
 }
 

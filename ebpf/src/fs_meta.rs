@@ -242,6 +242,11 @@ fn faulted(mapping: u64, first: u64, last: u64) {
     if ignored(pid) {
         return;
     }
+    // A fault into a large folio may map all of it: the whole folio is reported.
+    let (first, last) = match crate::fs::folio_at(mapping, first) {
+        Some(folio) => folio_span(folio, first, last),
+        None => (first, last),
+    };
     let offset = first << PAGE_SHIFT;
     let len = (last.saturating_sub(first) + 1) << PAGE_SHIFT;
     if !send_ns(
@@ -255,6 +260,22 @@ fn faulted(mapping: u64, first: u64, last: u64) {
     ) {
         record_missed(&file, offset, offset + len);
     }
+}
+
+/// Pages `[first, last]` widened to the folio found at `first` (its index and order).
+#[inline(always)]
+fn folio_span(folio: u64, first: u64, last: u64) -> (u64, u64) {
+    let Some(index) = rk::<u64>(folio + off::OFF_FOLIO_INDEX()) else {
+        return (first, last);
+    };
+    let flags = rk::<u64>(folio + off::OFF_FOLIO_FLAGS()).unwrap_or(0);
+    let order = if flags & (1 << (off::PG_HEAD() & 63)) != 0 {
+        rk::<u64>(folio + off::OFF_FOLIO_FLAGS_1()).unwrap_or(0) & 0x1f
+    } else {
+        0
+    };
+    let end = index + (1u64 << order) - 1;
+    (index.min(first), end.max(last))
 }
 
 #[raw_tracepoint(tracepoint = "mm_filemap_fault")]

@@ -40,9 +40,8 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
     }
     // Pages dirtied by write(2) and friends are captured at their syscall; only a file
     // mapped shared and writable somewhere can be changed by stores.
-    match rk::<i32>(mapping + off::OFF_MAPPING_MMAP_WRITABLE()) {
-        Some(n) if n > 0 => {}
-        _ => return 0,
+    if !mapped_writable(mapping) {
+        return 0;
     }
     let Some(inode) = rk_ptr(mapping + off::OFF_MAPPING_HOST()) else {
         return 0;
@@ -75,11 +74,25 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
     };
     let offset = index << PAGE_SHIFT;
     let len = 1u64 << (PAGE_SHIFT + order);
+    report_hot(pid, file, parent, offset, len);
+    0
+}
+
+/// Pages `[offset, offset + len)` of `file`, mapped shared and writable somewhere, are
+/// dirty: stores into them leave no trace until a writeback cleans them, so the agent
+/// keeps them hot (re-read at every pass) until then.
+#[inline(always)]
+pub fn report_hot(pid: u32, file: KFileId, parent: KFileId, offset: u64, len: u64) {
     let _ = MAPPED_FILES.insert(&file, &1, 0);
     if !send_range(KIND_MAP_DIRTY, pid, file, parent, offset, len) {
         record_missed(&file, offset, offset + len);
     }
-    0
+}
+
+/// Whether the file of `mapping` is mapped shared and writable somewhere now.
+#[inline(always)]
+pub fn mapped_writable(mapping: u64) -> bool {
+    matches!(rk::<i32>(mapping + off::OFF_MAPPING_MMAP_WRITABLE()), Some(n) if n > 0)
 }
 
 #[inline(always)]

@@ -124,6 +124,12 @@ impl Namespace {
         })
     }
 
+    /// Whether this kernel gives fanotify groups directory handles and names (what
+    /// [`Namespace::new`] needs), without marking anything.
+    pub fn probe() -> Result<()> {
+        Namespace::new(std::iter::empty()).map(|_| ())
+    }
+
     pub fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

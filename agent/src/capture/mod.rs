@@ -340,6 +340,17 @@ fn with_setattr_range(
     (globals, found)
 }
 
+/// What capture inside the filesystem needs beyond loading programs: fanotify with
+/// directory handles and names, and where `ext4_setattr` and `ext4_dirty_inode` lie
+/// (`doppel-agent check`).
+pub fn filesystem_capture_available() -> Result<()> {
+    fanotify::Namespace::probe()?;
+    for function in ["ext4_setattr", "ext4_dirty_inode"] {
+        kallsyms::function_range(function)?;
+    }
+    Ok(())
+}
+
 /// `st_dev` of a set root, if it can be looked at.
 fn root_dev(root: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;

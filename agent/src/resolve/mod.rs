@@ -142,6 +142,8 @@ struct Deferred {
     /// The file was shorter than the range when it was read: the rest is read again
     /// until it is there or [`UNSEEN_PATIENCE_NS`] passed.
     short: bool,
+    /// Not read before this time (CLOCK_MONOTONIC ns; 0: at the next finish).
+    after: u64,
 }
 
 /// How long the part of a changed range past the end of its file is read again. A write
@@ -250,6 +252,10 @@ impl<W: Watcher> Resolver<W> {
         }
         let now = monotonic_ns();
         for d in std::mem::take(&mut self.deferred) {
+            if d.after > now {
+                self.deferred.push(d);
+                continue;
+            }
             let Some(loc) = self.index.location(d.file) else {
                 continue; // removed (or out of every set): nothing to send
             };
@@ -738,7 +744,19 @@ impl<W: Watcher> Resolver<W> {
                     FallocPlan::Apply(op) => out.push(SetOp { set: loc.set, op }),
                     FallocPlan::Nothing => {}
                     FallocPlan::RereadFromOffset => {
-                        self.read_range(file, &loc, offset, u64::MAX, out)
+                        self.read_range(file, &loc, offset, u64::MAX, out);
+                        // Inside the filesystem the shift is reported as it begins: the
+                        // read above may precede it. Read once more when it is surely
+                        // over (it holds the file's lock for its whole work).
+                        let now = monotonic_ns();
+                        self.deferred.push(Deferred {
+                            file,
+                            offset,
+                            len: u64::MAX,
+                            since: now,
+                            short: false,
+                            after: now + UNSEEN_PATIENCE_NS,
+                        });
                     }
                 }
             }
@@ -801,6 +819,7 @@ impl<W: Watcher> Resolver<W> {
                 len: u64::MAX,
                 since: monotonic_ns(),
                 short: false,
+                after: 0,
             }),
         }
     }

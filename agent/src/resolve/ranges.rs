@@ -17,6 +17,7 @@ impl<W: Watcher> Resolver<W> {
                 len: end - start,
                 since,
                 short: false,
+                after: 0,
             });
         }
     }
@@ -49,6 +50,7 @@ impl<W: Watcher> Resolver<W> {
                 len,
                 since: monotonic_ns(),
                 short: false,
+                after: 0,
             });
         }
     }
@@ -72,6 +74,7 @@ impl<W: Watcher> Resolver<W> {
                 len: end - from,
                 since,
                 short: true,
+                after: 0,
             });
         }
     }

@@ -21,6 +21,9 @@
 //!   the floor) for writes into a directory they mark, its records read and dropped.
 //!   With every set on ext4 the agent attaches no syscall hook either: its figures and
 //!   these differ by the agent's own work and by noise.
+//! - `fanotify_mark_write_ns`: the unwatched write loop with only the fanotify group's
+//!   filesystem mark (`bench-floor --namespace-only`) against no agent: what the
+//!   namespace half of the capture costs every write to a set's filesystem.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
@@ -112,6 +115,7 @@ fn write_ns(dir: &Path, writes: usize) -> Result<f64> {
 enum Hook<'a> {
     Floor,
     FilesystemOnly(&'a Path),
+    NamespaceOnly(&'a Path),
 }
 
 /// Runs `measure` with `hook` attached by `doppel-agent bench-floor`.
@@ -119,8 +123,14 @@ fn with_hook<T>(hook: Hook, measure: impl FnOnce() -> Result<T>) -> Result<T> {
     let bin = doppel_tests::bin_dir().join("doppel-agent");
     let mut cmd = Command::new(&bin);
     cmd.arg("bench-floor");
-    if let Hook::FilesystemOnly(dir) = hook {
-        cmd.arg("--filesystem-only").arg(dir);
+    match hook {
+        Hook::Floor => {}
+        Hook::FilesystemOnly(dir) => {
+            cmd.arg("--filesystem-only").arg(dir);
+        }
+        Hook::NamespaceOnly(dir) => {
+            cmd.arg("--namespace-only").arg(dir);
+        }
     }
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -148,7 +158,7 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
     let fs_watched = c.dir.path().join("fs-watched");
     std::fs::create_dir_all(&fs_watched)?;
     c.start_receiver()?;
-    let mut rounds: Vec<[f64; 10]> = Vec::new();
+    let mut rounds: Vec<[f64; 11]> = Vec::new();
     for round in 0..ROUNDS {
         let base_sys = getppid_ns();
         let base_u = write_ns(&unwatched, 100_000)?;
@@ -161,6 +171,9 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
                 write_ns(&unwatched, 100_000)?,
                 write_ns(&fs_watched, 40_000)?,
             ))
+        })?;
+        let fan_u = with_hook(Hook::NamespaceOnly(&fs_watched), || {
+            write_ns(&unwatched, 100_000)
         })?;
         c.start_agent()?;
         c.wait_synced(Duration::from_secs(30))?;
@@ -175,14 +188,16 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
             "bench: capture round {round}: getppid {base_sys:.0} -> {agent_sys:.0} ns; \
              unwatched write {base_u:.0} (floor {floor_u:.0}) -> {agent_u:.0} ns; \
              watched write {base_w:.0} -> {agent_w:.0} ns; filesystem programs alone: \
-             getppid {fs_sys:.0} ns, unwatched write {fs_u:.0} ns, watched write {fs_w:.0} ns"
+             getppid {fs_sys:.0} ns, unwatched write {fs_u:.0} ns, watched write {fs_w:.0} ns; \
+             fanotify mark alone: unwatched write {fan_u:.0} ns"
         );
         rounds.push([
             base_sys, agent_sys, base_u, floor_u, agent_u, base_w, agent_w, fs_sys, fs_u, fs_w,
+            fan_u,
         ]);
     }
     let col = |i: usize| median(rounds.iter().map(|r| r[i]).collect());
-    let per = |f: &dyn Fn(&[f64; 10]) -> f64| median(rounds.iter().map(f).collect());
+    let per = |f: &dyn Fn(&[f64; 11]) -> f64| median(rounds.iter().map(f).collect());
     figures.insert("getppid_ns_baseline".into(), col(0));
     figures.insert("getppid_ns_agent".into(), col(1));
     figures.insert(
@@ -216,6 +231,7 @@ pub fn capture(figures: &mut Figures) -> Result<()> {
         "fs_only_watched_write_tax_over_floor_ratio".into(),
         per(&|r| (r[9] - r[5]) / (r[3] - r[2]).max(1.0)),
     );
+    figures.insert("fanotify_mark_write_ns".into(), per(&|r| r[10] - r[2]));
     figures.insert("watched_write_cpu_tax_ns".into(), per(&|r| r[6] - r[5]));
     figures.insert(
         "watched_write_tax_over_floor_ratio".into(),
