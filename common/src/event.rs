@@ -62,8 +62,10 @@ pub enum EntryChange {
     /// Made (created, linked, a directory made, a node made).
     /// (`Attrib` with an empty name is about the directory itself.)
     Made,
-    /// Removed (unlinked, a directory removed).
+    /// Removed (unlinked).
     Removed,
+    /// A directory removed.
+    RemovedDir,
     /// Mode, owner, times, link count or extended attributes changed.
     Attrib,
 }

@@ -298,8 +298,13 @@ pub fn parse(buf: &[u8], inode: &HandleToInode<'_>, emit: &mut dyn FnMut(Capture
         let Some(at) = plain else { continue };
         // Events merged in the queue carry several bits: each is looked at the same way
         // (what the name holds now), removal first so a replaced entry is copied again.
+        let removed = if mask & libc::FAN_ONDIR != 0 {
+            EntryChange::RemovedDir
+        } else {
+            EntryChange::Removed
+        };
         for (bit, change) in [
-            (libc::FAN_DELETE, EntryChange::Removed),
+            (libc::FAN_DELETE, removed),
             (libc::FAN_CREATE, EntryChange::Made),
             (libc::FAN_ATTRIB, EntryChange::Attrib),
         ] {

@@ -41,16 +41,23 @@ impl<W: Watcher> Resolver<W> {
                 let now = std::fs::symlink_metadata(&abs).ok().map(|m| file_id(&m));
                 match (self.index.lookup(&loc), now) {
                     (Some(known), Some(now)) if known == now => self.touch(Some(known), true),
-                    _ => self.settle(dir, &loc, &abs, false, None, out),
+                    _ => self.settle(dir, &loc, &abs, None, None, out),
                 }
             }
             EntryChange::Made => {
                 self.touch(Some(dir), false);
-                self.settle(dir, &loc, &abs, false, None, out);
+                self.settle(dir, &loc, &abs, None, None, out);
             }
-            EntryChange::Removed => {
+            EntryChange::Removed | EntryChange::RemovedDir => {
                 self.touch(Some(dir), false);
-                self.settle(dir, &loc, &abs, true, None, out);
+                self.settle(
+                    dir,
+                    &loc,
+                    &abs,
+                    Some(change == EntryChange::RemovedDir),
+                    None,
+                    out,
+                );
             }
         }
     }
@@ -69,11 +76,11 @@ impl<W: Watcher> Resolver<W> {
         if let Some((loc, abs)) = self.entry_at(to.0, to.1) {
             self.touch(Some(to.0), false);
             let from_loc = from_at.as_ref().map(|(l, _)| l.clone());
-            self.settle(to.0, &loc, &abs, false, from_loc, out);
+            self.settle(to.0, &loc, &abs, None, from_loc, out);
         }
         if let Some((loc, abs)) = self.entry_at(from.0, from.1) {
             self.touch(Some(from.0), false);
-            self.settle(from.0, &loc, &abs, false, None, out);
+            self.settle(from.0, &loc, &abs, None, None, out);
         }
     }
 
@@ -103,16 +110,16 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Makes the index and the replica hold at `loc` (name of directory `dir`) what the
-    /// source holds at `abs` now. `replaced`: the name was removed since the index
-    /// learnt it, so the same inode there now is another file (its number reused) or
-    /// another name of it, and is entered again. `renamed_from`: the name a rename that
-    /// ended at `loc` came from.
+    /// source holds at `abs` now. `removed`: the name was removed (`Some(is_dir)`)
+    /// since the index learnt it, so the same inode there now is another file (its
+    /// number reused) or another name of it, and is entered again. `renamed_from`: the
+    /// name a rename that ended at `loc` came from.
     fn settle(
         &mut self,
         dir: FileId,
         loc: &Location,
         abs: &Path,
-        replaced: bool,
+        removed: Option<bool>,
         renamed_from: Option<Location>,
         out: &mut Vec<SetOp>,
     ) {
@@ -121,14 +128,34 @@ impl<W: Watcher> Resolver<W> {
             .ok()
             .filter(|m| self.replicated(loc, m.is_dir()));
         let Some(m) = now else {
-            if let Some(k) = known {
-                let is_dir = self.index.is_dir(k);
-                self.remove(loc.clone(), is_dir, out);
+            match known {
+                Some(k) => {
+                    let is_dir = self.index.is_dir(k);
+                    self.remove(loc.clone(), is_dir, out);
+                }
+                // A removal of a name the index does not know: the replica may still
+                // have it (a name the index forgot when its file was copied under
+                // another one), and the source has nothing there. Removing nothing is
+                // fine on the receiver.
+                None => {
+                    let path = rel_path(&loc.rel);
+                    match removed {
+                        Some(true) => out.push(SetOp {
+                            set: loc.set,
+                            op: Op::Rmdir { path },
+                        }),
+                        Some(false) => out.push(SetOp {
+                            set: loc.set,
+                            op: Op::Remove { path },
+                        }),
+                        None => {}
+                    }
+                }
             }
             return;
         };
         let id = file_id(&m);
-        if known == Some(id) && !replaced {
+        if known == Some(id) && removed.is_none() {
             return;
         }
         if let Some(from) = renamed_from {

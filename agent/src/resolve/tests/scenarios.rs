@@ -533,12 +533,14 @@ fn reported_inside(ev: Captured) -> Vec<Captured> {
             to_name,
         }
     };
-    use doppel_common::event::EntryChange::{Made, Removed};
+    use doppel_common::event::EntryChange::{Made, Removed, RemovedDir};
     let events = match &ev.event {
         CaptureEvent::Created { path, .. }
         | CaptureEvent::Made { path }
         | CaptureEvent::Linked { to: path, .. } => vec![entry(path, Made)],
-        CaptureEvent::Removed { path, .. } => vec![entry(path, Removed)],
+        CaptureEvent::Removed { path, is_dir } => {
+            vec![entry(path, if *is_dir { RemovedDir } else { Removed })]
+        }
         CaptureEvent::Renamed { from, to, flags } if flags & RENAME_EXCHANGE != 0 => {
             vec![moved(from, to), moved(to, from)]
         }
