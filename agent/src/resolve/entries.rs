@@ -229,6 +229,35 @@ impl<W: Watcher> Resolver<W> {
         }
     }
 
+    /// A file with several names is entered at a name of directory `parent`, and the
+    /// index knows it under another name it cannot find now because that name's
+    /// directory moved (its rename still to come). Copied now, it would be a separate
+    /// file on the replica from the name the index knows: instead `parent` is looked at
+    /// again shortly, when the rename is handled and the other name found, and true is
+    /// returned; after [`TOUCH_PATIENCE_NS`] it is copied after all.
+    pub(super) fn link_pending(&mut self, set: usize, id: FileId, parent: FileId) -> bool {
+        if !self.fs_namespace.get(set).copied().unwrap_or(false) {
+            return false;
+        }
+        let moved = self
+            .index
+            .locations(id)
+            .iter()
+            .any(|l| !self.dir_in_place(l));
+        let now = monotonic_ns();
+        if !moved {
+            self.link_waits.remove(&id);
+            return false;
+        }
+        let since = *self.link_waits.entry(id).or_insert(now);
+        if now - since >= TOUCH_PATIENCE_NS {
+            self.link_waits.remove(&id);
+            return false;
+        }
+        self.rescan.entry(parent).or_insert(now);
+        true
+    }
+
     /// Whether the directory holding `loc` is where the index has it: if it (or one
     /// above it) moved, its rename still to be handled, nothing can be told from a
     /// look at `loc`'s path yet.

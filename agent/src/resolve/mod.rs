@@ -118,6 +118,9 @@ pub struct Resolver<W: Watcher> {
     unordered: Vec<bool>,
     /// Per set: bytes were read back from a file since [`Resolver::take_read_back`].
     read_back: Vec<bool>,
+    /// Files with several names waiting for a moved directory's rename before they are
+    /// linked (see `entries::link_pending`), since when.
+    link_waits: HashMap<FileId, u64>,
 }
 
 fn unix_seconds() -> u64 {
@@ -219,6 +222,7 @@ impl<W: Watcher> Resolver<W> {
             fs_namespace: Vec::new(),
             unordered: vec![false; n_sets],
             read_back: vec![false; n_sets],
+            link_waits: HashMap::new(),
         })
     }
 

@@ -224,6 +224,10 @@ impl<W: Watcher> Resolver<W> {
                     });
                     return true;
                 }
+                if self.link_pending(set, id, parent) {
+                    self.not_sent(parent, name);
+                    return false;
+                }
             }
             // Copied to a name the index does not know as `id`, so into a new file on the
             // replica: its file under the names the index knew for `id` (none of which
