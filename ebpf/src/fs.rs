@@ -196,11 +196,10 @@ pub fn folio_at(mapping: u64, index: u64) -> Option<u64> {
     (entry != 0 && entry & 3 == 0).then_some(entry)
 }
 
-/// Kernel address of the byte at `pos` of `inode`'s page cache, in a folio that holds
+/// Kernel address of the byte at `pos` of the page cache `mapping`, in a folio that holds
 /// at least `len` bytes from there; `None` when it cannot be found that way.
 #[inline(always)]
-fn cached_bytes(inode: u64, pos: u64, len: u64) -> Option<u64> {
-    let mapping = rk_ptr(inode + off::OFF_INODE_I_MAPPING())?;
+fn cached_bytes(mapping: u64, pos: u64, len: u64) -> Option<u64> {
     let folio = folio_at(mapping, pos >> PAGE_SHIFT)?;
     if rk::<u64>(folio + off::OFF_FOLIO_MAPPING())? != mapping {
         return None;
@@ -237,10 +236,11 @@ fn write_end(ctx: &BtfTracePointContext) {
     let parent = parent_or_none(inode);
     // A short copy into a folio that was not up to date is thrown away and retried by
     // the kernel: its bytes are not the file's. Read back whatever the file ends with.
+    let mapping = rk_ptr(inode + off::OFF_INODE_I_MAPPING());
     let src = if copied < len || copied > INLINE_CAP as u64 {
         None
     } else {
-        cached_bytes(inode, pos, copied)
+        mapping.and_then(|m| cached_bytes(m, pos, copied))
     };
     match (src, scratch()) {
         (Some(src), Some(s)) => {
@@ -250,12 +250,10 @@ fn write_end(ctx: &BtfTracePointContext) {
     }
     // In a file mapped shared and writable, the pages this write dirtied take stores
     // without a trace (a dirty page reports nothing): they are kept hot.
-    if let Some(mapping) = rk_ptr(inode + off::OFF_INODE_I_MAPPING()) {
-        if crate::mmap::mapped_writable(mapping) {
-            let first = pos & !((1 << PAGE_SHIFT) - 1);
-            let end = (pos + copied + (1 << PAGE_SHIFT) - 1) & !((1 << PAGE_SHIFT) - 1);
-            crate::mmap::report_hot(pid, file, parent, first, end - first);
-        }
+    if mapping.is_some_and(crate::mmap::mapped_writable) {
+        let first = pos & !((1 << PAGE_SHIFT) - 1);
+        let end = (pos + copied + (1 << PAGE_SHIFT) - 1) & !((1 << PAGE_SHIFT) - 1);
+        crate::mmap::report_hot(pid, file, parent, first, end - first);
     }
 }
 

@@ -268,13 +268,7 @@ fn folio_span(folio: u64, first: u64, last: u64) -> (u64, u64) {
     let Some(index) = rk::<u64>(folio + off::OFF_FOLIO_INDEX()) else {
         return (first, last);
     };
-    let flags = rk::<u64>(folio + off::OFF_FOLIO_FLAGS()).unwrap_or(0);
-    let order = if flags & (1 << (off::PG_HEAD() & 63)) != 0 {
-        rk::<u64>(folio + off::OFF_FOLIO_FLAGS_1()).unwrap_or(0) & 0x1f
-    } else {
-        0
-    };
-    let end = index + (1u64 << order) - 1;
+    let end = index + (1u64 << crate::mmap::folio_order(folio)) - 1;
     (index.min(first), end.max(last))
 }
 

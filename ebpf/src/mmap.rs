@@ -65,15 +65,9 @@ pub fn doppel_dirty_folio(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let index = rk::<u64>(folio + off::OFF_FOLIO_INDEX()).unwrap_or(0);
-    let flags = rk::<u64>(folio + off::OFF_FOLIO_FLAGS()).unwrap_or(0);
-    // A large folio is dirtied as a whole: its order is in the second page's flags.
-    let order = if flags & (1 << (off::PG_HEAD() & 63)) != 0 {
-        rk::<u64>(folio + off::OFF_FOLIO_FLAGS_1()).unwrap_or(0) & 0x1f
-    } else {
-        0
-    };
+    // A large folio is dirtied as a whole.
     let offset = index << PAGE_SHIFT;
-    let len = 1u64 << (PAGE_SHIFT + order);
+    let len = 1u64 << (PAGE_SHIFT + folio_order(folio));
     report_hot(pid, file, parent, offset, len);
     0
 }
@@ -86,6 +80,18 @@ pub fn report_hot(pid: u32, file: KFileId, parent: KFileId, offset: u64, len: u6
     let _ = MAPPED_FILES.insert(&file, &1, 0);
     if !send_range(KIND_MAP_DIRTY, pid, file, parent, offset, len) {
         record_missed(&file, offset, offset + len);
+    }
+}
+
+/// The order of `folio` (it spans `1 << order` pages): 0 for a single page, else in
+/// the second page's flags.
+#[inline(always)]
+pub fn folio_order(folio: u64) -> u64 {
+    let flags = rk::<u64>(folio + off::OFF_FOLIO_FLAGS()).unwrap_or(0);
+    if flags & (1 << (off::PG_HEAD() & 63)) != 0 {
+        rk::<u64>(folio + off::OFF_FOLIO_FLAGS_1()).unwrap_or(0) & 0x1f
+    } else {
+        0
     }
 }
 

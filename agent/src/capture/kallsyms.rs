@@ -4,15 +4,16 @@
 
 use anyhow::{bail, Context, Result};
 
-/// `[start, end)` of function `name`: from its address to the next symbol's.
-pub fn function_range(name: &str) -> Result<(u64, u64)> {
+/// `[start, end)` of each function of `names`: from its address to the next symbol's.
+/// `/proc/kallsyms` is read once for all of them.
+pub fn function_ranges<const N: usize>(names: [&str; N]) -> Result<[(u64, u64); N]> {
     let text = std::fs::read_to_string("/proc/kallsyms").context("cannot read /proc/kallsyms")?;
-    range_in(&text, name)
+    ranges_in(&text, names)
 }
 
-fn range_in(text: &str, name: &str) -> Result<(u64, u64)> {
+fn ranges_in<const N: usize>(text: &str, names: [&str; N]) -> Result<[(u64, u64); N]> {
     let mut addrs: Vec<u64> = Vec::new();
-    let mut start = None;
+    let mut starts = [None; N];
     for line in text.lines() {
         let mut parts = line.split_ascii_whitespace();
         let (Some(addr), Some(kind), Some(sym)) = (parts.next(), parts.next(), parts.next()) else {
@@ -27,24 +28,27 @@ fn range_in(text: &str, name: &str) -> Result<(u64, u64)> {
         if !matches!(kind, "t" | "T") {
             continue;
         }
-        if sym == name {
-            start = Some(addr);
+        if let Some(i) = names.iter().position(|&n| n == sym) {
+            starts[i] = Some(addr);
         }
         addrs.push(addr);
     }
-    let Some(start) = start.filter(|&a| a != 0) else {
-        bail!(
-            "the kernel function {name} is not in /proc/kallsyms (addresses hidden by \
-             kptr_restrict, or another kernel): run as root"
-        );
-    };
-    let end = addrs
-        .iter()
-        .copied()
-        .filter(|&a| a > start)
-        .min()
-        .context("no symbol follows it")?;
-    Ok((start, end))
+    addrs.sort_unstable();
+    let mut out = [(0, 0); N];
+    for (i, name) in names.iter().enumerate() {
+        let Some(start) = starts[i].filter(|&a| a != 0) else {
+            bail!(
+                "the kernel function {name} is not in /proc/kallsyms (addresses hidden by \
+                 kptr_restrict, or another kernel): run as root"
+            );
+        };
+        let next = addrs.partition_point(|&a| a <= start);
+        let end = *addrs
+            .get(next)
+            .with_context(|| format!("no symbol follows {name} in /proc/kallsyms"))?;
+        out[i] = (start, end);
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -59,11 +63,14 @@ mod tests {
                     ffffffff817f0700 T __pfx_ext4_dirty_inode\n\
                     ffffffffc0000000 t some_fn\t[mod]\n";
         assert_eq!(
-            range_in(text, "ext4_setattr").unwrap(),
-            (0xffffffff817ef830, 0xffffffff817f0700)
+            ranges_in(text, ["ext4_setattr", "_stext"]).unwrap(),
+            [
+                (0xffffffff817ef830, 0xffffffff817f0700),
+                (0xffffffff81000000, 0xffffffff817ef820)
+            ]
         );
-        assert!(range_in(text, "nothing").is_err());
+        assert!(ranges_in(text, ["ext4_setattr", "nothing"]).is_err());
         let hidden = "0000000000000000 T ext4_setattr\n0000000000000000 T x\n";
-        assert!(range_in(hidden, "ext4_setattr").is_err());
+        assert!(ranges_in(hidden, ["ext4_setattr"]).is_err());
     }
 }

@@ -315,40 +315,41 @@ fn attach_filesystem(ebpf: &mut Ebpf) -> Result<()> {
     attach(ebpf, FS_FAULTS)
 }
 
-/// The filesystem globals with where `ext4_setattr` and `ext4_dirty_inode` lie, which
-/// the size and times program needs:
-/// without it, the filesystem programs are not attached.
-fn with_setattr_range(
+/// The kernel functions whose code ranges the size and times program compares its
+/// caller with (ebpf/src/fs_meta.rs), and the globals that hold each range.
+const CALLERS: [(&str, &str, &str); 2] = [
+    ("ext4_setattr", "SETATTR_IP_START", "SETATTR_IP_END"),
+    (
+        "ext4_dirty_inode",
+        "DIRTY_INODE_IP_START",
+        "DIRTY_INODE_IP_END",
+    ),
+];
+
+fn caller_ranges() -> Result<[(u64, u64); 2]> {
+    kallsyms::function_ranges(CALLERS.map(|(function, _, _)| function))
+}
+
+/// The filesystem globals with the ranges of [`CALLERS`], which the size and times
+/// program needs: without them, the filesystem programs are not attached.
+fn with_caller_ranges(
     mut globals: Vec<(&'static str, u64)>,
     found: Result<()>,
 ) -> (Vec<(&'static str, u64)>, Result<()>) {
-    let mut found = found;
-    for (function, start_global, end_global) in [
-        ("ext4_setattr", "SETATTR_IP_START", "SETATTR_IP_END"),
-        (
-            "ext4_dirty_inode",
-            "DIRTY_INODE_IP_START",
-            "DIRTY_INODE_IP_END",
-        ),
-    ] {
-        let range = kallsyms::function_range(function);
-        let (start, end) = *range.as_ref().unwrap_or(&(u64::MAX, 0));
-        globals.push((start_global, start));
-        globals.push((end_global, end));
-        found = found.and(range.map(|_| ()));
+    let ranges = caller_ranges();
+    let unknown = [(u64::MAX, 0); 2];
+    for ((_, start, end), range) in CALLERS.iter().zip(ranges.as_ref().unwrap_or(&unknown)) {
+        globals.push((start, range.0));
+        globals.push((end, range.1));
     }
-    (globals, found)
+    (globals, found.and(ranges.map(|_| ())))
 }
 
 /// What capture inside the filesystem needs beyond loading programs: fanotify with
-/// directory handles and names, and where `ext4_setattr` and `ext4_dirty_inode` lie
-/// (`doppel-agent check`).
+/// directory handles and names, and where [`CALLERS`] lie (`doppel-agent check`).
 pub fn filesystem_capture_available() -> Result<()> {
     fanotify::Namespace::probe()?;
-    for function in ["ext4_setattr", "ext4_dirty_inode"] {
-        kallsyms::function_range(function)?;
-    }
-    Ok(())
+    caller_ranges().map(|_| ())
 }
 
 /// `st_dev` of a set root, if it can be looked at.
@@ -473,11 +474,13 @@ impl Capture {
                 let offsets = btf::program_offsets(&btf).context(
                     "cannot locate the kernel structure fields the capture program reads",
                 )?;
+                // /proc/kallsyms is read here too, off the main thread.
+                let (fs_globals, fs) = btf::fs_globals(&btf);
                 Ok((
                     offsets,
                     btf::uring_globals(&btf),
                     btf::mmap_globals(&btf),
-                    btf::fs_globals(&btf),
+                    with_caller_ranges(fs_globals, fs),
                 ))
             })
             .context("cannot start a thread")?;
@@ -485,7 +488,6 @@ impl Capture {
         let (offsets, (uring_globals, uring), (mmap_globals, mmap), (fs_globals, fs)) = ours
             .join()
             .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))??;
-        let (fs_globals, fs) = with_setattr_range(fs_globals, fs);
         let ring_bytes = ring_size(opts.ring_bytes)?;
         let globals = offsets.iter().chain(&uring_globals).chain(&mmap_globals);
         for (name, value) in globals.chain(&fs_globals) {
@@ -524,16 +526,20 @@ impl Capture {
         } else {
             Vec::new()
         };
-        let covered_roots: Vec<&std::path::Path> = opts
+        // Each root's filesystem, and those the bitmap covers.
+        let roots: Vec<(&std::path::Path, Option<u64>)> = opts
             .set_roots
             .iter()
-            .filter(|r| root_dev(r).is_some_and(|d| marked_devs.contains(&d)))
-            .map(|r| r.as_path())
+            .map(|r| (r.as_path(), root_dev(r)))
             .collect();
-        let namespace = if covered_roots.is_empty() {
+        let covered: Vec<(&std::path::Path, u64)> = roots
+            .iter()
+            .filter_map(|&(r, dev)| dev.filter(|d| marked_devs.contains(d)).map(|d| (r, d)))
+            .collect();
+        let namespace = if covered.is_empty() {
             None
         } else {
-            match fanotify::Namespace::new(covered_roots.iter().copied()) {
+            match fanotify::Namespace::new(covered.iter().map(|&(r, _)| r)) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!(
@@ -546,17 +552,16 @@ impl Capture {
             }
         };
         let namespace_devs: Vec<u64> = if namespace.is_some() {
-            covered_roots.iter().filter_map(|r| root_dev(r)).collect()
+            covered.iter().map(|&(_, d)| d).collect()
         } else {
             Vec::new()
         };
         let sys = match opts.syscall_capture {
             SyscallCapture::Always => true,
             SyscallCapture::Never => false,
-            SyscallCapture::WhereNeeded => opts
-                .set_roots
+            SyscallCapture::WhereNeeded => roots
                 .iter()
-                .any(|r| root_dev(r).is_none_or(|d| !namespace_devs.contains(&d))),
+                .any(|&(_, dev)| dev.is_none_or(|d| !namespace_devs.contains(&d))),
         };
         let main = if sys { SYS_EXIT } else { &[][..] };
         let wanted = [

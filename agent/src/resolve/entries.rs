@@ -14,9 +14,6 @@ use doppel_common::event::EntryChange;
 
 use super::*;
 
-/// `renameat2`'s `RENAME_EXCHANGE`, as the replica applies it.
-const RENAME_EXCHANGE: u32 = 2;
-
 impl<W: Watcher> Resolver<W> {
     /// An entry of `dir` named `name` changed as `change` says.
     pub(super) fn entry_changed(
@@ -91,7 +88,7 @@ impl<W: Watcher> Resolver<W> {
             return None; // outside every set (or an ancestor of a root)
         }
         let dloc = self.index.location(dir)?;
-        if !self.fs_namespace.get(dloc.set).copied().unwrap_or(false) {
+        if !self.namespace_in_filesystem(dloc.set) {
             return None;
         }
         let dabs = self.index.abs(&dloc);
@@ -163,7 +160,8 @@ impl<W: Watcher> Resolver<W> {
                 return;
             }
         }
-        if let Some(k) = self.index.lookup(loc) {
+        // (`renamed_here` changes nothing when it declines.)
+        if let Some(k) = known {
             let is_dir = self.index.is_dir(k);
             self.remove(loc.clone(), is_dir, out);
         }
@@ -223,8 +221,8 @@ impl<W: Watcher> Resolver<W> {
             .into_iter()
             .filter(|l| l != here && !self.holds(l, id) && self.dir_in_place(l))
             .collect();
+        let is_dir = self.index.is_dir(id);
         for l in stale {
-            let is_dir = self.index.is_dir(id);
             self.remove(l, is_dir, out);
         }
     }
@@ -236,7 +234,7 @@ impl<W: Watcher> Resolver<W> {
     /// again shortly, when the rename is handled and the other name found, and true is
     /// returned; after [`TOUCH_PATIENCE_NS`] it is copied after all.
     pub(super) fn link_pending(&mut self, set: usize, id: FileId, parent: FileId) -> bool {
-        if !self.fs_namespace.get(set).copied().unwrap_or(false) {
+        if !self.namespace_in_filesystem(set) {
             return false;
         }
         let moved = self
@@ -297,6 +295,6 @@ impl<W: Watcher> Resolver<W> {
             CaptureEvent::AttrChanged { path: Some(p), .. } => set_of(p),
             _ => None,
         };
-        set.is_some_and(|s| self.fs_namespace.get(s).copied().unwrap_or(false))
+        set.is_some_and(|s| self.namespace_in_filesystem(s))
     }
 }

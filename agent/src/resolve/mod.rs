@@ -46,6 +46,9 @@ use mirror::*;
 use ranges::*;
 use scan::*;
 
+/// `renameat2`'s `RENAME_EXCHANGE`, in a rename's flags as the replica applies them.
+const RENAME_EXCHANGE: u32 = 2;
+
 /// Largest data payload the resolver puts in one Write op when it reads a file.
 pub const READ_CHUNK: usize = 1 << 20;
 
@@ -228,6 +231,11 @@ impl<W: Watcher> Resolver<W> {
 
     pub fn sets(&self) -> &[Set] {
         &self.sets
+    }
+
+    /// Whether set `set`'s namespace changes are reported by its filesystem.
+    fn namespace_in_filesystem(&self, set: usize) -> bool {
+        self.fs_namespace.get(set).copied().unwrap_or(false)
     }
 
     /// Set `set`'s namespace changes are reported by its filesystem (fanotify events,

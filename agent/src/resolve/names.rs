@@ -145,7 +145,6 @@ impl<W: Watcher> Resolver<W> {
         time: u64,
         out: &mut Vec<SetOp>,
     ) {
-        const RENAME_EXCHANGE: u32 = 2;
         let src = self.place(from);
         let dst = self.place(to);
         let dst_meta = dst
@@ -274,7 +273,6 @@ impl<W: Watcher> Resolver<W> {
         flags: u32,
         out: &mut Vec<SetOp>,
     ) {
-        const RENAME_EXCHANGE: u32 = 2;
         if flags & RENAME_EXCHANGE != 0 {
             self.index.exchange((from.0, from.1), (to.0, to.1));
         } else {

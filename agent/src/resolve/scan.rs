@@ -142,7 +142,7 @@ impl<W: Watcher> Resolver<W> {
         out: &mut Vec<SetOp>,
     ) -> bool {
         let id = file_id(m);
-        if self.fs_namespace.get(set).copied().unwrap_or(false) {
+        if self.namespace_in_filesystem(set) {
             // Known under a name the source no longer has it by (moved here, or the
             // number reused by a new entry, while the event that says so is still to
             // come): that name goes from the replica, and this one is entered as new.

@@ -274,8 +274,6 @@ fn renameat2(from: &Path, to: &Path, flags: u32) -> std::io::Result<()> {
     }
 }
 
-const RENAME_EXCHANGE: u32 = 2;
-
 /// One run: `steps` source operations from `seed`, their events resolved late.
 /// Returns a description of what went wrong, if anything did.
 /// How the events reach the resolver.
@@ -515,17 +513,17 @@ fn entries(root: &Path) -> Vec<(String, bool)> {
 /// directory and name of each entry it made, removed or renamed (data records are the
 /// same on both doors; sizes are made by `step`). Made while the directories are there.
 fn reported_inside(ev: Captured) -> Vec<Captured> {
-    let at = |a: &PathArg| {
+    let dir_name = |a: &PathArg| {
         let p = Path::new(OsStr::from_bytes(&a.path));
         let dir = id_of(p.parent().unwrap());
         (dir, p.file_name().unwrap().as_bytes().to_vec())
     };
     let entry = |a: &PathArg, change| {
-        let (dir, name) = at(a);
+        let (dir, name) = dir_name(a);
         CaptureEvent::Entry { dir, name, change }
     };
     let moved = |from: &PathArg, to: &PathArg| {
-        let ((from_dir, from_name), (to_dir, to_name)) = (at(from), at(to));
+        let ((from_dir, from_name), (to_dir, to_name)) = (dir_name(from), dir_name(to));
         CaptureEvent::Moved {
             from_dir,
             from_name,
@@ -547,11 +545,7 @@ fn reported_inside(ev: Captured) -> Vec<Captured> {
         CaptureEvent::Renamed { from, to, .. } => vec![moved(from, to)],
         _ => return vec![ev],
     };
-    events.into_iter().map(|e| at_time(ev.time, e)).collect()
-}
-
-fn at_time(time: u64, event: CaptureEvent) -> Captured {
-    Captured { time, event }
+    events.into_iter().map(|e| at(ev.time, e)).collect()
 }
 
 fn step(root: &Path, rng: &mut Rng, door: Door) -> (Option<String>, Vec<Captured>) {
