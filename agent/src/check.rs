@@ -140,16 +140,26 @@ pub async fn run(config_path: &Path) -> Vec<Item> {
 /// Kernel features and permissions, independent of the configuration.
 /// What a set root's filesystem means for its capture.
 fn set_capture(root: &Path) -> String {
-    match crate::capture::marks::marked_fs(root) {
-        Ok(Some(_)) => format!(
-            "{} is a directory on ext4: captured inside the filesystem (every write, Linux \
+    use crate::capture::marks::{covered_devs, marked_fs};
+    match marked_fs(root) {
+        Ok(Some(fs)) if !covered_devs(&[fs]).is_empty() => format!(
+            "{} is a directory on {}: captured inside the filesystem (every write, Linux \
              AIO and 32-bit syscalls included; namespace changes through fanotify), with no \
              syscall hook",
-            root.display()
+            root.display(),
+            fs.kind.name()
+        ),
+        Ok(Some(fs)) => format!(
+            "{} is a directory on {} with more inode numbers ({}) than the capture's bitmap \
+             holds: captured at the syscall door (a sys_exit hook every process on the host \
+             pays for; writes through Linux AIO or 32-bit syscalls are not seen)",
+            root.display(),
+            fs.kind.name(),
+            fs.inodes
         ),
         _ => format!(
-            "{} is a directory, not on ext4: captured at the syscall door (a sys_exit hook \
-             every process on the host pays for; writes through Linux AIO or 32-bit \
+            "{} is a directory, not on ext4 or xfs: captured at the syscall door (a sys_exit \
+             hook every process on the host pays for; writes through Linux AIO or 32-bit \
              syscalls are not seen)",
             root.display()
         ),
@@ -197,12 +207,12 @@ fn kernel() -> Vec<Item> {
         Ok(()) => ok(
             "filesystem capture",
             "fanotify reports directory handles and names, and ext4's functions are in \
-             /proc/kallsyms: sets on ext4 need no syscall hook",
+             /proc/kallsyms: sets on ext4 and xfs need no syscall hook",
         ),
         Err(e) => fail(
             "filesystem capture",
             format!("{e:#}"),
-            "sets on ext4 will be captured at the syscall door (every process on the host \
+            "sets on ext4 and xfs will be captured at the syscall door (every process on the host \
              pays for it): use Linux 5.17 or later with CONFIG_FANOTIFY, and run as root so \
              that /proc/kallsyms shows addresses",
         ),

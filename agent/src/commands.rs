@@ -412,7 +412,8 @@ pub fn namespace_capture_only(path: &std::path::Path) -> anyhow::Result<impl Sen
 /// costs writers once no syscall hook is attached.
 pub fn filesystem_capture_only(path: &std::path::Path) -> anyhow::Result<impl Send> {
     use doppel_agent::capture::{marks::marked_fs, Capture, CaptureOptions, SyscallCapture};
-    let fs = marked_fs(path)?.with_context(|| format!("{} is not on ext4", path.display()))?;
+    let fs =
+        marked_fs(path)?.with_context(|| format!("{} is not on ext4 or xfs", path.display()))?;
     let (capture, mut events) = Capture::start(CaptureOptions {
         mark_filesystems: vec![fs],
         set_roots: vec![path.to_path_buf()],
@@ -423,7 +424,7 @@ pub fn filesystem_capture_only(path: &std::path::Path) -> anyhow::Result<impl Se
         anyhow::bail!("the filesystem programs are not attached: {problem}");
     }
     if capture.syscall_hook() {
-        anyhow::bail!("the syscall hook is attached although the directory is on ext4");
+        anyhow::bail!("the syscall hook is attached although the directory is on ext4 or xfs");
     }
     use std::os::unix::fs::MetadataExt;
     let m = std::fs::metadata(path)?;

@@ -93,7 +93,7 @@ fn new_epoch() -> u64 {
 }
 
 /// The filesystems of the sets whose writes can be captured inside the filesystem
-/// (ext4; the capture takes each device once). A set whose root cannot be looked at
+/// (ext4, xfs; the capture takes each device once). A set whose root cannot be looked at
 /// is left to the syscall capture alone (its start reports the root's problem).
 fn marked_filesystems(config: &Config) -> Vec<MarkedFs> {
     let mut out = Vec::new();
@@ -133,12 +133,16 @@ pub async fn run(config: Config) -> Result<()> {
             .as_ref()
             .is_ok_and(|&d| capture.namespace_in_filesystem(d));
         fs_namespace.push(names);
+        let kind = marked_fs(&set.root)
+            .ok()
+            .flatten()
+            .map_or("", |f| f.kind.name());
         if data && names {
-            info!(set = %set.name, "captured inside the filesystem (ext4): every write whatever its door, namespace changes through fanotify");
+            info!(set = %set.name, "captured inside the filesystem ({kind}): every write whatever its door, namespace changes through fanotify");
         } else if data {
-            warn!(set = %set.name, "writes are captured inside the filesystem (ext4), namespace changes at the syscall door (see the fanotify warning above)");
+            warn!(set = %set.name, "writes are captured inside the filesystem ({kind}), namespace changes at the syscall door (see the fanotify warning above)");
         } else {
-            warn!(set = %set.name, "captured at the syscall door (the set is not on ext4, or its filesystem has more inodes than the capture's bitmap holds): every process on the host pays for the hook, and Linux AIO and 32-bit writes are not seen");
+            warn!(set = %set.name, "captured at the syscall door (the set is not on ext4 or xfs, or its filesystem has more inode numbers than the capture's bitmap holds): every process on the host pays for the hook, and Linux AIO and 32-bit writes are not seen");
         }
     }
     ignore_local_receivers(&capture);

@@ -76,6 +76,10 @@ pub const KIND_TOUCHED: u32 = 17;
 /// A [`FileRecord`] (no data): a marked file was fsynced or fdatasynced: writes before
 /// it are ordered before writes to any file after it.
 pub const KIND_SYNCED: u32 = 18;
+/// A [`FileRecord`] (no data): `[offset, offset + len)` of a marked file is about to
+/// share another file's blocks (a reflink: `copy_file_range`, `FICLONERANGE` on xfs).
+/// The agent reads the range now and once the remap is surely over.
+pub const KIND_REMAPPED: u32 = 19;
 pub const WRITEBACK_BEGIN: u64 = 0;
 pub const WRITEBACK_END: u64 = 1;
 
@@ -152,6 +156,25 @@ pub const PROG_EXT4_COLLAPSE_RANGE: &str = "doppel_ext4_collapse_range";
 pub const PROG_EXT4_INSERT_RANGE: &str = "doppel_ext4_insert_range";
 pub const PROG_FILEMAP_FAULT: &str = "doppel_filemap_fault";
 pub const PROG_FILEMAP_MAP_PAGES: &str = "doppel_filemap_map_pages";
+/// Programs inside xfs and iomap (ebpf/src/xfs.rs).
+pub const PROG_XFS_BUFFERED_WRITE: &str = "doppel_xfs_buffered_write";
+pub const PROG_IOMAP_ITER: &str = "doppel_iomap_iter";
+pub const PROG_XFS_TRUNCATE: &str = "doppel_xfs_truncate";
+pub const PROG_XFS_ZERO_EOF: &str = "doppel_xfs_zero_eof";
+pub const PROG_XFS_UPDATE_TIME: &str = "doppel_xfs_update_time";
+pub const PROG_XFS_SETATTR: &str = "doppel_xfs_setattr";
+pub const PROG_XFS_FSYNC: &str = "doppel_xfs_fsync";
+pub const PROG_XFS_ALLOC_SPACE: &str = "doppel_xfs_alloc_space";
+pub const PROG_XFS_FREE_SPACE: &str = "doppel_xfs_free_space";
+pub const PROG_XFS_ZERO_SPACE: &str = "doppel_xfs_zero_space";
+pub const PROG_XFS_COLLAPSE_SPACE: &str = "doppel_xfs_collapse_space";
+pub const PROG_XFS_INSERT_SPACE: &str = "doppel_xfs_insert_space";
+pub const PROG_XFS_SF_ADDNAME: &str = "doppel_xfs_sf_addname";
+pub const PROG_XFS_BLOCK_ADDNAME: &str = "doppel_xfs_block_addname";
+pub const PROG_XFS_LEAF_ADDNAME: &str = "doppel_xfs_leaf_addname";
+pub const PROG_XFS_NODE_ADDNAME: &str = "doppel_xfs_node_addname";
+pub const PROG_XFS_IUNLINK_REMOVE: &str = "doppel_xfs_iunlink_remove";
+pub const PROG_XFS_REMAP: &str = "doppel_xfs_remap";
 /// The inode bitmap (one bit per inode number of each filesystem in `MARK_FS`).
 pub const MAP_MARKS: &str = "MARKS";
 pub const MAP_MARK_FS: &str = "MARK_FS";

@@ -180,6 +180,14 @@ pub enum CaptureEvent {
         offset: u64,
         len: u64,
     },
+    /// `[offset, offset + len)` of a file is being replaced by blocks shared with another
+    /// file (a reflink), reported before the remap is done.
+    Remapped {
+        file: FileId,
+        parent: FileId,
+        offset: u64,
+        len: u64,
+    },
     /// Writeback of a file with hot mapped pages began (`end` false) or ended.
     Writeback { file: FileId, end: bool },
     /// Records were dropped and could not even be remembered as ranges (the missed-range

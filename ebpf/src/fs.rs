@@ -68,7 +68,7 @@ static DIO_PENDING: HashMap<u64, DioWrite> = HashMap::with_max_entries(DIO_PENDI
 /// loads, which the verifier checks against the kernel's types (offsets are constants
 /// of the frozen `.rodata`), no helper call.
 #[inline(always)]
-fn arg_inode_id(inode: u64) -> KFileId {
+pub fn arg_inode_id(inode: u64) -> KFileId {
     // SAFETY: `inode` is a `struct inode *` argument of a BTF tracepoint; the verifier
     // turns these loads into fault-tolerant ones and checks each offset's field.
     unsafe {
@@ -90,12 +90,12 @@ fn mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
 
 /// [`mark_word`] for an inode handed in by the tracepoint.
 #[inline(always)]
-fn arg_mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
+pub fn arg_mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
     mark_word_of(arg_inode_id(inode))
 }
 
 #[inline(always)]
-fn mark_word_of(id: KFileId) -> Option<(*mut u64, u64, KFileId)> {
+pub fn mark_word_of(id: KFileId) -> Option<(*mut u64, u64, KFileId)> {
     let mut i = 0;
     while i < MARK_FS_MAX {
         let fs = MARK_FS.get(i)?;
@@ -248,11 +248,23 @@ fn write_end(ctx: &BtfTracePointContext) {
         }
         _ => report_dirty(pid, &file, &parent, pos, copied),
     }
-    // In a file mapped shared and writable, the pages this write dirtied take stores
-    // without a trace (a dirty page reports nothing): they are kept hot.
+    keep_hot(mapping, pid, file, parent, pos, copied);
+}
+
+/// In a file mapped shared and writable, the pages a buffered write dirtied take stores
+/// without a trace (a dirty page reports nothing): they are kept hot.
+#[inline(always)]
+pub fn keep_hot(
+    mapping: Option<u64>,
+    pid: u32,
+    file: KFileId,
+    parent: KFileId,
+    pos: u64,
+    len: u64,
+) {
     if mapping.is_some_and(crate::mmap::mapped_writable) {
         let first = pos & !((1 << PAGE_SHIFT) - 1);
-        let end = (pos + copied + (1 << PAGE_SHIFT) - 1) & !((1 << PAGE_SHIFT) - 1);
+        let end = (pos + len + (1 << PAGE_SHIFT) - 1) & !((1 << PAGE_SHIFT) - 1);
         crate::mmap::report_hot(pid, file, parent, first, end - first);
     }
 }

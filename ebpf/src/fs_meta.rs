@@ -37,10 +37,10 @@ use crate::{
 };
 
 /// `fallocate` modes of the operations whose tracepoints do not carry one.
-const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
-const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
-const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
+pub const FALLOC_FL_KEEP_SIZE: u32 = 0x01;
+pub const FALLOC_FL_PUNCH_HOLE: u32 = 0x02;
+pub const FALLOC_FL_COLLAPSE_RANGE: u32 = 0x08;
+pub const FALLOC_FL_INSERT_RANGE: u32 = 0x20;
 /// x86_64 pages.
 const PAGE_SHIFT: u64 = 12;
 
@@ -79,7 +79,7 @@ pub fn doppel_ext4_setattr(ctx: BtfTracePointContext) -> i32 {
 /// changes times (a write, `utimensat`, an attribute change) sets the ctime to now.
 /// Looked at here, when it happens: later, another read could hide a `utimensat`.
 #[inline(always)]
-fn accessed_only(inode: u64) -> bool {
+pub fn accessed_only(inode: u64) -> bool {
     // The nanoseconds' top bits are flags (multigrain timestamps' "queried").
     const NSEC_MASK: u64 = (1 << 30) - 1;
     // SAFETY: a BTF tracepoint's `struct inode *`, as in `fs::arg_inode_id`.
@@ -134,7 +134,7 @@ pub fn doppel_ext4_sync_file(ctx: BtfTracePointContext) -> i32 {
 
 /// A `fallocate` of `mode` over `[offset, offset + len)` of a marked file begins.
 #[inline(always)]
-fn fallocate(inode: u64, offset: u64, len: u64, mode: u32) {
+pub fn fallocate(inode: u64, offset: u64, len: u64, mode: u32) {
     let Some((file, pid)) = arg_marked_change(inode) else {
         return;
     };
@@ -153,7 +153,7 @@ fn fallocate(inode: u64, offset: u64, len: u64, mode: u32) {
 /// A path-less namespace record built on the stack (these programs run in the
 /// caller's context, but a stack record keeps them independent of the scratch buffer).
 #[inline(always)]
-fn send_ns(
+pub fn send_ns(
     kind: u32,
     pid: u32,
     file: KFileId,

@@ -123,6 +123,18 @@ offsets!(
     SETATTR_IP_END,
     DIRTY_INODE_IP_START,
     DIRTY_INODE_IP_END,
+    // Capture inside xfs (see xfs.rs); all u64::MAX when the kernel has no xfs.
+    OFF_XFS_I_VNODE,
+    OFF_DA_ARGS_DP,
+    OFF_DA_ARGS_INUMBER,
+    OFF_IOMAP_ITER_INODE,
+    OFF_IOMAP_ITER_POS,
+    OFF_IOMAP_ITER_START,
+    OFF_IOMAP_ITER_FLAGS,
+    OFF_IOMAP_ITER_MAPPED,
+    OFF_REGS_BX,
+    OFF_REGS_CX,
+    OFF_REGS_BP,
     // io_uring opcodes (enum io_uring_op); u64::MAX for one this kernel lacks.
     URING_OP_WRITE,
     URING_OP_WRITEV,

@@ -33,6 +33,7 @@ mod mmap;
 mod ns;
 mod syscalls;
 mod uring;
+mod xfs;
 
 use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 

@@ -26,6 +26,9 @@ pub struct Cluster {
     agent: Option<Child>,
     agent_wrapper: Vec<OsString>,
     receiver_wrapper: Vec<OsString>,
+    /// The filesystem image the source root lies on (`DOPPEL_TEST_FS`); dropped, so
+    /// unmounted, after both processes were killed.
+    _source_disk: Option<crate::disk::LoopDisk>,
 }
 
 /// How to lay out a cluster beyond the defaults of [`Cluster::new`].
@@ -104,7 +107,15 @@ impl Cluster {
         let agent_extra = &opts.agent_extra;
         let dir = tempfile::Builder::new().prefix("doppel-e2e-").tempdir()?;
         let d = dir.path();
-        let source = d.join("source");
+        // With DOPPEL_TEST_FS, the source root (and its siblings, which tests use as
+        // "elsewhere on the same filesystem") lies on an image of that filesystem.
+        let source_disk = match crate::disk::Fs::from_env() {
+            Some(fs) => Some(crate::disk::LoopDisk::with_fs(fs, 512)?),
+            None => None,
+        };
+        let source = source_disk
+            .as_ref()
+            .map_or_else(|| d.join("source"), |disk| disk.mnt.join("source"));
         let replica_root = opts.replica_root.unwrap_or_else(|| d.join("replica"));
         fs::create_dir_all(&source)?;
         let afp = keygen("doppel-agent", &d.join("agent-keys"))?;
@@ -165,6 +176,7 @@ targets = ["t"]
             agent: None,
             agent_wrapper: opts.agent_wrapper,
             receiver_wrapper: opts.receiver_wrapper,
+            _source_disk: source_disk,
         })
     }
 

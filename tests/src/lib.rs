@@ -3,6 +3,7 @@
 //! random writer, checked syscall wrappers.
 
 pub mod cluster;
+pub mod disk;
 pub mod fsops;
 pub mod netns;
 pub mod takeover;

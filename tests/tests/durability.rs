@@ -3,15 +3,14 @@
 //! In every case the replica must end up byte-identical to the source by itself.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
 use doppel_tests::cluster::{Cluster, Options};
+use doppel_tests::disk::LoopDisk;
 use doppel_tests::netns::NetPair;
 use doppel_tests::writer::{Stats, Writer};
 use doppel_tests::{require_root, tree};
@@ -248,78 +247,6 @@ fn link_cut_for_30s_in_network_namespaces() {
         c.logs()
     );
     assert!(c.receiver_alive() && c.agent_alive(), "{}", c.logs());
-}
-
-/// A small ext4 image loop-mounted on a temporary directory; unmounted and removed on
-/// drop (lazily if something still holds it).
-struct LoopDisk {
-    dir: tempfile::TempDir,
-    mnt: PathBuf,
-    mounted: bool,
-}
-
-fn run(cmd: &mut Command) -> anyhow::Result<()> {
-    let o = cmd
-        .output()
-        .with_context(|| format!("cannot run {cmd:?}"))?;
-    if !o.status.success() {
-        bail!(
-            "{cmd:?} failed: {}",
-            String::from_utf8_lossy(&o.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-impl LoopDisk {
-    fn new(mib: u64) -> anyhow::Result<LoopDisk> {
-        let dir = tempfile::Builder::new()
-            .prefix("doppel-e2e-disk-")
-            .tempdir()?;
-        let img = dir.path().join("disk.img");
-        let mnt = dir.path().join("mnt");
-        std::fs::create_dir(&mnt)?;
-        std::fs::File::create(&img)?.set_len(mib << 20)?;
-        // -m 0: no blocks reserved for root (the receiver runs as root).
-        run(Command::new("mkfs.ext4")
-            .args(["-q", "-F", "-m", "0"])
-            .arg(&img))?;
-        let mut disk = LoopDisk {
-            dir,
-            mnt,
-            mounted: false,
-        };
-        run(Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&disk.mnt))?;
-        disk.mounted = true;
-        Ok(disk)
-    }
-
-    fn available(&self) -> u64 {
-        let c = std::ffi::CString::new(self.mnt.as_os_str().as_encoded_bytes()).unwrap();
-        let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-        assert_eq!(unsafe { libc::statvfs(c.as_ptr(), &mut st) }, 0);
-        st.f_bavail as u64 * st.f_frsize as u64
-    }
-}
-
-impl Drop for LoopDisk {
-    fn drop(&mut self) {
-        if !self.mounted {
-            return;
-        }
-        for _ in 0..20 {
-            if run(Command::new("umount").arg(&self.mnt)).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        if let Err(e) = run(Command::new("umount").arg("-l").arg(&self.mnt)) {
-            eprintln!("cleanup: {e:#} ({} stays)", self.dir.path().display());
-        }
-    }
 }
 
 /// The replica root is a 64 MiB ext4 image with 4 MiB free; the source gets 16 MiB.

@@ -30,9 +30,14 @@ fn started() -> Cluster {
 
 /// A directory next to the source root, on the same filesystem, outside the set.
 fn staging(c: &Cluster) -> PathBuf {
-    let d = c.dir.path().join("staging");
+    let d = beside(c).join("staging");
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// The source root's parent directory (on the source root's filesystem).
+fn beside(c: &Cluster) -> &Path {
+    c.source.parent().expect("the source root has a parent")
 }
 
 fn mkdirs(p: impl AsRef<Path>) {
@@ -762,7 +767,7 @@ fn namespace_ops() {
         create(s.join("link/f1"), b"written through a symlinked dir");
         mkdirs(s.join("link/sub"));
         std::fs::rename(s.join("link/f1"), s.join("link/sub/f2")).unwrap();
-        let outlink = c.dir.path().join("outlink");
+        let outlink = beside(&c).join("outlink");
         std::os::unix::fs::symlink(s.join("real"), &outlink).unwrap();
         create(
             outlink.join("f3"),
@@ -774,7 +779,7 @@ fn namespace_ops() {
     // that went through a symlink when it handles the event, and a symlink removed
     // before then leaves it nowhere to look (that entry then waits for the next scan).
     c.assert_identical(WITHIN);
-    std::fs::remove_file(c.dir.path().join("outlink")).unwrap();
+    std::fs::remove_file(beside(&c).join("outlink")).unwrap();
 }
 
 /// RENAME_EXCHANGE of a file with a populated directory, and of two populated
@@ -979,6 +984,14 @@ fn reused_inode_numbers() {
         use std::os::unix::fs::MetadataExt;
         std::fs::symlink_metadata(p).unwrap().ino()
     };
+    // xfs frees an unlinked inode in the background: syncfs makes it do so now, so
+    // that the next create may take its number.
+    let free_now = || {
+        if doppel_tests::disk::Fs::from_env() == Some(doppel_tests::disk::Fs::Xfs) {
+            let d = open(&s, libc::O_RDONLY | libc::O_DIRECTORY, 0);
+            check(unsafe { libc::syncfs(d.raw()) }, "syncfs");
+        }
+    };
     let mut reused = 0;
     for i in 0..20i64 {
         let (a, b, n) = (
@@ -991,6 +1004,7 @@ fn reused_inode_numbers() {
         utimens(&a, None, Some((1_000_000_000 + i, 1)), 0);
         let freed = ino(&b);
         std::fs::rename(&a, &b).unwrap();
+        free_now();
         create(&n, &pattern(i as u64, 100 + i as usize));
         reused += usize::from(ino(&n) == freed);
         std::fs::set_permissions(&n, std::fs::Permissions::from_mode(0o600)).unwrap();
@@ -1001,6 +1015,7 @@ fn reused_inode_numbers() {
         create(&u, b"unlinked soon");
         let freed = ino(&u);
         std::fs::remove_file(&u).unwrap();
+        free_now();
         create(&v, b"reuses the number");
         reused += usize::from(ino(&v) == freed);
         std::fs::set_permissions(&v, std::fs::Permissions::from_mode(0o640)).unwrap();

@@ -15,6 +15,8 @@ const TOOL_PACKAGES: &[(&str, &str)] = &[
     ("git", "git"),
     ("ip", "iproute2"),
     ("mkfs.ext4", "e2fsprogs"),
+    // The fidelity, order and workload tests run again with the source on xfs.
+    ("mkfs.xfs", "xfsprogs"),
     // The fidelity tests set and compare POSIX ACLs and extended attributes.
     ("setfacl", "acl"),
     ("getfattr", "attr"),

@@ -9,6 +9,9 @@ use crate::compile::{bin_dir, cargo, release};
 /// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 10;
 
+/// End-to-end test files run a second time with the source root on xfs.
+const XFS_TESTS: &[&str] = &["fidelity", "order", "workloads"];
+
 /// The daemons run under this open file limit (soft and hard) during the tests: the
 /// common default, and what CI machines have. A developer's machine often allows far
 /// more, which hid a receiver that held a descriptor per dirty file until its commit.
@@ -61,6 +64,16 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         "--test-threads=1",
         f,
     ])?;
+    // Once more with the source root on a loop-mounted xfs: what the capture inside
+    // the filesystem must see there too (data paths, namespace, order, real programs).
+    std::env::set_var("DOPPEL_TEST_FS", "xfs");
+    let mut xfs = vec!["test", "--release", "-p", "doppel-tests"];
+    for t in XFS_TESTS {
+        xfs.extend(["--test", t]);
+    }
+    xfs.extend(["--", "--test-threads=1", f]);
+    cargo(&xfs)?;
+    std::env::remove_var("DOPPEL_TEST_FS");
     if filter.is_none() {
         crate::fuzz::run(FUZZ_SECONDS)?;
     }

@@ -512,6 +512,33 @@ const FS_FIELDS: &[Field] = &[
     f("OFF_INODE_CTIME_NSEC", "inode", "i_ctime_nsec", 4),
 ];
 
+/// What the xfs programs read (ebpf/src/xfs.rs), besides the filesystem fields.
+const XFS_FIELDS: &[Field] = &[
+    f("OFF_XFS_I_VNODE", "xfs_inode", "i_vnode", 0),
+    f("OFF_DA_ARGS_DP", "xfs_da_args", "dp", 8),
+    f("OFF_DA_ARGS_INUMBER", "xfs_da_args", "inumber", 8),
+    f("OFF_IOMAP_ITER_INODE", "iomap_iter", "inode", 8),
+    f("OFF_IOMAP_ITER_POS", "iomap_iter", "pos", 8),
+    // Linux 6.15 and later: where the current mapping's work began.
+    f("OFF_IOMAP_ITER_START", "iomap_iter", "iter_start_pos", 8),
+    f("OFF_IOMAP_ITER_FLAGS", "iomap_iter", "flags", 4),
+    f("OFF_IOMAP_ITER_MAPPED", "iomap_iter", "iomap.length", 8),
+    f("OFF_REGS_BX", "pt_regs", "bx", 8),
+    f("OFF_REGS_CX", "pt_regs", "cx", 8),
+    f("OFF_REGS_BP", "pt_regs", "bp", 8),
+];
+
+/// The xfs programs' globals, like [`uring_globals`].
+pub fn xfs_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
+    match fields(btf, XFS_FIELDS) {
+        Ok(out) => (out, Ok(())),
+        Err(e) => (
+            XFS_FIELDS.iter().map(|f| (f.global, u64::MAX)).collect(),
+            Err(e),
+        ),
+    }
+}
+
 /// The filesystem programs' globals, like [`uring_globals`].
 pub fn fs_globals(btf: &Btf) -> (Vec<(&'static str, u64)>, Result<()>) {
     let found = fields(btf, FS_FIELDS).and_then(|mut out| {

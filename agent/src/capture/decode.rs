@@ -5,8 +5,8 @@ use doppel_common::abi::{
     FileRecord, KFileId, MissedKey, MissedRange, NsRecord, PathSlot, ATTR_NOFOLLOW, ATTR_XATTR,
     AT_REMOVEDIR, CHUNK_SIZE, FILE_RECORD_SIZE, KIND_ATTR, KIND_DATA, KIND_DIRTY, KIND_FALLOC,
     KIND_FTRUNCATE, KIND_LINK, KIND_MADE, KIND_MAPPED, KIND_MAP_DIRTY, KIND_MKDIR, KIND_OPEN,
-    KIND_RENAME, KIND_RESIZED, KIND_SYNCED, KIND_TOUCHED, KIND_TRUNCATE, KIND_UNLINK,
-    KIND_WRITEBACK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, WRITEBACK_END,
+    KIND_REMAPPED, KIND_RENAME, KIND_RESIZED, KIND_SYNCED, KIND_TOUCHED, KIND_TRUNCATE,
+    KIND_UNLINK, KIND_WRITEBACK, NS_RECORD_SIZE, O_CREAT, O_TRUNC, PATH_CAP, WRITEBACK_END,
 };
 use doppel_common::event::{CaptureEvent, Captured, FileId, PathArg};
 
@@ -113,6 +113,15 @@ pub fn decode_record(rec: &[u8], out: &mut Vec<CaptureEvent>) -> Result<(), Deco
                 CaptureEvent::Touched { file }
             } else {
                 CaptureEvent::Synced { file }
+            });
+        }
+        KIND_REMAPPED => {
+            let r: FileRecord = read(rec, kind)?;
+            out.push(CaptureEvent::Remapped {
+                file: file_id(r.file),
+                parent: file_id(r.parent),
+                offset: r.offset,
+                len: r.len,
             });
         }
         KIND_MAP_DIRTY | KIND_WRITEBACK => {

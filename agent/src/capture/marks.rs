@@ -26,31 +26,111 @@ use super::decode::user_dev_to_kernel;
 
 /// ext4's `statfs` magic.
 pub const EXT4_SUPER_MAGIC: i64 = 0xEF53;
+/// xfs's `statfs` magic ("XFSB").
+pub const XFS_SUPER_MAGIC: i64 = 0x5846_5342;
+
+/// The filesystems whose own tracepoints the capture programs use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsKind {
+    Ext4,
+    Xfs,
+}
+
+impl FsKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            FsKind::Ext4 => "ext4",
+            FsKind::Xfs => "xfs",
+        }
+    }
+}
 
 /// A filesystem whose sets are captured inside the filesystem.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MarkedFs {
     /// `st_dev` of the filesystem.
     pub dev: u64,
-    /// How many inodes it can hold (`statfs` `f_files`): the bitmap's size.
+    /// One more than its largest possible inode number: the bitmap's size in bits.
     pub inodes: u64,
+    pub kind: FsKind,
 }
 
-/// Whether `path` lies on a filesystem the filesystem programs know (ext4), and then
-/// which one and how many inodes it can have.
+/// Whether `path` lies on a filesystem the filesystem programs know (ext4, xfs), and
+/// then which one and how large its inode numbers can be.
 pub fn marked_fs(path: &std::path::Path) -> Result<Option<MarkedFs>> {
     use std::os::unix::fs::MetadataExt;
     let st = rustix::fs::statfs(path).with_context(|| format!("statfs {}", path.display()))?;
-    if st.f_type as i64 != EXT4_SUPER_MAGIC {
-        return Ok(None);
-    }
+    let (kind, inodes) = match st.f_type as i64 {
+        // Inode numbers run from 1 to f_files on ext4: one bit more than the count.
+        EXT4_SUPER_MAGIC => (FsKind::Ext4, st.f_files + 1),
+        XFS_SUPER_MAGIC => (FsKind::Xfs, xfs_inode_numbers(path)?),
+        _ => return Ok(None),
+    };
     let dev = std::fs::metadata(path)
         .with_context(|| format!("stat {}", path.display()))?
         .dev();
-    Ok(Some(MarkedFs {
-        dev,
-        inodes: st.f_files,
-    }))
+    Ok(Some(MarkedFs { dev, inodes, kind }))
+}
+
+/// `struct xfs_fsop_geom_v1` (xfs_fs.h), the part read here.
+#[repr(C)]
+#[derive(Default)]
+struct XfsGeometryV1 {
+    blocksize: u32,
+    rtextsize: u32,
+    agblocks: u32,
+    agcount: u32,
+    logblocks: u32,
+    sectsize: u32,
+    inodesize: u32,
+    imaxpct: u32,
+    datablocks: u64,
+    rtblocks: u64,
+    rtextents: u64,
+    logstart: u64,
+    uuid: [u8; 16],
+    sunit: u32,
+    swidth: u32,
+    version: i32,
+    flags: u32,
+    logsectsize: u32,
+    rtsectsize: u32,
+    dirblocksize: u32,
+}
+
+/// One more than the largest inode number an xfs filesystem can have: an inode number
+/// is its allocation group's number above the group-relative number, which takes
+/// `agblklog + inopblog` bits (log2 of the group's blocks rounded up, and of the inodes
+/// per block).
+fn xfs_inode_numbers(path: &std::path::Path) -> Result<u64> {
+    use std::os::fd::AsRawFd;
+    // XFS_IOC_FSGEOMETRY_V1: _IOR('X', 100, struct xfs_fsop_geom_v1).
+    const XFS_IOC_FSGEOMETRY_V1: libc::c_ulong = (2 << 30)
+        | ((std::mem::size_of::<XfsGeometryV1>() as libc::c_ulong) << 16)
+        | ((b'X' as libc::c_ulong) << 8)
+        | 100;
+    let dir = std::fs::File::open(path).with_context(|| format!("open {}", path.display()))?;
+    let mut g = XfsGeometryV1::default();
+    // SAFETY: the ioctl fills a struct of exactly this layout.
+    let r = unsafe { libc::ioctl(dir.as_raw_fd(), XFS_IOC_FSGEOMETRY_V1 as _, &mut g) };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("cannot read the xfs geometry of {}", path.display()));
+    }
+    xfs_numbers(g.agcount, g.agblocks, g.blocksize, g.inodesize)
+}
+
+fn xfs_numbers(agcount: u32, agblocks: u32, blocksize: u32, inodesize: u32) -> Result<u64> {
+    if agcount == 0 || agblocks < 2 || inodesize == 0 || blocksize < inodesize {
+        bail!("implausible xfs geometry ({agcount} groups of {agblocks} blocks of {blocksize} bytes, inodes of {inodesize})");
+    }
+    let agblklog = 32 - (agblocks - 1).leading_zeros();
+    let inopblog = (blocksize / inodesize).trailing_zeros();
+    let bits = agblklog + inopblog;
+    (agcount as u64)
+        .checked_shl(bits)
+        .filter(|n| n >> bits == agcount as u64)
+        .context("xfs inode numbers too large")
 }
 
 #[derive(Clone, Copy)]
@@ -82,8 +162,7 @@ fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
         if slots.iter().any(|s| s.dev == fs.dev) || slots.len() == MARK_FS_MAX as usize {
             continue;
         }
-        // Inode numbers run from 1 to f_files on ext4: one bit more than the count.
-        let words = fs.inodes / 64 + 1;
+        let words = fs.inodes.div_ceil(64);
         if total + words > MAX_WORDS {
             continue;
         }
@@ -228,19 +307,28 @@ impl Drop for InodeMarks {
 mod tests {
     use super::*;
 
+    fn fs(dev: u64, inodes: u64) -> MarkedFs {
+        MarkedFs {
+            dev,
+            inodes,
+            kind: FsKind::Ext4,
+        }
+    }
+
+    #[test]
+    fn xfs_inode_numbers_span_every_allocation_group() {
+        // mkfs.xfs of 512 MiB: 4 groups of 32768 4 KiB blocks, 512-byte inodes, so
+        // 15 + 3 bits per group.
+        assert_eq!(xfs_numbers(4, 32768, 4096, 512).unwrap(), 4 << 18);
+        // A group of 32769 blocks needs 16 bits of block number.
+        assert_eq!(xfs_numbers(4, 32769, 4096, 512).unwrap(), 4 << 19);
+        assert!(xfs_numbers(0, 32768, 4096, 512).is_err());
+        assert!(xfs_numbers(4, 32768, 256, 512).is_err());
+    }
+
     #[test]
     fn each_filesystem_gets_its_own_words_once() {
-        let fss = [
-            MarkedFs {
-                dev: 1,
-                inodes: 100,
-            },
-            MarkedFs { dev: 2, inodes: 64 },
-            MarkedFs {
-                dev: 1,
-                inodes: 100,
-            },
-        ];
+        let fss = [fs(1, 101), fs(2, 65), fs(1, 101)];
         let (slots, total) = layout(&fss);
         assert_eq!(
             slots,
@@ -263,14 +351,7 @@ mod tests {
 
     #[test]
     fn a_filesystem_too_large_for_the_bitmap_is_left_out() {
-        let fss = [
-            MarkedFs { dev: 1, inodes: 64 },
-            MarkedFs {
-                dev: 2,
-                inodes: MAX_WORDS * 64,
-            },
-            MarkedFs { dev: 3, inodes: 64 },
-        ];
+        let fss = [fs(1, 65), fs(2, MAX_WORDS * 64), fs(3, 65)];
         let (slots, total) = layout(&fss);
         let devs: Vec<u64> = slots.iter().map(|s| s.dev).collect();
         assert_eq!(devs, vec![1, 3]);
@@ -279,7 +360,7 @@ mod tests {
 
     #[test]
     fn no_more_filesystems_than_the_program_scans() {
-        let fss: Vec<MarkedFs> = (0..20).map(|d| MarkedFs { dev: d, inodes: 1 }).collect();
+        let fss: Vec<MarkedFs> = (0..20).map(|d| fs(d, 1)).collect();
         let (slots, _) = layout(&fss);
         assert_eq!(slots.len(), MARK_FS_MAX as usize);
     }

@@ -239,13 +239,26 @@ fn explain_load_error(e: EbpfError) -> anyhow::Error {
 
 fn explain_program_error(e: ProgramError, what: &str) -> anyhow::Error {
     match &e {
-        ProgramError::LoadError { io_error, .. } if is_eperm(io_error) => anyhow!(
+        // The verifier answers EACCES too: with a log, it is the verifier's refusal.
+        ProgramError::LoadError {
+            io_error,
+            verifier_log,
+        } if is_eperm(io_error) && verifier_log.to_string().trim().is_empty() => anyhow!(
             "the kernel refused to load the capture program ({io_error}): {PERMISSION_HINT}"
         ),
-        ProgramError::LoadError { .. } => anyhow!(e).context(
-            "the kernel verifier rejected the capture program (log above); this kernel is \
-             not supported by this build of doppel, please report it",
-        ),
+        ProgramError::LoadError { verifier_log, .. } => {
+            let log = verifier_log.to_string();
+            let tail: Vec<&str> = log.lines().rev().take(6).collect();
+            tracing::debug!("verifier log:\n{log}");
+            anyhow!(
+                "the kernel verifier rejected the capture program: {}",
+                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+            )
+            .context(
+                "this kernel is not supported by this build of doppel, please report it \
+                 (the verifier's whole log is logged at debug level)",
+            )
+        }
         _ => anyhow!(e).context(format!("cannot {what} the capture program")),
     }
 }
@@ -294,6 +307,28 @@ const FS_META: Group = &[
     (abi::PROG_EXT4_ZERO_RANGE, "ext4_zero_range"),
     (abi::PROG_EXT4_COLLAPSE_RANGE, "ext4_collapse_range"),
     (abi::PROG_EXT4_INSERT_RANGE, "ext4_insert_range"),
+];
+
+/// Programs inside xfs and iomap (ebpf/src/xfs.rs), attached when a set is on xfs.
+const XFS: Group = &[
+    (abi::PROG_XFS_BUFFERED_WRITE, "xfs_file_buffered_write"),
+    (abi::PROG_IOMAP_ITER, "iomap_iter"),
+    (abi::PROG_XFS_TRUNCATE, "xfs_itruncate_extents_start"),
+    (abi::PROG_XFS_ZERO_EOF, "xfs_zero_eof"),
+    (abi::PROG_XFS_UPDATE_TIME, "xfs_update_time"),
+    (abi::PROG_XFS_SETATTR, "xfs_setattr"),
+    (abi::PROG_XFS_FSYNC, "xfs_file_fsync"),
+    (abi::PROG_XFS_ALLOC_SPACE, "xfs_alloc_file_space"),
+    (abi::PROG_XFS_FREE_SPACE, "xfs_free_file_space"),
+    (abi::PROG_XFS_ZERO_SPACE, "xfs_zero_file_space"),
+    (abi::PROG_XFS_COLLAPSE_SPACE, "xfs_collapse_file_space"),
+    (abi::PROG_XFS_INSERT_SPACE, "xfs_insert_file_space"),
+    (abi::PROG_XFS_SF_ADDNAME, "xfs_dir2_sf_addname"),
+    (abi::PROG_XFS_BLOCK_ADDNAME, "xfs_dir2_block_addname"),
+    (abi::PROG_XFS_LEAF_ADDNAME, "xfs_dir2_leaf_addname"),
+    (abi::PROG_XFS_NODE_ADDNAME, "xfs_dir2_node_addname"),
+    (abi::PROG_XFS_IUNLINK_REMOVE, "xfs_iunlink_remove"),
+    (abi::PROG_XFS_REMAP, "xfs_reflink_remap_range"),
 ];
 
 /// Page-cache faults into files mapped shared and writable (raw tracepoints).
@@ -370,8 +405,9 @@ fn attach_btf(ebpf: &mut Ebpf, group: Group) -> Result<()> {
             })?
             .try_into()
             .with_context(|| format!("{name} is not a BTF tracepoint (build mismatch)"))?;
-        prog.load(tracepoint, &btf)
-            .map_err(|e| explain_program_error(e, "load"))?;
+        prog.load(tracepoint, &btf).map_err(|e| {
+            explain_program_error(e, "load").context(format!("{name} at {tracepoint}"))
+        })?;
         prog.attach().map_err(|e| {
             explain_program_error(e, &format!("attach to the {tracepoint} tracepoint"))
         })?;
@@ -481,16 +517,23 @@ impl Capture {
                     btf::uring_globals(&btf),
                     btf::mmap_globals(&btf),
                     with_caller_ranges(fs_globals, fs),
+                    btf::xfs_globals(&btf),
                 ))
             })
             .context("cannot start a thread")?;
         let mut loader = EbpfLoader::new();
-        let (offsets, (uring_globals, uring), (mmap_globals, mmap), (fs_globals, fs)) = ours
+        let (
+            offsets,
+            (uring_globals, uring),
+            (mmap_globals, mmap),
+            (fs_globals, fs),
+            (xfs_globals, xfs),
+        ) = ours
             .join()
             .map_err(|_| anyhow::anyhow!("reading the kernel's BTF panicked"))??;
         let ring_bytes = ring_size(opts.ring_bytes)?;
         let globals = offsets.iter().chain(&uring_globals).chain(&mmap_globals);
-        for (name, value) in globals.chain(&fs_globals) {
+        for (name, value) in globals.chain(&fs_globals).chain(&xfs_globals) {
             loader.override_global(name, value, true);
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
@@ -521,8 +564,31 @@ impl Capture {
                     false
                 }
             };
+        // xfs's own programs, only where a set lives on xfs.
+        let xfs_wanted = fs_attached
+            && opts
+                .mark_filesystems
+                .iter()
+                .any(|f| f.kind == marks::FsKind::Xfs);
+        let xfs_attached = xfs_wanted
+            && match xfs.and_then(|()| attach_btf(&mut ebpf, XFS)) {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!("writes to sets on xfs will be captured at the syscall door: {e:#}");
+                    fs_problem = Some(format!("{e:#}"));
+                    false
+                }
+            };
         let marked_devs = if fs_attached {
+            let attached = |dev: &u64| {
+                opts.mark_filesystems
+                    .iter()
+                    .any(|f| f.dev == *dev && (f.kind == marks::FsKind::Ext4 || xfs_attached))
+            };
             marks::covered_devs(&opts.mark_filesystems)
+                .into_iter()
+                .filter(attached)
+                .collect()
         } else {
             Vec::new()
         };
@@ -543,8 +609,8 @@ impl Capture {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!(
-                        "namespace changes of sets on ext4 will be captured at the syscall \
-                         door: {e:#}"
+                        "namespace changes of sets on ext4 or xfs will be captured at the \
+                         syscall door: {e:#}"
                     );
                     fs_problem = Some(format!("{e:#}"));
                     None
@@ -600,7 +666,7 @@ impl Capture {
         }
         if fs_attached {
             tracing::info!(
-                "writes to sets on ext4 are captured inside the filesystem (every way \
+                "writes to sets on ext4 and xfs are captured inside the filesystem (every way \
                  bytes reach a file, Linux AIO and 32-bit syscalls included)"
             );
         }
@@ -611,11 +677,15 @@ impl Capture {
                 .with_context(|| format!("the embedded capture program has no map {name}"))
         };
         let marks = if fs_attached {
-            let m = InodeMarks::new(
-                take(abi::MAP_MARKS)?,
-                take(abi::MAP_MARK_FS)?,
-                &opts.mark_filesystems,
-            )?;
+            // Only filesystems whose programs are attached: the syscall door leaves
+            // to these programs the files of every filesystem the bitmap describes.
+            let attached: Vec<MarkedFs> = opts
+                .mark_filesystems
+                .iter()
+                .filter(|f| marked_devs.contains(&f.dev))
+                .copied()
+                .collect();
+            let m = InodeMarks::new(take(abi::MAP_MARKS)?, take(abi::MAP_MARK_FS)?, &attached)?;
             Some(Arc::new(m))
         } else {
             None

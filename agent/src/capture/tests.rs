@@ -100,6 +100,7 @@ fn in_dirs(dirs: Vec<FileId>) -> impl Fn(&CaptureEvent) -> bool {
             } => dirs.contains(from_dir) || dirs.contains(to_dir),
             CaptureEvent::Fallocated { parent, .. }
             | CaptureEvent::MapDirty { parent, .. }
+            | CaptureEvent::Remapped { parent, .. }
             | CaptureEvent::Mapped { parent, .. } => dirs.contains(parent),
             // Carries no directory: the tests that want it look for it by file.
             CaptureEvent::Writeback { .. } => false,

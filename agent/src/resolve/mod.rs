@@ -124,6 +124,9 @@ pub struct Resolver<W: Watcher> {
     /// Files with several names waiting for a moved directory's rename before they are
     /// linked (see `entries::link_pending`), since when.
     link_waits: HashMap<FileId, u64>,
+    /// Files whose size was set, looked at again once the change is surely over (xfs
+    /// reports a growth before it sets the size): when, and the size sent.
+    resize_again: HashMap<FileId, (u64, u64)>,
 }
 
 fn unix_seconds() -> u64 {
@@ -226,6 +229,7 @@ impl<W: Watcher> Resolver<W> {
             unordered: vec![false; n_sets],
             read_back: vec![false; n_sets],
             link_waits: HashMap::new(),
+            resize_again: HashMap::new(),
         })
     }
 
@@ -263,6 +267,7 @@ impl<W: Watcher> Resolver<W> {
             self.mapped_pass(out);
         }
         let now = monotonic_ns();
+        self.resize_again_due(now, out);
         for d in std::mem::take(&mut self.deferred) {
             if d.after > now {
                 self.deferred.push(d);
@@ -755,21 +760,25 @@ impl<W: Watcher> Resolver<W> {
                 match plan_fallocate(&loc.rel, mode, offset, len) {
                     FallocPlan::Apply(op) => out.push(SetOp { set: loc.set, op }),
                     FallocPlan::Nothing => {}
+                    // Inside the filesystem the shift is reported as it begins.
                     FallocPlan::RereadFromOffset => {
-                        self.read_range(file, &loc, offset, u64::MAX, out);
-                        // Inside the filesystem the shift is reported as it begins: the
-                        // read above may precede it. Read once more when it is surely
-                        // over (it holds the file's lock for its whole work).
-                        let now = monotonic_ns();
-                        self.deferred.push(Deferred {
-                            file,
-                            offset,
-                            len: u64::MAX,
-                            since: now,
-                            short: false,
-                            after: now + UNSEEN_PATIENCE_NS,
-                        });
+                        self.read_now_and_later(file, &loc, offset, u64::MAX, out)
                     }
+                }
+            }
+            CaptureEvent::Remapped {
+                file,
+                parent,
+                offset,
+                len,
+            } => {
+                let Some(loc) = self.current(file, Some(parent), time, out) else {
+                    self.unresolved += 1;
+                    return;
+                };
+                if self.sets[loc.set].rules.file(&loc.rel) {
+                    self.touch(Some(file), false);
+                    self.read_now_and_later(file, &loc, offset, len, out);
                 }
             }
             CaptureEvent::Renamed { from, to, flags } => self.rename(&from, &to, flags, time, out),
@@ -816,13 +825,17 @@ impl<W: Watcher> Resolver<W> {
         }
         self.touch(Some(file), false);
         match open_as(&self.index.abs(&loc), file) {
-            Some((_, m)) => out.push(SetOp {
-                set: loc.set,
-                op: Op::Truncate {
-                    path: rel_path(&loc.rel),
-                    size: m.len(),
-                },
-            }),
+            Some((_, m)) => {
+                out.push(SetOp {
+                    set: loc.set,
+                    op: Op::Truncate {
+                        path: rel_path(&loc.rel),
+                        size: m.len(),
+                    },
+                });
+                self.resize_again
+                    .insert(file, (monotonic_ns() + UNSEEN_PATIENCE_NS, m.len()));
+            }
             // Not where the index says (moved on since): read whole once it is known
             // where it went, which sets the size too.
             None => self.deferred.push(Deferred {
@@ -833,6 +846,66 @@ impl<W: Watcher> Resolver<W> {
                 short: false,
                 after: 0,
             }),
+        }
+    }
+}
+
+impl<W: Watcher> Resolver<W> {
+    /// Reads a range of a file whose change was reported as it began: now, and once
+    /// more when it is surely over (the filesystem holds the file's lock for its whole
+    /// work, which the read waits for only if it comes late enough).
+    fn read_now_and_later(
+        &mut self,
+        file: FileId,
+        loc: &Location,
+        offset: u64,
+        len: u64,
+        out: &mut Vec<SetOp>,
+    ) {
+        self.read_range(file, loc, offset, len, out);
+        let now = monotonic_ns();
+        self.deferred.push(Deferred {
+            file,
+            offset,
+            len,
+            since: now,
+            short: false,
+            after: now + UNSEEN_PATIENCE_NS,
+        });
+    }
+
+    /// Sizes set a while ago looked at again: a size that differs from the one sent is
+    /// sent (the report came before the change, or the change was undone).
+    fn resize_again_due(&mut self, now: u64, out: &mut Vec<SetOp>) {
+        if self.resize_again.is_empty() {
+            return;
+        }
+        let due: Vec<(FileId, u64)> = self
+            .resize_again
+            .iter()
+            .filter(|(_, &(at, _))| at <= now)
+            .map(|(&f, &(_, size))| (f, size))
+            .collect();
+        for (file, sent) in due {
+            self.resize_again.remove(&file);
+            let Some(loc) = self.index.location(file) else {
+                continue;
+            };
+            if self.index.is_dir(file) || !self.sets[loc.set].rules.file(&loc.rel) {
+                continue;
+            }
+            if let Some((_, m)) = open_as(&self.index.abs(&loc), file) {
+                if m.len() != sent {
+                    self.touch(Some(file), false);
+                    out.push(SetOp {
+                        set: loc.set,
+                        op: Op::Truncate {
+                            path: rel_path(&loc.rel),
+                            size: m.len(),
+                        },
+                    });
+                }
+            }
         }
     }
 }
