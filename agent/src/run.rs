@@ -29,10 +29,14 @@ use doppel_common::wire::Op;
 struct KernelWatcher(Arc<Capture>);
 
 impl Watcher for KernelWatcher {
-    fn watch(&self, dir: FileId) {
+    fn watch(&self, dir: FileId, abs: &std::path::Path) {
         // Marked first: files made in it from now on are marked by the kernel.
         self.0.mark(dir);
-        if let Err(e) = self.0.watch_dir(dir, WatchMode::Contents) {
+        let watched = self
+            .0
+            .watch_dir(dir, WatchMode::Contents)
+            .and_then(|()| self.0.watch_entries(dir, abs));
+        if let Err(e) = watched {
             warn!(?dir, error = %format!("{e:#}"), "cannot watch a directory: its changes are not captured");
         }
     }

@@ -191,6 +191,8 @@ pub struct Capture {
     marks: Option<Arc<InodeMarks>>,
     /// Devices whose namespace changes come from fanotify (see `fanotify.rs`).
     namespace_devs: Vec<u64>,
+    /// Marks the directories of those devices' sets in the fanotify group.
+    dir_marks: Option<fanotify::DirMarks>,
     /// Whether the `sys_exit` program is attached.
     syscall_hook: bool,
     /// Why the filesystem programs were wanted but could not be attached.
@@ -605,7 +607,10 @@ impl Capture {
         let namespace = if covered.is_empty() {
             None
         } else {
-            match fanotify::Namespace::new(covered.iter().map(|&(r, _)| r)) {
+            match fanotify::Namespace::new(
+                covered.iter().map(|&(r, _)| r),
+                fanotify::Marking::Directories,
+            ) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!(
@@ -617,6 +622,7 @@ impl Capture {
                 }
             }
         };
+        let dir_marks = namespace.as_ref().map(fanotify::Namespace::dir_marks);
         let namespace_devs: Vec<u64> = if namespace.is_some() {
             covered.iter().map(|&(_, d)| d).collect()
         } else {
@@ -726,6 +732,7 @@ impl Capture {
             linked_full: AtomicBool::new(false),
             marks,
             namespace_devs,
+            dir_marks,
             syscall_hook: sys,
             fs_problem,
             ignore: Mutex::new(ignore),
@@ -763,6 +770,15 @@ impl Capture {
                 abi::WATCHED_DIRS_MAX
             )
         })
+    }
+
+    /// Namespace changes in directory `dir` (at `abs`) are reported from now on, where
+    /// they come from the filesystem (fanotify): its mark goes in before it is read.
+    pub fn watch_entries(&self, dir: FileId, abs: &std::path::Path) -> Result<()> {
+        match &self.dir_marks {
+            Some(m) if self.namespace_devs.contains(&dir.dev) => m.mark(dir, abs),
+            _ => Ok(()),
+        }
     }
 
     /// Captures writes to the hard-linked file `file` through any of its names, also

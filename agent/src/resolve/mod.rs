@@ -54,8 +54,8 @@ pub const READ_CHUNK: usize = 1 << 20;
 
 /// The kernel side of watching: which directories' contents are captured.
 pub trait Watcher {
-    /// Files directly inside `dir` are captured from now on.
-    fn watch(&self, dir: FileId);
+    /// Files directly inside `dir`, found at `abs`, are captured from now on.
+    fn watch(&self, dir: FileId, abs: &Path);
     /// `dir` is above a set root: relative path events starting there pass the filter.
     fn watch_ancestor(&self, dir: FileId);
     fn unwatch(&self, dir: FileId);
