@@ -106,7 +106,9 @@ pub const STAT_EVENTS: u32 = 0;
 pub const STAT_DATA_BYTES: u32 = 1;
 pub const STAT_MISSED: u32 = 2;
 pub const STAT_LOST: u32 = 3;
-pub const STAT_COUNT: u32 = 4;
+/// New inodes in marked directories that `MARK_EXACT` had no room for.
+pub const STAT_UNMARKED: u32 = 4;
+pub const STAT_COUNT: u32 = 5;
 
 /// Map names, shared so the agent and the program cannot disagree.
 pub const MAP_RING: &str = "RING";
@@ -178,6 +180,8 @@ pub const PROG_XFS_REMAP: &str = "doppel_xfs_remap";
 /// The inode bitmap (one bit per inode number of each filesystem in `MARK_FS`).
 pub const MAP_MARKS: &str = "MARKS";
 pub const MAP_MARK_FS: &str = "MARK_FS";
+/// Inodes marked on filesystems whose bits are a bloom filter (`KFileId` -> 1).
+pub const MAP_MARK_EXACT: &str = "MARK_EXACT";
 /// Most filesystems whose inodes the bitmap covers.
 pub const MARK_FS_MAX: u32 = 8;
 
@@ -296,14 +300,32 @@ pub struct MissedRange {
 }
 
 /// A value of `MARK_FS`: the bits of filesystem `dev` (kernel encoding) are words
-/// `[base, base + words)` of `MARKS`; bit `ino % 64` of word `base + ino / 64` is inode
-/// `ino`'s. `words == 0` ends the list.
+/// `[base, base + words)` of `MARKS`. With `bloom_log2 == 0` they are exact: bit
+/// `ino % 64` of word `base + ino / 64` is inode `ino`'s. Otherwise (a filesystem whose
+/// inode numbers are too sparse for that, as a large xfs) they are a bloom filter of
+/// `1 << bloom_log2` bits ([`bloom_bits`]), and a hit is confirmed in `MARK_EXACT`.
+/// `words == 0` ends the list.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MarkFs {
     pub dev: u64,
     pub base: u64,
     pub words: u64,
+    pub bloom_log2: u64,
+}
+
+/// Bits of a bloom filter of `1 << log2` bits (6 < log2 < 64) that inode `ino` sets: two
+/// multiplicative hashes (splitmix64's finalizer), the same in the kernel program and
+/// the agent.
+#[inline(always)]
+pub const fn bloom_bits(ino: u64, log2: u64) -> (u64, u64) {
+    let mut h = ino ^ (ino >> 30);
+    h = h.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h ^= h >> 27;
+    let a = h.wrapping_mul(0x94d0_49bb_1331_11eb);
+    let b = (a ^ (a >> 31)).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let shift = (64 - log2) & 63;
+    (a >> shift, b >> shift)
 }
 
 /// A direct write between its begin and its completion (kernel-internal map value).
@@ -327,7 +349,7 @@ const _: () = assert!(core::mem::size_of::<Header>() == 16);
 const _: () = assert!(FILE_RECORD_SIZE == 64);
 const _: () = assert!(core::mem::size_of::<PathSlot>() == 24);
 const _: () = assert!(NS_RECORD_SIZE == 128);
-const _: () = assert!(core::mem::size_of::<MarkFs>() == 24);
+const _: () = assert!(core::mem::size_of::<MarkFs>() == 32);
 const _: () = assert!(FILE_RECORD_SIZE.is_multiple_of(8) && NS_RECORD_SIZE.is_multiple_of(8));
 const _: () = assert!(PATH_CAP.is_power_of_two() && CHUNK_SIZE.is_power_of_two());
 const _: () = assert!(MAX_CHUNKS * CHUNK_SIZE == INLINE_CAP);

@@ -32,7 +32,7 @@ use aya_ebpf::{
     maps::{Array, HashMap},
     programs::BtfTracePointContext,
 };
-use doppel_common::abi::{DioWrite, KFileId, MarkFs, INLINE_CAP, MARK_FS_MAX};
+use doppel_common::abi::{bloom_bits, DioWrite, KFileId, MarkFs, INLINE_CAP, MARK_FS_MAX};
 
 use crate::{
     bytes::{report_dirty, send_bytes, Source},
@@ -42,6 +42,8 @@ use crate::{
 
 /// `BPF_F_MMAPABLE`: the agent maps the bitmap and sets bits without a syscall.
 const BPF_F_MMAPABLE: u32 = 1 << 10;
+/// `BPF_F_NO_PREALLOC`: hash entries allocated on insert.
+const BPF_F_NO_PREALLOC: u32 = 1;
 /// In-flight direct writes remembered between their begin and their completion.
 const DIO_PENDING_MAX: u32 = 8192;
 /// x86_64 pages.
@@ -49,9 +51,15 @@ const PAGE_SHIFT: u64 = 12;
 /// Largest folio: a PMD (2 MiB).
 const MAX_FOLIO: u64 = 2 << 20;
 
-/// One bit per inode number of each watched filesystem. The agent sizes it at load.
+/// One bit per inode number of each watched filesystem, or a bloom filter's bits for a
+/// filesystem with sparse numbers. The agent sizes it at load.
 #[map]
 static MARKS: Array<u64> = Array::with_max_entries(1, BPF_F_MMAPABLE);
+
+/// The marked inodes of filesystems whose bits are a bloom filter. The agent sizes it
+/// at load; entries are allocated as they are inserted.
+#[map]
+static MARK_EXACT: HashMap<KFileId, u8> = HashMap::with_max_entries(1, BPF_F_NO_PREALLOC);
 
 /// Where each watched filesystem's bits start in `MARKS`; the first entry with
 /// `words == 0` ends the list.
@@ -82,49 +90,118 @@ pub fn arg_inode_id(inode: u64) -> KFileId {
     }
 }
 
-/// The bitmap word holding `inode`'s bit, and the bit, if its filesystem is watched.
+/// The `MARK_FS` entry of filesystem `dev`, if it is watched.
 #[inline(always)]
-fn mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
-    mark_word_of(inode_id(inode)?)
-}
-
-/// [`mark_word`] for an inode handed in by the tracepoint.
-#[inline(always)]
-pub fn arg_mark_word(inode: u64) -> Option<(*mut u64, u64, KFileId)> {
-    mark_word_of(arg_inode_id(inode))
-}
-
-#[inline(always)]
-pub fn mark_word_of(id: KFileId) -> Option<(*mut u64, u64, KFileId)> {
+fn fs_of(dev: u64) -> Option<MarkFs> {
     let mut i = 0;
     while i < MARK_FS_MAX {
         let fs = MARK_FS.get(i)?;
         if fs.words == 0 {
             return None;
         }
-        if fs.dev == id.dev {
-            let word = id.ino >> 6;
-            if word >= fs.words {
-                return None;
-            }
-            let p = MARKS.get_ptr_mut((fs.base + word) as u32)?;
-            return Some((p, 1u64 << (id.ino & 63), id));
+        if fs.dev == dev {
+            return Some(*fs);
         }
         i += 1;
     }
     None
 }
 
+/// The word holding bit `bit` of `fs`'s bits, and the bit's mask.
+#[inline(always)]
+fn word_of(fs: &MarkFs, bit: u64) -> Option<(*mut u64, u64)> {
+    let word = bit >> 6;
+    if word >= fs.words {
+        return None;
+    }
+    let p = MARKS.get_ptr_mut((fs.base + word) as u32)?;
+    Some((p, 1u64 << (bit & 63)))
+}
+
+#[inline(always)]
+fn bit_set((p, mask): (*mut u64, u64)) -> bool {
+    // SAFETY: an ARRAY value pointer; a racing update only makes this read old or new.
+    unsafe { core::ptr::read_volatile(p) & mask != 0 }
+}
+
+/// Whether `id` is marked: one bit of an exact bitmap, or two bits of a bloom filter
+/// and then (only on a hit) an exact lookup.
+#[inline(always)]
+pub fn is_marked_id(id: KFileId) -> bool {
+    let Some(fs) = fs_of(id.dev) else {
+        return false;
+    };
+    if fs.bloom_log2 == 0 {
+        return word_of(&fs, id.ino).is_some_and(bit_set);
+    }
+    let (a, b) = bloom_bits(id.ino, fs.bloom_log2);
+    word_of(&fs, a).is_some_and(bit_set)
+        && word_of(&fs, b).is_some_and(bit_set)
+        // SAFETY: only presence is checked.
+        && unsafe { MARK_EXACT.get(&id) }.is_some()
+}
+
+/// Marks `id` (a new inode in a marked directory).
+#[inline(always)]
+pub fn set_mark(id: KFileId) {
+    let Some(fs) = fs_of(id.dev) else {
+        return;
+    };
+    let (a, b) = if fs.bloom_log2 == 0 {
+        (id.ino, id.ino)
+    } else {
+        // In the exact map first: a reader that sees the bloom bits finds it there.
+        if MARK_EXACT.insert(&id, &1, 0).is_err() {
+            record_unmarked();
+            return;
+        }
+        bloom_bits(id.ino, fs.bloom_log2)
+    };
+    for bit in [a, b] {
+        if let Some((p, mask)) = word_of(&fs, bit) {
+            // SAFETY: an ARRAY value pointer, 8-aligned; the agent updates the same
+            // words with atomic operations through its mapping.
+            unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, mask) };
+        }
+    }
+}
+
+/// Unmarks `id` (its inode is freed: the number may be reused by an unrelated file).
+/// A bloom filter's bits stay (others may share them): the exact entry goes.
+#[inline(always)]
+pub fn clear_mark(id: KFileId) {
+    let Some(fs) = fs_of(id.dev) else {
+        return;
+    };
+    if fs.bloom_log2 == 0 {
+        if let Some((p, mask)) = word_of(&fs, id.ino) {
+            // SAFETY: as in `set_mark`.
+            unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(p, !mask) };
+        }
+    } else {
+        let _ = MARK_EXACT.remove(&id);
+    }
+}
+
+/// A new inode the exact map had no room for: counted, and its writes are not
+/// captured (the agent reports the count as a degraded capture).
+#[inline(always)]
+fn record_unmarked() {
+    crate::maps::bump(doppel_common::abi::STAT_UNMARKED, 1);
+}
+
 /// `inode`'s identity if it is marked (a file or directory of a set).
 #[inline(always)]
 pub fn marked(inode: u64) -> Option<KFileId> {
-    is_marked(mark_word(inode)?)
+    let id = inode_id(inode)?;
+    is_marked_id(id).then_some(id)
 }
 
 /// [`marked`] for an inode handed in by the tracepoint: the unwatched fast path.
 #[inline(always)]
 pub fn arg_marked(inode: u64) -> Option<KFileId> {
-    is_marked(arg_mark_word(inode)?)
+    let id = arg_inode_id(inode);
+    is_marked_id(id).then_some(id)
 }
 
 /// A change of an inode handed in by the tracepoint that is marked, made by a process
@@ -136,18 +213,11 @@ pub fn arg_marked_change(inode: u64) -> Option<(KFileId, u32)> {
     (!ignored(pid)).then_some((file, pid))
 }
 
-#[inline(always)]
-fn is_marked((p, bit, id): (*mut u64, u64, KFileId)) -> Option<KFileId> {
-    // SAFETY: an ARRAY value pointer; a racing update only makes this read old or new.
-    let word = unsafe { core::ptr::read_volatile(p) };
-    (word & bit != 0).then_some(id)
-}
-
 /// Whether `file`'s filesystem is covered by the bitmap: its writes are reported here,
 /// not by the `sys_exit` or io_uring programs.
 #[inline(always)]
 pub fn covers(file: &KFileId) -> bool {
-    mark_word_of(*file).is_some()
+    fs_of(file.dev).is_some()
 }
 
 /// The directory of `inode`'s first name, or zeros when it has none (yet).
@@ -384,13 +454,8 @@ pub fn doppel_allocate_inode(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct inode *inode, struct inode *dir, int mode)
     let inode: u64 = ctx.arg(0);
     let dir: u64 = ctx.arg(1);
-    if arg_marked(dir).is_none() {
-        return 0;
-    }
-    if let Some((p, bit, _)) = arg_mark_word(inode) {
-        // SAFETY: an ARRAY value pointer, 8-aligned; the agent updates the same words
-        // with atomic operations through its mapping.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bit) };
+    if arg_marked(dir).is_some() {
+        set_mark(arg_inode_id(inode));
     }
     0
 }
@@ -399,11 +464,7 @@ pub fn doppel_allocate_inode(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "ext4_free_inode")]
 pub fn doppel_free_inode(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct inode *inode)
-    let inode: u64 = ctx.arg(0);
-    if let Some((p, bit, _)) = arg_mark_word(inode) {
-        // SAFETY: as in doppel_allocate_inode.
-        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(p, !bit) };
-    }
+    clear_mark(arg_inode_id(ctx.arg(0)));
     0
 }
 

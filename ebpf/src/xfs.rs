@@ -24,8 +24,6 @@
 //!   added (`xfs_dir2_*_addname`), before a file descriptor to it exists; a freed inode
 //!   (`xfs_iunlink_remove`, when its last reference goes) loses its mark.
 
-use core::intrinsics::{atomic_and, atomic_or, AtomicOrdering};
-
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_get_current_task_btf, bpf_task_pt_regs},
     macros::{btf_tracepoint, map},
@@ -38,7 +36,7 @@ use doppel_common::abi::{
 
 use crate::{
     bytes::{report_dirty, send_bytes, send_range, Source},
-    fs::{arg_inode_id, arg_mark_word, arg_marked_change, keep_hot, mark_word_of, parent_or_none},
+    fs::{arg_inode_id, arg_marked_change, clear_mark, keep_hot, parent_or_none, set_mark},
     fs_meta::{
         accessed_only, send_ns, FALLOC_FL_COLLAPSE_RANGE, FALLOC_FL_INSERT_RANGE,
         FALLOC_FL_PUNCH_HOLE,
@@ -422,14 +420,9 @@ fn addname(ctx: &BtfTracePointContext) {
         )
     };
     let dir = vfs_inode(dp);
-    if crate::fs::arg_marked(dir).is_none() {
-        return;
-    }
-    let dev = arg_inode_id(dir).dev;
-    if let Some((p, bit, _)) = mark_word_of(KFileId { dev, ino }) {
-        // SAFETY: an ARRAY value pointer, 8-aligned; the agent updates the same words
-        // with atomic operations through its mapping.
-        unsafe { atomic_or::<u64, u64, { AtomicOrdering::Relaxed }>(p, bit) };
+    if crate::fs::arg_marked(dir).is_some() {
+        let dev = arg_inode_id(dir).dev;
+        set_mark(KFileId { dev, ino });
     }
 }
 
@@ -462,9 +455,6 @@ pub fn doppel_xfs_node_addname(ctx: BtfTracePointContext) -> i32 {
 #[btf_tracepoint(function = "xfs_iunlink_remove")]
 pub fn doppel_xfs_iunlink_remove(ctx: BtfTracePointContext) -> i32 {
     // TP_PROTO(struct xfs_inode *ip)
-    if let Some((p, bit, _)) = arg_mark_word(vfs_inode(ctx.arg(0))) {
-        // SAFETY: as in `addname`.
-        unsafe { atomic_and::<u64, u64, { AtomicOrdering::Relaxed }>(p, !bit) };
-    }
+    clear_mark(arg_inode_id(vfs_inode(ctx.arg(0))));
     0
 }

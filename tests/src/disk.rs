@@ -13,6 +13,9 @@ use anyhow::{bail, Context};
 pub enum Fs {
     Ext4,
     Xfs,
+    /// xfs on a 64 GiB sparse image: its inode numbers span more than the capture's
+    /// exact bitmap takes, so the capture uses a bloom filter and an exact map.
+    XfsLarge,
 }
 
 impl Fs {
@@ -21,8 +24,9 @@ impl Fs {
     pub fn from_env() -> Option<Fs> {
         match std::env::var("DOPPEL_TEST_FS").ok()?.as_str() {
             "xfs" => Some(Fs::Xfs),
+            "xfs-large" => Some(Fs::XfsLarge),
             "ext4" => Some(Fs::Ext4),
-            other => panic!("DOPPEL_TEST_FS={other}: expected ext4 or xfs"),
+            other => panic!("DOPPEL_TEST_FS={other}: expected ext4, xfs or xfs-large"),
         }
     }
 }
@@ -53,8 +57,10 @@ impl LoopDisk {
         Self::with_fs(Fs::Ext4, mib)
     }
 
-    /// An image of `mib` MiB (xfs needs at least 300) holding `fs`.
+    /// An image of `mib` MiB (xfs needs at least 300; `XfsLarge` takes 64 GiB whatever
+    /// `mib` says, sparse) holding `fs`.
     pub fn with_fs(fs: Fs, mib: u64) -> anyhow::Result<LoopDisk> {
+        let mib = if fs == Fs::XfsLarge { 64 << 10 } else { mib };
         let dir = tempfile::Builder::new()
             .prefix("doppel-e2e-disk-")
             .tempdir()?;
@@ -67,7 +73,7 @@ impl LoopDisk {
             Fs::Ext4 => run(Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-m", "0"])
                 .arg(&img))?,
-            Fs::Xfs => run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img))
+            Fs::Xfs | Fs::XfsLarge => run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img))
                 .context("install xfsprogs (cargo xtask setup does)")?,
         }
         let mut disk = LoopDisk {

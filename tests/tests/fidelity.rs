@@ -987,7 +987,8 @@ fn reused_inode_numbers() {
     // xfs frees an unlinked inode in the background: syncfs makes it do so now, so
     // that the next create may take its number.
     let free_now = || {
-        if doppel_tests::disk::Fs::from_env() == Some(doppel_tests::disk::Fs::Xfs) {
+        use doppel_tests::disk::Fs;
+        if matches!(Fs::from_env(), Some(Fs::Xfs | Fs::XfsLarge)) {
             let d = open(&s, libc::O_RDONLY | libc::O_DIRECTORY, 0);
             check(unsafe { libc::syncfs(d.raw()) }, "syncfs");
         }

@@ -9,8 +9,11 @@ use crate::compile::{bin_dir, cargo, release};
 /// Seconds per fuzz target in `cargo xtask test` (`cargo xtask fuzz` runs longer).
 const FUZZ_SECONDS: u64 = 10;
 
-/// End-to-end test files run a second time with the source root on xfs.
-const XFS_TESTS: &[&str] = &["fidelity", "order", "workloads"];
+/// End-to-end test files run again with the source root on xfs (`DOPPEL_TEST_FS`).
+const XFS_PASSES: &[(&str, &[&str])] = &[
+    ("xfs", &["fidelity", "order", "workloads"]),
+    ("xfs-large", &["fidelity", "order"]),
+];
 
 /// The daemons run under this open file limit (soft and hard) during the tests: the
 /// common default, and what CI machines have. A developer's machine often allows far
@@ -64,15 +67,18 @@ pub fn run(filter: Option<&str>) -> Result<()> {
         "--test-threads=1",
         f,
     ])?;
-    // Once more with the source root on a loop-mounted xfs: what the capture inside
-    // the filesystem must see there too (data paths, namespace, order, real programs).
-    std::env::set_var("DOPPEL_TEST_FS", "xfs");
-    let mut xfs = vec!["test", "--release", "-p", "doppel-tests"];
-    for t in XFS_TESTS {
-        xfs.extend(["--test", t]);
+    // Again with the source root on a loop-mounted xfs: what the capture inside the
+    // filesystem must see there too (data paths, namespace, order, real programs), with
+    // the exact bitmap and, on a large xfs, with the bloom filter.
+    for (fs, tests) in XFS_PASSES {
+        std::env::set_var("DOPPEL_TEST_FS", fs);
+        let mut args = vec!["test", "--release", "-p", "doppel-tests"];
+        for t in *tests {
+            args.extend(["--test", t]);
+        }
+        args.extend(["--", "--test-threads=1", f]);
+        cargo(&args)?;
     }
-    xfs.extend(["--", "--test-threads=1", f]);
-    cargo(&xfs)?;
     std::env::remove_var("DOPPEL_TEST_FS");
     if filter.is_none() {
         crate::fuzz::run(FUZZ_SECONDS)?;

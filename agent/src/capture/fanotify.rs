@@ -3,9 +3,12 @@
 //! filesystem. Every create, delete, rename (with both names in one event), mode,
 //! owner, time, link-count and extended-attribute change in those directories arrives
 //! here as "directory D, name N", whatever door it came in by (any syscall, io_uring,
-//! 32-bit). Directory marks cost a write elsewhere on the filesystem nothing (a
-//! filesystem mark, the fallback past the kernel's limit of marks per user, costs every
-//! write to that filesystem about 30 ns) and cost no syscall anything.
+//! 32-bit). With directory marks, changes elsewhere on the filesystem reach no queue: a
+//! filesystem mark (the fallback past the kernel's limit of marks per user) queues every
+//! create, removal, rename and attribute change of the whole filesystem to the agent,
+//! which drops most of them, and a burst of them elsewhere can overflow the queue and
+//! force a rescan of the sets. Writes pay for neither beyond fsnotify's own check (the
+//! mask holds no write event).
 //!
 //! A directory is marked before it is read (the resolver's watch comes first), so an
 //! entry made in it is either read by the scan or reported here.
@@ -304,8 +307,9 @@ impl DirMarks {
         }
         tracing::warn!(
             "the kernel allows no more fanotify marks (fs.fanotify.max_user_marks): the \
-             whole filesystem of {} is watched instead, which costs every write to it about \
-             30 ns; raise the limit to avoid that",
+             whole filesystem of {} is watched instead, so every namespace change on it \
+             reaches the agent (a burst elsewhere can overflow the queue and cost a rescan); \
+             raise the limit to avoid that",
             abs.display()
         );
         mark_filesystem(&self.fd, &c).with_context(|| format!("cannot watch {}", abs.display()))?;

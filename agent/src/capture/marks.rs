@@ -14,13 +14,15 @@ use std::{
 
 use anyhow::{bail, Context, Result};
 use aya::{
-    maps::{Array, Map, MapData},
+    maps::{Array, HashMap as BpfHashMap, Map, MapData},
     Pod,
 };
 use doppel_common::{
-    abi::{MarkFs, MARK_FS_MAX},
+    abi::{bloom_bits, MarkFs, MARK_FS_MAX},
     event::FileId,
 };
+
+use super::PodFileId;
 
 use super::decode::user_dev_to_kernel;
 
@@ -136,7 +138,7 @@ fn xfs_numbers(agcount: u32, agblocks: u32, blocksize: u32, inodesize: u32) -> R
 #[derive(Clone, Copy)]
 #[repr(transparent)]
 struct PodMarkFs(MarkFs);
-// SAFETY: three u64, no padding.
+// SAFETY: four u64, no padding.
 unsafe impl Pod for PodMarkFs {}
 
 /// Where one filesystem's bits are.
@@ -146,12 +148,24 @@ struct Slot {
     dev: u64,
     base: u64,
     words: u64,
+    /// 0: an exact bitmap; else a bloom filter of `1 << bloom_log2` bits.
+    bloom_log2: u64,
 }
 
 /// Most words of bitmap, all filesystems together: 64 MiB of kernel memory, one bit
-/// for each of 512 M inodes. A filesystem that would not fit is left to the syscall
-/// capture (the agent says so at start).
+/// for each of 512 M inode numbers. A filesystem that would not fit exactly gets a
+/// bloom filter; one that would not fit even so is left to the syscall capture (the
+/// agent says so at start).
 pub const MAX_WORDS: u64 = 1 << 23;
+
+/// A bloom filter's size: 2^23 bits (1 MiB). With two bits per inode, one lookup in
+/// 20 of an unwatched file's writes goes on to the exact map at a million marked
+/// inodes, one in 1,500 at 100,000.
+pub const BLOOM_LOG2: u64 = 23;
+
+/// Most inodes marked on bloom-filtered filesystems (entries are allocated as they are
+/// inserted, about 100 bytes each).
+pub const EXACT_MAX: u32 = 1 << 22;
 
 /// Bitmap layout for `filesystems` (the same device once, at most [`MARK_FS_MAX`],
 /// at most [`MAX_WORDS`] in all): the slots and the total number of words.
@@ -162,14 +176,20 @@ fn layout(filesystems: &[MarkedFs]) -> (Vec<Slot>, u64) {
         if slots.iter().any(|s| s.dev == fs.dev) || slots.len() == MARK_FS_MAX as usize {
             continue;
         }
-        let words = fs.inodes.div_ceil(64);
-        if total + words > MAX_WORDS {
+        let exact = fs.inodes.div_ceil(64);
+        let bloom = 1u64 << (BLOOM_LOG2 - 6);
+        let (words, bloom_log2) = if total + exact <= MAX_WORDS && exact <= bloom * 4 {
+            (exact, 0)
+        } else if total + bloom <= MAX_WORDS {
+            (bloom, BLOOM_LOG2)
+        } else {
             continue;
-        }
+        };
         slots.push(Slot {
             dev: fs.dev,
             base: total,
             words,
+            bloom_log2,
         });
         total += words;
     }
@@ -187,6 +207,18 @@ pub fn words_for(filesystems: &[MarkedFs]) -> u32 {
     u32::try_from(total.max(1)).unwrap_or(u32::MAX)
 }
 
+/// Entries of the `MARK_EXACT` map to allow for `filesystems`.
+pub fn exact_entries_for(filesystems: &[MarkedFs]) -> u32 {
+    if layout(filesystems).0.iter().any(|s| s.bloom_log2 != 0) {
+        EXACT_MAX
+    } else {
+        1
+    }
+}
+
+/// A word of the mapped bits, and one bit's mask in it.
+type Bit<'a> = (&'a AtomicU64, u64);
+
 /// The bitmap, mapped.
 pub struct InodeMarks {
     words: NonNull<AtomicU64>,
@@ -194,6 +226,10 @@ pub struct InodeMarks {
     map_bytes: usize,
     slots: Vec<Slot>,
     _map: MapData,
+    /// `MARK_EXACT`, for bloom-filtered filesystems.
+    exact: std::sync::Mutex<BpfHashMap<MapData, PodFileId, u8>>,
+    /// Marks the exact map had no room for (each warned about once in a while).
+    exact_full: AtomicU64,
 }
 
 // SAFETY: the mapping is shared memory accessed only through atomics.
@@ -204,7 +240,7 @@ unsafe impl Sync for InodeMarks {}
 impl InodeMarks {
     /// Describes `filesystems` to the program (`mark_fs`) and maps `marks`, which was
     /// created with [`words_for`] of the same list.
-    pub fn new(marks: Map, mark_fs: Map, filesystems: &[MarkedFs]) -> Result<Self> {
+    pub fn new(marks: Map, mark_fs: Map, exact: Map, filesystems: &[MarkedFs]) -> Result<Self> {
         let Map::Array(marks) = marks else {
             bail!("the capture program's MARKS map is not an array (build mismatch)");
         };
@@ -222,10 +258,25 @@ impl InodeMarks {
                 dev,
                 base: s.base,
                 words: s.words,
+                bloom_log2: s.bloom_log2,
             };
             fs_map
                 .set(i as u32, PodMarkFs(v), 0)
                 .context("cannot describe a filesystem to the capture program")?;
+            if s.bloom_log2 == 0 {
+                tracing::info!(
+                    dev = s.dev,
+                    "inode marks: an exact bitmap of {} KiB",
+                    s.words * 8 / 1024
+                );
+            } else {
+                tracing::info!(
+                    dev = s.dev,
+                    "inode marks: the filesystem's inode numbers are sparse; a bloom filter \
+                     of {} KiB and an exact map of at most {EXACT_MAX} entries",
+                    s.words * 8 / 1024
+                );
+            }
         }
         let len = usize::try_from(total.max(1)).context("inode bitmap too large")?;
         // SAFETY: sysconf has no preconditions.
@@ -247,19 +298,22 @@ impl InodeMarks {
             return Err(std::io::Error::last_os_error())
                 .context("cannot map the capture program's inode bitmap");
         }
+        let exact =
+            BpfHashMap::try_from(exact).context("MARK_EXACT is not a hash (build mismatch)")?;
         Ok(InodeMarks {
             words: NonNull::new(p as *mut AtomicU64).context("mmap returned null")?,
             len,
             map_bytes,
             slots,
             _map: marks,
+            exact: std::sync::Mutex::new(exact),
+            exact_full: AtomicU64::new(0),
         })
     }
 
-    /// The word and bit of `id`, if its filesystem is covered.
-    fn bit(&self, id: FileId) -> Option<(&AtomicU64, u64)> {
-        let slot = self.slots.iter().find(|s| s.dev == id.dev)?;
-        let word = id.ino / 64;
+    /// The word holding bit `bit` of `slot`'s bits, and the bit's mask.
+    fn word(&self, slot: &Slot, bit: u64) -> Option<Bit<'_>> {
+        let word = bit / 64;
         if word >= slot.words {
             return None;
         }
@@ -269,7 +323,18 @@ impl InodeMarks {
         }
         // SAFETY: `index < len`, inside the mapping, which lives as long as `self`.
         let w = unsafe { &*self.words.as_ptr().add(index) };
-        Some((w, 1u64 << (id.ino % 64)))
+        Some((w, 1u64 << (bit % 64)))
+    }
+
+    /// The bits `id` sets in its filesystem's words (one, or a bloom filter's two).
+    fn bits(&self, id: FileId) -> Option<(&Slot, [Option<Bit<'_>>; 2])> {
+        let slot = self.slots.iter().find(|s| s.dev == id.dev)?;
+        let (a, b) = if slot.bloom_log2 == 0 {
+            (id.ino, id.ino)
+        } else {
+            bloom_bits(id.ino, slot.bloom_log2)
+        };
+        Some((slot, [self.word(slot, a), self.word(slot, b)]))
     }
 
     /// Whether the filesystem of device `dev` (`st_dev`) is captured inside the
@@ -278,21 +343,59 @@ impl InodeMarks {
         self.slots.iter().any(|s| s.dev == dev)
     }
 
-    /// Marks `id` as in a set; false if its filesystem is not covered.
+    /// Marks `id` as in a set; false if its filesystem is not covered (or, bloom-
+    /// filtered, the exact map is full: said in the log).
     pub fn mark(&self, id: FileId) -> bool {
-        match self.bit(id) {
-            Some((w, bit)) => {
-                w.fetch_or(bit, Ordering::Relaxed);
-                true
+        let Some((slot, words)) = self.bits(id) else {
+            return false;
+        };
+        if slot.bloom_log2 != 0 {
+            let Ok(key) = super::kernel_key(id) else {
+                return false;
+            };
+            let inserted = self
+                .exact
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(key, 1, 0);
+            if inserted.is_err() {
+                let n = self.exact_full.fetch_add(1, Ordering::Relaxed);
+                if n.is_power_of_two() {
+                    tracing::error!(
+                        "more than {EXACT_MAX} files are marked on filesystems with sparse \
+                         inode numbers: writes to {} files beyond that are not captured \
+                         (until a rescan finds room)",
+                        n + 1
+                    );
+                }
+                return false;
             }
-            None => false,
         }
+        for (w, bit) in words.into_iter().flatten() {
+            w.fetch_or(bit, Ordering::Relaxed);
+        }
+        true
     }
 
     /// Whether `id` is marked (a file or directory of a set, or made in one since).
     pub fn is_marked(&self, id: FileId) -> bool {
-        self.bit(id)
-            .is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0)
+        let Some((slot, words)) = self.bits(id) else {
+            return false;
+        };
+        let bits = words
+            .into_iter()
+            .all(|w| w.is_some_and(|(w, bit)| w.load(Ordering::Relaxed) & bit != 0));
+        if !bits || slot.bloom_log2 == 0 {
+            return bits;
+        }
+        let Ok(key) = super::kernel_key(id) else {
+            return false;
+        };
+        self.exact
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key, 0)
+            .is_ok()
     }
 }
 
@@ -336,12 +439,14 @@ mod tests {
                 Slot {
                     dev: 1,
                     base: 0,
-                    words: 2
+                    words: 2,
+                    bloom_log2: 0,
                 },
                 Slot {
                     dev: 2,
                     base: 2,
-                    words: 2
+                    words: 2,
+                    bloom_log2: 0,
                 },
             ]
         );
@@ -350,12 +455,37 @@ mod tests {
     }
 
     #[test]
-    fn a_filesystem_too_large_for_the_bitmap_is_left_out() {
-        let fss = [fs(1, 65), fs(2, MAX_WORDS * 64), fs(3, 65)];
+    fn sparse_numbers_get_a_bloom_filter() {
+        let bloom_words = 1 << (BLOOM_LOG2 - 6);
+        let fss = [
+            fs(1, 65),
+            // Exact would take the whole budget: a bloom filter instead.
+            fs(2, MAX_WORDS * 64),
+            fs(3, 65),
+        ];
         let (slots, total) = layout(&fss);
-        let devs: Vec<u64> = slots.iter().map(|s| s.dev).collect();
-        assert_eq!(devs, vec![1, 3]);
-        assert_eq!(total, 4);
+        let kinds: Vec<(u64, u64)> = slots.iter().map(|s| (s.dev, s.bloom_log2)).collect();
+        assert_eq!(kinds, vec![(1, 0), (2, BLOOM_LOG2), (3, 0)]);
+        assert_eq!(total, 2 + bloom_words + 2);
+        assert_eq!(exact_entries_for(&fss), EXACT_MAX);
+        assert_eq!(exact_entries_for(&[fs(1, 65)]), 1);
+        // As many huge filesystems as the program scans all fit, as bloom filters.
+        let many: Vec<MarkedFs> = (0..8).map(|d| fs(d, u64::MAX / 2)).collect();
+        let (slots, total) = layout(&many);
+        assert_eq!(slots.len(), MARK_FS_MAX as usize);
+        assert!(slots.iter().all(|s| s.bloom_log2 == BLOOM_LOG2));
+        assert_eq!(total, 8 * bloom_words);
+    }
+
+    #[test]
+    fn bloom_bits_spread_and_stay_in_range() {
+        let mut seen = std::collections::HashSet::new();
+        for ino in 0..10_000u64 {
+            let (a, b) = bloom_bits(ino << 20 | 0x80, BLOOM_LOG2);
+            assert!(a < 1 << BLOOM_LOG2 && b < 1 << BLOOM_LOG2);
+            seen.insert(a);
+        }
+        assert!(seen.len() > 9_990, "{} distinct of 10000", seen.len());
     }
 
     #[test]

@@ -40,7 +40,7 @@ use aya::{
 use doppel_common::{
     abi::{
         self, KFileId, MissedKey, MissedRange, CONTROL_MISSED_GEN, STAT_DATA_BYTES, STAT_EVENTS,
-        STAT_LOST, STAT_MISSED, WATCH_ANCESTOR, WATCH_CONTENTS,
+        STAT_LOST, STAT_MISSED, STAT_UNMARKED, WATCH_ANCESTOR, WATCH_CONTENTS,
     },
     event::{monotonic_ns, CaptureEvent, Captured, FileId},
 };
@@ -142,7 +142,7 @@ pub struct CaptureStats {
 /// so the impls live on local transparent wrappers.)
 #[derive(Clone, Copy)]
 #[repr(transparent)]
-struct PodFileId(KFileId);
+pub(crate) struct PodFileId(pub(crate) KFileId);
 // SAFETY: two u64, no padding.
 unsafe impl Pod for PodFileId {}
 
@@ -540,6 +540,10 @@ impl Capture {
         }
         loader.map_max_entries(abi::MAP_RING, ring_bytes);
         loader.map_max_entries(abi::MAP_MARKS, marks::words_for(&opts.mark_filesystems));
+        loader.map_max_entries(
+            abi::MAP_MARK_EXACT,
+            marks::exact_entries_for(&opts.mark_filesystems),
+        );
         // The loader lives to the end of this function, as it always did: dropped here,
         // right after load(), the events bench's sustained rate fell from 200k to 100k
         // events/s (4 runs of 4, against 4 of 4 at 200k without); freed on a thread of
@@ -691,7 +695,12 @@ impl Capture {
                 .filter(|f| marked_devs.contains(&f.dev))
                 .copied()
                 .collect();
-            let m = InodeMarks::new(take(abi::MAP_MARKS)?, take(abi::MAP_MARK_FS)?, &attached)?;
+            let m = InodeMarks::new(
+                take(abi::MAP_MARKS)?,
+                take(abi::MAP_MARK_FS)?,
+                take(abi::MAP_MARK_EXACT)?,
+                &attached,
+            )?;
             Some(Arc::new(m))
         } else {
             None
@@ -861,7 +870,9 @@ impl Capture {
             events: self.shared.stat(STAT_EVENTS),
             data_bytes: self.shared.stat(STAT_DATA_BYTES),
             missed_ranges: self.shared.stat(STAT_MISSED),
-            lost: self.shared.stat(STAT_LOST) + self.shared.namespace_lost.load(Ordering::Relaxed),
+            lost: self.shared.stat(STAT_LOST)
+                + self.shared.stat(STAT_UNMARKED)
+                + self.shared.namespace_lost.load(Ordering::Relaxed),
         }
     }
 }
@@ -878,7 +889,7 @@ impl Drop for Capture {
     }
 }
 
-fn kernel_key(dir: FileId) -> Result<PodFileId> {
+pub(crate) fn kernel_key(dir: FileId) -> Result<PodFileId> {
     let dev = decode::user_dev_to_kernel(dir.dev).with_context(|| {
         format!(
             "device number {:#x} of {dir:?} does not fit the kernel's dev_t encoding",
