@@ -368,19 +368,11 @@ impl Shown {
     }
 }
 
-/// The fanotify group alone, marking directory `path` as the agent marks the sets'
-/// directories, its events read and dropped: `doppel-agent bench-floor
-/// --namespace-only`, what the namespace half of capture inside the filesystem costs a
-/// write elsewhere on that filesystem.
+/// The fanotify group alone, marking the filesystem of directory `path`, its events read
+/// and dropped: `doppel-agent bench-floor --namespace-only`, what the namespace half of
+/// capture inside the filesystem costs every write to that filesystem.
 pub fn namespace_capture_only(path: &std::path::Path) -> anyhow::Result<impl Send> {
-    use doppel_agent::capture::fanotify::{Marking, Namespace};
-    let mut ns = Namespace::new([path], Marking::Directories)?;
-    let m = std::fs::metadata(path)?;
-    let dir = doppel_common::event::FileId {
-        dev: std::os::unix::fs::MetadataExt::dev(&m),
-        ino: std::os::unix::fs::MetadataExt::ino(&m),
-    };
-    ns.dir_marks().mark(dir, path)?;
+    let mut ns = doppel_agent::capture::fanotify::Namespace::new([path])?;
     let fd = ns.raw_fd();
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stopped = stop.clone();

@@ -13,7 +13,8 @@
 //!
 //! Reading again is always right: the file then holds the bytes that won.
 
-use std::collections::{HashMap, VecDeque};
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 
 use doppel_common::event::FileId;
 
@@ -33,11 +34,24 @@ struct Recent {
     reads: Vec<(u64, u64, u64)>,
 }
 
+/// Recorded times, soonest to expire first, with their file.
+type Expiry = BinaryHeap<Reverse<(u64, FileId)>>;
+
 #[derive(Debug, Default)]
 pub struct Overlaps {
     files: HashMap<FileId, Recent>,
     /// Latest capture time handled.
     latest: u64,
+    /// Every event captured before this time has been handled (the capture found its
+    /// ring empty after it): the clock that moves on when nothing is captured, so what
+    /// the mirror read is forgotten without waiting for the next write.
+    complete: u64,
+    /// Each write's and each read's time, so that [`Overlaps::prune`] visits only what
+    /// expires (its work follows the changes, not the files recorded).
+    write_expiry: Expiry,
+    read_expiry: Expiry,
+    /// Files [`Overlaps::prune`] looked at, all told (for tests).
+    visited: u64,
 }
 
 impl Overlaps {
@@ -68,6 +82,7 @@ impl Overlaps {
             recent.writes.pop_front();
         }
         recent.writes.push_back((offset, end, time));
+        self.write_expiry.push(Reverse((time, file)));
         again
     }
 
@@ -85,18 +100,61 @@ impl Overlaps {
             reads.push((s, e, t));
         }
         reads.push((offset, end, time));
+        self.read_expiry.push(Reverse((time, file)));
     }
 
-    /// Forgets writes that no later event can be within the window of, and reads that
-    /// every event still to come was captured after.
-    pub fn prune(&mut self) {
-        let horizon = self.latest.saturating_sub(WINDOW_NS);
-        self.files.retain(|_, r| {
-            r.writes.retain(|&(_, _, t)| t >= horizon);
-            r.reads.retain(|&(_, _, t)| t >= horizon);
-            !r.writes.is_empty() || !r.reads.is_empty()
-        });
+    /// Every event captured before `time` has been handled.
+    pub fn complete_before(&mut self, time: u64) {
+        self.complete = self.complete.max(time);
     }
+
+    /// Forgets writes that no event still to come can be within the window of, and
+    /// reads that every event still to come was captured after.
+    pub fn prune(&mut self) {
+        // A write at t matters to events captured within the window around t.
+        let writes_before = self.latest.max(self.complete).saturating_sub(WINDOW_NS);
+        // A read at t matters to events captured before t and handled after it.
+        let reads_before = self.latest.saturating_sub(WINDOW_NS).max(self.complete);
+        let horizons = (writes_before, reads_before);
+        self.visited += expire(
+            &mut self.write_expiry,
+            writes_before,
+            &mut self.files,
+            horizons,
+        );
+        self.visited += expire(
+            &mut self.read_expiry,
+            reads_before,
+            &mut self.files,
+            horizons,
+        );
+    }
+}
+
+/// Pops the times of `expiry` before `before` and forgets what expired of their files
+/// (writes before `horizons.0`, reads before `horizons.1`). Returns the times popped.
+fn expire(
+    expiry: &mut Expiry,
+    before: u64,
+    files: &mut HashMap<FileId, Recent>,
+    (writes_before, reads_before): (u64, u64),
+) -> u64 {
+    let mut visited = 0;
+    while let Some(&Reverse((t, file))) = expiry.peek() {
+        if t >= before {
+            break;
+        }
+        expiry.pop();
+        visited += 1;
+        if let Some(r) = files.get_mut(&file) {
+            r.writes.retain(|&(_, _, t)| t >= writes_before);
+            r.reads.retain(|&(_, _, t)| t >= reads_before);
+            if r.writes.is_empty() && r.reads.is_empty() {
+                files.remove(&file);
+            }
+        }
+    }
+    visited
 }
 
 #[cfg(test)]
@@ -135,6 +193,29 @@ mod tests {
         o.write(G, 0, 1, 7 * WINDOW_NS);
         o.prune();
         assert!(o.write(F, 4096, 1, WINDOW_NS).is_empty());
+    }
+
+    #[test]
+    fn pruning_visits_what_expires_not_every_file_recorded() {
+        let mut o = Overlaps::default();
+        // The mirror reads 100,000 files while nothing is captured.
+        for ino in 0..100_000 {
+            o.read(FileId { dev: 1, ino }, 0, 4096, 1_000 + ino);
+        }
+        // Many batches go by with nothing expiring: no file is visited.
+        for i in 0..1_000 {
+            o.write(F, 0, 1, 2_000 + i);
+            o.prune();
+        }
+        assert_eq!(o.visited, 0);
+        // The capture's ring was found empty after all of it: everything read before
+        // then is forgotten, each file once, with nothing captured meanwhile.
+        o.complete_before(1_000 + 100_000 + 1);
+        o.prune();
+        assert_eq!(o.visited, 100_000);
+        assert_eq!(o.files.len(), 1, "only F's writes are left");
+        // An event captured before the reads (a backlog) would still be read again
+        // until then: checked above by events_captured_before_a_read_are_read_again.
     }
 
     #[test]

@@ -29,14 +29,10 @@ use doppel_common::wire::Op;
 struct KernelWatcher(Arc<Capture>);
 
 impl Watcher for KernelWatcher {
-    fn watch(&self, dir: FileId, abs: &std::path::Path) {
+    fn watch(&self, dir: FileId) {
         // Marked first: files made in it from now on are marked by the kernel.
         self.0.mark(dir);
-        let watched = self
-            .0
-            .watch_dir(dir, WatchMode::Contents)
-            .and_then(|()| self.0.watch_entries(dir, abs));
-        if let Err(e) = watched {
+        if let Err(e) = self.0.watch_dir(dir, WatchMode::Contents) {
             warn!(?dir, error = %format!("{e:#}"), "cannot watch a directory: its changes are not captured");
         }
     }
@@ -360,6 +356,7 @@ pub async fn run(config: Config) -> Result<()> {
                     anyhow::bail!("the capture thread stopped; see the log above for why");
                 };
                 let mut pending = 0;
+                let complete_before = batch.complete_before;
                 for ev in batch {
                     let before = ops.len();
                     resolver.resolve(ev, &mut ops);
@@ -371,6 +368,7 @@ pub async fn run(config: Config) -> Result<()> {
                         pending = 0;
                     }
                 }
+                resolver.events_complete_before(complete_before);
                 resolver.finish(&mut ops);
                 publish(&shared, &resolver);
                 push(&shared, &mut resolver, &mut ops, &mut room).await;

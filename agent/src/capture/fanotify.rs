@@ -1,17 +1,11 @@
 //! Namespace and attribute changes reported by the filesystem itself: a fanotify group
-//! with a mark on each directory of the sets on filesystems captured inside the
+//! with a filesystem mark on each filesystem whose sets are captured inside the
 //! filesystem. Every create, delete, rename (with both names in one event), mode,
-//! owner, time, link-count and extended-attribute change in those directories arrives
+//! owner, time, link-count and extended-attribute change of that filesystem arrives
 //! here as "directory D, name N", whatever door it came in by (any syscall, io_uring,
-//! 32-bit). With directory marks, changes elsewhere on the filesystem reach no queue: a
-//! filesystem mark (the fallback past the kernel's limit of marks per user) queues every
-//! create, removal, rename and attribute change of the whole filesystem to the agent,
-//! which drops most of them, and a burst of them elsewhere can overflow the queue and
-//! force a rescan of the sets. Writes pay for neither beyond fsnotify's own check (the
-//! mask holds no write event).
-//!
-//! A directory is marked before it is read (the resolver's watch comes first), so an
-//! entry made in it is either read by the scan or reported here.
+//! 32-bit). Writes and syscalls pay nothing for it beyond fsnotify's own check (the mask
+//! holds no write event); namespace changes elsewhere on the filesystem are queued to
+//! the group too and dropped here.
 //!
 //! The events carry no bytes and no verdict: the resolver looks at what the directory
 //! holds under the name when it handles one, and makes the index and the replica agree
@@ -26,7 +20,6 @@ use std::ffi::CString;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context, Result};
 use doppel_common::event::{CaptureEvent, EntryChange, FileId};
@@ -35,10 +28,6 @@ use doppel_common::event::{CaptureEvent, EntryChange, FileId};
 /// changes, of files and directories.
 const MASK: u64 =
     libc::FAN_CREATE | libc::FAN_DELETE | libc::FAN_RENAME | libc::FAN_ATTRIB | libc::FAN_ONDIR;
-
-/// A directory's mark: the mask, and attribute changes of the entries in it too (a
-/// file's own attribute change is reported through its directory, with its name).
-const DIR_MASK: u64 = MASK | libc::FAN_EVENT_ON_CHILD;
 
 /// Bytes read from the group at once.
 const READ_BUF: usize = 64 << 10;
@@ -67,28 +56,14 @@ struct MarkedFilesystem {
 
 /// The fanotify group.
 pub struct Namespace {
-    fd: Arc<OwnedFd>,
-    filesystems: Arc<Vec<MarkedFilesystem>>,
+    fd: OwnedFd,
+    filesystems: Vec<MarkedFilesystem>,
     buf: Vec<u8>,
 }
 
-/// What to mark at start.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Marking {
-    /// Nothing yet: each directory of the sets is marked as the agent enters it
-    /// ([`DirMarks::mark`]).
-    Directories,
-    /// The whole filesystem of each root.
-    Filesystems,
-}
-
 impl Namespace {
-    /// A group for the filesystem of each of `roots` (one path on each), marking what
-    /// `marking` says.
-    pub fn new<'a>(
-        roots: impl IntoIterator<Item = &'a Path>,
-        marking: Marking,
-    ) -> Result<Namespace> {
+    /// A group marking the filesystem of each of `roots` (one path on each).
+    pub fn new<'a>(roots: impl IntoIterator<Item = &'a Path>) -> Result<Namespace> {
         let flags = libc::FAN_CLASS_NOTIF
             | libc::FAN_CLOEXEC
             | libc::FAN_NONBLOCK
@@ -113,48 +88,47 @@ impl Namespace {
                 continue;
             }
             // SAFETY: a valid path; the result is checked.
+            let r = unsafe {
+                libc::fanotify_mark(
+                    fd.as_raw_fd(),
+                    libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
+                    MASK,
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                )
+            };
+            if r < 0 {
+                let e = std::io::Error::last_os_error();
+                bail!(
+                    "cannot watch the filesystem of {} for namespace changes: {e} (its \
+                     filesystem must support file handles)",
+                    root.display()
+                );
+            }
+            // SAFETY: a valid path; the result is checked.
             let m = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
             if m < 0 {
                 let e = std::io::Error::last_os_error();
                 bail!("cannot open {}: {e}", root.display());
             }
-            let fs = MarkedFilesystem {
+            filesystems.push(MarkedFilesystem {
                 fsid,
                 dev,
                 // SAFETY: a new descriptor this function owns.
                 mount: unsafe { OwnedFd::from_raw_fd(m) },
-            };
-            if marking == Marking::Filesystems {
-                mark_filesystem(&fd, &c).with_context(|| {
-                    format!(
-                        "cannot watch the filesystem of {} for namespace changes (its \
-                         filesystem must support file handles)",
-                        root.display()
-                    )
-                })?;
-            }
-            filesystems.push(fs);
+            });
         }
         Ok(Namespace {
-            fd: Arc::new(fd),
-            filesystems: Arc::new(filesystems),
+            fd,
+            filesystems,
             buf: vec![0; READ_BUF],
         })
-    }
-
-    /// The handle that marks directories of this group (any thread).
-    pub fn dir_marks(&self) -> DirMarks {
-        DirMarks {
-            fd: self.fd.clone(),
-            filesystems: self.filesystems.clone(),
-            whole: Arc::new(Mutex::new(Vec::new())),
-        }
     }
 
     /// Whether this kernel gives fanotify groups directory handles and names (what
     /// [`Namespace::new`] needs), without marking anything.
     pub fn probe() -> Result<()> {
-        Namespace::new(std::iter::empty(), Marking::Directories).map(|_| ())
+        Namespace::new(std::iter::empty()).map(|_| ())
     }
 
     pub fn raw_fd(&self) -> RawFd {
@@ -216,108 +190,6 @@ fn event_wanted(ev: &CaptureEvent, wanted: &dyn Fn(FileId) -> bool) -> bool {
             from_dir, to_dir, ..
         } => wanted(*from_dir) || wanted(*to_dir),
         _ => true,
-    }
-}
-
-/// Marks the whole filesystem `path` is on.
-fn mark_filesystem(group: &OwnedFd, path: &CString) -> std::io::Result<()> {
-    // SAFETY: a valid path; the result is checked.
-    let r = unsafe {
-        libc::fanotify_mark(
-            group.as_raw_fd(),
-            libc::FAN_MARK_ADD | libc::FAN_MARK_FILESYSTEM,
-            MASK,
-            libc::AT_FDCWD,
-            path.as_ptr(),
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Marks directories of the group's filesystems; shared by the threads that enter
-/// directories into the index.
-#[derive(Clone)]
-pub struct DirMarks {
-    fd: Arc<OwnedFd>,
-    filesystems: Arc<Vec<MarkedFilesystem>>,
-    /// Devices marked whole (the kernel refused more marks): directories there need
-    /// no mark of their own.
-    whole: Arc<Mutex<Vec<u64>>>,
-}
-
-impl DirMarks {
-    /// Whether `dev` is one of the group's filesystems.
-    pub fn covers(&self, dev: u64) -> bool {
-        self.filesystems.iter().any(|f| f.dev == dev)
-    }
-
-    /// Marks directory `dir`, found at `abs`. A directory no longer there (moved or
-    /// removed meanwhile) is left alone: the event that moved it brings it back to the
-    /// resolver, which marks it where it went. Past the kernel's limit of marks
-    /// (`fs.fanotify.max_user_marks`), the whole filesystem is marked instead.
-    pub fn mark(&self, dir: FileId, abs: &Path) -> Result<()> {
-        use std::os::unix::fs::MetadataExt;
-        if self
-            .whole
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&dir.dev)
-        {
-            return Ok(());
-        }
-        let c = CString::new(abs.as_os_str().as_bytes())
-            .with_context(|| format!("{} has a NUL byte", abs.display()))?;
-        // Read-only, not O_PATH: fanotify_mark does not take O_PATH descriptors.
-        // SAFETY: a valid path; the result is checked.
-        let fd = unsafe {
-            libc::open(
-                c.as_ptr(),
-                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
-            )
-        };
-        if fd < 0 {
-            return Ok(()); // gone, or no longer a directory
-        }
-        // SAFETY: a new descriptor this function owns.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let f = std::fs::File::from(fd);
-        match f.metadata() {
-            Ok(m) if m.dev() == dir.dev && m.ino() == dir.ino => {}
-            _ => return Ok(()),
-        }
-        // SAFETY: valid descriptors; a null path marks the descriptor's own inode.
-        let r = unsafe {
-            libc::fanotify_mark(
-                self.fd.as_raw_fd(),
-                libc::FAN_MARK_ADD | libc::FAN_MARK_ONLYDIR,
-                DIR_MASK,
-                f.as_raw_fd(),
-                std::ptr::null(),
-            )
-        };
-        if r == 0 {
-            return Ok(());
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::ENOSPC) {
-            return Err(e).with_context(|| format!("cannot watch {}", abs.display()));
-        }
-        tracing::warn!(
-            "the kernel allows no more fanotify marks (fs.fanotify.max_user_marks): the \
-             whole filesystem of {} is watched instead, so every namespace change on it \
-             reaches the agent (a burst elsewhere can overflow the queue and cost a rescan); \
-             raise the limit to avoid that",
-            abs.display()
-        );
-        mark_filesystem(&self.fd, &c).with_context(|| format!("cannot watch {}", abs.display()))?;
-        self.whole
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(dir.dev);
-        Ok(())
     }
 }
 
@@ -414,8 +286,8 @@ pub fn parse(buf: &[u8], inode: &HandleToInode<'_>, emit: &mut dyn FnMut(Capture
             *slot = dir_name(record, inode);
         }
         if mask & libc::FAN_RENAME != 0 {
-            // A directory mark reports only its own side of a rename: a move in from an
-            // unwatched directory is a new entry here, a move out a removal there.
+            // A side that could not be decoded (or that a mark does not cover): a move
+            // in is a new entry here, a move out a removal there.
             let removed = if mask & libc::FAN_ONDIR != 0 {
                 EntryChange::RemovedDir
             } else {
@@ -596,7 +468,7 @@ mod tests {
     }
 
     #[test]
-    fn a_rename_with_one_watched_side_is_an_entry_made_or_removed() {
+    fn a_rename_with_one_known_side_is_an_entry_made_or_removed() {
         let mut buf = event(libc::FAN_RENAME, &[info(INFO_NEW_DFID_NAME, 6, b"in")]);
         buf.extend(event(
             libc::FAN_RENAME | libc::FAN_ONDIR,

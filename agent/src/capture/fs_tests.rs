@@ -23,7 +23,7 @@ fn py(cwd: &Path, code: &str) {
 
 /// Collects events into `seen` until `done` says so or 5 s passed.
 fn dirty_of(
-    rx: &mut mpsc::Receiver<Vec<Captured>>,
+    rx: &mut mpsc::Receiver<CaptureBatch>,
     seen: &mut Vec<CaptureEvent>,
     done: impl Fn(&[CaptureEvent]) -> bool,
 ) {

@@ -54,6 +54,39 @@ pub use marks::MarkedFs;
 /// The compiled capture program, built by build.rs from `ebpf/`.
 static PROGRAM: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/doppel-ebpf.o"));
 
+/// Longest a record's capture time precedes its commit to the ring (a program runs for
+/// microseconds): the ring found empty at T holds nothing captured before T minus this.
+const COMMIT_MARGIN_NS: u64 = 10_000_000;
+
+/// One hand-over of the capture's reader: events in capture order, and how far the
+/// capture is complete.
+#[derive(Debug, Default)]
+pub struct CaptureBatch {
+    pub events: Vec<Captured>,
+    /// Every record captured before this time (CLOCK_MONOTONIC ns) is in this batch or
+    /// an earlier one (the reader found the ring empty after it); 0 when not known yet.
+    pub complete_before: u64,
+}
+
+impl CaptureBatch {
+    pub fn len(&self) -> usize {
+        self.events.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.events.is_empty()
+    }
+}
+
+impl IntoIterator for CaptureBatch {
+    type Item = Captured;
+    type IntoIter = std::vec::IntoIter<Captured>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.events.into_iter()
+    }
+}
+
 /// How often missed ranges and the loss counter are collected.
 pub const DRAIN_PERIOD: Duration = Duration::from_millis(20);
 /// Batches buffered between the reader thread and the consumer. When the consumer falls
@@ -191,8 +224,6 @@ pub struct Capture {
     marks: Option<Arc<InodeMarks>>,
     /// Devices whose namespace changes come from fanotify (see `fanotify.rs`).
     namespace_devs: Vec<u64>,
-    /// Marks the directories of those devices' sets in the fanotify group.
-    dir_marks: Option<fanotify::DirMarks>,
     /// Whether the `sys_exit` program is attached.
     syscall_hook: bool,
     /// Why the filesystem programs were wanted but could not be attached.
@@ -493,7 +524,7 @@ impl Capture {
     /// Mounts tracefs if needed, reads offsets from BTF, loads the embedded program,
     /// attaches it. Events arrive on the returned channel in ring order, in batches.
     /// Errors name what is missing (BTF, BPF permission, ...) and the fix.
-    pub fn start(opts: CaptureOptions) -> Result<(Capture, mpsc::Receiver<Vec<Captured>>)> {
+    pub fn start(opts: CaptureOptions) -> Result<(Capture, mpsc::Receiver<CaptureBatch>)> {
         if let Err(e) = tracefs::ensure_mounted() {
             // Not fatal: the program attaches to a raw tracepoint by name.
             warn!("{e:#}");
@@ -611,10 +642,7 @@ impl Capture {
         let namespace = if covered.is_empty() {
             None
         } else {
-            match fanotify::Namespace::new(
-                covered.iter().map(|&(r, _)| r),
-                fanotify::Marking::Directories,
-            ) {
+            match fanotify::Namespace::new(covered.iter().map(|&(r, _)| r)) {
                 Ok(n) => Some(n),
                 Err(e) => {
                     warn!(
@@ -626,7 +654,6 @@ impl Capture {
                 }
             }
         };
-        let dir_marks = namespace.as_ref().map(fanotify::Namespace::dir_marks);
         let namespace_devs: Vec<u64> = if namespace.is_some() {
             covered.iter().map(|&(_, d)| d).collect()
         } else {
@@ -729,6 +756,7 @@ impl Capture {
             stop: stop.clone(),
             paused: paused.clone(),
             tx,
+            complete_before: 0,
             gen: 0,
             lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
@@ -741,7 +769,6 @@ impl Capture {
             linked_full: AtomicBool::new(false),
             marks,
             namespace_devs,
-            dir_marks,
             syscall_hook: sys,
             fs_problem,
             ignore: Mutex::new(ignore),
@@ -779,15 +806,6 @@ impl Capture {
                 abi::WATCHED_DIRS_MAX
             )
         })
-    }
-
-    /// Namespace changes in directory `dir` (at `abs`) are reported from now on, where
-    /// they come from the filesystem (fanotify): its mark goes in before it is read.
-    pub fn watch_entries(&self, dir: FileId, abs: &std::path::Path) -> Result<()> {
-        match &self.dir_marks {
-            Some(m) if self.namespace_devs.contains(&dir.dev) => m.mark(dir, abs),
-            _ => Ok(()),
-        }
     }
 
     /// Captures writes to the hard-linked file `file` through any of its names, also
@@ -962,7 +980,9 @@ struct Reader {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     paused: Arc<AtomicBool>,
-    tx: mpsc::Sender<Vec<Captured>>,
+    tx: mpsc::Sender<CaptureBatch>,
+    /// Every record captured before this time has been read (see [`CaptureBatch`]).
+    complete_before: u64,
     /// Current missed-range generation (what the program tags new entries with).
     gen: u64,
     /// Losses counted by the kernel and not reported yet (see [`LostMarker`]).
@@ -991,14 +1011,18 @@ impl Reader {
                 next_drain = now + DRAIN_PERIOD;
             }
             if !pending.is_empty() {
-                match self.tx.try_send(std::mem::take(&mut pending)) {
+                let batch = CaptureBatch {
+                    events: std::mem::take(&mut pending),
+                    complete_before: self.complete_before,
+                };
+                match self.tx.try_send(batch) {
                     Ok(()) => {
                         std::thread::sleep(COALESCE);
                         continue;
                     }
                     Err(mpsc::error::TrySendError::Full(batch)) => {
                         // Consumer behind: hold this batch, stop reading the ring.
-                        pending = batch;
+                        pending = batch.events;
                         std::thread::sleep(Duration::from_millis(1));
                         continue;
                     }
@@ -1016,8 +1040,10 @@ impl Reader {
     fn read_ring(&mut self, out: &mut Vec<Captured>) {
         let mut events = Vec::new();
         while out.len() < BATCH_MAX {
+            let before = monotonic_ns();
             let Some(item) = self.ring.next() else {
                 self.lost.ring_empty();
+                self.complete_before = before.saturating_sub(COMMIT_MARGIN_NS);
                 break;
             };
             self.lost.consumed(item.len());

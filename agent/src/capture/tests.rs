@@ -22,7 +22,7 @@ pub(super) fn fid(path: &Path) -> FileId {
     }
 }
 
-fn start() -> Option<(Capture, mpsc::Receiver<Vec<Captured>>)> {
+fn start() -> Option<(Capture, mpsc::Receiver<CaptureBatch>)> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("skipping: loading eBPF programs needs root");
@@ -48,7 +48,7 @@ pub(super) fn py(cwd: &Path, code: &str) {
 
 /// Collects events until `done` says so (or 5 s pass), keeping only those `keep` accepts.
 fn collect(
-    rx: &mut mpsc::Receiver<Vec<Captured>>,
+    rx: &mut mpsc::Receiver<CaptureBatch>,
     keep: impl Fn(&CaptureEvent) -> bool,
     done: impl Fn(&[CaptureEvent]) -> bool,
 ) -> Vec<CaptureEvent> {

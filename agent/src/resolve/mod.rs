@@ -54,8 +54,8 @@ pub const READ_CHUNK: usize = 1 << 20;
 
 /// The kernel side of watching: which directories' contents are captured.
 pub trait Watcher {
-    /// Files directly inside `dir`, found at `abs`, are captured from now on.
-    fn watch(&self, dir: FileId, abs: &Path);
+    /// Files directly inside `dir` are captured from now on.
+    fn watch(&self, dir: FileId);
     /// `dir` is above a set root: relative path events starting there pass the filter.
     fn watch_ancestor(&self, dir: FileId);
     fn unwatch(&self, dir: FileId);
@@ -125,8 +125,10 @@ pub struct Resolver<W: Watcher> {
     /// linked (see `entries::link_pending`), since when.
     link_waits: HashMap<FileId, u64>,
     /// Files whose size was set, looked at again once the change is surely over (xfs
-    /// reports a growth before it sets the size): when, and the size sent.
+    /// reports a growth before it sets the size): when, and the size sent; and the same
+    /// in the order they fall due, so that looking costs what is due, not what waits.
     resize_again: HashMap<FileId, (u64, u64)>,
+    resize_due: std::collections::VecDeque<(u64, FileId)>,
 }
 
 fn unix_seconds() -> u64 {
@@ -230,11 +232,18 @@ impl<W: Watcher> Resolver<W> {
             read_back: vec![false; n_sets],
             link_waits: HashMap::new(),
             resize_again: HashMap::new(),
+            resize_due: std::collections::VecDeque::new(),
         })
     }
 
     pub fn sets(&self) -> &[Set] {
         &self.sets
+    }
+
+    /// Every event captured before `time` has been handed to [`Resolver::resolve`]:
+    /// what was read before then can no longer be overtaken by an older event.
+    pub fn events_complete_before(&mut self, time: u64) {
+        self.overlaps.complete_before(time);
     }
 
     /// Whether set `set`'s namespace changes are reported by its filesystem.
@@ -833,8 +842,9 @@ impl<W: Watcher> Resolver<W> {
                         size: m.len(),
                     },
                 });
-                self.resize_again
-                    .insert(file, (monotonic_ns() + UNSEEN_PATIENCE_NS, m.len()));
+                let due = monotonic_ns() + UNSEEN_PATIENCE_NS;
+                self.resize_again.insert(file, (due, m.len()));
+                self.resize_due.push_back((due, file));
             }
             // Not where the index says (moved on since): read whole once it is known
             // where it went, which sets the size too.
@@ -877,16 +887,18 @@ impl<W: Watcher> Resolver<W> {
     /// Sizes set a while ago looked at again: a size that differs from the one sent is
     /// sent (the report came before the change, or the change was undone).
     fn resize_again_due(&mut self, now: u64, out: &mut Vec<SetOp>) {
-        if self.resize_again.is_empty() {
-            return;
-        }
-        let due: Vec<(FileId, u64)> = self
-            .resize_again
-            .iter()
-            .filter(|(_, &(at, _))| at <= now)
-            .map(|(&f, &(_, size))| (f, size))
-            .collect();
-        for (file, sent) in due {
+        while let Some(&(due, file)) = self.resize_due.front() {
+            if due > now {
+                break;
+            }
+            self.resize_due.pop_front();
+            // Resized again since: its later entry in the queue looks at it.
+            let Some(&(latest, sent)) = self.resize_again.get(&file) else {
+                continue;
+            };
+            if latest > now {
+                continue;
+            }
             self.resize_again.remove(&file);
             let Some(loc) = self.index.location(file) else {
                 continue;

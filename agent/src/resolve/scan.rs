@@ -68,7 +68,7 @@ impl<W: Watcher> Resolver<W> {
     pub(super) fn scan_root(&mut self, set: usize, out: &mut Vec<SetOp>) {
         let (root, path) = self.index.root(set);
         let path = path.to_path_buf();
-        self.watcher.watch(root, &path);
+        self.watcher.watch(root);
         self.scan_dir(set, root, &path, Path::new(""), out);
     }
 
@@ -164,7 +164,7 @@ impl<W: Watcher> Resolver<W> {
             if !rules.dir(rel) {
                 return false;
             }
-            self.watcher.watch(id, abs);
+            self.watcher.watch(id);
             // Stamped after the watch and before the read: events older than this are
             // reflected in what the scan reads; newer ones are captured.
             self.index

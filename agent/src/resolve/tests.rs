@@ -18,7 +18,7 @@ struct FakeWatch(
     RefCell<HashSet<FileId>>,
 );
 impl Watcher for &FakeWatch {
-    fn watch(&self, d: FileId, _: &Path) {
+    fn watch(&self, d: FileId) {
         self.0.borrow_mut().insert(d);
         if let Some(hook) = self.1.borrow_mut().as_mut() {
             hook(d);

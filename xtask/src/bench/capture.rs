@@ -21,10 +21,9 @@
 //!   the floor) for writes into a directory they mark, its records read and dropped.
 //!   With every set on ext4 the agent attaches no syscall hook either: its figures and
 //!   these differ by the agent's own work and by noise.
-//! - `fanotify_mark_write_ns`: the unwatched write loop with only the fanotify group and
-//!   its mark on one directory (`bench-floor --namespace-only`), as the agent marks the
-//!   sets' directories, against no agent: what the namespace half of the capture costs
-//!   a write elsewhere on a set's filesystem.
+//! - `fanotify_mark_write_ns`: the unwatched write loop with only the fanotify group's
+//!   filesystem mark (`bench-floor --namespace-only`) against no agent: what the
+//!   namespace half of the capture costs every write to a set's filesystem.
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::AsRawFd;
