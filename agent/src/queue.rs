@@ -56,6 +56,12 @@ pub struct SetQueue {
     next_seq: u64,
     /// Records after the journal's: seqs `mem[0].seq ..= next_seq - 1`, contiguous.
     mem: VecDeque<Record>,
+    /// Per record of `mem`: the [`record_size`] of every record pushed to `mem` before
+    /// it (a running total), so that the bytes a target lags behind take a binary
+    /// search, not a walk of the queue, whatever its length.
+    mem_before: VecDeque<u64>,
+    /// The running total after the last record pushed.
+    mem_total: u64,
     mem_bytes: usize,
     mem_limit: usize,
     journal: Option<Journal>,
@@ -158,6 +164,8 @@ impl SetQueue {
             mode,
             next_seq,
             mem: VecDeque::new(),
+            mem_before: VecDeque::new(),
+            mem_total: 0,
             mem_bytes: 0,
             mem_limit,
             spilled: false,
@@ -199,6 +207,7 @@ impl SetQueue {
         self.epoch = epoch;
         self.next_seq = 1;
         self.mem.clear();
+        self.mem_before.clear();
         self.mem_bytes = 0;
         self.spilled = false;
         self.overflowed = false;
@@ -252,6 +261,8 @@ impl SetQueue {
             }
         } else {
             self.mem_bytes += held_bytes(&r);
+            self.mem_before.push_back(self.mem_total);
+            self.mem_total += record_size(&r) as u64;
             self.mem.push_back(r);
         }
         self.pushed_bytes += data_len;
@@ -287,6 +298,7 @@ impl SetQueue {
                 self.mem.push_front(r);
                 return;
             }
+            self.mem_before.pop_front();
             self.mem_bytes -= held_bytes(&r);
         }
         self.mem.shrink_to_fit();
@@ -468,6 +480,7 @@ impl SetQueue {
         self.times.trim(low);
         while self.mem.front().is_some_and(|r| r.seq <= low) {
             let r = self.mem.pop_front().expect("front exists");
+            self.mem_before.pop_front();
             self.mem_bytes -= held_bytes(&r);
         }
         // A burst grew the deque; give most of it back once the targets caught up.
@@ -568,13 +581,12 @@ impl SetQueue {
     pub fn lag(&self, target: usize) -> (u64, usize) {
         let acked = self.acked[target];
         let recs = self.last_seq() - acked;
+        // Records are in seq order: the first one `target` has not acknowledged.
+        let first = self.mem.partition_point(|r| r.seq <= acked);
         let bytes = self
-            .mem
-            .iter()
-            .rev()
-            .take_while(|r| r.seq > acked)
-            .map(record_size)
-            .sum::<usize>();
+            .mem_before
+            .get(first)
+            .map_or(0, |&before| (self.mem_total - before) as usize);
         let journal = if acked < self.first_held() || self.to_journal() {
             self.journal_bytes() as usize
         } else {
@@ -620,6 +632,36 @@ mod tests {
 
     fn seqs(v: &[Record]) -> Vec<u64> {
         v.iter().map(|r| r.seq).collect()
+    }
+
+    #[test]
+    fn lag_bytes_are_counted_without_walking_the_queue() {
+        let mut q = SetQueue::new(1, 2);
+        let sizes: Vec<usize> = (0..1000u64).map(|i| (i as usize * 37) % 500).collect();
+        for (i, &n) in sizes.iter().enumerate() {
+            q.push(Op::Write {
+                path: RelPath(format!("f{i}").into_bytes()),
+                offset: 0,
+                data: vec![1; n].into(),
+            });
+        }
+        let walked = |q: &SetQueue, acked: u64| -> usize {
+            q.mem
+                .iter()
+                .filter(|r| r.seq > acked)
+                .map(record_size)
+                .sum()
+        };
+        for acked in [0u64, 1, 2, 499, 998, 999, 1000] {
+            q.ack(0, acked);
+            assert_eq!(q.lag(0).1, walked(&q, acked), "acked {acked}");
+            assert_eq!(q.lag(1).1, walked(&q, 0), "target 1 acked nothing");
+        }
+        // Both acked: the front goes, the running totals with it.
+        q.ack(1, 600);
+        assert_eq!(q.mem.len(), 400);
+        assert_eq!(q.lag(1).1, walked(&q, 600));
+        assert_eq!(q.lag(0).1, 0);
     }
 
     #[test]

@@ -97,14 +97,14 @@ fn copy_tree(from: &Path, to: &Path) -> Result<()> {
 }
 
 /// An rsync daemon on loopback serving module `m` at a directory.
-struct RsyncDaemon {
+pub(super) struct RsyncDaemon {
     child: Child,
     port: u16,
     _conf: tempfile::TempDir,
 }
 
 impl RsyncDaemon {
-    fn start(path: &Path) -> Result<Self> {
+    pub(super) fn start(path: &Path) -> Result<Self> {
         let conf = tempfile::tempdir()?;
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
@@ -140,7 +140,7 @@ impl RsyncDaemon {
     }
 
     /// `rsync -a --stats ARGS src/ rsync://.../m/`: seconds, and bytes sent plus received.
-    fn push(&self, src: &Path, args: &[&str]) -> Result<(f64, u64)> {
+    pub(super) fn push(&self, src: &Path, args: &[&str]) -> Result<(f64, u64)> {
         settle();
         let t = Instant::now();
         let out = Command::new("rsync")
@@ -262,7 +262,7 @@ fn doppel_mirror(source: &Path, replica: Option<&Path>, set_extra: &str) -> Resu
 }
 
 /// The pause before each timed run (see `doppel_mirror`).
-fn settle() {
+pub(super) fn settle() {
     std::thread::sleep(std::time::Duration::from_millis(500));
 }
 

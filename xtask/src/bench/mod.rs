@@ -33,6 +33,8 @@
 //! - `mirror`, `resync`: the mirror against rsync (see `mirror.rs`).
 //! - `failover`: failover RTO and RPO, manual and automatic, against keepalived (see
 //!   `failover.rs`).
+//! - `scale`: a server-sized tree (a million files by default) mirrored against rsync,
+//!   and the agent's memory (see `scale.rs`).
 //!
 //! On virtual machines that report freed memory to the hypervisor, that reporting is
 //! off while benchmarks run (`host.rs`): it made runs that write much page cache vary by
@@ -54,6 +56,7 @@ mod capture;
 mod failover;
 mod host;
 mod mirror;
+mod scale;
 
 type Figures = BTreeMap<String, f64>;
 
@@ -68,6 +71,7 @@ const ALL: &[&str] = &[
     "mirror",
     "resync",
     "failover",
+    "scale",
 ];
 
 pub fn run(names: &[String], json: &Path) -> Result<()> {
@@ -97,6 +101,7 @@ pub fn run(names: &[String], json: &Path) -> Result<()> {
             "mirror" => mirror::mirror(&mut figures)?,
             "resync" => mirror::resync(&mut figures)?,
             "failover" => failover::failover(&mut figures)?,
+            "scale" => scale::scale(&mut figures)?,
             other => bail!("unknown benchmark {other:?}; known: {}", ALL.join(", ")),
         }
     }
@@ -132,6 +137,8 @@ fn goal(name: &str) -> &'static str {
         "failover_rto_ms_p50" => "<= 1000",
         "auto_failover_rto_ms_p50" => "<= 2000",
         "auto_failover_rto_ratio_vs_keepalived" => "<= 1.0",
+        "scale_mirror_time_ratio_vs_rsync" => "<= 1.0",
+        "scale_agent_rss_mib" => "<= 300",
         _ => "",
     }
 }
