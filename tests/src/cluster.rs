@@ -239,6 +239,12 @@ targets = ["t"]
 
     /// Starts the agent and waits until its initial scan is done and capture is live.
     pub fn start_agent(&mut self) -> Result<()> {
+        self.start_agent_within(Duration::from_secs(30))
+    }
+
+    /// Starts the agent and waits until its initial scan is done ("replicating live"),
+    /// at most `within` (a large tree's scan takes longer than the usual 30 s).
+    pub fn start_agent_within(&mut self, within: Duration) -> Result<()> {
         let log = self.dir.path().join("agent.log");
         let before = fs::read_to_string(&log).map(|s| s.len()).unwrap_or(0);
         let c = self.spawn("doppel-agent", "agent.toml", "agent.log")?;
@@ -259,8 +265,8 @@ targets = ["t"]
             {
                 bail!("doppel-agent exited with {st}; its log:\n{text}");
             }
-            if start.elapsed() > Duration::from_secs(30) {
-                bail!("doppel-agent did not start capturing within 30 s; its log:\n{text}");
+            if start.elapsed() > within {
+                bail!("doppel-agent did not start capturing within {within:?}; its log:\n{text}");
             }
             std::thread::sleep(Duration::from_millis(20));
         }
