@@ -758,14 +758,9 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
             } => {
-                let Some(loc) = self.current(file, Some(parent), time, out) else {
-                    self.unresolved += 1;
+                let Some(loc) = self.changed_file(file, parent, time, out) else {
                     return;
                 };
-                if !self.sets[loc.set].rules.file(&loc.rel) {
-                    return;
-                }
-                self.touch(Some(file), false);
                 match plan_fallocate(&loc.rel, mode, offset, len) {
                     FallocPlan::Apply(op) => out.push(SetOp { set: loc.set, op }),
                     FallocPlan::Nothing => {}
@@ -781,12 +776,7 @@ impl<W: Watcher> Resolver<W> {
                 offset,
                 len,
             } => {
-                let Some(loc) = self.current(file, Some(parent), time, out) else {
-                    self.unresolved += 1;
-                    return;
-                };
-                if self.sets[loc.set].rules.file(&loc.rel) {
-                    self.touch(Some(file), false);
+                if let Some(loc) = self.changed_file(file, parent, time, out) {
                     self.read_now_and_later(file, &loc, offset, len, out);
                 }
             }
@@ -861,6 +851,26 @@ impl<W: Watcher> Resolver<W> {
 }
 
 impl<W: Watcher> Resolver<W> {
+    /// Where file `file` (reported in `parent`) is, if the sets replicate it: its
+    /// attributes are then due too. A file that cannot be placed is counted.
+    fn changed_file(
+        &mut self,
+        file: FileId,
+        parent: FileId,
+        time: u64,
+        out: &mut Vec<SetOp>,
+    ) -> Option<Location> {
+        let Some(loc) = self.current(file, Some(parent), time, out) else {
+            self.unresolved += 1;
+            return None;
+        };
+        if !self.sets[loc.set].rules.file(&loc.rel) {
+            return None;
+        }
+        self.touch(Some(file), false);
+        Some(loc)
+    }
+
     /// Reads a range of a file whose change was reported as it began: now, and once
     /// more when it is surely over (the filesystem holds the file's lock for its whole
     /// work, which the read waits for only if it comes late enough).

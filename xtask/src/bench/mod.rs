@@ -517,7 +517,11 @@ fn rss_storm() -> Result<f64> {
     drop(f);
     doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(120))
         .map_err(|d| diverged(&c, &d))?;
-    let pid = c.agent_pid().context("agent not running")?;
+    peak_rss_mib(c.agent_pid().context("agent not running")?)
+}
+
+/// Peak RSS (VmHWM) of process `pid`, MiB.
+fn peak_rss_mib(pid: u32) -> Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let kib: f64 = status
         .lines()

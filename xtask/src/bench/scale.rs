@@ -17,7 +17,7 @@ use doppel_tests::cluster::Cluster;
 use rand::{Rng, SeedableRng};
 
 use super::mirror::{settle, RsyncDaemon};
-use super::Figures;
+use super::{peak_rss_mib, Figures};
 
 /// Files per directory of the generated tree.
 const PER_DIR: usize = 100;
@@ -52,17 +52,6 @@ fn build_tree(root: &Path, files: usize) -> Result<u64> {
         bytes += len as u64 + 8;
     }
     Ok(bytes)
-}
-
-/// Peak RSS (VmHWM) of process `pid`, MiB.
-fn peak_rss_mib(pid: u32) -> Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM in /proc/PID/status")?;
-    Ok(kib / 1024.0)
 }
 
 pub fn scale(figures: &mut Figures) -> Result<()> {
