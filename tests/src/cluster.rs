@@ -197,6 +197,18 @@ targets = ["t"]
             }
             None => Command::new(bin_dir().join(bin)),
         };
+        // The daemons die with the thread that started them: a test killed outright
+        // (its Drop never runs) must not leave an agent holding its capture, a fanotify
+        // mark on a whole filesystem and a port.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
         cmd.args(["run", "--config"])
             .arg(self.dir.path().join(config))
             .env(
