@@ -117,9 +117,10 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?);
     doppel_transport::warm_up();
+    let marked = marked_filesystems(&config);
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
-        mark_filesystems: marked_filesystems(&config),
+        mark_filesystems: marked.clone(),
         set_roots: config.sets.iter().map(|s| s.root.clone()).collect(),
         syscall_capture: SyscallCapture::WhereNeeded,
         ..CaptureOptions::default()
@@ -133,9 +134,10 @@ pub async fn run(config: Config) -> Result<()> {
             .as_ref()
             .is_ok_and(|&d| capture.namespace_in_filesystem(d));
         fs_namespace.push(names);
-        let kind = marked_fs(&set.root)
+        let kind = dev
+            .as_ref()
             .ok()
-            .flatten()
+            .and_then(|&d| marked.iter().find(|f| f.dev == d))
             .map_or("", |f| f.kind.name());
         if data && names {
             info!(set = %set.name, "captured inside the filesystem ({kind}): every write whatever its door, namespace changes through fanotify");

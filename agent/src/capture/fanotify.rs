@@ -414,13 +414,24 @@ mod tests {
     fn parse_all(buf: &[u8]) -> Vec<CaptureEvent> {
         let mut out = Vec::new();
         let inode = |fsid: [i32; 2], ty: i32, h: &[u8]| {
-            (fsid == [1, 2] && ty == FILEID_INO32_GEN).then(|| FileId {
-                dev: 9,
-                ino: u32::from_ne_bytes(h[..4].try_into().unwrap()) as u64,
-            })
+            (fsid == [1, 2] && ty == FILEID_INO32_GEN)
+                .then(|| dir(u32::from_ne_bytes(h[..4].try_into().unwrap()) as u64))
         };
         parse(buf, &inode, &mut |e| out.push(e));
         out
+    }
+
+    /// Directory `ino` of the filesystem `parse_all` decodes handles on.
+    fn dir(ino: u64) -> FileId {
+        FileId { dev: 9, ino }
+    }
+
+    fn entry(ino: u64, name: &[u8], change: EntryChange) -> CaptureEvent {
+        CaptureEvent::Entry {
+            dir: dir(ino),
+            name: name.to_vec(),
+            change,
+        }
     }
 
     #[test]
@@ -442,12 +453,6 @@ mod tests {
             &[info(INFO_DFID_NAME, 8, b".")],
         ));
         buf.extend(event(libc::FAN_Q_OVERFLOW, &[]));
-        let dir = |ino| FileId { dev: 9, ino };
-        let entry = |ino, name: &[u8], change| CaptureEvent::Entry {
-            dir: dir(ino),
-            name: name.to_vec(),
-            change,
-        };
         assert_eq!(
             parse_all(&buf),
             vec![
@@ -478,12 +483,6 @@ mod tests {
             libc::FAN_RENAME,
             &[info(INFO_OLD_DFID_NAME, 5, b"f")],
         ));
-        let dir = |ino| FileId { dev: 9, ino };
-        let entry = |ino, name: &[u8], change| CaptureEvent::Entry {
-            dir: dir(ino),
-            name: name.to_vec(),
-            change,
-        };
         assert_eq!(
             parse_all(&buf),
             vec![

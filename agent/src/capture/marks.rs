@@ -240,11 +240,21 @@ unsafe impl Sync for InodeMarks {}
 impl InodeMarks {
     /// Describes `filesystems` to the program (`mark_fs`) and maps `marks`, which was
     /// created with [`words_for`] of the same list.
-    pub fn new(marks: Map, mark_fs: Map, exact: Map, filesystems: &[MarkedFs]) -> Result<Self> {
+    pub fn new(
+        marks: Map,
+        mark_fs: Map,
+        exact: Map,
+        filesystems: &[MarkedFs],
+        covered: &[u64],
+    ) -> Result<Self> {
         let Map::Array(marks) = marks else {
             bail!("the capture program's MARKS map is not an array (build mismatch)");
         };
-        let (slots, total) = layout(filesystems);
+        // The layout the map was sized by; only the filesystems whose programs are
+        // attached are described to them (the syscall door leaves to these programs
+        // the files of every filesystem described).
+        let (mut slots, total) = layout(filesystems);
+        slots.retain(|s| covered.contains(&s.dev));
         let mut fs_map: Array<MapData, PodMarkFs> =
             Array::try_from(mark_fs).context("MARK_FS is not an array (build mismatch)")?;
         for (i, s) in slots.iter().enumerate() {

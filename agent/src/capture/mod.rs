@@ -714,19 +714,12 @@ impl Capture {
                 .with_context(|| format!("the embedded capture program has no map {name}"))
         };
         let marks = if fs_attached {
-            // Only filesystems whose programs are attached: the syscall door leaves
-            // to these programs the files of every filesystem the bitmap describes.
-            let attached: Vec<MarkedFs> = opts
-                .mark_filesystems
-                .iter()
-                .filter(|f| marked_devs.contains(&f.dev))
-                .copied()
-                .collect();
             let m = InodeMarks::new(
                 take(abi::MAP_MARKS)?,
                 take(abi::MAP_MARK_FS)?,
                 take(abi::MAP_MARK_EXACT)?,
-                &attached,
+                &opts.mark_filesystems,
+                &marked_devs,
             )?;
             Some(Arc::new(m))
         } else {
