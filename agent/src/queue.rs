@@ -178,7 +178,9 @@ impl SetQueue {
             dropped: 0,
             times: PushTimes::default(),
             sent: vec![0; targets],
-            rates: vec![Rate::default(); targets],
+            // A young rate counts from the queue's start, not from its first send: a
+            // first batch sent at once would otherwise be a rate of its own.
+            rates: vec![Rate::since(Instant::now()); targets],
             unordered_until: vec![None; targets],
         };
         if let Some(j) = &mut q.journal {

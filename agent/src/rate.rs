@@ -14,6 +14,13 @@ pub struct Rate {
 }
 
 impl Rate {
+    /// A rate whose total was zero at `start`.
+    pub fn since(start: Instant) -> Self {
+        Rate {
+            samples: VecDeque::from([(start, 0)]),
+        }
+    }
+
     /// The total is `total` at `now`.
     pub fn note(&mut self, now: Instant, total: u64) {
         if self
@@ -77,5 +84,15 @@ mod tests {
         r.note(t0, 0);
         assert_eq!(r.per_sec(t0 + Duration::from_secs(2), 4000), 2000.0);
         assert_eq!(Rate::default().per_sec(t0, 5), 0.0);
+    }
+
+    #[test]
+    fn a_burst_soon_after_the_start_is_spread_over_the_time_since() {
+        let t0 = Instant::now();
+        let mut r = Rate::since(t0);
+        // 1 MB at 4 s, then 1 MB more at 5 s: 2 MB over the 5 s since the start.
+        r.note(t0 + Duration::from_secs(4), 1_000_000);
+        r.note(t0 + Duration::from_secs(5), 2_000_000);
+        assert_eq!(r.per_sec(t0 + Duration::from_secs(5), 2_000_000), 400_000.0);
     }
 }
