@@ -166,7 +166,7 @@ impl<W: Watcher> Resolver<W> {
             self.remove(loc.clone(), is_dir, out);
         }
         let name = loc.rel.file_name().unwrap_or_default().to_owned();
-        self.enter(loc.set, dir, &name, abs, &loc.rel, &m, out);
+        self.enter(loc.set, dir, &name, abs, &loc.rel, &m, Copy::Send, out);
     }
 
     /// A rename from `from` ended at `loc` (name of `dir`), which holds `id` now. If

@@ -184,7 +184,7 @@ impl<W: Watcher> Resolver<W> {
             if !known {
                 continue; // beneath an excluded or unreplicated directory
             }
-            if self.enter(set, parent, name, &abs, rel, &m, out) && m.is_dir() {
+            if self.enter(set, parent, name, &abs, rel, &m, Copy::Compare, out) && m.is_dir() {
                 entered.push(rel.to_path_buf());
             }
         }
@@ -412,6 +412,37 @@ pub(super) fn emit_mirror_file(
     }
     out.append(&mut ops);
     true
+}
+
+impl<W: Watcher> Resolver<W> {
+    /// A new file of `set` whose bytes go in the stream ([`Copy::Send`]): made, then
+    /// its bytes as read now (cut to the size it has then). False if `abs` is no longer
+    /// file `id`.
+    pub(super) fn send_new_file(
+        &mut self,
+        set: usize,
+        abs: &Path,
+        rel: &Path,
+        id: FileId,
+        m: &Metadata,
+        out: &mut Vec<SetOp>,
+    ) -> bool {
+        let mut ops = vec![SetOp {
+            set,
+            op: Op::CreateFile {
+                path: rel_path(rel),
+                mode: m.mode() & 0o7777,
+            },
+        }];
+        let now = monotonic_ns();
+        let Some(size) = emit_range(set, abs, rel, 0, u64::MAX, id, &mut ops) else {
+            return false;
+        };
+        out.append(&mut ops);
+        self.note_read_back(set);
+        self.overlaps.read(id, 0, size, now);
+        true
+    }
 }
 
 /// The mirror's quick check of a file (`mirror_quick_check`): a Sum without blocks

@@ -163,6 +163,23 @@ struct Deferred {
 /// taken to have been cut meanwhile (its truncate's event follows).
 const UNSEEN_PATIENCE_NS: u64 = 500_000_000;
 
+/// How the bytes of a regular file the index did not know reach the replica.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Copy {
+    /// Block checksums, for the receiver to ask for what differs: a scan's way, where
+    /// the replica may hold the file already (a restart, a resync).
+    Compare,
+    /// Read now and sent in the stream, where its event is: a name that appeared as the
+    /// source ran (made, moved in, found missing). Its bytes then precede whatever is
+    /// captured after, as a database's new log must precede the pages written after
+    /// its fsync; a comparison's answer would bring them only a round trip later.
+    /// Files larger than [`SEND_NEW_UP_TO`] are compared all the same.
+    Send,
+}
+
+/// The largest new file whose bytes are sent in the stream rather than compared.
+const SEND_NEW_UP_TO: u64 = 4 << 20;
+
 /// An entry whose attributes are due.
 #[derive(Debug, Clone, Copy, Default)]
 struct Touched {
@@ -632,7 +649,7 @@ impl<W: Watcher> Resolver<W> {
                     if let (Some(id), Ok(m)) = (file, std::fs::symlink_metadata(&abs)) {
                         if file_id(&m) == id && m.nlink() > 1 && self.index.lookup(&loc) != file {
                             self.touch(Some(parent), false);
-                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, Copy::Send, out);
                         }
                     }
                     return;
@@ -647,7 +664,7 @@ impl<W: Watcher> Resolver<W> {
                     // one file, which moves nothing; its event copies what went where.
                     match std::fs::symlink_metadata(&abs) {
                         Ok(m) if m.is_dir() => {
-                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, out);
+                            self.enter(loc.set, parent, &name, &abs, &loc.rel, &m, Copy::Send, out);
                         }
                         _ => self.made_elsewhere(parent, &abs),
                     }

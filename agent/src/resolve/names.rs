@@ -107,7 +107,7 @@ impl<W: Watcher> Resolver<W> {
             let rel = ploc.rel.join(&name);
             debug!(path = %abs.display(), "copying a file whose name the capture did not see");
             self.touch(Some(parent), false);
-            self.enter(ploc.set, parent, &name, &abs, &rel, &m, out);
+            self.enter(ploc.set, parent, &name, &abs, &rel, &m, Copy::Send, out);
             return self.index.location(file);
         }
         None
@@ -318,7 +318,7 @@ impl<W: Watcher> Resolver<W> {
         match std::fs::symlink_metadata(abs) {
             Ok(m) => {
                 let name = loc.rel.file_name().unwrap_or_default().to_owned();
-                self.enter(loc.set, parent, &name, abs, &loc.rel, &m, out);
+                self.enter(loc.set, parent, &name, abs, &loc.rel, &m, Copy::Send, out);
             }
             Err(_) => {
                 if let Some(replaced) = self.index.lookup(&loc) {

@@ -103,7 +103,16 @@ impl<W: Watcher> Resolver<W> {
             let Ok(m) = std::fs::symlink_metadata(&child_abs) else {
                 continue;
             };
-            if self.enter(set, dir, &name, &child_abs, &child_rel, &m, out) {
+            if self.enter(
+                set,
+                dir,
+                &name,
+                &child_abs,
+                &child_rel,
+                &m,
+                Copy::Compare,
+                out,
+            ) {
                 keep.push(RelPath(name.as_bytes().to_vec()));
             }
             self.flush_scan(out);
@@ -129,7 +138,8 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Something appeared at `rel` (scan, mkdir, rename into the set): watch and emit it.
-    /// Returns whether it is replicated.
+    /// `how` says how a regular file's bytes go (see [`Copy`]). Returns whether it is
+    /// replicated.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn enter(
         &mut self,
@@ -139,6 +149,7 @@ impl<W: Watcher> Resolver<W> {
         abs: &Path,
         rel: &Path,
         m: &Metadata,
+        how: Copy,
         out: &mut Vec<SetOp>,
     ) -> bool {
         let id = file_id(m);
@@ -250,7 +261,13 @@ impl<W: Watcher> Resolver<W> {
             }
             let path = rel_path(rel);
             if m.is_file() {
-                if self.sets[set].mirror_quick_check {
+                if how == Copy::Send && m.len() <= SEND_NEW_UP_TO {
+                    if !self.send_new_file(set, abs, rel, id, m, out) {
+                        self.rescan.entry(parent).or_insert_with(monotonic_ns);
+                        self.not_sent(parent, name);
+                        return false;
+                    }
+                } else if self.sets[set].mirror_quick_check {
                     emit_quick_check(set, rel, file_id(m), m, self.sets[set].mirror_block, out);
                 } else if !emit_mirror_file(set, abs, rel, m, self.sets[set].mirror_block, out) {
                     // Replaced or renamed while being copied: copy the directory's

@@ -271,6 +271,7 @@ fn a_special_file_gone_since_its_stat_is_not_entered() {
         &fifo,
         Path::new("fifo3"),
         &stale,
+        Copy::Compare,
         &mut out,
     );
     assert!(!entered);
@@ -337,6 +338,7 @@ fn a_file_renamed_while_being_entered_is_copied_where_it_went() {
         &root.join("a"),
         Path::new("a"),
         &m,
+        Copy::Send,
         &mut out,
     );
     assert!(!entered, "nothing was sent for a: {out:?}");
@@ -839,8 +841,12 @@ fn data_renames_and_moves_out() {
         }),
         &mut out,
     );
-    let sent = answer(&mut r, &out);
-    assert!(sent.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data[..] == b"x"[..])), "{out:?} {sent:?}");
+    // Moved in as the source ran: its bytes are in the stream, not behind a comparison.
+    assert!(out.iter().any(|o| matches!(&o.op, Op::Write { path, data, .. } if path.0 == b"back" && data[..] == b"x"[..])), "{out:?}");
+    assert!(
+        !out.iter().any(|o| matches!(&o.op, Op::Sum { .. })),
+        "{out:?}"
+    );
 }
 
 #[test]
@@ -1229,5 +1235,57 @@ fn a_file_renamed_over_another_and_on_before_it_is_resolved_is_not_the_other() {
     assert!(
         replica.files[replica.names[&b"t/y"[..]]] == grown,
         "t/y holds A's bytes: {ops:#?}"
+    );
+}
+
+/// A file made as the source runs (reported by the filesystem, handled after its first
+/// writes) goes with its bytes in the stream, where its event is: a database's new log
+/// then precedes the pages written after its fsync. One past SEND_NEW_UP_TO is compared.
+#[test]
+fn a_file_made_live_goes_with_its_bytes_and_a_large_one_is_compared() {
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().canonicalize().unwrap();
+    let w = FakeWatch::default();
+    let mut r = scanned(&root, &w);
+    r.set_namespace_in_filesystem(0, true);
+    let dir = id_of(&root);
+    std::fs::write(root.join("log"), b"record 1").unwrap();
+    let big = vec![7u8; SEND_NEW_UP_TO as usize + 1];
+    std::fs::write(root.join("big"), &big).unwrap();
+    let mut out = Vec::new();
+    for name in ["log", "big"] {
+        r.resolve(
+            now(CaptureEvent::Entry {
+                dir,
+                name: name.as_bytes().to_vec(),
+                change: doppel_common::event::EntryChange::Made,
+            }),
+            &mut out,
+        );
+    }
+    let of = |name: &[u8]| -> Vec<&Op> {
+        out.iter()
+            .map(|o| &o.op)
+            .filter(|op| match op {
+                Op::CreateFile { path, .. } | Op::Write { path, .. } | Op::Sum { path, .. } => {
+                    path.0 == name
+                }
+                _ => false,
+            })
+            .collect()
+    };
+    let log = of(b"log");
+    assert!(matches!(log[0], Op::CreateFile { .. }), "{log:?}");
+    assert!(
+        log.iter()
+            .any(|o| matches!(o, Op::Write { data, .. } if data[..] == b"record 1"[..])),
+        "{log:?}"
+    );
+    assert!(!log.iter().any(|o| matches!(o, Op::Sum { .. })), "{log:?}");
+    let big = of(b"big");
+    assert!(big.iter().any(|o| matches!(o, Op::Sum { .. })), "{big:?}");
+    assert!(
+        !big.iter().any(|o| matches!(o, Op::Write { .. })),
+        "{big:?}"
     );
 }
