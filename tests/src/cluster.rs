@@ -174,7 +174,7 @@ targets = ["t"]
             dir,
             receiver: None,
             agent: None,
-            agent_wrapper: opts.agent_wrapper,
+            agent_wrapper: wrapper_from_env(opts.agent_wrapper, "DOPPEL_AGENT_WRAPPER"),
             receiver_wrapper: opts.receiver_wrapper,
             _source_disk: source_disk,
         })
@@ -490,6 +490,17 @@ targets = ["t"]
             tail(self.log("receiver.log"))
         )
     }
+}
+
+/// `given`, or else the words of environment variable `var` (a profiler to run the
+/// daemon under, e.g. `DOPPEL_AGENT_WRAPPER='heaptrack -o /tmp/agent'`).
+fn wrapper_from_env(given: Vec<OsString>, var: &str) -> Vec<OsString> {
+    if !given.is_empty() {
+        return given;
+    }
+    std::env::var(var)
+        .map(|w| w.split_whitespace().map(OsString::from).collect())
+        .unwrap_or_default()
 }
 
 impl Drop for Cluster {

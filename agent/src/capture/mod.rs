@@ -103,6 +103,10 @@ const BATCH_MAX: usize = 512;
 /// wakes the reader at once (the first record after a quiet period costs one wakeup).
 const COALESCE: Duration = Duration::from_micros(200);
 
+/// How far the capture's clock moves on, with nothing captured, before the reader
+/// hands over a batch that only says so.
+const PROGRESS_NS: u64 = 200_000_000;
+
 /// How a directory is watched.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum WatchMode {
@@ -750,6 +754,7 @@ impl Capture {
             paused: paused.clone(),
             tx,
             complete_before: 0,
+            delivered_before: 0,
             gen: 0,
             lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
@@ -976,6 +981,8 @@ struct Reader {
     tx: mpsc::Sender<CaptureBatch>,
     /// Every record captured before this time has been read (see [`CaptureBatch`]).
     complete_before: u64,
+    /// The `complete_before` last handed over.
+    delivered_before: u64,
     /// Current missed-range generation (what the program tags new entries with).
     gen: u64,
     /// Losses counted by the kernel and not reported yet (see [`LostMarker`]).
@@ -1010,6 +1017,7 @@ impl Reader {
                 };
                 match self.tx.try_send(batch) {
                     Ok(()) => {
+                        self.delivered_before = self.complete_before;
                         std::thread::sleep(COALESCE);
                         continue;
                     }
@@ -1023,6 +1031,21 @@ impl Reader {
                         debug!("capture event receiver dropped; reader thread stops");
                         return;
                     }
+                }
+            }
+            if self.complete_before >= self.delivered_before + PROGRESS_NS
+                && !self.paused.load(Ordering::Relaxed)
+            {
+                // Nothing captured lately: the clock still moves on, so that what waits
+                // on it (what the mirror read, in overlap.rs) is forgotten without
+                // waiting for the next write. Through the channel, behind the batches
+                // before it, as its promise is about them.
+                let batch = CaptureBatch {
+                    events: Vec::new(),
+                    complete_before: self.complete_before,
+                };
+                if self.tx.try_send(batch).is_ok() {
+                    self.delivered_before = self.complete_before;
                 }
             }
             let timeout = next_drain.saturating_duration_since(Instant::now());

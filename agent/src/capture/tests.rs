@@ -706,3 +706,25 @@ fn a_loss_is_reported_only_after_what_the_ring_held_when_it_was_seen() {
     m.ring_empty();
     assert_eq!(m.due(), Some(7));
 }
+
+/// With nothing captured, the reader still says how far the capture is complete, in
+/// batches of their own: what waits on that clock (reads the mirror made, overlap.rs)
+/// would otherwise be kept until the next write.
+#[test]
+fn the_capture_clock_moves_on_with_nothing_captured() {
+    let Some((_cap, mut rx)) = start() else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut seen = Vec::new();
+    while seen.len() < 3 && Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(b) if b.is_empty() => seen.push(b.complete_before),
+            Ok(_) => {}
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    assert!(seen.len() >= 3, "empty batches: {seen:?}");
+    assert!(seen.windows(2).all(|w| w[1] > w[0]), "{seen:?}");
+    assert!(seen[0] > 0, "{seen:?}");
+}
