@@ -249,7 +249,10 @@ impl Shared {
                 let st = self.targets[t].lock().expect("target lock").clone();
                 let (lag_records, lag_bytes) = q.lag(slot);
                 synced &= q.acked(slot) >= q.last_seq();
-                let mirror_pending = self.tracker().pending_for(s, slot) as u64;
+                // Answers received and not yet acted on count too: until their data
+                // is queued, the replica still differs.
+                let mirror_pending = self.tracker().pending_for(s, slot) as u64
+                    + self.mirror_inflight[s].load(Ordering::SeqCst);
                 let lag_seconds = q.lag_age(slot, now).as_secs_f64();
                 let (state, reason) = judge(&Facts {
                     connected: st.connected,
@@ -297,7 +300,12 @@ impl Shared {
             let files = (t.queued_files, t.compared_files);
             (t.pending() as u64, t.queued_bytes, t.compared_bytes, files)
         };
-        let pending = pending + self.mirror_inflight.load(Ordering::SeqCst);
+        let inflight: u64 = self
+            .mirror_inflight
+            .iter()
+            .map(|n| n.load(Ordering::SeqCst))
+            .sum();
+        let pending = pending + inflight;
         let verifies = self
             .jobs()
             .values()

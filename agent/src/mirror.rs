@@ -115,6 +115,14 @@ pub enum Work {
 }
 
 impl Work {
+    /// The set the work is about.
+    pub fn set(&self) -> usize {
+        match self {
+            Work::Need(a) => a.set,
+            Work::Resum { set, .. } | Work::CompareRest { set, .. } => *set,
+        }
+    }
+
     /// Bytes of file ranges this work may queue (0 for a re-comparison, whose data
     /// comes back as answers).
     pub fn bytes(&self) -> u64 {

@@ -201,7 +201,7 @@ pub async fn run(config: Config) -> Result<()> {
         rescans_deferred: Default::default(),
         mirror: Mutex::new(Tracker::new(slots.clone())),
         mirror_work,
-        mirror_inflight: Default::default(),
+        mirror_inflight: config.sets.iter().map(|_| Default::default()).collect(),
         jobs: Default::default(),
         set_targets: config.sets.iter().map(|s| s.targets.clone()).collect(),
         target_names: config.targets.iter().map(|t| t.name.clone()).collect(),
@@ -305,13 +305,15 @@ pub async fn run(config: Config) -> Result<()> {
             // The mirror's data, a piece at a time, as far as the queues have room.
             _ = std::future::ready(()), if mirror_room > 0 && !backlog.is_empty() => {
                 let mut left = mirror_room as u64;
-                let mut answered = 0;
+                let mut answered = Vec::new();
                 while left > 0 {
                     let Some((work, last)) = backlog.pop_front() else { break };
                     left = left.saturating_sub(work.bytes());
                     let compares = matches!(work, Work::CompareRest { .. } | Work::Resum { .. });
+                    if last {
+                        answered.push(work.set());
+                    }
                     handle_mirror_work(&mut resolver, work, &mut ops);
-                    answered += last as u64;
                     // A file's comparisons go out before the next file is read, so
                     // that the target compares while this side reads.
                     if compares {
@@ -320,7 +322,9 @@ pub async fn run(config: Config) -> Result<()> {
                 }
                 resolver.finish(&mut ops);
                 push(&shared, &mut resolver, &mut ops, &mut room).await;
-                shared.mirror_inflight.fetch_sub(answered, Ordering::SeqCst);
+                for set in answered {
+                    shared.mirror_inflight[set].fetch_sub(1, Ordering::SeqCst);
+                }
             }
             _ = mapped_pass.tick(), if resolver.has_mapped() => {
                 resolver.mapped_pass(&mut ops);

@@ -52,7 +52,7 @@ pub struct Shared {
     /// Answers and re-comparisons for the pipeline, which owns the files' paths.
     pub mirror_work: mpsc::UnboundedSender<Work>,
     /// Answers handed to the pipeline whose ops are not queued yet.
-    pub mirror_inflight: std::sync::atomic::AtomicU64,
+    pub mirror_inflight: Vec<std::sync::atomic::AtomicU64>,
     /// Verify jobs running, by id (lock after a queue, never before).
     pub jobs: Mutex<HashMap<u64, Job>>,
     /// Per set, the target (index) of each of its queue's slots.
@@ -417,8 +417,7 @@ async fn stream_sets(
                                 continue;
                             }
                         }
-                        shared
-                            .mirror_inflight
+                        shared.mirror_inflight[r.set]
                             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         if shared.mirror_work.send(Work::Need(a)).is_err() {
                             return Ok(()); // the pipeline is gone: shutting down

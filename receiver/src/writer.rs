@@ -51,65 +51,61 @@ pub struct Writer {
     pub conn: quinn::Connection,
 }
 
+/// What the next commit covers: the last record applied per set, the files to sync,
+/// and a close asked for after them.
+#[derive(Default)]
+struct Group {
+    marks: BTreeMap<String, SetState>,
+    dirty: Dirty,
+    close: Option<(VarInt, String, bool)>,
+}
+
 impl Writer {
     pub async fn run(mut self, mut rx: mpsc::Receiver<ToWriter>) -> anyhow::Result<()> {
-        while let Some(first) = rx.recv().await {
-            let mut marks = BTreeMap::new();
-            let mut dirty = Dirty::default();
-            let mut close = None;
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    ToWriter::Applied {
-                        set,
-                        epoch,
-                        seq,
-                        dirty: d,
-                        needs,
-                    } => {
-                        for n in needs {
-                            let frame = Frame::Need {
-                                set: set.clone(),
-                                job: n.job,
-                                file: n.file,
-                                path: n.path,
-                                ranges: n.ranges,
-                                fine_block: doppel_common::wire::sums::FINE_BLOCK,
-                                fine: n.fine,
-                                missing: n.missing,
-                                attr: n.attr,
-                                listing: n.listing,
-                                extra: n.extra,
-                            };
-                            if self.tx.send(&frame).await.is_err() {
-                                // The connection is gone; the agent asks again after
-                                // the next Welcome (see the agent's mirror.rs).
-                                break;
+        let mut group = Group::default();
+        let mut reading = true;
+        loop {
+            if group.marks.is_empty() && group.close.is_none() {
+                match rx.recv().await {
+                    Some(msg) => self.take(msg, &mut group).await,
+                    None => break,
+                }
+            }
+            while group.close.is_none() {
+                match rx.try_recv() {
+                    Ok(msg) => self.take(msg, &mut group).await,
+                    Err(_) => break,
+                }
+            }
+            let Group {
+                marks,
+                dirty,
+                close,
+            } = std::mem::take(&mut group);
+            if !marks.is_empty() {
+                let commit = commit(
+                    self.store.clone(),
+                    self.fsync,
+                    self.source.clone(),
+                    marks.clone(),
+                    dirty,
+                );
+                tokio::pin!(commit);
+                // While it syncs, the batches applied meanwhile join the next group and
+                // their answers go out at once: the agent reads and sends what differs
+                // while this side waits for the disk, instead of after.
+                let result = loop {
+                    tokio::select! {
+                        r = &mut commit => break r,
+                        msg = rx.recv(), if reading && close.is_none() && group.close.is_none() => {
+                            match msg {
+                                Some(msg) => self.take(msg, &mut group).await,
+                                None => reading = false,
                             }
                         }
-                        marks.insert(
-                            set,
-                            SetState {
-                                epoch,
-                                seq,
-                                stale: false,
-                            },
-                        );
-                        dirty.merge(d);
                     }
-                    ToWriter::Close {
-                        code,
-                        reason,
-                        linger,
-                    } => {
-                        close = Some((code, reason, linger));
-                        break;
-                    }
-                }
-                next = rx.try_recv().ok();
-            }
-            if !marks.is_empty() {
-                if let Err(e) = self.commit(&marks, dirty).await {
+                };
+                if let Err(e) = result {
                     let reason = format!(
                         "{e:#}; the receiver will take the records again after a reconnect"
                     );
@@ -134,6 +130,9 @@ impl Writer {
                 self.close(code, reason, linger).await;
                 return Ok(());
             }
+            if !reading && group.marks.is_empty() && group.close.is_none() {
+                break;
+            }
         }
         // The reader finished: the agent ended its stream (or the connection is gone).
         let _ = self.tx.finish();
@@ -141,25 +140,53 @@ impl Writer {
         Ok(())
     }
 
-    async fn commit(&self, marks: &BTreeMap<String, SetState>, dirty: Dirty) -> anyhow::Result<()> {
-        let store = self.store.clone();
-        let fsync = self.fsync;
-        let source = self.source.clone();
-        let marks = marks.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut dirty = dirty;
-            if fsync {
-                dirty
-                    .sync()
-                    .context("cannot sync replicated files to disk (fdatasync/fsync)")?;
+    /// Adds `msg` to `group`; the answers it carries go out now, before the Ack that
+    /// covers their records.
+    async fn take(&mut self, msg: ToWriter, group: &mut Group) {
+        match msg {
+            ToWriter::Applied {
+                set,
+                epoch,
+                seq,
+                dirty,
+                needs,
+            } => {
+                for n in needs {
+                    let frame = Frame::Need {
+                        set: set.clone(),
+                        job: n.job,
+                        file: n.file,
+                        path: n.path,
+                        ranges: n.ranges,
+                        fine_block: doppel_common::wire::sums::FINE_BLOCK,
+                        fine: n.fine,
+                        missing: n.missing,
+                        attr: n.attr,
+                        listing: n.listing,
+                        extra: n.extra,
+                    };
+                    if self.tx.send(&frame).await.is_err() {
+                        // The connection is gone; the agent asks again after the next
+                        // Welcome (see the agent's mirror.rs).
+                        break;
+                    }
+                }
+                group.marks.insert(
+                    set,
+                    SetState {
+                        epoch,
+                        seq,
+                        stale: false,
+                    },
+                );
+                group.dirty.merge(dirty);
             }
-            for (set, st) in &marks {
-                store.store(&source, set, *st)?;
-            }
-            anyhow::Ok(())
-        })
-        .await
-        .context("commit task failed")?
+            ToWriter::Close {
+                code,
+                reason,
+                linger,
+            } => group.close = Some((code, reason, linger)),
+        }
     }
 
     async fn close(&mut self, code: VarInt, reason: String, linger: bool) {
@@ -177,4 +204,28 @@ impl Writer {
         let _ = tokio::time::timeout(FLUSH_TIMEOUT, self.tx.flushed()).await;
         self.conn.close(code, reason.as_bytes());
     }
+}
+
+/// Syncs `dirty` (when `fsync`) and persists `marks`, off the runtime's threads.
+async fn commit(
+    store: Arc<StateStore>,
+    fsync: bool,
+    source: String,
+    marks: BTreeMap<String, SetState>,
+    dirty: Dirty,
+) -> anyhow::Result<()> {
+    tokio::task::spawn_blocking(move || {
+        let mut dirty = dirty;
+        if fsync {
+            dirty
+                .sync()
+                .context("cannot sync replicated files to disk (fdatasync/fsync)")?;
+        }
+        for (set, st) in &marks {
+            store.store(&source, set, *st)?;
+        }
+        anyhow::Ok(())
+    })
+    .await
+    .context("commit task failed")?
 }

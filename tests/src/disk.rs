@@ -69,9 +69,12 @@ impl LoopDisk {
         std::fs::create_dir(&mnt)?;
         std::fs::File::create(&img)?.set_len(mib << 20)?;
         match fs {
-            // -m 0: no blocks reserved for root (the receiver runs as root).
+            // -m 0: no blocks reserved for root (the receiver runs as root). Inode
+            // tables and journal written now, not by a kernel thread in the background
+            // of what the test or bench measures.
             Fs::Ext4 => run(Command::new("mkfs.ext4")
                 .args(["-q", "-F", "-m", "0"])
+                .args(["-E", "lazy_itable_init=0,lazy_journal_init=0"])
                 .arg(&img))?,
             Fs::Xfs | Fs::XfsLarge => run(Command::new("mkfs.xfs").args(["-q", "-f"]).arg(&img))
                 .context("install xfsprogs (cargo xtask setup does)")?,
@@ -101,6 +104,17 @@ impl LoopDisk {
 impl Drop for LoopDisk {
     fn drop(&mut self) {
         if !self.mounted {
+            return;
+        }
+        if std::env::var_os("DOPPEL_KEEP").is_some() {
+            // What a kept cluster directory on it holds stays readable.
+            let dir = std::mem::replace(&mut self.dir, tempfile::tempdir().expect("tempdir"));
+            eprintln!(
+                "keeping {} mounted (umount it, then remove {})",
+                self.mnt.display(),
+                dir.path().display()
+            );
+            std::mem::forget(dir);
             return;
         }
         for _ in 0..20 {

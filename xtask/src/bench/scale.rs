@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use doppel_tests::cluster::Cluster;
+use doppel_tests::disk::LoopDisk;
 use rand::{Rng, SeedableRng};
 
 use super::mirror::{settle, RsyncDaemon};
@@ -56,7 +57,20 @@ fn build_tree(root: &Path, files: usize) -> Result<u64> {
 
 pub fn scale(figures: &mut Figures) -> Result<()> {
     let files = files_wanted()?;
-    let mut c = Cluster::new("scale")?;
+    // Tree, replica and rsync's copy on a new ext4 of their own: on a filesystem that
+    // saw mass deletions, ext4 looks at every recently freed inode before it takes one
+    // (`recently_deleted`), which made creating files 3 to 10 times slower for whoever
+    // ran then, doppel or rsync; a bench run also leaves nothing of the kind behind.
+    // 64 KiB per file: room for the three copies, and an inode for each.
+    let disk = LoopDisk::new((files as u64 * 64 / 1024).max(2048))?;
+    let tmp = std::env::var_os("TMPDIR");
+    std::env::set_var("TMPDIR", &disk.mnt);
+    let made = Cluster::new("scale");
+    match tmp {
+        Some(t) => std::env::set_var("TMPDIR", t),
+        None => std::env::remove_var("TMPDIR"),
+    }
+    let mut c = made?;
     let t = Instant::now();
     let bytes = build_tree(&c.source, files)?;
     let build = t.elapsed().as_secs_f64();
@@ -65,9 +79,7 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
         bytes >> 20
     );
 
-    // doppel first, rsync after: neither then creates its files right after a mass
-    // removal (ext4 skips inodes freed in the last 30 s when it allocates, which made
-    // whichever ran second after the other's tree was removed several times slower).
+    // doppel first, rsync after, neither after a removal (see above).
     c.start_receiver()?;
     settle();
     let t = Instant::now();
