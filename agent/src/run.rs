@@ -270,8 +270,33 @@ pub async fn run(config: Config) -> Result<()> {
     {
         // Scans hand their ops to the queues as they go (room is not waited for: the
         // ops of a scan are mostly small comparisons, and hybrid queues spill).
-        let shared = shared.clone();
-        resolver.set_scan_sink(Box::new(move |ops| queue_ops(&shared, ops)));
+        let sink = shared.clone();
+        resolver.set_scan_sink(Box::new(move |ops| queue_ops(&sink, ops)));
+        // The bytes a first mirror sends at once go only where there is room (briefly
+        // waited for): a target that does not keep up gets comparisons instead.
+        let room = shared.clone();
+        resolver.set_scan_room(Box::new(move |set, bytes| {
+            let deadline = std::time::Instant::now() + SEND_ROOM_WAIT;
+            loop {
+                if room.queue(set).mirror_room() as u64 >= bytes {
+                    return true;
+                }
+                if std::time::Instant::now() >= deadline {
+                    return false;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }));
+    }
+    for (set, yes) in replicas_found_empty(&shared, FIRST_WELCOME_WAIT)
+        .await
+        .into_iter()
+        .enumerate()
+    {
+        if yes {
+            info!(set = %config.sets[set].name, "the replica holds nothing yet: small files go with their bytes, not compared");
+        }
+        resolver.set_first_copy_sends(set, yes);
     }
     let mut ops = Vec::new();
     resolver.scan_all(&mut ops);
@@ -543,6 +568,45 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
 
 /// Bytes of file ranges the mirror queues at a time (see `mirror::split`).
 const MIRROR_PIECE: u64 = 256 << 10;
+
+/// How long the start waits for every target's first Welcome, which says whether its
+/// replicas hold anything (a target away then gets the comparisons of a restart).
+const FIRST_WELCOME_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a first mirror's scan waits for queue room for a file's bytes before it
+/// compares the file instead.
+const SEND_ROOM_WAIT: Duration = Duration::from_millis(50);
+
+/// Per set: every target of it said at its first Welcome that its replica holds
+/// nothing. Waits up to `within` for those Welcomes.
+async fn replicas_found_empty(shared: &Shared, within: Duration) -> Vec<bool> {
+    let said = |t: usize| -> Option<Vec<usize>> {
+        shared.targets[t]
+            .lock()
+            .expect("target lock")
+            .empty_at_first
+            .clone()
+    };
+    let mut changed = shared.acked.subscribe();
+    let deadline = tokio::time::Instant::now() + within;
+    while !(0..shared.targets.len()).all(|t| said(t).is_some()) {
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+    shared
+        .set_targets
+        .iter()
+        .enumerate()
+        .map(|(s, targets)| {
+            !targets.is_empty()
+                && targets
+                    .iter()
+                    .all(|&t| said(t).is_some_and(|e| e.contains(&s)))
+        })
+        .collect()
+}
 
 /// A target's answer to a comparison (of the mirror, or of a verify that repairs), or
 /// files to compare again.

@@ -87,6 +87,9 @@ pub struct TargetState {
     /// The receiver ended the last session because it took over this source (failed
     /// over); cleared by the next session.
     pub failed_over: bool,
+    /// The sets (indexes) whose replica this target said at its first Welcome holds
+    /// nothing; `None` until then.
+    pub empty_at_first: Option<Vec<usize>>,
 }
 
 impl TargetState {
@@ -308,7 +311,20 @@ async fn stream_sets(
             version,
             applied,
             resync,
+            empty,
         }) if version == PROTOCOL_VERSION => {
+            {
+                let mut st = shared.targets[index].lock().expect("target lock");
+                if st.empty_at_first.is_none() {
+                    st.empty_at_first = Some(
+                        routes
+                            .iter()
+                            .filter(|r| empty.contains(&shared.set_names[r.set]))
+                            .map(|r| r.set)
+                            .collect(),
+                    );
+                }
+            }
             let stale: Vec<&Route> = routes
                 .iter()
                 .filter(|r| resync.contains(&shared.set_names[r.set]))

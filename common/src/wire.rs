@@ -13,7 +13,7 @@ use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// 4: `Op::Barrier`.
-pub const PROTOCOL_VERSION: u32 = 4;
+pub const PROTOCOL_VERSION: u32 = 5;
 /// Largest frame either side accepts. Bigger lengths end the stream with an error.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest path (bytes) accepted on the wire, as Linux's PATH_MAX.
@@ -331,6 +331,9 @@ pub enum Frame {
         /// holds of that sequence space is stale. It must drop it, start a new epoch and
         /// compare the whole set again.
         resync: Vec<String>,
+        /// Sets whose replica holds nothing yet (a first mirror): rather than compare a
+        /// small file there, the agent may send its bytes at once.
+        empty: Vec<String>,
     },
     /// Agent -> receiver: records of one set, in sequence order.
     Batch { set: String, records: Vec<Record> },

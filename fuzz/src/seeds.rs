@@ -168,6 +168,7 @@ fn frames() -> Vec<Frame> {
             version: 2,
             applied: vec![("data".into(), 3)],
             resync: vec!["data".into()],
+            empty: vec!["data".into()],
         },
         Frame::Batch {
             set: "data".into(),

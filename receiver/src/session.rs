@@ -86,7 +86,7 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
             bail!("cannot start the session: {reason}");
         }
     };
-    let (mut appliers, resync) = appliers;
+    let (mut appliers, resync, empty) = appliers;
     let applied = appliers
         .iter()
         .map(|(name, s)| (name.clone(), s.as_ref().map_or(0, |s| s.applied)))
@@ -102,6 +102,7 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
         version: PROTOCOL_VERSION,
         applied,
         resync,
+        empty,
     })
     .await?;
 
@@ -365,9 +366,14 @@ fn check_hello(
 /// Opens every announced set's replica root and loads its mark. A set whose stored epoch
 /// differs from the announced one starts over at 0, and the new epoch is stored at once
 /// so that marks of the old sequence space can never be mistaken for the new one.
-type Opened = (HashMap<String, Option<SetApplier>>, Vec<String>);
+type Opened = (
+    HashMap<String, Option<SetApplier>>,
+    Vec<String>,
+    Vec<String>,
+);
 
-/// Also returns the sets the agent must start over (a stale epoch, see `SetState`).
+/// Also returns the sets the agent must start over (a stale epoch, see `SetState`), and
+/// those whose replica holds nothing yet.
 fn open_sets(
     source: &SourceConfig,
     store: &StateStore,
@@ -375,9 +381,13 @@ fn open_sets(
 ) -> anyhow::Result<Opened> {
     let mut out = HashMap::new();
     let mut resync = Vec::new();
+    let mut empty = Vec::new();
     for s in sets {
         let root = source.set_root(&s.name);
         let applier = Applier::open(&root)?.durable(store.fsync());
+        if holds_nothing(&root)? {
+            empty.push(s.name.clone());
+        }
         let stored = store.load(&source.name, &s.name)?;
         let applied = match stored {
             Some(st) if st.epoch == s.epoch && st.stale => {
@@ -426,7 +436,18 @@ fn open_sets(
             )),
         );
     }
-    Ok((out, resync))
+    Ok((out, resync, empty))
+}
+
+/// Whether a replica root holds no entry (the orphans kept aside do not count).
+fn holds_nothing(root: &std::path::Path) -> anyhow::Result<bool> {
+    let mut entries = std::fs::read_dir(root)
+        .with_context(|| format!("cannot list the replica root {}", root.display()))?;
+    Ok(!entries.any(|e| {
+        e.map_or(true, |e| {
+            e.file_name().as_encoded_bytes() != doppel_common::wire::ORPHANS_DIR.as_bytes()
+        })
+    }))
 }
 
 /// Refuses a connection before its session starts: reads the agent's stream open and

@@ -112,6 +112,12 @@ pub struct Resolver<W: Watcher> {
     /// (see [`Resolver::set_scan_sink`]), and whether a scan is streaming now.
     scan_sink: Option<ScanSink>,
     streaming: bool,
+    /// Per set: the initial scan sends small files' bytes at once ([`Copy::Send`]),
+    /// its targets' replicas holding nothing (see [`Resolver::set_first_copy_sends`]).
+    first_copy_sends: Vec<bool>,
+    /// Asked before a streaming scan puts a file's bytes in the stream (see
+    /// [`Resolver::set_scan_room`]).
+    scan_room: Option<ScanRoom>,
     /// When the running scan started (Unix seconds): where its orphans are moved aside.
     orphan_batch: u64,
     /// Per set: its namespace changes are reported by the filesystem (`entries`), not
@@ -139,6 +145,9 @@ fn unix_seconds() -> u64 {
 
 /// Takes a scan's ops out of the vector, in order (see [`Resolver::set_scan_sink`]).
 pub type ScanSink = Box<dyn FnMut(&mut Vec<SetOp>)>;
+
+/// Whether set `.0`'s queue takes `.1` more bytes now (see [`Resolver::set_scan_room`]).
+pub type ScanRoom = Box<dyn FnMut(usize, u64) -> bool>;
 
 /// A streaming scan hands its ops over every this many.
 const SCAN_FLUSH_OPS: usize = 32;
@@ -242,6 +251,8 @@ impl<W: Watcher> Resolver<W> {
             overlaps: Overlaps::default(),
             pacing: RescanPacing::default(),
             scan_sink: None,
+            first_copy_sends: Vec::new(),
+            scan_room: None,
             orphan_batch: 0,
             streaming: false,
             fs_namespace: Vec::new(),
@@ -421,6 +432,24 @@ impl<W: Watcher> Resolver<W> {
     /// tree's ops are never all in memory at once.
     pub fn set_scan_sink(&mut self, sink: ScanSink) {
         self.scan_sink = Some(sink);
+    }
+
+    /// The initial scan of `set` goes to replicas that hold nothing (every target said
+    /// so): a file up to [`SEND_NEW_UP_TO`] goes with its bytes, read once, instead of
+    /// its checksums, which would bring back a request for every block a round trip
+    /// later. Later scans (a restart, a resync) compare.
+    pub fn set_first_copy_sends(&mut self, set: usize, yes: bool) {
+        if self.first_copy_sends.len() <= set {
+            self.first_copy_sends.resize(set + 1, false);
+        }
+        self.first_copy_sends[set] = yes;
+    }
+
+    /// How a streaming scan learns whether the queue takes a file's bytes now; when it
+    /// does not (the target does not keep up), the file is compared instead, so that
+    /// the data of a first mirror never fills the journal.
+    pub fn set_scan_room(&mut self, room: ScanRoom) {
+        self.scan_room = Some(room);
     }
 
     /// Turns one captured event into ops.

@@ -10,6 +10,29 @@ impl<W: Watcher> Resolver<W> {
         self.streaming = self.scan_sink.is_some();
         self.rescan_all(out);
         self.streaming = false;
+        self.first_copy_sends.clear();
+    }
+
+    /// How the scan of `set` copies a file's bytes.
+    fn scan_copy(&self, set: usize) -> Copy {
+        if self.first_copy_sends.get(set).copied().unwrap_or(false) {
+            Copy::Send
+        } else {
+            Copy::Compare
+        }
+    }
+
+    /// Whether `bytes` of a file of `set` may go in the stream now. During a streaming
+    /// scan the queue is asked (what the scan emitted so far is handed over first, so
+    /// that the answer counts it); otherwise it may.
+    pub(super) fn room_to_send(&mut self, set: usize, bytes: u64, out: &mut Vec<SetOp>) -> bool {
+        if !self.streaming {
+            return true;
+        }
+        if let Some(sink) = self.scan_sink.as_mut() {
+            sink(out);
+        }
+        self.scan_room.as_mut().is_none_or(|room| room(set, bytes))
     }
 
     /// As [`Resolver::scan_all`], never streaming: also the fallback when the kernel lost
@@ -110,7 +133,7 @@ impl<W: Watcher> Resolver<W> {
                 &child_abs,
                 &child_rel,
                 &m,
-                Copy::Compare,
+                self.scan_copy(set),
                 out,
             ) {
                 keep.push(RelPath(name.as_bytes().to_vec()));
@@ -261,7 +284,10 @@ impl<W: Watcher> Resolver<W> {
             }
             let path = rel_path(rel);
             if m.is_file() {
-                if how == Copy::Send && m.len() <= SEND_NEW_UP_TO {
+                if how == Copy::Send
+                    && m.len() <= SEND_NEW_UP_TO
+                    && self.room_to_send(set, m.len(), out)
+                {
                     if !self.send_new_file(set, abs, rel, id, m, out) {
                         self.rescan.entry(parent).or_insert_with(monotonic_ns);
                         self.not_sent(parent, name);

@@ -1289,3 +1289,52 @@ fn a_file_made_live_goes_with_its_bytes_and_a_large_one_is_compared() {
         "{big:?}"
     );
 }
+
+/// A first mirror into replicas that hold nothing: the scan sends a small file's bytes
+/// (read once, no comparison to answer), compares a large one, and compares a small one
+/// too when the queue has no room for its bytes.
+#[test]
+fn a_first_mirror_into_an_empty_replica_sends_small_files_while_there_is_room() {
+    use std::rc::Rc;
+    let d = tempfile::tempdir().unwrap();
+    let root = d.path().canonicalize().unwrap();
+    std::fs::write(root.join("a"), b"small").unwrap();
+    std::fs::write(root.join("b"), vec![1u8; SEND_NEW_UP_TO as usize + 1]).unwrap();
+    std::fs::write(root.join("c"), b"no room").unwrap();
+    let w = FakeWatch::default();
+    let mut r = setup(&root, &w);
+    let got: Rc<RefCell<Vec<SetOp>>> = Rc::default();
+    let sink = got.clone();
+    r.set_scan_sink(Box::new(move |ops| sink.borrow_mut().append(ops)));
+    // Room for the first file's bytes only.
+    let mut room_for = 1;
+    r.set_scan_room(Box::new(move |_, _| {
+        room_for -= 1;
+        room_for >= 0
+    }));
+    r.set_first_copy_sends(0, true);
+    let mut out = Vec::new();
+    r.scan_all(&mut out);
+    let mut ops = got.borrow().clone();
+    ops.append(&mut out);
+    let kinds = |name: &[u8]| -> Vec<&'static str> {
+        ops.iter()
+            .filter_map(|o| match &o.op {
+                Op::Write { path, .. } if path.0 == name => Some("write"),
+                Op::Sum { path, .. } if path.0 == name => Some("sum"),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(kinds(b"a"), ["write"], "{ops:?}");
+    assert!(kinds(b"b").iter().all(|k| *k == "sum"), "{:?}", kinds(b"b"));
+    assert_eq!(kinds(b"c"), ["sum"]);
+    // Later scans compare: the replica may hold the files by then.
+    got.borrow_mut().clear();
+    r.scan_all(&mut out);
+    let again = got.borrow();
+    assert!(
+        !again.iter().any(|o| matches!(o.op, Op::Write { .. })),
+        "{again:?}"
+    );
+}

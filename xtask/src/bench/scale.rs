@@ -6,7 +6,7 @@
 //! - `scale_mirror_time_ratio_vs_rsync`: the first mirror to an empty replica, from
 //!   starting the agent until it is synced, against `rsync -a` into an empty directory
 //!   through an rsync daemon on loopback (as the mirror bench does).
-//! - `scale_agent_rss_mib`: the agent's peak RSS (VmHWM) once synced.
+//! - `scale_agent_rss_mib`: the agent's peak RSS (VmHWM) once synced, and per file.
 
 use std::io::Write;
 use std::path::Path;
@@ -115,5 +115,9 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
     figures.insert("scale_mirror_rsync_s".into(), rsync);
     figures.insert("scale_mirror_time_ratio_vs_rsync".into(), mirror / rsync);
     figures.insert("scale_agent_rss_mib".into(), rss);
+    figures.insert(
+        "scale_agent_rss_bytes_per_file".into(),
+        rss * (1 << 20) as f64 / files as f64,
+    );
     Ok(())
 }
