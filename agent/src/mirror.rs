@@ -249,6 +249,9 @@ struct Pending {
     file: FileId,
     bytes: u64,
     first: bool,
+    /// The file went with its bytes (a first mirror): nothing is to answer, and a
+    /// reconnect resends its records by sequence like any others.
+    whole: bool,
 }
 
 impl SetPending {
@@ -280,6 +283,16 @@ impl Tracker {
     /// A comparison of `bytes` of `file` was queued as record `seq` of `set`; `first`
     /// when it is the file's first piece.
     pub fn sent(&mut self, set: usize, seq: u64, file: FileId, bytes: u64, first: bool) {
+        self.track(set, seq, file, bytes, first, false);
+    }
+
+    /// A file of `bytes` went whole, its last record being `seq` of `set`: it counts
+    /// as mirrored (progress, state) once every target acknowledged that.
+    pub fn sent_whole(&mut self, set: usize, seq: u64, file: FileId, bytes: u64) {
+        self.track(set, seq, file, bytes, true, true);
+    }
+
+    fn track(&mut self, set: usize, seq: u64, file: FileId, bytes: u64, first: bool, whole: bool) {
         self.queued_bytes += bytes;
         self.queued_files += first as u64;
         let s = &mut self.sets[set];
@@ -294,6 +307,7 @@ impl Tracker {
             file,
             bytes,
             first,
+            whole,
         };
         // Records are queued in sequence order; anything else goes where it belongs.
         match s.pending.back() {
@@ -332,6 +346,7 @@ impl Tracker {
         let mut files: Vec<FileId> = s
             .pending
             .range(from..to.max(from))
+            .filter(|p| !p.whole)
             .map(|p| p.file)
             .collect();
         self.acked(set, slot, applied);
@@ -450,6 +465,23 @@ mod tests {
             started.elapsed() < std::time::Duration::from_secs(5),
             "{:?}",
             started.elapsed()
+        );
+    }
+
+    #[test]
+    fn files_sent_whole_count_until_acknowledged_and_are_never_compared_again() {
+        let mut t = Tracker::new(vec![1]);
+        t.sent_whole(0, 4, f(1), 100);
+        t.sent(0, 6, f(2), 10, true);
+        assert_eq!(
+            (t.pending_for(0, 0), t.queued_files, t.queued_bytes),
+            (2, 2, 110)
+        );
+        // A reconnect after neither was acknowledged: only the comparison comes back.
+        assert_eq!(t.welcome(0, 0, 6), vec![f(2)]);
+        assert_eq!(
+            (t.pending(), t.compared_files, t.compared_bytes),
+            (0, 2, 110)
         );
     }
 

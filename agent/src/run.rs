@@ -18,7 +18,7 @@ use crate::control::{self, Reply};
 use crate::journal::Journal;
 use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
-use crate::resolve::{Resolver, SetOp, Watcher};
+use crate::resolve::{Resolver, SentWhole, SetOp, Watcher};
 use crate::send::{run_target, Route, Shared, TargetState};
 use crate::verify::Job;
 use doppel_common::wire::sums::{is_mirror_job, LAYOUT_JOB, QUICK_JOB};
@@ -271,7 +271,9 @@ pub async fn run(config: Config) -> Result<()> {
         // Scans hand their ops to the queues as they go (room is not waited for: the
         // ops of a scan are mostly small comparisons, and hybrid queues spill).
         let sink = shared.clone();
-        resolver.set_scan_sink(Box::new(move |ops| queue_ops(&sink, ops)));
+        resolver.set_scan_sink(Box::new(move |ops, whole| {
+            queue_scan_ops(&sink, ops, whole)
+        }));
         // The bytes a first mirror sends at once go only where there is room (briefly
         // waited for): a target that does not keep up gets comparisons instead.
         let room = shared.clone();
@@ -498,7 +500,14 @@ async fn push<W: Watcher>(
 
 /// Moves ops into their set queues (tracking comparisons) and wakes the senders.
 fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
-    for SetOp { set, mut op } in ops.drain(..) {
+    queue_scan_ops(shared, ops, &mut Vec::new());
+}
+
+/// As [`queue_ops`], for a scan's ops, among which the files in `whole` went with their
+/// bytes: each is tracked (progress, state) from its last record on.
+fn queue_scan_ops(shared: &Shared, ops: &mut Vec<SetOp>, whole: &mut Vec<SentWhole>) {
+    let mut notes = whole.drain(..).peekable();
+    for (i, SetOp { set, mut op }) in ops.drain(..).enumerate() {
         // Writes joined from many small ones grew by doubling: give the slack back
         // before the queue holds them (its bound counts data, and glibc shrinks a
         // block in place).
@@ -562,6 +571,18 @@ fn queue_ops(shared: &Shared, ops: &mut Vec<SetOp>) {
             }
             None => {}
         }
+        while let Some(n) = notes.next_if(|n| n.end <= i + 1) {
+            shared
+                .tracker()
+                .sent_whole(n.set, q.last_seq(), n.file, n.bytes);
+        }
+    }
+    // Notes whose last op was not queued (a full journal dropped it).
+    for n in notes {
+        let q = shared.queue(n.set);
+        shared
+            .tracker()
+            .sent_whole(n.set, q.last_seq(), n.file, n.bytes);
     }
     shared.pushed.send_modify(|g| *g += 1);
 }

@@ -118,6 +118,8 @@ pub struct Resolver<W: Watcher> {
     /// Asked before a streaming scan puts a file's bytes in the stream (see
     /// [`Resolver::set_scan_room`]).
     scan_room: Option<ScanRoom>,
+    /// Files the streaming scan sent whole since its ops were last handed over.
+    sent_whole: Vec<SentWhole>,
     /// When the running scan started (Unix seconds): where its orphans are moved aside.
     orphan_batch: u64,
     /// Per set: its namespace changes are reported by the filesystem (`entries`), not
@@ -143,8 +145,19 @@ fn unix_seconds() -> u64 {
         .map_or(0, |d| d.as_secs())
 }
 
-/// Takes a scan's ops out of the vector, in order (see [`Resolver::set_scan_sink`]).
-pub type ScanSink = Box<dyn FnMut(&mut Vec<SetOp>)>;
+/// Takes a scan's ops out of the vector, in order, with the notes of the files among
+/// them that went whole (see [`Resolver::set_scan_sink`]).
+pub type ScanSink = Box<dyn FnMut(&mut Vec<SetOp>, &mut Vec<SentWhole>)>;
+
+/// A file a scan sent with its bytes ([`Copy::Send`]): its ops are those before index
+/// `end` of the vector handed to the sink with this note.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SentWhole {
+    pub set: usize,
+    pub file: FileId,
+    pub bytes: u64,
+    pub end: usize,
+}
 
 /// Whether set `.0`'s queue takes `.1` more bytes now (see [`Resolver::set_scan_room`]).
 pub type ScanRoom = Box<dyn FnMut(usize, u64) -> bool>;
@@ -253,6 +266,7 @@ impl<W: Watcher> Resolver<W> {
             scan_sink: None,
             first_copy_sends: Vec::new(),
             scan_room: None,
+            sent_whole: Vec::new(),
             orphan_batch: 0,
             streaming: false,
             fs_namespace: Vec::new(),

@@ -9,8 +9,20 @@ impl<W: Watcher> Resolver<W> {
         self.orphan_batch = unix_seconds();
         self.streaming = self.scan_sink.is_some();
         self.rescan_all(out);
+        if !self.sent_whole.is_empty() {
+            // Their notes go with their ops.
+            self.hand_over(out);
+        }
         self.streaming = false;
         self.first_copy_sends.clear();
+    }
+
+    /// Hands what `out` holds to the scan's sink, with the notes of the files sent whole.
+    fn hand_over(&mut self, out: &mut Vec<SetOp>) {
+        if let Some(sink) = self.scan_sink.as_mut() {
+            sink(out, &mut self.sent_whole);
+        }
+        self.sent_whole.clear();
     }
 
     /// How the scan of `set` copies a file's bytes.
@@ -29,9 +41,7 @@ impl<W: Watcher> Resolver<W> {
         if !self.streaming {
             return true;
         }
-        if let Some(sink) = self.scan_sink.as_mut() {
-            sink(out);
-        }
+        self.hand_over(out);
         self.scan_room.as_mut().is_none_or(|room| room(set, bytes))
     }
 
@@ -70,9 +80,7 @@ impl<W: Watcher> Resolver<W> {
     /// During a streaming scan, hands what `out` holds to the sink once it is enough.
     pub(super) fn flush_scan(&mut self, out: &mut Vec<SetOp>) {
         if self.streaming && out.len() >= SCAN_FLUSH_OPS {
-            if let Some(sink) = self.scan_sink.as_mut() {
-                sink(out);
-            }
+            self.hand_over(out);
         }
     }
 
@@ -283,11 +291,13 @@ impl<W: Watcher> Resolver<W> {
                 self.index.set_seen_len(id, m.len());
             }
             let path = rel_path(rel);
+            let mut whole = false;
             if m.is_file() {
                 if how == Copy::Send
                     && m.len() <= SEND_NEW_UP_TO
                     && self.room_to_send(set, m.len(), out)
                 {
+                    whole = true;
                     if !self.send_new_file(set, abs, rel, id, m, out) {
                         self.rescan.entry(parent).or_insert_with(monotonic_ns);
                         self.not_sent(parent, name);
@@ -339,6 +349,14 @@ impl<W: Watcher> Resolver<W> {
                 .ok()
                 .filter(|n| file_id(n) == id);
             emit_meta(set, abs, rel, now.as_ref().unwrap_or(m), true, out);
+            if whole && self.streaming {
+                self.sent_whole.push(SentWhole {
+                    set,
+                    file: id,
+                    bytes: m.len(),
+                    end: out.len(),
+                });
+            }
             true
         }
     }

@@ -1305,7 +1305,18 @@ fn a_first_mirror_into_an_empty_replica_sends_small_files_while_there_is_room() 
     let mut r = setup(&root, &w);
     let got: Rc<RefCell<Vec<SetOp>>> = Rc::default();
     let sink = got.clone();
-    r.set_scan_sink(Box::new(move |ops| sink.borrow_mut().append(ops)));
+    let notes: Rc<RefCell<Vec<SentWhole>>> = Rc::default();
+    let noted = notes.clone();
+    r.set_scan_sink(Box::new(move |ops, whole| {
+        let base = sink.borrow().len();
+        noted
+            .borrow_mut()
+            .extend(whole.drain(..).map(|n| SentWhole {
+                end: base + n.end,
+                ..n
+            }));
+        sink.borrow_mut().append(ops)
+    }));
     // Room for the first file's bytes only.
     let mut room_for = 1;
     r.set_scan_room(Box::new(move |_, _| {
@@ -1329,6 +1340,12 @@ fn a_first_mirror_into_an_empty_replica_sends_small_files_while_there_is_room() 
     assert_eq!(kinds(b"a"), ["write"], "{ops:?}");
     assert!(kinds(b"b").iter().all(|k| *k == "sum"), "{:?}", kinds(b"b"));
     assert_eq!(kinds(b"c"), ["sum"]);
+    // The file sent whole is noted, after its last op (its attributes).
+    let notes = notes.borrow().clone();
+    assert_eq!(notes.len(), 1, "{notes:?}");
+    assert_eq!(notes[0].file, id_of(&root.join("a")));
+    assert_eq!(notes[0].bytes, 5);
+    assert!(matches!(&ops[notes[0].end - 1].op, Op::SetAttr { path, .. } if path.0 == b"a"));
     // Later scans compare: the replica may hold the files by then.
     got.borrow_mut().clear();
     r.scan_all(&mut out);
