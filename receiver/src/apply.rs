@@ -552,8 +552,18 @@ impl Applier {
 
     fn truncate(&mut self, path: &RelPath, size: u64) -> Result<()> {
         let fd = self.file(path, FILE_MODE, "truncate")?;
-        rustix::fs::ftruncate(&*fd, size).map_err(|e| io("truncate", path, e))?;
-        self.dirty.file(&fd);
+        // A file already that long, with nothing allocated past its end, is left alone:
+        // a file sent whole ends with a cut to the size it was written to, and a
+        // truncate is a journaled inode update even when it changes nothing. (A cut to
+        // the same size does free blocks allocated past the end, fallocate's KEEP_SIZE:
+        // then it is made.)
+        let now = rustix::fs::fstat(&*fd).map_err(|e| io("truncate", path, e))?;
+        let allocated = now.st_blocks as u64 * 512;
+        let blk = (now.st_blksize as u64).max(512);
+        if now.st_size as u64 != size || allocated > size.div_ceil(blk) * blk {
+            rustix::fs::ftruncate(&*fd, size).map_err(|e| io("truncate", path, e))?;
+            self.dirty.file(&fd);
+        }
         Ok(())
     }
 
@@ -958,6 +968,41 @@ mod tests {
         })
         .unwrap();
         assert_eq!(fs::read(a.root().join("f")).unwrap(), b"0123");
+    }
+
+    /// A cut to the size a file has changes nothing (no inode update), except that it
+    /// frees what fallocate's KEEP_SIZE allocated past the end, as on the source.
+    #[test]
+    fn a_cut_to_the_same_size_is_skipped_unless_blocks_lie_past_the_end() {
+        use std::os::unix::fs::MetadataExt;
+        let (_d, mut a) = setup();
+        a.apply(&write("f", 0, b"0123456789")).unwrap();
+        let f = a.root().join("f");
+        let before = fs::metadata(&f).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let cut = Op::Truncate {
+            path: p("f"),
+            size: 10,
+        };
+        a.apply(&cut).unwrap();
+        let after = fs::metadata(&f).unwrap();
+        assert_eq!(
+            (after.ctime(), after.ctime_nsec()),
+            (before.ctime(), before.ctime_nsec()),
+            "nothing was changed"
+        );
+        a.apply(&Op::Fallocate {
+            path: p("f"),
+            mode: doppel_common::wire::falloc::KEEP_SIZE,
+            offset: 0,
+            len: 1 << 20,
+        })
+        .unwrap();
+        assert!(fs::metadata(&f).unwrap().blocks() * 512 >= 1 << 20);
+        a.apply(&cut).unwrap();
+        let m = fs::metadata(&f).unwrap();
+        assert!(m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
+        assert_eq!(fs::read(&f).unwrap(), b"0123456789");
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use std::collections::HashSet;
 use std::ffi::CString;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 
 use doppel_common::wire::{Attr, RelPath, Xattr, MAX_XATTR_NAME, MAX_XATTR_VALUE};
 use rustix::fs::{AtFlags, FileType, Timespec, Timestamps, XattrFlags};
@@ -38,17 +38,22 @@ impl Applier {
             Err(e) => return Err(io("setattr", path, e)),
         };
         let kind = FileType::from_raw_mode(st.st_mode);
-        // Owner first: chown clears set-ID bits, which the mode below then sets.
+        // Owner first: chown clears set-ID bits, which the mode below then sets. What
+        // already holds is not set again (each change is a journaled inode update, and
+        // a first mirror sets the attributes of every file).
         let (uid, gid) = (Uid::from_raw(attr.uid), Gid::from_raw(attr.gid));
-        rustix::fs::chownat(
-            &*dir,
-            os(name),
-            Some(uid),
-            Some(gid),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .map_err(|e| io("chown", path, e))?;
-        if kind != FileType::Symlink {
+        let chown = st.st_uid != attr.uid || st.st_gid != attr.gid;
+        if chown {
+            rustix::fs::chownat(
+                &*dir,
+                os(name),
+                Some(uid),
+                Some(gid),
+                AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .map_err(|e| io("chown", path, e))?;
+        }
+        if kind != FileType::Symlink && (chown || st.st_mode & 0o7777 != attr.mode & 0o7777) {
             // The exact mode, set-ID bits included: a replica is a faithful copy, and a
             // set-user-ID program must stay one for a failover to work. Who may send it
             // is decided by the pinned certificates.
@@ -88,6 +93,13 @@ impl Applier {
                 });
             }
         }
+        if let Some(fd) = self.files.get(path) {
+            // A file this batch wrote is open already: no lookup through /proc. Synced
+            // whole (fsync, as directories are): its metadata changed, not its data.
+            set_xattrs_fd(&fd, path, xattrs)?;
+            self.dirty.dir(&fd);
+            return Ok(());
+        }
         let (parent, name) = beneath::split(&path.0);
         let dir = match self.dir(parent, false) {
             Ok(d) => d,
@@ -104,7 +116,7 @@ impl Applier {
                 err: doppel_common::wire::PathError::Nul,
             });
         };
-        let current = match list_xattrs(&p) {
+        let current = match list_xattrs(|buf| rustix::fs::llistxattr(p.as_c_str(), buf)) {
             Ok(c) => c,
             Err(Errno::NOENT) => return Ok(()),
             Err(e) => return Err(io("listxattr", path, e)),
@@ -125,11 +137,31 @@ impl Applier {
     }
 }
 
-/// Names of the extended attributes of the entry at `p` (not following a symlink).
-fn list_xattrs(p: &CString) -> std::result::Result<Vec<Vec<u8>>, Errno> {
+/// The extended attributes of the regular file open as `fd` become `xattrs`.
+fn set_xattrs_fd(fd: &OwnedFd, path: &RelPath, xattrs: &[Xattr]) -> Result<()> {
+    let current =
+        list_xattrs(|buf| rustix::fs::flistxattr(fd, buf)).map_err(|e| io("listxattr", path, e))?;
+    let wanted: HashSet<&[u8]> = xattrs.iter().map(|x| x.name.as_slice()).collect();
+    for old in current.iter().filter(|n| !wanted.contains(n.as_slice())) {
+        match rustix::fs::fremovexattr(fd, os(old)) {
+            Ok(()) | Err(Errno::NODATA) => {}
+            Err(e) => return Err(io("removexattr", path, e)),
+        }
+    }
+    for x in xattrs {
+        rustix::fs::fsetxattr(fd, os(&x.name), &x.value, XattrFlags::empty())
+            .map_err(|e| io("setxattr", path, e))?;
+    }
+    Ok(())
+}
+
+/// Names of the extended attributes `list` gives (llistxattr or flistxattr).
+fn list_xattrs(
+    list: impl Fn(&mut [u8]) -> std::result::Result<usize, Errno>,
+) -> std::result::Result<Vec<Vec<u8>>, Errno> {
     let mut buf = vec![0u8; 4096];
     loop {
-        match rustix::fs::llistxattr(p.as_c_str(), &mut buf[..]) {
+        match list(&mut buf[..]) {
             Ok(n) => {
                 return Ok(buf[..n]
                     .split(|&c| c == 0)
