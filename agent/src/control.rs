@@ -96,6 +96,8 @@ pub struct Facts {
     pub degraded_lag_seconds: f64,
     /// Changes the capture lost since the agent started (ring and missed-range map full).
     pub capture_lost: u64,
+    /// Additions of directories and hard-linked files the kernel's maps refused (full).
+    pub capture_refused: u64,
 }
 
 /// A set's state with a target, and why when it is not protected.
@@ -115,6 +117,9 @@ pub fn judge(f: &Facts) -> (State, String) {
     }
     if f.capture_lost > 0 {
         return (State::Degraded, format!("the capture lost {} changes (its ring was full): run `doppel-agent verify --repair`, and raise capture_ring_kib", f.capture_lost));
+    }
+    if f.capture_refused > 0 {
+        return (State::Degraded, format!("the kernel's maps were full for {} additions (at most {} watched directories, {} hard-linked files): changes through the directories or hard links left out are not captured; see the agent's log", f.capture_refused, doppel_common::abi::WATCHED_DIRS_MAX, doppel_common::abi::LINKED_FILES_MAX));
     }
     if f.lag_seconds >= f.degraded_lag_seconds {
         return (State::Degraded, format!("the oldest unacknowledged change is {:.0} s old (degraded_lag_s = {}): the target or the link is too slow", f.lag_seconds, f.degraded_lag_seconds));
@@ -263,6 +268,7 @@ impl Shared {
                     lag_seconds,
                     degraded_lag_seconds: self.degraded_lag.as_secs_f64(),
                     capture_lost: capture.lost,
+                    capture_refused: capture.refused,
                 });
                 sets.push(SetStatus {
                     set: self.set_names[s].clone(),
@@ -501,6 +507,12 @@ mod tests {
         })
         .1
         .contains("verify --repair"));
+        let full = judge(&Facts {
+            capture_refused: 3,
+            ..ok
+        });
+        assert_eq!(full.0, State::Degraded);
+        assert!(full.1.contains("full for 3 additions"), "{}", full.1);
     }
 
     fn parse(line: &[u8], names: &[String]) -> std::result::Result<Parsed, String> {

@@ -48,6 +48,11 @@ pub fn render(shared: &Shared) -> String {
         [(none(), c.lost)],
     );
     e.counter(
+        "capture_refused",
+        "Directories and hard-linked files the kernel's maps had no room for (their changes are not captured).",
+        [(none(), c.refused)],
+    );
+    e.counter(
         "queued_bytes",
         "File data queued for replication, per set.",
         per_set.iter().map(|x| (set(x), x.queued_bytes)),

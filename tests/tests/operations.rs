@@ -375,3 +375,35 @@ fn status_watch_follows_the_mirror_until_it_is_done() {
     assert_eq!(last["mirror_compared_files"], 24, "{text}");
     assert_eq!(last["mirror_queued_files"], 24, "{text}");
 }
+
+/// A kernel map that is full is not a silent loss: more hard-linked files than the map
+/// of them holds (writes through their names outside the sets would go unseen) make
+/// the set degraded, with the reason in `status` and a metric.
+#[test]
+fn a_full_kernel_map_shows_the_set_degraded_with_why() {
+    if !doppel_tests::require_root() {
+        return;
+    }
+    let mut c = Cluster::new("data").unwrap();
+    let over = doppel_common::abi::LINKED_FILES_MAX as usize + 100;
+    let (a, b) = (c.source.join("a"), c.source.join("b"));
+    std::fs::create_dir_all(&a).unwrap();
+    std::fs::create_dir_all(&b).unwrap();
+    for i in 0..over {
+        let f = a.join(format!("{i}"));
+        std::fs::write(&f, b"x").unwrap();
+        std::fs::hard_link(&f, b.join(format!("{i}"))).unwrap();
+    }
+    c.start_receiver().unwrap();
+    c.start_agent_within(Duration::from_secs(120)).unwrap();
+    let r = wait_row(&c, Duration::from_secs(60), "degraded", |r| {
+        r["state"] == "degraded"
+    });
+    assert!(
+        r["reason"].as_str().unwrap().contains("maps were full"),
+        "{r}"
+    );
+    // Each of the 100 files left out, once per name.
+    let st = c.status().unwrap();
+    assert_eq!(st["capture"]["refused"], 200, "{st}");
+}

@@ -173,6 +173,11 @@ pub struct CaptureStats {
     /// Records lost outright (ring and missed-range map full, or a namespace record that
     /// did not fit into the ring).
     pub lost: u64,
+    /// Additions of directories and hard-linked files (one per name met) the kernel's
+    /// maps refused, full: changes through them are not captured (see
+    /// [`Capture::watch_dir`], [`Capture::watch_linked`]).
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// `#[repr(C)]` ABI types as map keys/values. (aya's `Pod` is foreign to doppel-common,
@@ -221,6 +226,8 @@ pub struct Capture {
     linked: Mutex<BpfHashMap<MapData, PodFileId, u32>>,
     /// The linked-file map was found full once (warned once).
     linked_full: AtomicBool,
+    /// Entries the watch and link maps refused (full).
+    refused: std::sync::atomic::AtomicU64,
     ignore: Mutex<BpfHashMap<MapData, u32, u32>>,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
@@ -765,6 +772,7 @@ impl Capture {
             watched: Mutex::new(watched),
             linked: Mutex::new(linked),
             linked_full: AtomicBool::new(false),
+            refused: std::sync::atomic::AtomicU64::new(0),
             marks,
             namespace_devs,
             syscall_hook: sys,
@@ -798,6 +806,7 @@ impl Capture {
             WatchMode::Ancestor => WATCH_ANCESTOR,
         };
         lock(&self.watched).insert(key, flags, 0).with_context(|| {
+            self.refused.fetch_add(1, Ordering::Relaxed);
             format!(
                 "cannot add directory {dir:?} to the kernel watch list (at most {} \
                  directories can be watched)",
@@ -812,10 +821,13 @@ impl Capture {
         let Ok(key) = kernel_key(file) else {
             return;
         };
-        if lock(&self.linked).insert(key, 1, 0).is_err()
-            && !self.linked_full.swap(true, Ordering::Relaxed)
-        {
-            warn!(
+        if lock(&self.linked).insert(key, 1, 0).is_err() {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+        } else {
+            return;
+        }
+        if !self.linked_full.swap(true, Ordering::Relaxed) {
+            tracing::error!(
                 "more than {} hard-linked files in the sets: writes through names outside \
                  every set are not captured for further ones",
                 abi::LINKED_FILES_MAX
@@ -889,6 +901,7 @@ impl Capture {
             lost: self.shared.stat(STAT_LOST)
                 + self.shared.stat(STAT_UNMARKED)
                 + self.shared.namespace_lost.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
         }
     }
 }
