@@ -162,8 +162,10 @@ pub struct SentWhole {
 /// Whether set `.0`'s queue takes `.1` more bytes now (see [`Resolver::set_scan_room`]).
 pub type ScanRoom = Box<dyn FnMut(usize, u64) -> bool>;
 
-/// A streaming scan hands its ops over every this many.
-const SCAN_FLUSH_OPS: usize = 32;
+/// A streaming scan hands its ops over every this many, or once they carry this much
+/// data: batches of many small files, which the receiver syncs together.
+const SCAN_FLUSH_OPS: usize = 512;
+const SCAN_FLUSH_BYTES: u64 = 1 << 20;
 
 /// A changed range to read once the index knows where its file went.
 #[derive(Debug, Clone, Copy)]

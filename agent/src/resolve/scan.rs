@@ -35,14 +35,21 @@ impl<W: Watcher> Resolver<W> {
     }
 
     /// Whether `bytes` of a file of `set` may go in the stream now. During a streaming
-    /// scan the queue is asked (what the scan emitted so far is handed over first, so
-    /// that the answer counts it); otherwise it may.
+    /// scan the queue is asked, counting the data the scan emitted and did not hand
+    /// over yet (handing it over here, file by file, made batches of a few files, each
+    /// synced on its own by the receiver); otherwise it may.
     pub(super) fn room_to_send(&mut self, set: usize, bytes: u64, out: &mut Vec<SetOp>) -> bool {
         if !self.streaming {
             return true;
         }
-        self.hand_over(out);
-        self.scan_room.as_mut().is_none_or(|room| room(set, bytes))
+        let mut held: u64 = out.iter().map(|o| o.op.data_len() as u64).sum();
+        if held >= SCAN_FLUSH_BYTES {
+            self.hand_over(out);
+            held = 0;
+        }
+        self.scan_room
+            .as_mut()
+            .is_none_or(|room| room(set, bytes + held))
     }
 
     /// As [`Resolver::scan_all`], never streaming: also the fallback when the kernel lost
