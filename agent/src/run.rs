@@ -268,8 +268,8 @@ pub async fn run(config: Config) -> Result<()> {
     }
 
     {
-        // Scans hand their ops to the queues as they go (room is not waited for: the
-        // ops of a scan are mostly small comparisons, and hybrid queues spill).
+        // Scans hand their ops to the queues as they go (room is not waited for their
+        // comparisons, which are small, and hybrid queues spill).
         let sink = shared.clone();
         resolver.set_scan_sink(Box::new(move |ops, whole| {
             queue_scan_ops(&sink, ops, whole)
