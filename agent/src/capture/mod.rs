@@ -821,11 +821,10 @@ impl Capture {
         let Ok(key) = kernel_key(file) else {
             return;
         };
-        if lock(&self.linked).insert(key, 1, 0).is_err() {
-            self.refused.fetch_add(1, Ordering::Relaxed);
-        } else {
+        if lock(&self.linked).insert(key, 1, 0).is_ok() {
             return;
         }
+        self.refused.fetch_add(1, Ordering::Relaxed);
         if !self.linked_full.swap(true, Ordering::Relaxed) {
             tracing::error!(
                 "more than {} hard-linked files in the sets: writes through names outside \
