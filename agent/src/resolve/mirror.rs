@@ -439,8 +439,7 @@ impl<W: Watcher> Resolver<W> {
             return false;
         };
         out.append(&mut ops);
-        self.note_read_back(set);
-        self.overlaps.read(id, 0, size, now);
+        self.sent_as_read(set, id, 0, size, now);
         true
     }
 }

@@ -40,8 +40,7 @@ impl<W: Watcher> Resolver<W> {
         let abs = self.index.abs(loc);
         let now = monotonic_ns();
         if let Some(size) = emit_range(loc.set, &abs, &loc.rel, offset, len, file, out) {
-            self.note_read_back(loc.set);
-            self.overlaps.read(file, offset, len, now);
+            self.sent_as_read(loc.set, file, offset, len, now);
             self.defer_unseen(file, offset, len, size, now);
         } else {
             self.deferred.push(Deferred {
@@ -53,6 +52,21 @@ impl<W: Watcher> Resolver<W> {
                 after: 0,
             });
         }
+    }
+
+    /// `[offset, offset + len)` of `file` of `set`, read at `now`, was sent: bytes newer
+    /// than their event (the set is not crash-consistent until they are applied), and
+    /// newer than events captured before `now` and handled after (overlap.rs).
+    pub(super) fn sent_as_read(
+        &mut self,
+        set: usize,
+        file: FileId,
+        offset: u64,
+        len: u64,
+        now: u64,
+    ) {
+        self.note_read_back(set);
+        self.overlaps.read(file, offset, len, now);
     }
 
     /// `[offset, offset + len)` of `file` was read when the file had `size` bytes: the
