@@ -51,6 +51,13 @@ pub struct AgentConfig {
     /// `degraded` by `status` (and in metrics).
     #[serde(default = "default_degraded_lag_s")]
     pub degraded_lag_s: u64,
+    /// A restart skips files unchanged since the last run stamped them (see `stamps.rs`);
+    /// a file changed within this many seconds before a stamp is taken is not stamped,
+    /// as a write in progress or a store into a dirty shared-mapping page may not have
+    /// reached the agent yet. Lower it only where no writer holds a write (or a dirty
+    /// mapped page) longer; 0 turns the shortcut off (every restart compares every file).
+    #[serde(default = "default_stamp_margin_s")]
+    pub stamp_margin_s: u64,
     /// A receiver's config on this host, whose replica roots no set may contain (the
     /// agent would replicate the replica). Default: /etc/doppel/receiver.toml if present;
     /// "" for no check.
@@ -65,6 +72,10 @@ pub struct AgentConfig {
 
 fn default_degraded_lag_s() -> u64 {
     30
+}
+
+fn default_stamp_margin_s() -> u64 {
+    crate::stamps::MARGIN.as_secs()
 }
 
 fn default_queue_mib() -> usize {
@@ -205,6 +216,8 @@ pub struct Config {
     pub log: doppel_control::log::LogConfig,
     pub metrics: doppel_control::metrics::MetricsConfig,
     pub degraded_lag: std::time::Duration,
+    /// `None`: restarts compare every file (see [`AgentConfig::stamp_margin_s`]).
+    pub stamp_margin: Option<std::time::Duration>,
 }
 
 #[derive(Debug, Clone)]
@@ -487,6 +500,8 @@ impl AgentConfig {
             log: self.log,
             metrics: self.metrics,
             degraded_lag: std::time::Duration::from_secs(self.degraded_lag_s.max(1)),
+            stamp_margin: (self.stamp_margin_s > 0)
+                .then(|| std::time::Duration::from_secs(self.stamp_margin_s)),
         })
     }
 }

@@ -421,6 +421,26 @@ impl Index {
         self.nodes.len()
     }
 
+    /// Calls `f` with the path (relative to the root) and identity of every entry of set
+    /// `set` that is no directory, every name of a hard-linked file included.
+    pub fn walk_entries(&self, set: usize, mut f: impl FnMut(&Path, FileId)) {
+        let mut stack = vec![(self.roots[set].0, PathBuf::new())];
+        while let Some((dir, rel)) = stack.pop() {
+            let kids = self
+                .children
+                .range((dir, OsString::new())..)
+                .take_while(|((p, _), _)| *p == dir);
+            for ((_, name), &id) in kids {
+                let path = rel.join(name);
+                if self.nodes.get(&id).is_some_and(|n| n.is_dir) {
+                    stack.push((id, path));
+                } else {
+                    f(&path, id);
+                }
+            }
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.nodes.is_empty()
     }
@@ -482,6 +502,25 @@ mod tests {
         dirs.sort();
         assert_eq!(dirs, vec![id(2), id(3)]);
         assert!(ix.is_empty());
+    }
+
+    #[test]
+    fn a_walk_lists_every_name_that_is_no_directory_of_one_set() {
+        let mut ix = Index::new();
+        ix.add_root(id(1), "/a".into());
+        ix.add_root(id(2), "/b".into());
+        ix.insert(id(1), OsStr::new("d"), id(3), true);
+        ix.insert(id(3), OsStr::new("f"), id(4), false);
+        ix.insert(id(3), OsStr::new("e"), id(6), true);
+        ix.insert(id(1), OsStr::new("top"), id(7), false);
+        ix.insert_link(id(6), OsStr::new("f2"), id(4));
+        ix.insert(id(2), OsStr::new("g"), id(5), false);
+        let mut seen = Vec::new();
+        ix.walk_entries(0, |p, id| seen.push((p.to_path_buf(), id.ino)));
+        seen.sort();
+        let want: Vec<(PathBuf, u64)> =
+            vec![("d/e/f2".into(), 4), ("d/f".into(), 4), ("top".into(), 7)];
+        assert_eq!(seen, want);
     }
 
     #[test]

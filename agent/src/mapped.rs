@@ -63,6 +63,11 @@ const MAX_REPORT_PAGES: u64 = 1024;
 const MAX_RUN_PAGES: u64 = 256;
 
 impl Mapped {
+    /// Whether file `id` has hot pages.
+    pub fn holds(&self, id: FileId) -> bool {
+        self.files.contains_key(&id)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.files.is_empty()
     }

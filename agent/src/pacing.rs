@@ -56,6 +56,11 @@ impl RescanPacing {
         self.owed = false;
     }
 
+    /// A loss is waiting for its rescan.
+    pub fn owed(&self) -> bool {
+        self.owed
+    }
+
     /// How many losses had their rescan deferred.
     pub fn deferred(&self) -> u64 {
         self.deferred

@@ -546,6 +546,12 @@ impl SetQueue {
         self.overflowed
     }
 
+    /// Records were dropped (journal overflow) and what they touched is not copied again
+    /// yet.
+    pub fn resync_pending(&self) -> bool {
+        self.overflowed || self.resync_due
+    }
+
     pub fn spilled(&self) -> bool {
         self.spilled
     }

@@ -19,7 +19,8 @@ use crate::journal::Journal;
 use crate::mirror::{Tracker, Work};
 use crate::queue::SetQueue;
 use crate::resolve::{Resolver, SentWhole, SetOp, Watcher};
-use crate::send::{run_target, Route, Shared, TargetState};
+use crate::restart::{self, Checkpoints};
+use crate::send::{run_target, FirstWelcome, Route, Shared, TargetState};
 use crate::verify::Job;
 use doppel_common::wire::sums::{is_mirror_job, LAYOUT_JOB, QUICK_JOB};
 use doppel_common::wire::Op;
@@ -117,6 +118,7 @@ pub async fn run(config: Config) -> Result<()> {
         )
     })?);
     doppel_transport::warm_up();
+    let stamps = restart::load(&config);
     let marked = marked_filesystems(&config);
     let (capture, mut events) = Capture::start(CaptureOptions {
         ring_bytes: config.capture_ring_bytes,
@@ -290,28 +292,31 @@ pub async fn run(config: Config) -> Result<()> {
             }
         }));
     }
-    for (set, yes) in replicas_found_empty(&shared, FIRST_WELCOME_WAIT)
-        .await
-        .into_iter()
-        .enumerate()
-    {
+    let said = first_welcomes(&shared, FIRST_WELCOME_WAIT).await;
+    for (set, targets) in shared.set_targets.iter().enumerate() {
+        let yes = !targets.is_empty()
+            && targets
+                .iter()
+                .all(|&t| said[t].as_ref().is_some_and(|w| w.empty.contains(&set)));
         if yes {
             info!(set = %config.sets[set].name, "the replica holds nothing yet: small files go with their bytes, not compared");
         }
         resolver.set_first_copy_sends(set, yes);
     }
+    restart::apply(&shared, &said, stamps, &mut resolver);
     let mut ops = Vec::new();
     resolver.scan_all(&mut ops);
     info!(
         sets = config.sets.len(),
-        files = resolver.index().len(),
-        ops = ops.len(),
+        entries = resolver.index().len(),
+        unchanged = resolver.vouched,
         "initial scan done; replicating live"
     );
     let mut room = shared.acked.subscribe();
     push(&shared, &mut resolver, &mut ops, &mut room).await;
     shared.scanning.store(false, Ordering::SeqCst);
 
+    let mut checkpoints = Checkpoints::new(&config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     // Journal fsyncs (records are sent once durable) and resyncs after a journal overflow.
     let mut housekeeping = tokio::time::interval(Duration::from_millis(20));
@@ -379,6 +384,7 @@ pub async fn run(config: Config) -> Result<()> {
                 if durable {
                     shared.pushed.send_modify(|g| *g += 1);
                 }
+                checkpoints.ask_due(&shared);
                 if resolver.rescan_if_due(&mut ops) || resolver.has_deferred() {
                     resolver.finish(&mut ops);
                 }
@@ -388,24 +394,11 @@ pub async fn run(config: Config) -> Result<()> {
                 let Some(batch) = batch else {
                     anyhow::bail!("the capture thread stopped; see the log above for why");
                 };
-                let mut pending = 0;
                 let complete_before = batch.complete_before;
-                for ev in batch {
-                    let before = ops.len();
-                    resolver.resolve(ev, &mut ops);
-                    pending += ops[before..].iter().map(|o| o.op.data_len()).sum::<usize>();
-                    // A range event can expand to a lot of data read from the file:
-                    // hand it to the queue (and its bound) as it accumulates.
-                    if pending > RESOLVE_BATCH_BYTES {
-                        push(&shared, &mut resolver, &mut ops, &mut room).await;
-                        pending = 0;
-                    }
-                }
-                resolver.events_complete_before(complete_before);
-                resolver.finish(&mut ops);
-                publish(&shared, &resolver);
-                push(&shared, &mut resolver, &mut ops, &mut room).await;
+                resolve_batch(batch, &shared, &mut resolver, &mut ops, &mut room).await;
+                checkpoints.take_ready(complete_before, &shared, &resolver, backlog.is_empty());
             }
+            Some(set) = checkpoints.done.recv() => checkpoints.written(set),
             Some(set) = gaps.recv() => {
                 let epoch = new_epoch();
                 warn!(set = %config.sets[set].name, "a target needs records no longer queued: starting a new epoch and copying the set again");
@@ -441,6 +434,26 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     info!("stopping");
+    // What was captured until now is queued, acknowledged if the targets are quick, and
+    // stamped, so that the next start compares only what changes meanwhile.
+    let (asked, wall) = (
+        doppel_common::event::monotonic_ns(),
+        std::time::SystemTime::now(),
+    );
+    let deadline = tokio::time::Instant::now() + STOP_CAPTURE_WAIT;
+    while let Ok(Some(batch)) = tokio::time::timeout_at(deadline, events.recv()).await {
+        let complete_before = batch.complete_before;
+        resolve_batch(batch, &shared, &mut resolver, &mut ops, &mut room).await;
+        if complete_before >= asked {
+            break;
+        }
+    }
+    wait_acked(&shared, STOP_ACK_WAIT).await;
+    if let Some(margin) = config.stamp_margin {
+        checkpoints
+            .at_stop(&shared, &resolver, backlog.is_empty(), wall, margin)
+            .await;
+    }
     // Each target's task says goodbye and ends; all at once, so that they drain side by
     // side (each waits at most half a second for an unresponsive target).
     let _ = stop.send(true);
@@ -590,6 +603,60 @@ fn queue_scan_ops(shared: &Shared, ops: &mut Vec<SetOp>, whole: &mut Vec<SentWho
 /// Bytes of file ranges the mirror queues at a time (see `mirror::split`).
 const MIRROR_PIECE: u64 = 256 << 10;
 
+/// How long a stop waits for the capture to hand over what it caught before the stop.
+const STOP_CAPTURE_WAIT: Duration = Duration::from_secs(2);
+
+/// How long a stop waits for targets to acknowledge what is queued.
+const STOP_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// Resolves a batch of captured events and queues the ops.
+async fn resolve_batch<W: Watcher>(
+    batch: crate::capture::CaptureBatch,
+    shared: &Shared,
+    resolver: &mut Resolver<W>,
+    ops: &mut Vec<SetOp>,
+    room: &mut watch::Receiver<u64>,
+) {
+    let mut pending = 0;
+    let complete_before = batch.complete_before;
+    for ev in batch {
+        let before = ops.len();
+        resolver.resolve(ev, ops);
+        pending += ops[before..].iter().map(|o| o.op.data_len()).sum::<usize>();
+        // A range event can expand to a lot of data read from the file: hand it to the
+        // queue (and its bound) as it accumulates.
+        if pending > RESOLVE_BATCH_BYTES {
+            push(shared, resolver, ops, room).await;
+            pending = 0;
+        }
+    }
+    resolver.events_complete_before(complete_before);
+    resolver.finish(ops);
+    publish(shared, resolver);
+    push(shared, resolver, ops, room).await;
+}
+
+/// Waits up to `within` for every connected target to acknowledge every queued record.
+async fn wait_acked(shared: &Shared, within: Duration) {
+    let all_acked = || {
+        shared.set_targets.iter().enumerate().all(|(s, targets)| {
+            let q = shared.queue(s);
+            targets.iter().enumerate().all(|(slot, &t)| {
+                q.acked(slot) >= q.last_seq()
+                    || !shared.targets[t].lock().expect("target lock").connected
+            })
+        })
+    };
+    let mut changed = shared.acked.subscribe();
+    let deadline = tokio::time::Instant::now() + within;
+    while !all_acked() {
+        match tokio::time::timeout_at(deadline, changed.changed()).await {
+            Ok(Ok(())) => {}
+            _ => break,
+        }
+    }
+}
+
 /// How long the start waits for every target's first Welcome, which says whether its
 /// replicas hold anything (a target away then gets the comparisons of a restart).
 const FIRST_WELCOME_WAIT: Duration = Duration::from_secs(2);
@@ -598,14 +665,14 @@ const FIRST_WELCOME_WAIT: Duration = Duration::from_secs(2);
 /// compares the file instead.
 const SEND_ROOM_WAIT: Duration = Duration::from_millis(50);
 
-/// Per set: every target of it said at its first Welcome that its replica holds
-/// nothing. Waits up to `within` for those Welcomes.
-async fn replicas_found_empty(shared: &Shared, within: Duration) -> Vec<bool> {
-    let said = |t: usize| -> Option<Vec<usize>> {
+/// What each target said at its first Welcome (`None`: it did not answer within
+/// `within`).
+async fn first_welcomes(shared: &Shared, within: Duration) -> Vec<Option<FirstWelcome>> {
+    let said = |t: usize| -> Option<FirstWelcome> {
         shared.targets[t]
             .lock()
             .expect("target lock")
-            .empty_at_first
+            .first_welcome
             .clone()
     };
     let mut changed = shared.acked.subscribe();
@@ -616,17 +683,7 @@ async fn replicas_found_empty(shared: &Shared, within: Duration) -> Vec<bool> {
             _ => break,
         }
     }
-    shared
-        .set_targets
-        .iter()
-        .enumerate()
-        .map(|(s, targets)| {
-            !targets.is_empty()
-                && targets
-                    .iter()
-                    .all(|&t| said(t).is_some_and(|e| e.contains(&s)))
-        })
-        .collect()
+    (0..shared.targets.len()).map(said).collect()
 }
 
 /// A target's answer to a comparison (of the mirror, or of a verify that repairs), or

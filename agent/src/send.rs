@@ -87,9 +87,17 @@ pub struct TargetState {
     /// The receiver ended the last session because it took over this source (failed
     /// over); cleared by the next session.
     pub failed_over: bool,
-    /// The sets (indexes) whose replica this target said at its first Welcome holds
-    /// nothing; `None` until then.
-    pub empty_at_first: Option<Vec<usize>>,
+    /// What this target said of its replicas at its first Welcome; `None` until then.
+    pub first_welcome: Option<FirstWelcome>,
+}
+
+/// What a target's first Welcome said of the replicas of the sets it holds (by index).
+#[derive(Debug, Clone, Default)]
+pub struct FirstWelcome {
+    /// Sets whose replica holds nothing.
+    pub empty: Vec<usize>,
+    /// Sets that started a new epoch: (set, the epoch before, applied in it).
+    pub prior: Vec<(usize, u64, u64)>,
 }
 
 impl TargetState {
@@ -312,17 +320,24 @@ async fn stream_sets(
             applied,
             resync,
             empty,
+            prior,
         }) if version == PROTOCOL_VERSION => {
             {
                 let mut st = shared.targets[index].lock().expect("target lock");
-                if st.empty_at_first.is_none() {
-                    st.empty_at_first = Some(
+                if st.first_welcome.is_none() {
+                    let set = |name: &str| {
                         routes
                             .iter()
-                            .filter(|r| empty.contains(&shared.set_names[r.set]))
+                            .find(|r| shared.set_names[r.set] == name)
                             .map(|r| r.set)
+                    };
+                    st.first_welcome = Some(FirstWelcome {
+                        empty: empty.iter().filter_map(|n| set(n)).collect(),
+                        prior: prior
+                            .iter()
+                            .filter_map(|p| Some((set(&p.set)?, p.epoch, p.applied)))
                             .collect(),
-                    );
+                    });
                 }
             }
             let stale: Vec<&Route> = routes

@@ -12,8 +12,8 @@
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
-/// 4: `Op::Barrier`.
-pub const PROTOCOL_VERSION: u32 = 5;
+/// 4: `Op::Barrier`; 5: `Welcome::empty`; 6: `Welcome::prior`.
+pub const PROTOCOL_VERSION: u32 = 6;
 /// Largest frame either side accepts. Bigger lengths end the stream with an error.
 pub const MAX_FRAME: usize = 8 << 20;
 /// Largest path (bytes) accepted on the wire, as Linux's PATH_MAX.
@@ -312,6 +312,15 @@ pub struct SetHello {
     pub epoch: u64,
 }
 
+/// Where a set's replica stood in the sequence space it followed before a new epoch
+/// (see [`Frame::Welcome`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PriorMark {
+    pub set: String,
+    pub epoch: u64,
+    pub applied: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Frame {
     /// Agent -> receiver, first frame: who is talking and which sets it replicates.
@@ -334,6 +343,12 @@ pub enum Frame {
         /// Sets whose replica holds nothing yet (a first mirror): rather than compare a
         /// small file there, the agent may send its bytes at once.
         empty: Vec<String>,
+        /// Sets that started a new epoch with this Hello: the sequence space the replica
+        /// followed until then, and how far it got. An agent that restarted knows from
+        /// it whether the replica still holds what it last saw it acknowledge (its
+        /// restart then compares only the files that changed meanwhile). Never given for
+        /// a replica that holds nothing or was failed over to.
+        prior: Vec<PriorMark>,
     },
     /// Agent -> receiver: records of one set, in sequence order.
     Batch { set: String, records: Vec<Record> },

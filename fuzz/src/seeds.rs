@@ -8,7 +8,7 @@ use doppel_common::abi::{
     KIND_MKDIR, KIND_OPEN, KIND_RENAME, KIND_TRUNCATE, KIND_UNLINK, KIND_WRITEBACK, O_CREAT,
     O_TRUNC, PATH_CAP, WRITEBACK_END,
 };
-use doppel_common::wire::{encode_frame, Frame, Op, Record, RelPath, SetHello};
+use doppel_common::wire::{encode_frame, Frame, Op, PriorMark, Record, RelPath, SetHello};
 
 /// (target, seed name, bytes).
 pub fn all() -> Vec<(&'static str, &'static str, Vec<u8>)> {
@@ -169,6 +169,11 @@ fn frames() -> Vec<Frame> {
             applied: vec![("data".into(), 3)],
             resync: vec!["data".into()],
             empty: vec!["data".into()],
+            prior: vec![PriorMark {
+                set: "data".into(),
+                epoch: 5,
+                applied: 9,
+            }],
         },
         Frame::Batch {
             set: "data".into(),

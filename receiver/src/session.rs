@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use doppel_common::wire::{Frame, SetHello, PROTOCOL_VERSION};
+use doppel_common::wire::{Frame, PriorMark, SetHello, PROTOCOL_VERSION};
 use doppel_transport::{close, FrameReceiver, FrameSender, FramedStream};
 use tokio::sync::mpsc;
 
@@ -78,7 +78,7 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
     let opened = tokio::task::spawn_blocking(move || open_sets(&source, &store, &sets))
         .await
         .context("opening sets panicked")?;
-    let appliers = match opened {
+    let opened = match opened {
         Ok(a) => a,
         Err(e) => {
             let reason = format!("{e:#}");
@@ -86,7 +86,12 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
             bail!("cannot start the session: {reason}");
         }
     };
-    let (mut appliers, resync, empty) = appliers;
+    let Opened {
+        mut appliers,
+        resync,
+        empty,
+        prior,
+    } = opened;
     let applied = appliers
         .iter()
         .map(|(name, s)| (name.clone(), s.as_ref().map_or(0, |s| s.applied)))
@@ -103,6 +108,7 @@ pub async fn run(conn: quinn::Connection, stream: Stream, ctx: &SessionCtx) -> a
         applied,
         resync,
         empty,
+        prior,
     })
     .await?;
 
@@ -363,35 +369,42 @@ fn check_hello(
     Ok(())
 }
 
+/// What [`open_sets`] found: an applier per announced set, and what the Welcome says.
+struct Opened {
+    appliers: HashMap<String, Option<SetApplier>>,
+    /// Sets the agent must start over (a stale epoch, see `SetState`).
+    resync: Vec<String>,
+    /// Sets whose replica holds nothing yet.
+    empty: Vec<String>,
+    /// Sets that start a new epoch now, and where their replica stood in the one before.
+    prior: Vec<PriorMark>,
+}
+
 /// Opens every announced set's replica root and loads its mark. A set whose stored epoch
 /// differs from the announced one starts over at 0, and the new epoch is stored at once
 /// so that marks of the old sequence space can never be mistaken for the new one.
-type Opened = (
-    HashMap<String, Option<SetApplier>>,
-    Vec<String>,
-    Vec<String>,
-);
-
-/// Also returns the sets the agent must start over (a stale epoch, see `SetState`), and
-/// those whose replica holds nothing yet.
 fn open_sets(
     source: &SourceConfig,
     store: &StateStore,
     sets: &[SetHello],
 ) -> anyhow::Result<Opened> {
-    let mut out = HashMap::new();
-    let mut resync = Vec::new();
-    let mut empty = Vec::new();
+    let mut opened = Opened {
+        appliers: HashMap::new(),
+        resync: Vec::new(),
+        empty: Vec::new(),
+        prior: Vec::new(),
+    };
     for s in sets {
         let root = source.set_root(&s.name);
         let applier = Applier::open(&root)?.durable(store.fsync());
-        if holds_nothing(&root)? {
-            empty.push(s.name.clone());
+        let empty = holds_nothing(&root)?;
+        if empty {
+            opened.empty.push(s.name.clone());
         }
         let stored = store.load(&source.name, &s.name)?;
         let applied = match stored {
             Some(st) if st.epoch == s.epoch && st.stale => {
-                resync.push(s.name.clone());
+                opened.resync.push(s.name.clone());
                 st.seq
             }
             Some(st) if st.epoch == s.epoch => st.seq,
@@ -404,6 +417,14 @@ fn open_sets(
                         new_epoch = s.epoch,
                         "new epoch: the agent starts the set over"
                     );
+                    // A stale epoch's replica was written by others meanwhile.
+                    if !old.stale && !empty {
+                        opened.prior.push(PriorMark {
+                            set: s.name.clone(),
+                            epoch: old.epoch,
+                            applied: old.seq,
+                        });
+                    }
                 }
                 store.store(
                     &source.name,
@@ -425,7 +446,7 @@ fn open_sets(
             applied,
             "set ready"
         );
-        out.insert(
+        opened.appliers.insert(
             s.name.clone(),
             Some(SetApplier::new(
                 source.name.clone(),
@@ -436,7 +457,7 @@ fn open_sets(
             )),
         );
     }
-    Ok((out, resync, empty))
+    Ok(opened)
 }
 
 /// Whether a replica root holds no entry (the orphans kept aside do not count).

@@ -381,6 +381,25 @@ targets = ["t"]
         }
     }
 
+    /// Stops the agent as a service manager does (SIGTERM), waiting up to 30 s for it
+    /// to exit before killing it.
+    pub fn stop_agent(&mut self) {
+        let Some(mut c) = self.agent.take() else {
+            return;
+        };
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(30) {
+            if let Ok(Some(_)) = c.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+
     pub fn kill_agent(&mut self) {
         Self::kill(&mut self.agent);
     }

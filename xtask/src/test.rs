@@ -11,7 +11,7 @@ const FUZZ_SECONDS: u64 = 10;
 
 /// End-to-end test files run again with the source root on xfs (`DOPPEL_TEST_FS`).
 const XFS_PASSES: &[(&str, &[&str])] = &[
-    ("xfs", &["fidelity", "order", "workloads"]),
+    ("xfs", &["fidelity", "order", "workloads", "restart"]),
     ("xfs-large", &["fidelity", "order"]),
 ];
 

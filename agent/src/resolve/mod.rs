@@ -32,12 +32,14 @@ use crate::marks::Marks;
 use crate::overlap::Overlaps;
 use crate::pacing::RescanPacing;
 use crate::pagecache::{dirty_pages, write_back};
+use crate::stamps::{PathList, Stamps};
 
 mod entries;
 mod mappings;
 mod mirror;
 mod names;
 mod ranges;
+mod restart;
 mod scan;
 #[cfg(test)]
 mod tests;
@@ -137,6 +139,11 @@ pub struct Resolver<W: Watcher> {
     /// in the order they fall due, so that looking costs what is due, not what waits.
     resize_again: HashMap<FileId, (u64, u64)>,
     resize_due: std::collections::VecDeque<(u64, FileId)>,
+    /// Per set: what the last run stamped, for the initial scan to skip what did not
+    /// change (see `stamps.rs`); dropped once it is done.
+    stamps: Vec<Option<Stamps>>,
+    /// Files the initial scan skipped as their stamps vouched for them.
+    pub vouched: u64,
 }
 
 fn unix_seconds() -> u64 {
@@ -277,6 +284,8 @@ impl<W: Watcher> Resolver<W> {
             link_waits: HashMap::new(),
             resize_again: HashMap::new(),
             resize_due: std::collections::VecDeque::new(),
+            stamps: Vec::new(),
+            vouched: 0,
         })
     }
 

@@ -15,6 +15,7 @@ impl<W: Watcher> Resolver<W> {
         }
         self.streaming = false;
         self.first_copy_sends.clear();
+        self.drop_stamps();
     }
 
     /// Hands what `out` holds to the scan's sink, with the notes of the files sent whole.
@@ -296,6 +297,10 @@ impl<W: Watcher> Resolver<W> {
                 .insert_born(parent, name, id, false, monotonic_ns());
             if m.is_file() {
                 self.index.set_seen_len(id, m.len());
+                if self.vouched_for(set, rel, m) {
+                    // Unchanged since the last run stamped it as the replica has it.
+                    return true;
+                }
             }
             let path = rel_path(rel);
             let mut whole = false;
