@@ -37,14 +37,15 @@ pub fn load(config: &Config) -> Vec<Option<Stamps>> {
 }
 
 /// Whether a target's first Welcome vouches that its replica of `set` holds at least
-/// what `stamps` were taken at: it reached their sequence in their epoch, or the set
-/// goes on in that epoch (its journal was replayed; the receiver resumes in it).
+/// what `stamps` were taken at: it holds something, and it reached their sequence in
+/// their epoch, or the set goes on in that epoch (its journal was replayed: the
+/// receiver resumes in it, and a gap there makes the set copied again in full).
 fn vouches(said: &FirstWelcome, set: usize, stamps: &Stamps, queue_epoch: u64) -> bool {
-    queue_epoch == stamps.epoch
-        || said
-            .prior
-            .iter()
-            .any(|&(s, epoch, applied)| s == set && epoch == stamps.epoch && applied >= stamps.seq)
+    let reached = said
+        .prior
+        .iter()
+        .any(|&(s, epoch, applied)| s == set && epoch == stamps.epoch && applied >= stamps.seq);
+    !said.empty.contains(&set) && (queue_epoch == stamps.epoch || reached)
 }
 
 /// Hands the resolver the stamps every target of their set vouches for.
@@ -231,5 +232,40 @@ fn write(
         Err(e) => {
             warn!(set = %name, error = %format!("{e:#}"), "cannot write stamps: the next start compares every file")
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_target_vouches_only_for_a_replica_at_or_past_the_stamps() {
+        let stamps = Stamps::new(7, 100, Vec::new());
+        let said = |prior: Vec<(usize, u64, u64)>, empty: Vec<usize>| FirstWelcome { empty, prior };
+        // A new epoch (9): the replica must have reached 100 in epoch 7.
+        assert!(vouches(&said(vec![(0, 7, 100)], vec![]), 0, &stamps, 9));
+        assert!(vouches(&said(vec![(0, 7, 250)], vec![]), 0, &stamps, 9));
+        assert!(
+            !vouches(&said(vec![(0, 7, 99)], vec![]), 0, &stamps, 9),
+            "behind"
+        );
+        assert!(
+            !vouches(&said(vec![(0, 6, 500)], vec![]), 0, &stamps, 9),
+            "another epoch"
+        );
+        assert!(
+            !vouches(&said(vec![(1, 7, 100)], vec![]), 0, &stamps, 9),
+            "another set"
+        );
+        assert!(
+            !vouches(&said(vec![], vec![]), 0, &stamps, 9),
+            "nothing said"
+        );
+        // The journal resumed epoch 7: the sequence continues.
+        assert!(vouches(&said(vec![], vec![]), 0, &stamps, 7));
+        // A replica that holds nothing never vouches.
+        assert!(!vouches(&said(vec![(0, 7, 100)], vec![0]), 0, &stamps, 9));
+        assert!(!vouches(&said(vec![], vec![0]), 0, &stamps, 7));
     }
 }

@@ -318,8 +318,9 @@ pub async fn run(config: Config) -> Result<()> {
 
     let mut checkpoints = Checkpoints::new(&config);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    // Journal fsyncs (records are sent once durable) and resyncs after a journal overflow.
-    let mut housekeeping = tokio::time::interval(Duration::from_millis(20));
+    // Journal fsyncs (records are sent once durable), resyncs after a journal overflow,
+    // ranges and rescans waiting for their time, checkpoints.
+    let mut housekept = tokio::time::Instant::now();
     let mut mapped_pass = tokio::time::interval(crate::mapped::PASS_INTERVAL);
     mapped_pass.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -364,7 +365,8 @@ pub async fn run(config: Config) -> Result<()> {
                 publish(&shared, &resolver);
                 push(&shared, &mut resolver, &mut ops, &mut room).await;
             }
-            _ = housekeeping.tick() => {
+            _ = tokio::time::sleep_until(next_housekeeping(&shared, &resolver, housekept)) => {
+                housekept = tokio::time::Instant::now();
                 let now = std::time::Instant::now();
                 let mut durable = false;
                 for s in 0..config.sets.len() {
@@ -608,6 +610,40 @@ const STOP_CAPTURE_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a stop waits for targets to acknowledge what is queued.
 const STOP_ACK_WAIT: Duration = Duration::from_secs(5);
+
+/// Housekeeping's period while something waits for its time (ranges to read again, a
+/// rescan, a resync), and while nothing does: an idle agent wakes a few times a second.
+const HOUSEKEEPING_BUSY: Duration = Duration::from_millis(20);
+const HOUSEKEEPING_IDLE: Duration = Duration::from_millis(250);
+
+/// When housekeeping runs next, having last run at `last`: a journal's fsync is never
+/// later than its policy says (records are sent once durable).
+fn next_housekeeping<W: Watcher>(
+    shared: &Shared,
+    resolver: &Resolver<W>,
+    last: tokio::time::Instant,
+) -> tokio::time::Instant {
+    let mut busy = !resolver.settled();
+    let mut next = None::<std::time::Instant>;
+    for s in 0..shared.set_names.len() {
+        let q = shared.queue(s);
+        busy |= q.resync_pending();
+        if let Some(d) = q.sync_deadline() {
+            next = Some(next.map_or(d, |n| n.min(d)));
+        }
+    }
+    let period = if busy {
+        HOUSEKEEPING_BUSY
+    } else {
+        HOUSEKEEPING_IDLE
+    };
+    let due = last + period;
+    // At least a millisecond apart: a journal whose fsync keeps failing stays due.
+    match next {
+        Some(d) => due.min(tokio::time::Instant::from_std(d).max(last + Duration::from_millis(1))),
+        None => due,
+    }
+}
 
 /// Resolves a batch of captured events and queues the ops.
 async fn resolve_batch<W: Watcher>(

@@ -209,23 +209,27 @@ impl Stamps {
         let dir = file.parent().context("a stamps file has a directory")?;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let tmp = file.with_extension("tmp");
-        let mut body = Vec::with_capacity(64 + entries.len() * ENTRY);
-        body.extend_from_slice(MAGIC);
-        body.extend_from_slice(&epoch.to_le_bytes());
-        body.extend_from_slice(&seq.to_le_bytes());
-        let root = root.as_os_str().as_bytes();
-        body.extend_from_slice(&(root.len() as u32).to_le_bytes());
-        body.extend_from_slice(root);
-        body.extend_from_slice(&(entries.len() as u64).to_le_bytes());
-        for e in entries {
-            e.encode(&mut body);
-        }
-        let sum = block_sum(&body);
         let write = || -> std::io::Result<()> {
-            let mut w = BufWriter::new(File::create(&tmp)?);
-            w.write_all(&body)?;
-            w.write_all(&sum.to_le_bytes())?;
-            w.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            let mut w = Summed {
+                out: BufWriter::new(File::create(&tmp)?),
+                sum: twox_hash::XxHash3_64::new(),
+            };
+            let root = root.as_os_str().as_bytes();
+            w.put(MAGIC)?;
+            w.put(&epoch.to_le_bytes())?;
+            w.put(&seq.to_le_bytes())?;
+            w.put(&(root.len() as u32).to_le_bytes())?;
+            w.put(root)?;
+            w.put(&(entries.len() as u64).to_le_bytes())?;
+            let mut buf = Vec::with_capacity(ENTRY);
+            for e in entries {
+                buf.clear();
+                e.encode(&mut buf);
+                w.put(&buf)?;
+            }
+            let sum = std::hash::Hasher::finish(&w.sum);
+            w.out.write_all(&sum.to_le_bytes())?;
+            w.out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             std::fs::rename(&tmp, file)?;
             File::open(dir)?.sync_all()
         };
@@ -235,6 +239,19 @@ impl Stamps {
     /// Removes the stamps of a set (consumed at start: a new epoch makes them stale).
     pub fn remove(file: &Path) {
         let _ = std::fs::remove_file(file);
+    }
+}
+
+/// A writer that checksums what goes through it.
+struct Summed<W> {
+    out: W,
+    sum: twox_hash::XxHash3_64,
+}
+
+impl<W: Write> Summed<W> {
+    fn put(&mut self, b: &[u8]) -> std::io::Result<()> {
+        std::hash::Hasher::write(&mut self.sum, b);
+        self.out.write_all(b)
     }
 }
 

@@ -763,6 +763,8 @@ impl Capture {
             complete_before: 0,
             delivered_before: 0,
             gen: 0,
+            missed_seen: 0,
+            missed_held: false,
             lost: LostMarker::new(ring_bytes as u64),
             bad_records: 0,
             namespace,
@@ -997,6 +999,11 @@ struct Reader {
     delivered_before: u64,
     /// Current missed-range generation (what the program tags new entries with).
     gen: u64,
+    /// The programs' count of missed ranges recorded, at the last drain; and whether
+    /// that drain left entries in the map. With neither moving, the map is empty and
+    /// is not walked (walking even an empty hash map visits all its buckets).
+    missed_seen: u64,
+    missed_held: bool,
     /// Losses counted by the kernel and not reported yet (see [`LostMarker`]).
     lost: LostMarker,
     bad_records: u64,
@@ -1060,7 +1067,13 @@ impl Reader {
                     self.delivered_before = self.complete_before;
                 }
             }
-            let timeout = next_drain.saturating_duration_since(Instant::now());
+            // Missed ranges are recorded only when the ring is full, which wakes this
+            // thread anyway: with none held, an idle agent wakes only for the clock.
+            let timeout = if self.missed_held || self.shared.stat(STAT_MISSED) != self.missed_seen {
+                next_drain.saturating_duration_since(Instant::now())
+            } else {
+                Duration::from_nanos(PROGRESS_NS)
+            };
             self.wait_readable(timeout);
         }
     }
@@ -1140,10 +1153,18 @@ impl Reader {
     /// older generation can no longer change (a program run lasts microseconds, not a
     /// drain period), so reading and deleting it loses nothing.
     fn drain_missed(&mut self, held: &mut Vec<Captured>) {
+        self.lost.counted(self.shared.stat(STAT_LOST));
+        // Read before the walk: a range recorded after it moves the count again.
+        let missed = self.shared.stat(STAT_MISSED);
+        if missed == self.missed_seen && !self.missed_held {
+            return;
+        }
+        self.missed_seen = missed;
         let time = monotonic_ns();
         let mut fresh = Vec::new();
         let out = &mut fresh;
         let keys: Vec<PodMissedKey> = self.missed.keys().filter_map(|k| k.ok()).collect();
+        self.missed_held = !keys.is_empty();
         for key in keys {
             if key.0.gen >= self.gen {
                 continue;
@@ -1165,7 +1186,6 @@ impl Reader {
         if let Err(e) = self.control.set(CONTROL_MISSED_GEN, self.gen, 0) {
             warn!("cannot advance the missed-range generation: {e}");
         }
-        self.lost.counted(self.shared.stat(STAT_LOST));
         decode::coalesce_missed(held, fresh);
     }
 }

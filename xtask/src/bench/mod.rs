@@ -139,6 +139,9 @@ fn goal(name: &str) -> &'static str {
         "auto_failover_rto_ratio_vs_keepalived" => "<= 1.0",
         "scale_mirror_time_ratio_vs_rsync" => "<= 1.0",
         "scale_agent_rss_mib" => "<= 300",
+        "scale_restart_bytes_read_ratio" => "<= 0.03",
+        "scale_verify_time_ratio_vs_rsync_checksum" => "<= 1.0",
+        "scale_idle_agent_cpu_pct" => "<= 0.5",
         _ => "",
     }
 }

@@ -7,9 +7,19 @@
 //!   starting the agent until it is synced, against `rsync -a` into an empty directory
 //!   through an rsync daemon on loopback (as the mirror bench does).
 //! - `scale_agent_rss_mib`: the agent's peak RSS (VmHWM) once synced, and per file.
+//! - `scale_idle_agent_cpu_pct`: the agent's CPU over 30 s with nothing changing.
+//! - `scale_verify_time_ratio_vs_rsync_checksum`: `doppel-agent verify` of the set
+//!   against `rsync -a --checksum --dry-run` of the source against the replica.
+//! - `scale_restart_bytes_read_ratio`: after a clean stop, 1 % of the files changed
+//!   and the page cache dropped, what the restarted agent reads from the disk
+//!   (`read_bytes` of /proc/PID/io) until synced, over the set's bytes; beside it the
+//!   floor of any restart that looks at every file: what `find` reads to list the
+//!   tree with sizes and ctimes from the same cold cache. `scale_restart_time_s`: the
+//!   restart's time until synced.
 
 use std::io::Write;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -22,6 +32,12 @@ use super::{peak_rss_mib, Figures};
 
 /// Files per directory of the generated tree.
 const PER_DIR: usize = 100;
+
+/// The agent's default `stamp_margin_s`.
+const STAMP_MARGIN: Duration = Duration::from_secs(60);
+
+/// How long the idle agent's CPU is measured.
+const IDLE: Duration = Duration::from_secs(30);
 
 fn files_wanted() -> Result<usize> {
     match std::env::var("DOPPEL_SCALE_FILES") {
@@ -55,6 +71,75 @@ fn build_tree(root: &Path, files: usize) -> Result<u64> {
     Ok(bytes)
 }
 
+/// Changes one file in a hundred (16 bytes overwritten in place, size kept).
+fn change_one_in_a_hundred(root: &Path, files: usize) -> Result<usize> {
+    use std::os::unix::fs::FileExt;
+    let mut changed = 0;
+    for i in (0..files).step_by(100) {
+        let p = root
+            .join(format!("d{:05}", i / PER_DIR))
+            .join(format!("f{i:07}"));
+        let f = std::fs::OpenOptions::new().write(true).open(&p)?;
+        f.write_all_at(b"changed meanwhile", 100)?;
+        changed += 1;
+    }
+    Ok(changed)
+}
+
+/// CPU time (user + system) of process `pid` so far.
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command (which may hold spaces) in parentheses.
+    let rest = stat.rsplit_once(')').context("odd /proc/PID/stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
+    Ok(Duration::from_millis(ticks * 1000 / hz))
+}
+
+/// Bytes process `pid` made the storage read (`read_bytes` of /proc/PID/io).
+fn read_bytes(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("read_bytes: "))
+        .and_then(|v| v.trim().parse().ok())
+        .context("no read_bytes in /proc/PID/io")
+}
+
+/// Writes back and drops the page cache, dentries and inodes: what follows reads from
+/// the disk.
+fn drop_caches() -> Result<()> {
+    unsafe { libc::sync() };
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("cannot drop the page cache")
+}
+
+/// Bytes read from storage by the children reaped so far.
+fn children_read_bytes() -> u64 {
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut r) };
+    r.ru_inblock as u64 * 512
+}
+
+/// What listing `root` with sizes and ctimes reads from a cold cache: the floor of any
+/// restart that looks at every file.
+fn metadata_floor(root: &Path) -> Result<u64> {
+    drop_caches()?;
+    let before = children_read_bytes();
+    let st = Command::new("find")
+        .arg(root)
+        .args(["-type", "f", "-printf", "%s %C@\\n"])
+        .stdout(std::process::Stdio::null())
+        .status()?;
+    anyhow::ensure!(st.success(), "find failed");
+    Ok(children_read_bytes() - before)
+}
+
+fn timed(cmd: &mut Command) -> Result<(f64, std::process::Output)> {
+    let t = Instant::now();
+    let out = cmd.output()?;
+    Ok((t.elapsed().as_secs_f64(), out))
+}
+
 pub fn scale(figures: &mut Figures) -> Result<()> {
     let files = files_wanted()?;
     // Tree, replica and rsync's copy on a new ext4 of their own: on a filesystem that
@@ -74,6 +159,7 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
     let t = Instant::now();
     let bytes = build_tree(&c.source, files)?;
     let build = t.elapsed().as_secs_f64();
+    let built = Instant::now();
     eprintln!(
         "bench: scale: built {files} files ({} MiB) in {build:.1} s",
         bytes >> 20
@@ -88,7 +174,8 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
     eprintln!("bench: scale: the agent's initial scan took {scanned:.1} s");
     c.wait_synced(Duration::from_secs(3600))?;
     let mirror = t.elapsed().as_secs_f64();
-    let rss = peak_rss_mib(c.agent_pid().context("the agent is not running")?)?;
+    let pid = c.agent_pid().context("the agent is not running")?;
+    let rss = peak_rss_mib(pid)?;
     eprintln!(
         "bench: scale: doppel's first mirror took {mirror:.1} s; agent peak RSS {rss:.0} MiB"
     );
@@ -96,6 +183,65 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
     {
         anyhow::bail!(
             "the replica differs after the mirror: {:?}",
+            &d[..d.len().min(5)]
+        );
+    }
+
+    // Idle: nothing changes. (Stamps taken once the mirror ended are written meanwhile.)
+    std::thread::sleep(Duration::from_secs(5));
+    let cpu0 = cpu_time(pid)?;
+    std::thread::sleep(IDLE);
+    let idle_pct = (cpu_time(pid)? - cpu0).as_secs_f64() / IDLE.as_secs_f64() * 100.0;
+    eprintln!("bench: scale: idle agent CPU {idle_pct:.2} %");
+
+    // Verify, against rsync's checksum comparison of the same two trees.
+    let (verify, out) = timed(
+        Command::new(doppel_tests::bin_dir().join("doppel-agent"))
+            .args(["verify", "--config"])
+            .arg(c.dir.path().join("agent.toml")),
+    )?;
+    anyhow::ensure!(
+        out.status.success(),
+        "verify found differences or failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (rsync_checksum, out) = timed(
+        Command::new("rsync")
+            .args(["-a", "--checksum", "--dry-run"])
+            .arg(format!("{}/", c.source.display()))
+            .arg(format!("{}/", c.replica.display())),
+    )?;
+    anyhow::ensure!(out.status.success(), "rsync --checksum failed");
+    eprintln!("bench: scale: verify took {verify:.1} s, rsync -a --checksum --dry-run {rsync_checksum:.1} s");
+
+    // Restart after a clean stop, 1 % of the files changed meanwhile, from a cold cache.
+    // Files changed within the stamp margin of the stop are compared, so the stop waits
+    // until the tree is older than that.
+    let margin = STAMP_MARGIN + Duration::from_secs(1);
+    std::thread::sleep(margin.saturating_sub(built.elapsed()));
+    c.stop_agent();
+    let changed = change_one_in_a_hundred(&c.source, files)?;
+    let floor = metadata_floor(&c.source)?;
+    drop_caches()?;
+    // The agent's own executable (100 MiB with its debug info) is no part of the set.
+    std::fs::read(doppel_tests::bin_dir().join("doppel-agent"))?;
+    let t = Instant::now();
+    c.start_agent_within(Duration::from_secs(3600))?;
+    c.wait_synced(Duration::from_secs(3600))?;
+    let restart = t.elapsed().as_secs_f64();
+    let pid = c.agent_pid().context("the agent is not running")?;
+    let restart_read = read_bytes(pid)?;
+    let restart_rss = peak_rss_mib(pid)?;
+    eprintln!(
+        "bench: scale: restart with {changed} files changed: synced in {restart:.1} s, read {} MiB from the disk (listing the tree alone reads {} MiB)",
+        restart_read >> 20,
+        floor >> 20
+    );
+    if let Err(d) = doppel_tests::tree::wait_equal(&c.source, &c.replica, Duration::from_secs(120))
+    {
+        anyhow::bail!(
+            "the replica differs after the restart: {:?}",
             &d[..d.len().min(5)]
         );
     }
@@ -119,5 +265,22 @@ pub fn scale(figures: &mut Figures) -> Result<()> {
         "scale_agent_rss_bytes_per_file".into(),
         rss * (1 << 20) as f64 / files as f64,
     );
+    figures.insert("scale_idle_agent_cpu_pct".into(), idle_pct);
+    figures.insert("scale_verify_s".into(), verify);
+    figures.insert("scale_verify_rsync_checksum_s".into(), rsync_checksum);
+    figures.insert(
+        "scale_verify_time_ratio_vs_rsync_checksum".into(),
+        verify / rsync_checksum,
+    );
+    figures.insert("scale_restart_time_s".into(), restart);
+    figures.insert(
+        "scale_restart_bytes_read_ratio".into(),
+        restart_read as f64 / bytes as f64,
+    );
+    figures.insert(
+        "scale_restart_listing_floor_ratio".into(),
+        floor as f64 / bytes as f64,
+    );
+    figures.insert("scale_restart_agent_rss_mib".into(), restart_rss);
     Ok(())
 }
