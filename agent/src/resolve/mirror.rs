@@ -439,7 +439,16 @@ impl<W: Watcher> Resolver<W> {
             return false;
         };
         out.append(&mut ops);
-        self.sent_as_read(set, id, 0, size, now);
+        if self.streaming {
+            // The initial copy, which is not crash-consistent before its end anyway:
+            // an event captured before this read and handled after it is followed by
+            // every later one, so the file ends as it is (see overlap.rs). Remembering
+            // each read until the scan ends (no event is handled meanwhile) held
+            // 220 B per file: 45 MiB at 200,000 files.
+            self.note_read_back(set);
+        } else {
+            self.sent_as_read(set, id, 0, size, now);
+        }
         true
     }
 }
