@@ -34,7 +34,12 @@ impl Watcher for KernelWatcher {
         // Marked first: files made in it from now on are marked by the kernel.
         self.0.mark(dir);
         if let Err(e) = self.0.watch_dir(dir, WatchMode::Contents) {
-            warn!(?dir, error = %format!("{e:#}"), "cannot watch a directory: its changes are not captured");
+            // Once: a full list refuses every further directory of a large tree.
+            if self.0.first_dir_refusal() {
+                tracing::error!(?dir, error = %format!("{e:#}"), "cannot watch a directory: changes in it and in further refused ones are not captured (the set is degraded; `status` counts them)");
+            } else {
+                debug!(?dir, error = %format!("{e:#}"), "cannot watch a directory");
+            }
         }
     }
     fn watch_ancestor(&self, dir: FileId) {

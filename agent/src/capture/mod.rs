@@ -226,6 +226,8 @@ pub struct Capture {
     linked: Mutex<BpfHashMap<MapData, PodFileId, u32>>,
     /// The linked-file map was found full once (warned once).
     linked_full: AtomicBool,
+    /// The watch list refused a directory already (logged once; counted in `refused`).
+    watched_full: AtomicBool,
     /// Entries the watch and link maps refused (full).
     refused: std::sync::atomic::AtomicU64,
     ignore: Mutex<BpfHashMap<MapData, u32, u32>>,
@@ -774,6 +776,7 @@ impl Capture {
             watched: Mutex::new(watched),
             linked: Mutex::new(linked),
             linked_full: AtomicBool::new(false),
+            watched_full: AtomicBool::new(false),
             refused: std::sync::atomic::AtomicU64::new(0),
             marks,
             namespace_devs,
@@ -815,6 +818,12 @@ impl Capture {
                 abi::WATCHED_DIRS_MAX
             )
         })
+    }
+
+    /// True the first time only: whether a refusal of [`Capture::watch_dir`] is the first
+    /// (logged as an error; later ones are counted, and logged at debug level).
+    pub fn first_dir_refusal(&self) -> bool {
+        !self.watched_full.swap(true, Ordering::Relaxed)
     }
 
     /// Captures writes to the hard-linked file `file` through any of its names, also
