@@ -78,11 +78,13 @@ pub fn apply<W: Watcher>(
     }
 }
 
-/// Whether set `set` has nothing pending on the agent's side but acknowledgements.
+/// Whether set `set` has nothing pending on the agent's side but acknowledgements. A
+/// running verify counts: a repair it is about to ask for would come after the stamps.
 fn settled(shared: &Shared, set: usize, backlog_empty: bool) -> bool {
     let slots = shared.set_targets[set].len();
     !shared.scanning.load(Ordering::SeqCst)
         && backlog_empty
+        && shared.jobs().is_empty()
         && shared.mirror_inflight[set].load(Ordering::SeqCst) == 0
         && (0..slots).all(|slot| shared.tracker().pending_for(set, slot) == 0)
         && !shared.queue(set).resync_pending()
