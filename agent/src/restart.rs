@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use doppel_common::event::monotonic_ns;
 use tokio::sync::mpsc;
@@ -78,11 +78,18 @@ pub fn apply<W: Watcher>(
     }
 }
 
-/// Whether set `set` has nothing pending on the agent's side but acknowledgements. A
-/// running verify counts: a repair it is about to ask for would come after the stamps.
-fn settled(shared: &Shared, set: usize, backlog_empty: bool) -> bool {
+/// Whether set `set` has nothing pending but acknowledgements: neither in the resolver
+/// nor on the agent's side of the sessions. A running verify counts: a repair it is
+/// about to ask for would come after the stamps.
+fn settled<W: Watcher>(
+    shared: &Shared,
+    resolver: &Resolver<W>,
+    set: usize,
+    backlog_empty: bool,
+) -> bool {
     let slots = shared.set_targets[set].len();
-    !shared.scanning.load(Ordering::SeqCst)
+    resolver.settled()
+        && !shared.scanning.load(Ordering::SeqCst)
         && backlog_empty
         && shared.jobs().is_empty()
         && shared.mirror_inflight[set].load(Ordering::SeqCst) == 0
@@ -96,6 +103,7 @@ pub struct Checkpoints {
     sets: Vec<Checkpoint>,
     files: Vec<PathBuf>,
     roots: Vec<PathBuf>,
+    /// `stamp_margin_s` is not 0.
     enabled: bool,
     done_tx: mpsc::UnboundedSender<usize>,
     /// Sets whose checkpoint finished writing.
@@ -147,26 +155,15 @@ impl Checkpoints {
         backlog_empty: bool,
     ) {
         for set in 0..self.sets.len() {
-            let settled = resolver.settled() && settled(shared, set, backlog_empty);
-            let Some(cutoff) = self.sets[set].ready(complete_before, settled) else {
-                continue;
-            };
-            let (epoch, seq) = {
-                let q = shared.queue(set);
-                (q.epoch, q.last_seq())
-            };
-            self.sets[set].began(Instant::now(), seq);
-            let paths = resolver.stamp_candidates(set);
-            let (file, root, done) = (
-                self.files[set].clone(),
-                self.roots[set].clone(),
-                self.done_tx.clone(),
-            );
-            let name = shared.set_names[set].clone();
-            tokio::task::spawn_blocking(move || {
-                write(&name, &file, &root, epoch, seq, &paths, cutoff);
+            let ready = self.sets[set].ready(complete_before, || {
+                settled(shared, resolver, set, backlog_empty)
+            });
+            let Some(cutoff) = ready else { continue };
+            let done = self.done_tx.clone();
+            let seq = self.start(shared, resolver, set, cutoff, move || {
                 let _ = done.send(set);
             });
+            self.sets[set].began(Instant::now(), seq);
         }
     }
 
@@ -174,40 +171,59 @@ impl Checkpoints {
         self.sets[set].writing = false;
     }
 
-    /// At a clean stop, once every change captured before `asked` (monotonic ns, and
-    /// `wall`) is queued: the checkpoint of every settled set, written before returning.
+    /// At a clean stop, once every change captured before the stop (at `wall`) is
+    /// queued: the checkpoint of every settled set, written before returning.
     pub async fn at_stop<W: Watcher>(
         &mut self,
         shared: &Shared,
         resolver: &Resolver<W>,
         backlog_empty: bool,
         wall: SystemTime,
-        margin: Duration,
     ) {
         if !self.enabled {
             return;
         }
-        let mut jobs = Vec::new();
+        let mut written = Vec::new();
         for set in 0..self.sets.len() {
-            if !(resolver.settled() && settled(shared, set, backlog_empty)) {
+            if !settled(shared, resolver, set, backlog_empty) {
                 info!(set = %shared.set_names[set], "not stamping at stop: work was pending, so the next start compares every file");
                 continue;
             }
-            let (epoch, seq) = {
-                let q = shared.queue(set);
-                (q.epoch, q.last_seq())
-            };
-            let paths = resolver.stamp_candidates(set);
-            let (file, root) = (self.files[set].clone(), self.roots[set].clone());
-            let name = shared.set_names[set].clone();
-            let cutoff = wall.checked_sub(margin).unwrap_or(SystemTime::UNIX_EPOCH);
-            jobs.push(tokio::task::spawn_blocking(move || {
-                write(&name, &file, &root, epoch, seq, &paths, cutoff)
-            }));
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            let cutoff = self.sets[set].cutoff(wall);
+            self.start(shared, resolver, set, cutoff, move || {
+                let _ = tx.send(());
+            });
+            written.push(rx);
         }
-        for j in jobs {
-            let _ = j.await;
+        for w in written {
+            let _ = w.await;
         }
+    }
+
+    /// Starts writing the stamps of `set` in the background at the queue's present
+    /// sequence (returned), for files whose ctime is before `cutoff`; `then` runs once
+    /// they are written (or failed to be).
+    fn start<W: Watcher>(
+        &self,
+        shared: &Shared,
+        resolver: &Resolver<W>,
+        set: usize,
+        cutoff: SystemTime,
+        then: impl FnOnce() + Send + 'static,
+    ) -> u64 {
+        let (epoch, seq) = {
+            let q = shared.queue(set);
+            (q.epoch, q.last_seq())
+        };
+        let paths = resolver.stamp_candidates(set);
+        let (file, root) = (self.files[set].clone(), self.roots[set].clone());
+        let name = shared.set_names[set].clone();
+        tokio::task::spawn_blocking(move || {
+            write(&name, &file, &root, epoch, seq, &paths, cutoff);
+            then();
+        });
+        seq
     }
 }
 

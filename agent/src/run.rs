@@ -456,11 +456,9 @@ pub async fn run(config: Config) -> Result<()> {
         }
     }
     wait_acked(&shared, STOP_ACK_WAIT).await;
-    if let Some(margin) = config.stamp_margin {
-        checkpoints
-            .at_stop(&shared, &resolver, backlog.is_empty(), wall, margin)
-            .await;
-    }
+    checkpoints
+        .at_stop(&shared, &resolver, backlog.is_empty(), wall)
+        .await;
     // Each target's task says goodbye and ends; all at once, so that they drain side by
     // side (each waits at most half a second for an unresponsive target).
     let _ = stop.send(true);
@@ -688,9 +686,15 @@ async fn wait_acked(shared: &Shared, within: Duration) {
             })
         })
     };
+    wait_for(shared, within, all_acked).await;
+}
+
+/// Waits up to `within` for `done`, looked at again whenever a target's session
+/// reports something (a Welcome, an acknowledgement).
+async fn wait_for(shared: &Shared, within: Duration, done: impl Fn() -> bool) {
     let mut changed = shared.acked.subscribe();
     let deadline = tokio::time::Instant::now() + within;
-    while !all_acked() {
+    while !done() {
         match tokio::time::timeout_at(deadline, changed.changed()).await {
             Ok(Ok(())) => {}
             _ => break,
@@ -716,14 +720,10 @@ async fn first_welcomes(shared: &Shared, within: Duration) -> Vec<Option<FirstWe
             .first_welcome
             .clone()
     };
-    let mut changed = shared.acked.subscribe();
-    let deadline = tokio::time::Instant::now() + within;
-    while !(0..shared.targets.len()).all(|t| said(t).is_some()) {
-        match tokio::time::timeout_at(deadline, changed.changed()).await {
-            Ok(Ok(())) => {}
-            _ => break,
-        }
-    }
+    wait_for(shared, within, || {
+        (0..shared.targets.len()).all(|t| said(t).is_some())
+    })
+    .await;
     (0..shared.targets.len()).map(said).collect()
 }
 

@@ -352,22 +352,28 @@ impl Checkpoint {
         self.asked.get_or_insert((capture_now, wall));
     }
 
-    /// The capture reported every change before `complete_before` resolved, and the set
-    /// is `settled`: if a checkpoint was asked before that, it is to be taken now with
-    /// this cutoff for ctimes. An unsettled set drops the request (asked again later).
-    pub fn ready(&mut self, complete_before: u64, settled: bool) -> Option<SystemTime> {
+    /// The capture reported every change before `complete_before` resolved: if a
+    /// checkpoint was asked before that, it is to be taken now with the cutoff for
+    /// ctimes returned, provided `settled()` says the set is settled; an unsettled set
+    /// drops the request (asked again later). `settled` is called only then, as this is
+    /// asked after every capture batch.
+    pub fn ready(
+        &mut self,
+        complete_before: u64,
+        settled: impl FnOnce() -> bool,
+    ) -> Option<SystemTime> {
         let (at, wall) = self.asked?;
         if complete_before < at {
             return None;
         }
         self.asked = None;
-        if !settled {
-            return None;
-        }
-        Some(
-            wall.checked_sub(self.margin)
-                .unwrap_or(SystemTime::UNIX_EPOCH),
-        )
+        settled().then(|| self.cutoff(wall))
+    }
+
+    /// The latest ctime a file may have to be stamped by a checkpoint taken at `wall`.
+    pub fn cutoff(&self, wall: SystemTime) -> SystemTime {
+        wall.checked_sub(self.margin)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
     }
 
     /// A checkpoint taken at queue sequence `seq` began writing.
@@ -474,11 +480,15 @@ mod tests {
         assert!(c.wanted(t0, 0), "the first as soon as possible");
         c.ask(1_000, wall);
         assert!(!c.wanted(t0, 0), "one at a time");
-        assert_eq!(c.ready(999, true), None, "the capture is not there yet");
-        assert_eq!(c.ready(1_000, false), None, "not settled: dropped");
+        assert_eq!(
+            c.ready(999, || panic!("looked at before the capture is there")),
+            None,
+            "the capture is not there yet"
+        );
+        assert_eq!(c.ready(1_000, || false), None, "not settled: dropped");
         assert!(c.wanted(t0, 0), "and asked again");
         c.ask(2_000, wall);
-        assert_eq!(c.ready(2_500, true), Some(wall - MARGIN));
+        assert_eq!(c.ready(2_500, || true), Some(wall - MARGIN));
         c.began(t0, 10);
         assert!(!c.wanted(t0, 11), "being written");
         c.writing = false;
